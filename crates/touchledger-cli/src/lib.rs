@@ -1,0 +1,603 @@
+//! The `touchledger` command line.
+//!
+//! Key decision: the whole CLI is a library function, [`run`], writing to the streams it is
+//! given and returning an exit code; `main` only wires it to the process. The integration tests
+//! drive exactly what users run, in-process. Errors go to stderr; data goes to stdout.
+//!
+//! Exit codes (stable, documented in the README):
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | failure: I/O error, storage error, unreadable input file |
+//! | 2 | usage error (bad flags or arguments) |
+//! | 3 | `verify` found the ledger damaged |
+//! | 4 | `append` finished, but some input was rejected (see the summary and `rejections`) |
+//! | 5 | the data directory cannot be used: locked, other format version, not a ledger |
+
+pub mod generate;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use touchledger_domain::{EventKind, Timestamp};
+use touchledger_store::{
+    AppendItem, AppendOutcome, Committed, EventStore, ReadFilter, SledStore, StoreConfig,
+    StoreError, VerifyReport, rejection_record,
+};
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: failure.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code: usage error.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: verification failed.
+pub const EXIT_VERIFY_FAILED: i32 = 3;
+/// Exit code: some appended input was rejected.
+pub const EXIT_REJECTED: i32 = 4;
+/// Exit code: the data directory cannot be used.
+pub const EXIT_DATA_DIR: i32 = 5;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "touchledger",
+    version,
+    about = "Event-sourced customer-interaction ledger"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Append events from a JSON-lines file through the store's append path (offline import).
+    Append {
+        #[command(flatten)]
+        data: DataArgs,
+        /// JSON-lines file of events (`-` = standard input).
+        #[arg(long)]
+        file: PathBuf,
+        /// Events per atomic, flushed batch.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print stored events in position order, with position, version and hashes.
+    Replay {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+    },
+    /// Recompute the hash chain and check every index.
+    Verify {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Counts: events by kind, customers, checkpoints, rejections, disk size.
+    Stats {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the rejections record (rejected input with code, reason and raw bytes) as JSON lines.
+    Rejections {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Write a deterministic synthetic JSON-lines file with duplicates, conflicts and invalid lines.
+    Generate {
+        /// Output file (`-` = standard output).
+        #[arg(long)]
+        out: PathBuf,
+        /// Valid distinct events.
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        /// Identical re-sends.
+        #[arg(long, default_value_t = 0)]
+        duplicates: u64,
+        /// Same id, different content.
+        #[arg(long, default_value_t = 0)]
+        conflicts: u64,
+        /// Invalid lines.
+        #[arg(long, default_value_t = 0)]
+        invalid: u64,
+        /// Customers (default: events / 20).
+        #[arg(long)]
+        customers: Option<u64>,
+        /// PRNG seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Business time of the first event.
+        #[arg(long, default_value = "2024-01-01T00:00:00Z")]
+        start: Timestamp,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct DataArgs {
+    /// Data directory of the ledger (created if missing).
+    #[arg(long, env = "TOUCHLEDGER_DATA", default_value = "./data/ledger")]
+    data: PathBuf,
+    /// Store a checkpoint every N positions.
+    #[arg(long, env = "TOUCHLEDGER_CHECKPOINT_INTERVAL", default_value_t = 1000)]
+    checkpoint_interval: u64,
+    /// Sled cache size in MiB (bounds memory).
+    #[arg(long, env = "TOUCHLEDGER_CACHE_MIB", default_value_t = 256)]
+    cache_mib: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct FilterArgs {
+    /// Only this customer.
+    #[arg(long)]
+    customer: Option<String>,
+    /// Only this kind (purchase, complaint, callback, survey, retraction, model_fitted, churn_risk_assessed).
+    #[arg(long)]
+    kind: Option<EventKind>,
+    /// First position (inclusive).
+    #[arg(long, default_value_t = 1)]
+    from_position: u64,
+    /// Last position (inclusive).
+    #[arg(long)]
+    to_position: Option<u64>,
+    /// Only events that occurred at or after this instant (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    since: Option<Timestamp>,
+    /// Only events that occurred before this instant.
+    #[arg(long)]
+    until: Option<Timestamp>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Format {
+    Jsonl,
+    Csv,
+}
+
+/// Run the CLI with `args` (including the program name). Returns the exit code.
+pub fn run<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let text = e.render().to_string();
+            let _ = if e.use_stderr() {
+                err.write_all(text.as_bytes())
+            } else {
+                out.write_all(text.as_bytes())
+            };
+            return code;
+        }
+    };
+    match execute(cli.command, out) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(err, "touchledger: error: {e:#}");
+            match e.downcast_ref::<StoreError>() {
+                Some(
+                    StoreError::Locked { .. }
+                    | StoreError::FormatMismatch { .. }
+                    | StoreError::NotALedger { .. },
+                ) => EXIT_DATA_DIR,
+                _ => EXIT_FAILURE,
+            }
+        }
+    }
+}
+
+fn open(d: &DataArgs) -> anyhow::Result<SledStore> {
+    let mut cfg = StoreConfig::new(&d.data);
+    cfg.checkpoint_interval = d.checkpoint_interval;
+    cfg.cache_capacity = d.cache_mib * 1024 * 1024;
+    Ok(SledStore::open(cfg)?)
+}
+
+fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Append {
+            data,
+            file,
+            batch,
+            json,
+        } => append(&data, &file, batch.max(1), json, out),
+        Command::Replay {
+            data,
+            filter,
+            format,
+        } => replay(&data, &filter, format, out),
+        Command::Verify { data } => {
+            let store = open(&data)?;
+            match store.verify()? {
+                VerifyReport::Ok {
+                    events,
+                    head,
+                    checkpoints,
+                    customers,
+                } => {
+                    writeln!(
+                        out,
+                        "OK: {events} events, {customers} customers, {checkpoints} checkpoints; head position {} hash {}",
+                        head.position, head.hash
+                    )?;
+                    Ok(EXIT_OK)
+                }
+                VerifyReport::Failed { position, problem } => {
+                    writeln!(out, "FAILED at position {position}: {problem}")?;
+                    Ok(EXIT_VERIFY_FAILED)
+                }
+            }
+        }
+        Command::Stats { data, json } => {
+            let s = open(&data)?.stats()?;
+            let view = StatsView {
+                head_position: s.head.position,
+                head_hash: s.head.hash.to_hex(),
+                head_recorded_at: (s.head.position > 0).then_some(s.head.recorded_at),
+                events_by_kind: s
+                    .by_kind
+                    .iter()
+                    .map(|(k, n)| (k.as_str().to_owned(), *n))
+                    .collect(),
+                customers: s.customers,
+                checkpoints: s.checkpoints,
+                rejections_by_code: s.rejections.iter().cloned().collect(),
+                size_on_disk_bytes: s.size_on_disk,
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
+            } else {
+                writeln!(out, "events        {}", view.head_position)?;
+                for (k, n) in &view.events_by_kind {
+                    writeln!(out, "  {k:<20} {n}")?;
+                }
+                writeln!(out, "customers     {}", view.customers)?;
+                writeln!(out, "checkpoints   {}", view.checkpoints)?;
+                writeln!(
+                    out,
+                    "rejections    {}",
+                    view.rejections_by_code.values().sum::<u64>()
+                )?;
+                for (c, n) in &view.rejections_by_code {
+                    writeln!(out, "  {c:<28} {n}")?;
+                }
+                writeln!(out, "head hash     {}", view.head_hash)?;
+                writeln!(out, "disk bytes    {}", view.size_on_disk_bytes)?;
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Rejections { data } => {
+            let store = open(&data)?;
+            let mut w = BufWriter::new(out);
+            for r in store.rejections() {
+                let r = r?;
+                let (raw_utf8, raw_hex) = match String::from_utf8(r.raw.clone()) {
+                    Ok(s) => (Some(s), None),
+                    Err(_) => (None, Some(hex::encode(&r.raw))),
+                };
+                let line = RejectionView {
+                    sequence: r.sequence,
+                    code: r.rejection.code.as_str(),
+                    field: &r.rejection.field,
+                    reason: &r.rejection.reason,
+                    received_at: r.received_at,
+                    origin: &r.origin,
+                    event_id: &r.event_id,
+                    customer_id: &r.customer_id,
+                    raw_utf8,
+                    raw_hex,
+                };
+                serde_json::to_writer(&mut w, &line)?;
+                w.write_all(b"\n")?;
+            }
+            w.flush()?;
+            Ok(EXIT_OK)
+        }
+        Command::Generate {
+            out: path,
+            events,
+            duplicates,
+            conflicts,
+            invalid,
+            customers,
+            seed,
+            start,
+        } => {
+            let spec = generate::GenSpec {
+                events,
+                duplicates,
+                conflicts,
+                invalid,
+                customers: customers.unwrap_or((events / 20).max(1)),
+                seed,
+                start,
+            };
+            let summary = if path.as_os_str() == "-" {
+                let mut w = BufWriter::new(&mut *out);
+                let s = generate::generate(&spec, &mut w)?;
+                w.flush()?;
+                s
+            } else {
+                let f = File::create(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                let mut w = BufWriter::new(f);
+                let s = generate::generate(&spec, &mut w)?;
+                w.flush()?;
+                w.get_ref().sync_all()?;
+                writeln!(
+                    out,
+                    "wrote {} lines to {}: {} events, {} duplicates, {} conflicts, {} invalid",
+                    s.lines,
+                    path.display(),
+                    s.events,
+                    s.duplicates,
+                    s.conflicts,
+                    s.invalid
+                )?;
+                s
+            };
+            let _ = summary;
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatsView {
+    head_position: u64,
+    head_hash: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    head_recorded_at: Option<Timestamp>,
+    events_by_kind: BTreeMap<String, u64>,
+    customers: u64,
+    checkpoints: u64,
+    rejections_by_code: BTreeMap<String, u64>,
+    size_on_disk_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct RejectionView<'a> {
+    sequence: u64,
+    code: &'a str,
+    field: &'a str,
+    reason: &'a str,
+    received_at: Timestamp,
+    origin: &'a str,
+    event_id: &'a str,
+    customer_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_utf8: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_hex: Option<String>,
+}
+
+/// The summary of an `append` run.
+#[derive(Serialize, serde::Deserialize, Default, Debug, Clone, PartialEq, Eq)]
+pub struct AppendSummary {
+    /// Input lines read (blank lines are skipped and not counted).
+    pub lines: u64,
+    /// Newly stored.
+    pub appended: u64,
+    /// Already stored, identical.
+    pub duplicate: u64,
+    /// Expected-version mismatches (not possible from a file, kept for completeness).
+    pub version_conflict: u64,
+    /// Rejected, total.
+    pub rejected: u64,
+    /// Rejected, per code.
+    pub rejected_by_code: BTreeMap<String, u64>,
+    /// Head position after the run.
+    pub head_position: u64,
+    /// Head hash after the run.
+    pub head_hash: String,
+}
+
+fn append(
+    data: &DataArgs,
+    file: &PathBuf,
+    batch: usize,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let store = open(data)?;
+    let reader: Box<dyn Read> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(File::open(file).with_context(|| format!("cannot open {}", file.display()))?)
+    };
+    let name = file.display().to_string();
+    let mut summary = AppendSummary::default();
+    let mut items: Vec<AppendItem> = Vec::with_capacity(batch);
+    let mut undecodable = Vec::new();
+    let flush = |items: &mut Vec<AppendItem>,
+                 undecodable: &mut Vec<touchledger_store::RejectionRecord>,
+                 summary: &mut AppendSummary|
+     -> anyhow::Result<()> {
+        // Keep input order in the rejections record: undecodable lines of this chunk first is
+        // fine, each carries its line number in `origin`.
+        for r in undecodable.iter() {
+            *summary
+                .rejected_by_code
+                .entry(r.rejection.code.as_str().to_owned())
+                .or_default() += 1;
+            summary.rejected += 1;
+        }
+        store.record_rejections(std::mem::take(undecodable))?;
+        for o in store.append(std::mem::take(items))? {
+            match o {
+                AppendOutcome::Appended { .. } => summary.appended += 1,
+                AppendOutcome::Duplicate { .. } => summary.duplicate += 1,
+                AppendOutcome::VersionConflict { .. } => summary.version_conflict += 1,
+                AppendOutcome::Rejected(r) => {
+                    summary.rejected += 1;
+                    *summary
+                        .rejected_by_code
+                        .entry(r.code.as_str().to_owned())
+                        .or_default() += 1;
+                }
+            }
+        }
+        Ok(())
+    };
+    let mut line = Vec::new();
+    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let mut lineno = 0u64;
+    loop {
+        line.clear();
+        if reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("reading {name}"))?
+            == 0
+        {
+            break;
+        }
+        lineno += 1;
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() {
+            continue;
+        }
+        summary.lines += 1;
+        let origin = format!("file:{name}:{lineno}");
+        match touchledger_domain::json::parse_event(trimmed) {
+            Ok(event) => items.push(AppendItem {
+                event,
+                expected_customer_version: None,
+                raw: Some(trimmed.to_vec()),
+                origin,
+            }),
+            Err(r) => {
+                let mut rec = rejection_record(r.code, r.reason, trimmed.to_vec(), origin);
+                rec.rejection.field = r.field;
+                undecodable.push(rec);
+            }
+        }
+        if items.len() + undecodable.len() >= batch {
+            flush(&mut items, &mut undecodable, &mut summary)?;
+        }
+    }
+    flush(&mut items, &mut undecodable, &mut summary)?;
+    let head = store.head();
+    summary.head_position = head.position;
+    summary.head_hash = head.hash.to_hex();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        writeln!(out, "read {} lines from {name}", summary.lines)?;
+        writeln!(out, "appended          {}", summary.appended)?;
+        writeln!(out, "duplicate         {}", summary.duplicate)?;
+        writeln!(out, "version_conflict  {}", summary.version_conflict)?;
+        writeln!(out, "rejected          {}", summary.rejected)?;
+        for (code, n) in &summary.rejected_by_code {
+            writeln!(out, "  {code:<28} {n}")?;
+        }
+        writeln!(
+            out,
+            "head              {} {}",
+            summary.head_position, summary.head_hash
+        )?;
+    }
+    Ok(if summary.rejected > 0 {
+        EXIT_REJECTED
+    } else {
+        EXIT_OK
+    })
+}
+
+#[derive(Serialize)]
+struct ReplayLine<'a> {
+    position: u64,
+    customer_version: u64,
+    recorded_at: Timestamp,
+    hash: String,
+    prev_hash: String,
+    event: &'a touchledger_domain::Event,
+}
+
+fn replay(
+    data: &DataArgs,
+    f: &FilterArgs,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let store = open(data)?;
+    let filter = ReadFilter {
+        from_position: f.from_position,
+        to_position: f.to_position,
+        customer: f.customer.clone(),
+        kind: f.kind,
+        occurred_since: f.since,
+        occurred_until: f.until,
+    };
+    let mut w = BufWriter::with_capacity(1 << 16, out);
+    match format {
+        Format::Jsonl => {
+            for c in store.read(&filter) {
+                let c: Committed = c?;
+                let line = ReplayLine {
+                    position: c.position,
+                    customer_version: c.customer_version,
+                    recorded_at: c.recorded_at,
+                    hash: c.hash.to_hex(),
+                    prev_hash: c.prev_hash.to_hex(),
+                    event: &c.event,
+                };
+                serde_json::to_writer(&mut w, &line)?;
+                w.write_all(b"\n")?;
+            }
+        }
+        Format::Csv => {
+            let mut csv = csv::Writer::from_writer(&mut w);
+            csv.write_record([
+                "position",
+                "customer_version",
+                "recorded_at",
+                "hash",
+                "prev_hash",
+                "event_id",
+                "customer_id",
+                "kind",
+                "occurred_at",
+                "source",
+                "event_json",
+            ])?;
+            for c in store.read(&filter) {
+                let c = c?;
+                csv.write_record([
+                    c.position.to_string(),
+                    c.customer_version.to_string(),
+                    c.recorded_at.to_string(),
+                    c.hash.to_hex(),
+                    c.prev_hash.to_hex(),
+                    c.event.event_id.clone(),
+                    c.event.customer_id.clone(),
+                    c.event.kind().as_str().to_owned(),
+                    c.event.occurred_at.to_string(),
+                    c.event.source.clone(),
+                    serde_json::to_string(&c.event)?,
+                ])?;
+            }
+            csv.flush()?;
+        }
+    }
+    w.flush()?;
+    Ok(EXIT_OK)
+}

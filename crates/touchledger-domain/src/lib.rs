@@ -1,0 +1,19 @@
+//! touchledger's domain: what an event is, what makes it valid, and (later) the read-model folds.
+//!
+//! Key decision: this crate does no I/O — no tokio, sled, NATS or protobuf, and no wall clock
+//! inside any rule. Everything that depends on "now" takes it as an argument, so every verdict
+//! and every fold is a pure function of its inputs and replays byte-identically. The protobuf
+//! wire types live in `touchledger-proto`, which converts to and from these types.
+
+pub mod event;
+pub mod json;
+pub mod time;
+pub mod validate;
+
+pub use event::{
+    Callback, CallbackOutcome, CallbackPurpose, Channel, ChurnLevel, ChurnRiskAssessed, Complaint,
+    ComplaintCategory, Event, EventKind, LEDGER_SOURCE, LeavingReason, MODEL_CUSTOMER, ModelFitted,
+    Payload, Purchase, Retraction, RiskReason, SCHEMA_VERSION, Survey, TimeUnit,
+};
+pub use time::Timestamp;
+pub use validate::{RejectCode, Rejection, ValidationPolicy};

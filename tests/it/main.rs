@@ -1,0 +1,11 @@
+//! touchledger's one integration-test binary: real sled directories in temp dirs (and, from the
+//! NATS service on, real `nats-server` instances started by the test kit). No mocks.
+
+mod cli;
+mod crash;
+mod follow;
+mod fuzz;
+mod model;
+mod support;
+mod tamper;
+mod validation;

@@ -1,0 +1,1 @@
+//! Nothing here: this package exists to hold the integration-test binary `it`.
