@@ -178,7 +178,7 @@ fn replay_filters_and_csv() {
         let rec = rec.expect("record");
         let occurred = &rec[8];
         assert!(
-            occurred >= "2024-03-01" && occurred < "2024-04-01",
+            ("2024-03-01".."2024-04-01").contains(&occurred),
             "{occurred}"
         );
         let event: serde_json::Value = serde_json::from_str(&rec[10]).expect("event json");

@@ -107,13 +107,13 @@ impl Model {
             };
         }
         let current = self.versions.get(&e.customer_id).copied().unwrap_or(0);
-        if let Some(expected) = item.expected_customer_version {
-            if expected != current {
-                return AppendOutcome::VersionConflict {
-                    expected,
-                    actual: current,
-                };
-            }
+        if let Some(expected) = item.expected_customer_version
+            && expected != current
+        {
+            return AppendOutcome::VersionConflict {
+                expected,
+                actual: current,
+            };
         }
         if let Payload::Retraction(r) = &e.payload {
             match self.ids.get(&r.retracted_event_id) {

@@ -512,14 +512,14 @@ fn survey(policy: &ValidationPolicy, s: &Survey) -> Check {
     score("survey.nps", s.nps, 0, 10)?;
     score("survey.ces", s.ces, 1, 7)?;
     score("survey.repurchase_intent", s.repurchase_intent, 1, 5)?;
-    if let Some(n) = s.other_suppliers {
-        if n > 1000 {
-            return fail(
-                RejectCode::CountInvalid,
-                "survey.other_suppliers",
-                format!("other_suppliers {n} is implausible (at most 1000)"),
-            );
-        }
+    if let Some(n) = s.other_suppliers
+        && n > 1000
+    {
+        return fail(
+            RejectCode::CountInvalid,
+            "survey.other_suppliers",
+            format!("other_suppliers {n} is implausible (at most 1000)"),
+        );
     }
     let answered = s.expectation.is_some()
         || s.csat.is_some()

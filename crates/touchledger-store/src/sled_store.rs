@@ -390,7 +390,7 @@ impl EventStore for SledStore {
                     );
                     sb.insert(&layout::kind_key(e.kind(), position), &[]);
                     sb.insert(&layout::time_key(e.occurred_at, position), &[]);
-                    if position % self.config.checkpoint_interval == 0 {
+                    if position.is_multiple_of(self.config.checkpoint_interval) {
                         let cp = v1::Checkpoint {
                             position,
                             hash: hash.0.to_vec(),
@@ -652,13 +652,13 @@ impl SledStore {
             Some(v) => *v,
             None => self.customer_version(&e.customer_id)?,
         };
-        if let Some(expected) = item.expected_customer_version {
-            if expected != current {
-                return Ok(Decision::Outcome(AppendOutcome::VersionConflict {
-                    expected,
-                    actual: current,
-                }));
-            }
+        if let Some(expected) = item.expected_customer_version
+            && expected != current
+        {
+            return Ok(Decision::Outcome(AppendOutcome::VersionConflict {
+                expected,
+                actual: current,
+            }));
         }
         if let Payload::Retraction(r) = &e.payload {
             let target = match staged.get(&r.retracted_event_id) {
