@@ -1,7 +1,8 @@
 //! Store benchmarks: append throughput at batch sizes 1, 100 and 1000 (one flush per batch),
 //! and replay throughput — each against its baseline measured in the same run:
-//! * append baseline: raw sled inserts of the same encoded record bytes, one flush per batch
-//!   (the engine's own limit: no validation, no indexes, no hashing);
+//! * append baselines: raw sled inserts, one flush per batch, of (1) the same encoded record
+//!   bytes only, and (2) the store's whole write set for those events (record + four index
+//!   entries) — the engine's own limit without validation, lookups or hashing;
 //! * replay baseline: a raw sled scan of the same records (no decoding).
 //!
 //! Run: `cargo bench -p touchledger-store --bench store`. Results go in BENCHMARKS.md.
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use touchledger_domain::{Channel, Event, Payload, Purchase, Timestamp};
-use touchledger_store::{AppendItem, EventStore, ReadFilter, SledStore, StoreConfig};
+use touchledger_store::{AppendItem, EventStore, ReadFilter, SledStore, StoreConfig, layout};
 
 fn event(n: u64) -> Event {
     Event {
@@ -78,12 +79,12 @@ fn append(c: &mut Criterion) {
             .expect("append");
         let values: Vec<Vec<u8>> = {
             let t = scratch_tree(&scratch);
-            t.scan_prefix([touchledger_store::layout::EVENT])
+            t.scan_prefix([layout::EVENT])
                 .map(|kv| kv.expect("kv").1.to_vec())
                 .collect()
         };
         let mut pos = 0u64;
-        g.bench_function(BenchmarkId::new("raw_sled", batch), |b| {
+        g.bench_function(BenchmarkId::new("raw_sled_records", batch), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -93,8 +94,49 @@ fn append(c: &mut Criterion) {
                     pos += batch;
                     let t = Instant::now();
                     for (p, v) in vals {
-                        tree.insert(touchledger_store::layout::event_key(p), v.as_slice())
+                        tree.insert(layout::event_key(p), v.as_slice())
                             .expect("insert");
+                    }
+                    db.flush().expect("flush");
+                    total += t.elapsed();
+                }
+                total
+            })
+        });
+
+        // Baseline 2: the store's whole write set for the same events — the record plus the
+        // four index entries, keys and values shaped as `layout` writes them — as raw inserts.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path().join("raw"))
+            .cache_capacity(256 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .expect("open raw");
+        let tree = db.open_tree("raw").expect("tree");
+        let mut pos = 1u64;
+        g.bench_function(BenchmarkId::new("raw_sled_write_set", batch), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut writes: Vec<(Vec<u8>, Vec<u8>)> =
+                        Vec::with_capacity(5 * batch as usize);
+                    for p in pos..pos + batch {
+                        let e = event(p + 1_000_000_000);
+                        let v = &values[(p % values.len() as u64) as usize];
+                        writes.push((layout::event_key(p).to_vec(), v.clone()));
+                        writes.push((layout::event_id_key(&e.event_id), v[..40].to_vec()));
+                        writes.push((
+                            layout::customer_key(&e.customer_id, p),
+                            p.to_be_bytes().to_vec(),
+                        ));
+                        writes.push((layout::kind_key(e.kind(), p).to_vec(), Vec::new()));
+                        writes.push((layout::time_key(e.occurred_at, p).to_vec(), Vec::new()));
+                    }
+                    pos += batch;
+                    let t = Instant::now();
+                    for (k, v) in writes {
+                        tree.insert(k, v).expect("insert");
                     }
                     db.flush().expect("flush");
                     total += t.elapsed();
@@ -132,15 +174,22 @@ fn replay(c: &mut Criterion) {
             assert_eq!(n, N);
         })
     });
+    g.bench_function("touchledger_read_raw", |b| {
+        b.iter(|| {
+            let n = store.read_raw(1, None).fold(0u64, |n, r| {
+                std::hint::black_box(r.expect("read"));
+                n + 1
+            });
+            assert_eq!(n, N);
+        })
+    });
     let tree = store.raw_tree_for_benchmarks();
     g.bench_function("raw_sled_scan", |b| {
         b.iter(|| {
-            let n = tree
-                .scan_prefix([touchledger_store::layout::EVENT])
-                .fold(0u64, |n, kv| {
-                    std::hint::black_box(kv.expect("kv"));
-                    n + 1
-                });
+            let n = tree.scan_prefix([layout::EVENT]).fold(0u64, |n, kv| {
+                std::hint::black_box(kv.expect("kv"));
+                n + 1
+            });
             assert_eq!(n, N);
         })
     });

@@ -50,6 +50,12 @@ pub enum StoreError {
         detail: String,
     },
 
+    /// An earlier append failed inside the storage engine; the in-memory state can no longer be
+    /// trusted to match the disk. Reopen the store (restart the process); the durable state is
+    /// intact and nothing unacknowledged was reported as stored.
+    #[error("an earlier write failed; reopen the store before appending again")]
+    NeedsReopen,
+
     /// The configuration is invalid (e.g. checkpoint interval 0).
     #[error("invalid store configuration: {0}")]
     Config(String),

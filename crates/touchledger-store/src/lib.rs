@@ -160,6 +160,23 @@ pub struct Committed {
     pub event: Event,
 }
 
+/// One stored record exactly as hashed: `hash = BLAKE3(prev_hash ‖ record)`, where `record` is
+/// the `touchledger.v1.StoredRecord` protobuf (it carries position, version, prev_hash,
+/// recorded_at and the event). Forwarding these bytes lets a remote consumer verify the chain
+/// itself, and costs no decoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawRecord {
+    /// Global position.
+    pub position: u64,
+    /// The record's chain hash.
+    pub hash: Hash,
+    /// The exact stored `StoredRecord` bytes.
+    pub record: Vec<u8>,
+}
+
+/// A stream of raw records in position order.
+pub type RawRecords<'a> = Box<dyn Iterator<Item = Result<RawRecord, StoreError>> + Send + 'a>;
+
 /// A rejected input, as kept in the rejections record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RejectionRecord {
@@ -238,6 +255,9 @@ pub struct StoreConfig {
     pub checkpoint_interval: u64,
     /// Validation limits. Default [`ValidationPolicy::default`].
     pub validation: ValidationPolicy,
+    /// Customers whose current version the writer keeps in memory (a bounded cache in front
+    /// of the customer index). Default 100,000 (a few MiB).
+    pub customer_cache_capacity: usize,
     /// How long `open` waits for the directory lock held by another handle. Default 2 s.
     pub lock_timeout: std::time::Duration,
     /// The ledger's clock (for `recorded_at` and the future-skew rule). Default: wall clock.
@@ -254,6 +274,7 @@ impl StoreConfig {
             checkpoint_interval: 1000,
             validation: ValidationPolicy::default(),
             lock_timeout: std::time::Duration::from_secs(2),
+            customer_cache_capacity: 100_000,
             clock: Arc::new(Timestamp::now),
         }
     }
@@ -267,6 +288,7 @@ impl fmt::Debug for StoreConfig {
             .field("checkpoint_interval", &self.checkpoint_interval)
             .field("validation", &self.validation)
             .field("lock_timeout", &self.lock_timeout)
+            .field("customer_cache_capacity", &self.customer_cache_capacity)
             .finish_non_exhaustive()
     }
 }
@@ -301,6 +323,9 @@ pub trait EventStore: Send + Sync {
 
     /// Events matching `filter`, in position order, lazily.
     fn read(&self, filter: &ReadFilter) -> Events<'_>;
+
+    /// Stored records in position order without decoding (`to = None`: to the head).
+    fn read_raw(&self, from_position: u64, to_position: Option<u64>) -> RawRecords<'_>;
 
     /// Events with `since <= occurred_at < until`, in business-time order (ties by position),
     /// lazily, through the time index.

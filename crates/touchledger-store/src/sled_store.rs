@@ -17,8 +17,8 @@ use touchledger_proto::{encode_event, from_pb_time, to_pb_time, v1};
 use crate::layout::{self, FORMAT_VERSION, HASH_LEN};
 use crate::verify::{self, VerifyReport};
 use crate::{
-    AppendItem, AppendOutcome, Checkpoint, Committed, EventStore, Events, Hash, Head, ReadFilter,
-    RejectionRecord, Stats, StoreConfig, StoreError, watch,
+    AppendItem, AppendOutcome, Checkpoint, Committed, EventStore, Events, Hash, Head, RawRecord,
+    RawRecords, ReadFilter, RejectionRecord, Stats, StoreConfig, StoreError, watch,
 };
 
 /// The sled-backed store. Cheap to share behind an `Arc`; one per data directory per process
@@ -35,6 +35,46 @@ pub struct SledStore {
 struct Writer {
     head: Head,
     next_rejection: u64,
+    /// Current versions of recently appended customers, so that the append path rarely needs
+    /// sled's (slow) `get_lt` on the customer index. Only committed versions enter it.
+    versions: VersionCache,
+    /// Set when applying or flushing a batch failed: sled's in-memory state may then be ahead
+    /// of what is durable and of `head`, so no further append is safe until the store is
+    /// reopened (which reloads the head from disk).
+    failed: bool,
+}
+
+/// A bounded map of customer → current version with two generations: when the young one
+/// fills half the capacity it becomes the old one and the previous old one is dropped. O(1),
+/// at most `capacity` entries, and recently used customers survive a rotation.
+struct VersionCache {
+    young: HashMap<String, u64>,
+    old: HashMap<String, u64>,
+    half: usize,
+}
+
+impl VersionCache {
+    fn new(capacity: usize) -> Self {
+        VersionCache {
+            young: HashMap::new(),
+            old: HashMap::new(),
+            half: (capacity / 2).max(1),
+        }
+    }
+
+    fn get(&self, customer: &str) -> Option<u64> {
+        self.young
+            .get(customer)
+            .or_else(|| self.old.get(customer))
+            .copied()
+    }
+
+    fn insert(&mut self, customer: String, version: u64) {
+        if self.young.len() >= self.half && !self.young.contains_key(&customer) {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(customer, version);
+    }
 }
 
 /// What the batch under construction already decided about an event id.
@@ -88,6 +128,7 @@ impl SledStore {
             _ => 1,
         };
         let (head_tx, _) = watch::channel(head);
+        let versions = VersionCache::new(config.customer_cache_capacity);
         Ok(SledStore {
             db,
             tree,
@@ -95,6 +136,8 @@ impl SledStore {
             writer: Mutex::new(Writer {
                 head,
                 next_rejection,
+                versions,
+                failed: false,
             }),
             head_tx,
         })
@@ -332,6 +375,9 @@ fn decode_rejection(seq: u64, v: &[u8]) -> Result<RejectionRecord, StoreError> {
 impl EventStore for SledStore {
     fn append(&self, batch: Vec<AppendItem>) -> Result<Vec<AppendOutcome>, StoreError> {
         let mut w = self.lock_writer();
+        if w.failed {
+            return Err(StoreError::NeedsReopen);
+        }
         // Knowledge time never goes backwards along positions, even if the wall clock does.
         let now = (self.config.clock)().max(w.head.recorded_at);
         let mut head = w.head;
@@ -343,7 +389,7 @@ impl EventStore for SledStore {
         let mut dirty = false;
 
         for item in batch {
-            let outcome = self.decide(&item, now, &mut staged, &mut versions)?;
+            let outcome = self.decide(&item, now, &mut staged, &mut versions, &w.versions)?;
             match outcome {
                 Decision::Outcome(o) => {
                     if let AppendOutcome::Rejected(r) = &o {
@@ -424,11 +470,20 @@ impl EventStore for SledStore {
         }
 
         if dirty {
-            self.tree.apply_batch(sb)?;
-            self.db.flush()?;
+            if let Err(e) = self
+                .tree
+                .apply_batch(sb)
+                .and_then(|()| self.db.flush().map(drop))
+            {
+                w.failed = true;
+                return Err(e.into());
+            }
             let advanced = head.position != w.head.position;
             w.head = head;
             w.next_rejection = next_rejection;
+            for (customer, version) in versions {
+                w.versions.insert(customer, version);
+            }
             if advanced {
                 self.head_tx.send_replace(head);
             }
@@ -441,6 +496,9 @@ impl EventStore for SledStore {
             return Ok(Vec::new());
         }
         let mut w = self.lock_writer();
+        if w.failed {
+            return Err(StoreError::NeedsReopen);
+        }
         let now = (self.config.clock)();
         let mut sb = sled::Batch::default();
         let mut seqs = Vec::with_capacity(records.len());
@@ -454,8 +512,14 @@ impl EventStore for SledStore {
             seqs.push(next);
             next += 1;
         }
-        self.tree.apply_batch(sb)?;
-        self.db.flush()?;
+        if let Err(e) = self
+            .tree
+            .apply_batch(sb)
+            .and_then(|()| self.db.flush().map(drop))
+        {
+            w.failed = true;
+            return Err(e.into());
+        }
         w.next_rejection = next;
         Ok(seqs)
     }
@@ -532,6 +596,33 @@ impl EventStore for SledStore {
                 Err(e) => Some(Err(e)),
             }
         }))
+    }
+
+    fn read_raw(&self, from_position: u64, to_position: Option<u64>) -> RawRecords<'_> {
+        let from = from_position.max(1);
+        let to = to_position.unwrap_or(u64::MAX);
+        if from > to {
+            return Box::new(std::iter::empty());
+        }
+        Box::new(
+            self.tree
+                .range(layout::event_key(from)..=layout::event_key(to))
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    let position = layout::trailing_u64(&k).unwrap_or(0);
+                    if v.len() < HASH_LEN {
+                        return Err(StoreError::corrupt(
+                            format!("position {position}"),
+                            "record shorter than its hash",
+                        ));
+                    }
+                    Ok(RawRecord {
+                        position,
+                        hash: Hash::from_slice(&v[..HASH_LEN]).unwrap_or_default(),
+                        record: v[HASH_LEN..].to_vec(),
+                    })
+                }),
+        )
     }
 
     fn read_by_occurred(&self, since: Timestamp, until: Timestamp) -> Events<'_> {
@@ -622,6 +713,7 @@ impl SledStore {
         now: Timestamp,
         staged: &mut HashMap<String, Staged>,
         versions: &mut HashMap<String, u64>,
+        cache: &VersionCache,
     ) -> Result<Decision, StoreError> {
         let e = &item.event;
         let reject = |r: Rejection| Ok(Decision::Outcome(AppendOutcome::Rejected(r)));
@@ -648,8 +740,12 @@ impl SledStore {
                 ))
             };
         }
-        let current = match versions.get(&e.customer_id) {
-            Some(v) => *v,
+        let current = match versions
+            .get(&e.customer_id)
+            .copied()
+            .or_else(|| cache.get(&e.customer_id))
+        {
+            Some(v) => v,
             None => self.customer_version(&e.customer_id)?,
         };
         if let Some(expected) = item.expected_customer_version
