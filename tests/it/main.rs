@@ -6,6 +6,7 @@ mod crash;
 mod follow;
 mod fuzz;
 mod model;
+mod nats;
 mod support;
 mod tamper;
 mod validation;

@@ -16,6 +16,7 @@
 //! | 5 | the data directory cannot be used: locked, other format version, not a ledger |
 
 pub mod generate;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -58,6 +59,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the ledger service: JetStream intake, synchronous append and the committed-event
+    /// feed over NATS, on the embedded sled store. Stops cleanly on SIGINT/SIGTERM.
+    Serve {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        nats: serve::NatsArgs,
+        /// Messages per intake batch (one flush each).
+        #[arg(long, env = "TOUCHLEDGER_BATCH", default_value_t = 500)]
+        batch: usize,
+        /// How long an intake fetch waits for its batch to fill, in milliseconds.
+        #[arg(long, env = "TOUCHLEDGER_FETCH_WAIT_MS", default_value_t = 50)]
+        fetch_wait_ms: u64,
+    },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
         #[command(flatten)]
@@ -214,6 +229,21 @@ fn open(d: &DataArgs) -> anyhow::Result<SledStore> {
 
 fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
     match cmd {
+        Command::Serve {
+            data,
+            nats,
+            batch,
+            fetch_wait_ms,
+        } => {
+            let store = open(&data)?;
+            serve::serve(
+                store,
+                &nats,
+                batch,
+                std::time::Duration::from_millis(fetch_wait_ms),
+            )?;
+            Ok(EXIT_OK)
+        }
         Command::Append {
             data,
             file,

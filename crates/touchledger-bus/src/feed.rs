@@ -1,0 +1,112 @@
+//! The committed-event feed: every committed record, in position order, published on
+//! `<prefix>.ledger.event.<kind>.<customer>` into the feed stream, whose sequence equals the
+//! position (`Nats-Expected-Last-Sequence`); checkpoints on `<prefix>.ledger.checkpoint`.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, message::PublishMessage as Publish};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use touchledger_proto::v1;
+use touchledger_store::{EventStore, SledStore};
+
+use crate::{BusConfig, BusError, headers, js_err, nats_err};
+
+/// Records published per read of the store (bounds memory).
+const CHUNK: u64 = 1000;
+
+/// Publish committed records until `shutdown`, resuming after the feed stream's last sequence.
+pub async fn run_feed(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    store: Arc<SledStore>,
+    cfg: BusConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut stream = js
+        .get_stream(cfg.subjects.feed_stream())
+        .await
+        .map_err(|e| js_err("get feed stream")(&e))?;
+    let mut published = stream
+        .info()
+        .await
+        .map_err(|e| js_err("feed stream info")(&e))?
+        .state
+        .last_sequence;
+    let mut head = store.subscribe();
+    tracing::info!(published, "feed started");
+    loop {
+        let target = head.borrow_and_update().position;
+        while published < target {
+            let to = (published + CHUNK).min(target);
+            let s = store.clone();
+            let from = published + 1;
+            let records = tokio::task::spawn_blocking(move || {
+                s.read_raw(from, Some(to)).collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| nats_err("feed read task", e))??;
+            let mut acks = Vec::with_capacity(records.len());
+            for r in records {
+                let rec = v1::StoredRecord::decode(r.record.as_slice()).map_err(|e| {
+                    BusError::Store(touchledger_store::StoreError::Corrupt {
+                        what: format!("position {}", r.position),
+                        detail: e.to_string(),
+                    })
+                })?;
+                let env = rec.event.unwrap_or_default();
+                let event = touchledger_domain::Event::try_from(env).map_err(|e| {
+                    BusError::Store(touchledger_store::StoreError::Corrupt {
+                        what: format!("position {}", r.position),
+                        detail: e.to_string(),
+                    })
+                })?;
+                let subject = cfg.subjects.event(event.kind(), &event.customer_id);
+                let publish = Publish::build()
+                    .payload(r.record.into())
+                    .message_id(r.position.to_string())
+                    .expected_last_sequence(r.position - 1)
+                    .header(headers::POSITION, r.position.to_string().as_str())
+                    .header(headers::HASH, r.hash.to_hex().as_str());
+                let ack = js
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(|e| nats_err("feed publish", e))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.map_err(|e| nats_err("feed publish ack", e))?;
+            }
+            // Checkpoints of this range, after the records they cover are in the stream.
+            let s = store.clone();
+            let cps = tokio::task::spawn_blocking(move || {
+                s.checkpoints()
+                    .filter(|c| {
+                        c.as_ref()
+                            .map_or(true, |c| (from..=to).contains(&c.position))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| nats_err("checkpoint read task", e))??;
+            for c in cps {
+                let msg = v1::Checkpoint {
+                    position: c.position,
+                    hash: c.hash.0.to_vec(),
+                    recorded_at: Some(touchledger_proto::to_pb_time(c.recorded_at)),
+                };
+                client
+                    .publish(cfg.subjects.checkpoint(), msg.encode_to_vec().into())
+                    .await
+                    .map_err(|e| nats_err("checkpoint publish", e))?;
+            }
+            published = to;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = head.changed() => if r.is_err() { break },
+        }
+    }
+    tracing::info!(published, "feed stopped");
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The NATS service around the store: JetStream intake, synchronous append, and the
+//! committed-event feed (with checkpoints). See `docs/adr/0003-nats-subjects-and-durability.md`.
+//!
+//! Key decisions:
+//! * **The store's flush is the acknowledgement.** Intake acks a JetStream message only after
+//!   the batch holding it is flushed; a synchronous append replies only after the flush. On a
+//!   store failure nothing is acked (nak with backoff), so JetStream redelivers and the
+//!   ledger's idempotency turns the redelivery into a duplicate.
+//! * **Bad input is terminated, not redelivered:** it goes to `<prefix>.deadletter.<code>` with the
+//!   original bytes and the reason in headers, is kept in the store's rejections record, and then
+//!   the message is `Term`-acked.
+//! * **The feed is exactly the log.** Each committed record is published into the feed stream with
+//!   `Nats-Expected-Last-Sequence = position - 1`, so the stream's sequence *is* the position:
+//!   after any restart the feed resumes at `last_sequence + 1` with no gap and no duplicate.
+//! * Store calls block (sled flush), so they run on `spawn_blocking`.
+
+mod append;
+mod feed;
+mod intake;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use async_nats;
+use async_nats::jetstream::{self, stream};
+use tokio_util::sync::CancellationToken;
+use touchledger_domain::EventKind;
+use touchledger_store::SledStore;
+
+pub use append::serve_append;
+pub use feed::run_feed;
+pub use intake::run_intake;
+
+/// Header names used on dead-letter and feed messages.
+pub mod headers {
+    /// Rejection code (dead letters).
+    pub const REJECT_CODE: &str = "Touchledger-Reject-Code";
+    /// Offending field (dead letters).
+    pub const REJECT_FIELD: &str = "Touchledger-Reject-Field";
+    /// Human reason (dead letters).
+    pub const REJECT_REASON: &str = "Touchledger-Reject-Reason";
+    /// Subject the rejected message arrived on (dead letters).
+    pub const ORIGINAL_SUBJECT: &str = "Touchledger-Original-Subject";
+    /// Position of a committed record (feed).
+    pub const POSITION: &str = "Touchledger-Position";
+    /// Chain hash of a committed record, hex (feed).
+    pub const HASH: &str = "Touchledger-Hash";
+}
+
+/// Subject layout under a prefix (default `crm`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// Subjects under `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Subjects {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>.touchpoint.<kind>.<customer>`: where producers publish.
+    pub fn touchpoint(&self, kind: EventKind, customer: &str) -> String {
+        format!("{}.touchpoint.{}.{}", self.prefix, kind.as_str(), customer)
+    }
+
+    /// `<prefix>.touchpoint.>`: the intake stream's subjects.
+    pub fn touchpoints(&self) -> String {
+        format!("{}.touchpoint.>", self.prefix)
+    }
+
+    /// `<prefix>.ledger.append`: synchronous append requests.
+    pub fn append(&self) -> String {
+        format!("{}.ledger.append", self.prefix)
+    }
+
+    /// `<prefix>.ledger.event.<kind>.<customer>`: committed events.
+    pub fn event(&self, kind: EventKind, customer: &str) -> String {
+        format!(
+            "{}.ledger.event.{}.{}",
+            self.prefix,
+            kind.as_str(),
+            customer
+        )
+    }
+
+    /// `<prefix>.ledger.event.>`: the feed stream's subjects.
+    pub fn events(&self) -> String {
+        format!("{}.ledger.event.>", self.prefix)
+    }
+
+    /// `<prefix>.ledger.checkpoint`: published checkpoints.
+    pub fn checkpoint(&self) -> String {
+        format!("{}.ledger.checkpoint", self.prefix)
+    }
+
+    /// `<prefix>.deadletter.<code>`: rejected input.
+    pub fn deadletter(&self, code: &str) -> String {
+        format!("{}.deadletter.{}", self.prefix, code)
+    }
+
+    /// Stream names derive from the prefix (upper-cased; `.`, `*`, `>` replaced).
+    fn stream_name(&self, what: &str) -> String {
+        let p: String = self
+            .prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{p}_{what}")
+    }
+
+    /// The intake stream, e.g. `CRM_TOUCHPOINTS`.
+    pub fn intake_stream(&self) -> String {
+        self.stream_name("TOUCHPOINTS")
+    }
+
+    /// The feed stream, e.g. `CRM_LEDGER_EVENTS`.
+    pub fn feed_stream(&self) -> String {
+        self.stream_name("LEDGER_EVENTS")
+    }
+}
+
+/// Service settings. Defaults are documented per field.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    /// Subject layout. Default prefix `crm`.
+    pub subjects: Subjects,
+    /// Durable name of the intake consumer. Default `touchledger-ledger`.
+    pub consumer: String,
+    /// Messages per intake batch (one flush each). Default 500.
+    pub batch: usize,
+    /// How long a fetch waits for a batch to fill. Default 50 ms.
+    pub fetch_wait: Duration,
+    /// JetStream duplicate window of the intake stream. Default 2 min. (Idempotency is
+    /// permanent in the ledger anyway; the window only saves work.)
+    pub duplicate_window: Duration,
+    /// Ack wait of the intake consumer: redelivery after this if not acked. Default 30 s.
+    pub ack_wait: Duration,
+    /// Nak delay after a store failure. Default 1 s.
+    pub retry_delay: Duration,
+    /// Queue group of the synchronous-append responders. Default `touchledger-ledger`.
+    pub queue_group: String,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            subjects: Subjects::new("crm"),
+            consumer: "touchledger-ledger".into(),
+            batch: 500,
+            fetch_wait: Duration::from_millis(50),
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
+            retry_delay: Duration::from_secs(1),
+            queue_group: "touchledger-ledger".into(),
+        }
+    }
+}
+
+/// Failures of the NATS service.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The server is older than 2.9 or lacks JetStream. Upgrade or enable JetStream (`-js`).
+    #[error("unsupported NATS server: {0}")]
+    UnsupportedServer(String),
+    /// A JetStream management call failed (stream/consumer create, info).
+    #[error("JetStream {what} failed: {detail}")]
+    JetStream {
+        /// Which call.
+        what: &'static str,
+        /// The client's error.
+        detail: String,
+    },
+    /// Publishing, subscribing or acknowledging failed (connection trouble).
+    #[error("NATS {what} failed: {detail}")]
+    Nats {
+        /// Which call.
+        what: &'static str,
+        /// The client's error.
+        detail: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] touchledger_store::StoreError),
+}
+
+pub(crate) fn js_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> BusError {
+    move |e| BusError::JetStream {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+pub(crate) fn nats_err(what: &'static str, e: impl std::fmt::Display) -> BusError {
+    BusError::Nats {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+/// Check that the connected server is ≥ 2.9 (what this build is tested against).
+pub fn check_server(client: &async_nats::Client) -> Result<String, BusError> {
+    let version = client.server_info().version;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (2, 9) {
+        return Err(BusError::UnsupportedServer(format!(
+            "nats-server {version}; 2.9 or newer is required"
+        )));
+    }
+    Ok(version)
+}
+
+/// Create or update the intake and feed streams (idempotent).
+pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
+    let intake = stream::Config {
+        name: cfg.subjects.intake_stream(),
+        subjects: vec![cfg.subjects.touchpoints()],
+        storage: stream::StorageType::File,
+        duplicate_window: cfg.duplicate_window,
+        ..Default::default()
+    };
+    let feed = stream::Config {
+        name: cfg.subjects.feed_stream(),
+        subjects: vec![cfg.subjects.events()],
+        storage: stream::StorageType::File,
+        // The feed's own sequence is the position; dedup by position covers re-sends.
+        duplicate_window: cfg.duplicate_window,
+        ..Default::default()
+    };
+    for config in [intake, feed] {
+        let name = config.name.clone();
+        match js.get_stream(&name).await {
+            Ok(_) => {
+                js.update_stream(config)
+                    .await
+                    .map_err(|e| js_err("stream update")(&e))?;
+            }
+            Err(_) => {
+                js.create_stream(config)
+                    .await
+                    .map_err(|e| js_err("stream create")(&e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run intake, synchronous append and the feed until `shutdown` is cancelled; then stop
+/// fetching, finish the batch in hand, flush the store and drain the connection.
+pub async fn run_ledger(
+    client: async_nats::Client,
+    store: Arc<SledStore>,
+    cfg: BusConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    check_server(&client)?;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &cfg).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(run_intake(
+        js.clone(),
+        client.clone(),
+        store.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(serve_append(
+        client.clone(),
+        store.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(run_feed(
+        js.clone(),
+        client.clone(),
+        store.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        let r = r.map_err(|e| nats_err("task", e)).and_then(|r| r);
+        if let Err(e) = r {
+            tracing::error!(error = %e, "ledger task failed; shutting down");
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    let flush = store.clone();
+    tokio::task::spawn_blocking(move || flush.flush())
+        .await
+        .map_err(|e| nats_err("flush task", e))??;
+    client.drain().await.map_err(|e| nats_err("drain", e))?;
+    result
+}

@@ -1,0 +1,161 @@
+//! `touchledger serve`: connect to NATS (credentials and TLS from flags or environment), run the
+//! ledger service on the embedded store, and shut down in order on SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use touchledger_bus::{BusConfig, Subjects};
+use touchledger_store::SledStore;
+
+/// NATS connection settings. Secrets can come from the environment so they stay out of
+/// process listings; none is ever logged.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "TOUCHLEDGER_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Subject prefix.
+    #[arg(long, env = "TOUCHLEDGER_PREFIX", default_value = "crm")]
+    pub prefix: String,
+    /// User name (with --password).
+    #[arg(long, env = "TOUCHLEDGER_NATS_USER")]
+    pub user: Option<String>,
+    /// Password (with --user).
+    #[arg(long, env = "TOUCHLEDGER_NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Token authentication.
+    #[arg(long, env = "TOUCHLEDGER_NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// NKey seed authentication.
+    #[arg(long, env = "TOUCHLEDGER_NATS_NKEY", hide_env_values = true)]
+    pub nkey: Option<String>,
+    /// Credentials (.creds) file.
+    #[arg(long, env = "TOUCHLEDGER_NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate(s) to trust (PEM); implies TLS.
+    #[arg(long, env = "TOUCHLEDGER_NATS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM, with --tls-key).
+    #[arg(long, env = "TOUCHLEDGER_NATS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM, with --tls-cert).
+    #[arg(long, env = "TOUCHLEDGER_NATS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS.
+    #[arg(long, env = "TOUCHLEDGER_NATS_TLS")]
+    pub tls: bool,
+}
+
+impl NatsArgs {
+    /// Build connect options from the flags.
+    pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        let mut o = async_nats::ConnectOptions::new()
+            .name("touchledger")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5));
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => o = o.user_and_password(u.clone(), p.clone()),
+            (None, None) => {}
+            _ => anyhow::bail!("--user and --password go together"),
+        }
+        if let Some(t) = &self.token {
+            o = o.token(t.clone());
+        }
+        if let Some(seed) = &self.nkey {
+            o = o.nkey(seed.clone());
+        }
+        if let Some(path) = &self.creds {
+            o = o
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("reading {}", path.display()))?;
+        }
+        if let Some(ca) = &self.tls_ca {
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => o = o.add_client_certificate(c.clone(), k.clone()),
+            (None, None) => {}
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }
+        if self.tls {
+            o = o.require_tls(true);
+        }
+        let urls = self.nats_url.clone();
+        // retry_on_initial_connect makes connect return at once; wait for the first connection
+        // so that a wrong URL is reported rather than retried silently forever.
+        let client = o
+            .connect(urls.as_str())
+            .await
+            .with_context(|| format!("connecting to {urls}"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("no connection to {urls} after 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(client)
+    }
+}
+
+/// Run the service until SIGINT/SIGTERM.
+pub fn serve(
+    store: SledStore,
+    nats: &NatsArgs,
+    batch: usize,
+    fetch_wait: Duration,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = nats.connect().await?;
+        tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, "connected");
+        let cfg = BusConfig {
+            subjects: Subjects::new(nats.prefix.clone()),
+            batch: batch.max(1),
+            fetch_wait,
+            ..BusConfig::default()
+        };
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            signal.cancel();
+        });
+        touchledger_bus::run_ledger(client, Arc::new(store), cfg, shutdown).await?;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,201 @@
+//! Test support: real `nats-server` processes on free loopback ports, each with its own
+//! JetStream store in a temp directory, that tests can kill (SIGKILL) and restart on the same
+//! port and store; the process is killed and the directory removed on drop.
+//!
+//! Key decision: no mocks. The server binary is found from `TOUCHLEDGER_NATS_SERVER`, then
+//! `PATH`, then `/usr/sbin/nats-server` (Debian's package); `deploy/test.sh` installs the package
+//! when it is missing. The machine's shared server on 4222 is never touched.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A `nats-server` with JetStream, owned by a test.
+pub struct NatsServer {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+    binary: PathBuf,
+}
+
+/// Why a server could not be started.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Locate the `nats-server` binary.
+pub fn nats_server_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TOUCHLEDGER_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let c = dir.join("nats-server");
+            if c.is_file() {
+                return Some(c);
+            }
+        }
+    }
+    let debian = Path::new("/usr/sbin/nats-server");
+    debian.is_file().then(|| debian.to_path_buf())
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the race window is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+impl NatsServer {
+    /// Start a server with JetStream on a free port; panics with a clear message on failure
+    /// (this is test support).
+    pub fn start() -> NatsServer {
+        Self::try_start().unwrap_or_else(|e| panic!("cannot start nats-server for the test: {e}"))
+    }
+
+    /// Start a server, returning an error instead of panicking.
+    pub fn try_start() -> Result<NatsServer, StartError> {
+        let binary = nats_server_binary().ok_or_else(|| {
+            StartError("nats-server not found (install Debian's nats-server, or set TOUCHLEDGER_NATS_SERVER)".into())
+        })?;
+        let dir = tempfile::Builder::new()
+            .prefix("touchledger-nats-")
+            .tempdir()
+            .map_err(|e| StartError(format!("temp dir: {e}")))?;
+        let mut s = NatsServer {
+            port: free_port(),
+            dir,
+            child: None,
+            binary,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<(), StartError> {
+        let store = self.dir.path().join("jetstream");
+        let child = Command::new(&self.binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&store)
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| StartError(format!("spawning {}: {e}", self.binary.display())))?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(15))
+    }
+
+    /// Wait until the server greets on its port (an `INFO` line), or the process dies.
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), StartError> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(StartError(format!(
+                    "nats-server exited with {status} during start-up; log: {}",
+                    self.log()
+                )));
+            }
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(StartError(format!(
+                    "nats-server not ready after {timeout:?}; log: {}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kill the server with SIGKILL (no shutdown), keeping its JetStream store.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the server again on the same port and JetStream store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn()
+            .unwrap_or_else(|e| panic!("cannot restart nats-server: {e}"));
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("server.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_kills_and_restarts_on_the_same_port() {
+        let mut s = NatsServer::start();
+        let port = s.port();
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+        s.kill();
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "killed server still accepts"
+        );
+        s.restart();
+        assert_eq!(s.port(), port);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+    }
+}

@@ -1,0 +1,340 @@
+//! The NATS service against a real `nats-server` (started by the test kit on a free port) and a
+//! real sled directory: intake with duplicates and malformed input, synchronous append outcomes,
+//! and the committed-event feed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use touchledger_bus::{BusConfig, headers};
+use touchledger_domain::{EventKind, Payload, Survey};
+use touchledger_proto::{encode_event, v1};
+use touchledger_store::{EventStore, SledStore};
+use touchledger_testkit::NatsServer;
+
+use crate::support::{fixed_clock_store, purchase};
+
+struct Ledger {
+    store: Arc<SledStore>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), touchledger_bus::BusError>>,
+    client: async_nats::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_ledger(server: &NatsServer) -> Ledger {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(fixed_clock_store(dir.path()));
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let shutdown = CancellationToken::new();
+    let cfg = BusConfig {
+        batch: 200,
+        fetch_wait: Duration::from_millis(20),
+        ..BusConfig::default()
+    };
+    let task = tokio::spawn(touchledger_bus::run_ledger(
+        client.clone(),
+        store.clone(),
+        cfg,
+        shutdown.clone(),
+    ));
+    // The streams exist once the feed stream can be looked up.
+    let js = jetstream::new(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while js.get_stream("CRM_LEDGER_EVENTS").await.is_err()
+        || js.get_stream("CRM_TOUCHPOINTS").await.is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ledger streams never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ledger {
+        store,
+        shutdown,
+        task,
+        client,
+        _dir: dir,
+    }
+}
+
+impl Ledger {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("ledger ran cleanly");
+    }
+
+    /// Wait (without polling sleeps) until the head reaches `n`.
+    async fn wait_head(&self, n: u64, timeout: Duration) {
+        let mut rx = self.store.subscribe();
+        let r = tokio::time::timeout(timeout, async {
+            while rx.borrow_and_update().position < n {
+                rx.changed().await.expect("store alive");
+            }
+        })
+        .await;
+        assert!(
+            r.is_ok(),
+            "head stuck at {} (want {n})",
+            self.store.head().position
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intake_stores_each_valid_event_once_and_dead_letters_the_rest() {
+    const PUBLISHERS: usize = 4;
+    const PER: usize = 5000;
+    let server = NatsServer::start();
+    let ledger = start_ledger(&server).await;
+    let mut dead = ledger
+        .client
+        .subscribe("crm.deadletter.>")
+        .await
+        .expect("subscribe");
+    ledger.client.flush().await.expect("flush");
+
+    // Each publisher: 10 % re-sent duplicates (half with the same Nats-Msg-Id, which JetStream
+    // may drop in its window; half under a new message id, which only the ledger catches),
+    // 2 % malformed of three sorts, the rest unique valid events.
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let js = jetstream::new(ledger.client.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut unique = 0u64;
+            let mut malformed: BTreeMap<&'static str, u64> = BTreeMap::new();
+            let mut sent: Vec<(String, String, Vec<u8>)> = Vec::new();
+            let mut acks = Vec::new();
+            for i in 0..PER {
+                let (subject, msg_id, bytes) = if i % 10 == 9 && !sent.is_empty() {
+                    let (s, id, b) = sent[(i * 7) % sent.len()].clone();
+                    let id = if i % 20 == 9 {
+                        id
+                    } else {
+                        format!("{id}-retry-{i}")
+                    };
+                    (s, id, b)
+                } else if i % 50 == 25 {
+                    let (code, bytes) = match (i / 50) % 3 {
+                        0 => ("DECODE_FAILED", b"\xff\x00not protobuf".to_vec()),
+                        1 => {
+                            let mut e =
+                                purchase(&format!("p{p}-bad-{i}"), &format!("cust-{p}"), 100);
+                            e.payload = Payload::Survey(Survey {
+                                survey_id: "s".into(),
+                                nps: Some(11),
+                                ..Survey::default()
+                            });
+                            ("SCORE_OUT_OF_RANGE", encode_event(&e))
+                        }
+                        _ => (
+                            "CUSTOMER_ID_INVALID",
+                            encode_event(&purchase(&format!("p{p}-bad-{i}"), "has space", 100)),
+                        ),
+                    };
+                    *malformed.entry(code).or_default() += 1;
+                    (
+                        format!("crm.touchpoint.purchase.p{p}"),
+                        format!("p{p}-bad-{i}"),
+                        bytes,
+                    )
+                } else {
+                    let id = format!("p{p}-e{i}");
+                    let customer = format!("cust-{p}-{}", i % 37);
+                    let e = purchase(&id, &customer, i as i64);
+                    let s = format!("crm.touchpoint.{}.{customer}", EventKind::Purchase.as_str());
+                    let b = encode_event(&e);
+                    sent.push((s.clone(), id.clone(), b.clone()));
+                    unique += 1;
+                    (s, id, b)
+                };
+                let ack = js
+                    .send_publish(
+                        subject,
+                        PublishMessage::build()
+                            .payload(bytes.into())
+                            .message_id(msg_id),
+                    )
+                    .await
+                    .expect("publish");
+                acks.push(ack);
+            }
+            for a in acks {
+                a.await.expect("publish ack");
+            }
+            (unique, malformed)
+        }));
+    }
+    let mut unique = 0;
+    let mut malformed: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for t in tasks {
+        let (u, m) = t.await.expect("publisher");
+        unique += u;
+        for (k, v) in m {
+            *malformed.entry(k).or_default() += v;
+        }
+    }
+    let total_bad: u64 = malformed.values().sum();
+    assert_eq!(total_bad, (PUBLISHERS * PER / 50) as u64);
+
+    ledger.wait_head(unique, Duration::from_secs(120)).await;
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    let r = tokio::time::timeout(Duration::from_secs(30), async {
+        while got.values().sum::<u64>() < total_bad {
+            let m = dead.next().await.expect("dead letters");
+            let h = m.headers.as_ref().expect("headers");
+            let code = h.get(headers::REJECT_CODE).expect("code").to_string();
+            assert_eq!(m.subject.as_str(), format!("crm.deadletter.{code}"));
+            assert!(h.get(headers::ORIGINAL_SUBJECT).is_some());
+            *got.entry(code).or_default() += 1;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "dead letters so far: {got:?}");
+    let want: BTreeMap<String, u64> = malformed.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    assert_eq!(got, want);
+
+    // Exactly the unique valid events, once each; the rejections record has every malformed one.
+    let store = ledger.store.clone();
+    assert_eq!(store.head().position, unique);
+    let mut ids = std::collections::HashSet::new();
+    for c in store.read(&Default::default()) {
+        assert!(
+            ids.insert(c.expect("read").event.event_id),
+            "an event was stored twice"
+        );
+    }
+    let mut kept: BTreeMap<String, u64> = BTreeMap::new();
+    for r in store.rejections() {
+        *kept
+            .entry(r.expect("rejection").rejection.code.as_str().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(kept, want);
+    assert!(store.verify().expect("verify").is_ok());
+
+    // The feed stream holds every position once, sequence = position.
+    let js = jetstream::new(ledger.client.clone());
+    let mut feed = js.get_stream("CRM_LEDGER_EVENTS").await.expect("feed");
+    let r = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if feed.info().await.expect("info").state.last_sequence == unique {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "feed did not catch up");
+    let info = feed.info().await.expect("info");
+    assert_eq!(info.state.messages, unique);
+    let last = feed
+        .get_raw_message(unique)
+        .await
+        .expect("last feed message");
+    let rec = v1::StoredRecord::decode(last.payload.as_ref()).expect("record");
+    assert_eq!(rec.position, unique);
+    ledger.stop().await;
+}
+
+fn request(items: Vec<(touchledger_domain::Event, Option<u64>)>) -> Vec<u8> {
+    v1::AppendRequest {
+        items: items
+            .into_iter()
+            .map(|(e, v)| v1::AppendItem {
+                event: Some(v1::Envelope::from(&e)),
+                expected_customer_version: v,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+async fn append(client: &async_nats::Client, body: Vec<u8>) -> Vec<v1::append_outcome::Outcome> {
+    let reply = client
+        .request("crm.ledger.append", body.into())
+        .await
+        .expect("append request");
+    v1::AppendReply::decode(reply.payload.as_ref())
+        .expect("reply decodes")
+        .outcomes
+        .into_iter()
+        .map(|o| o.outcome.expect("outcome"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_append_outcomes() {
+    use v1::append_outcome::Outcome;
+    let server = NatsServer::start();
+    let ledger = start_ledger(&server).await;
+    let c = &ledger.client;
+
+    let out = append(
+        c,
+        request(vec![
+            (purchase("a1", "c1", 10), Some(0)),
+            (purchase("a2", "c1", 20), Some(1)),
+        ]),
+    )
+    .await;
+    match &out[..] {
+        [Outcome::Appended(x), Outcome::Appended(y)] => {
+            assert_eq!(
+                (
+                    x.position,
+                    x.customer_version,
+                    y.position,
+                    y.customer_version
+                ),
+                (1, 1, 2, 2)
+            );
+            assert_eq!(
+                ledger
+                    .store
+                    .get(2)
+                    .expect("get")
+                    .expect("stored")
+                    .hash
+                    .0
+                    .to_vec(),
+                y.hash
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The reply came after the flush: the events are readable right away.
+    assert_eq!(ledger.store.head().position, 2);
+
+    let out = append(c, request(vec![(purchase("a1", "c1", 10), None)])).await;
+    assert!(
+        matches!(&out[..], [Outcome::Duplicate(d)] if d.position == 1),
+        "{out:?}"
+    );
+
+    let out = append(c, request(vec![(purchase("a3", "c1", 30), Some(1))])).await;
+    assert!(
+        matches!(&out[..], [Outcome::VersionConflict(v)] if v.expected == 1 && v.actual == 2),
+        "{out:?}"
+    );
+
+    let mut bad = purchase("a4", "c1", 30);
+    bad.source = String::new();
+    let out = append(c, request(vec![(bad, None)])).await;
+    assert!(
+        matches!(&out[..], [Outcome::Rejected(r)] if r.code == "FIELD_MISSING" && r.field == "source"),
+        "{out:?}"
+    );
+
+    let out = append(c, b"\x0a\xff garbage".to_vec()).await;
+    assert!(
+        matches!(&out[..], [Outcome::Rejected(r)] if r.code == "DECODE_FAILED"),
+        "{out:?}"
+    );
+    ledger.stop().await;
+}
