@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: runs every unit and integration test of the workspace.
-# Integration tests use real sled directories in temp dirs (and, from the NATS service on, real
-# nats-server instances the test kit starts on free ports). Nothing else needs installing yet.
+# Integration tests use real sled directories in temp dirs and real nats-server processes that the
+# test kit starts on free ports (never the machine's shared server); nats-server is installed from
+# the distribution's packages if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,4 +10,6 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust (https://rustup.rs) first" >&2
   exit 1
 fi
+TOUCHLEDGER_NATS_SERVER="$(bash deploy/ensure-nats-server.sh)"
+export TOUCHLEDGER_NATS_SERVER
 cargo test --workspace --locked "$@"

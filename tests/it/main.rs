@@ -7,6 +7,7 @@ mod follow;
 mod fuzz;
 mod model;
 mod nats;
+mod service_crash;
 mod support;
 mod tamper;
 mod validation;

@@ -34,10 +34,11 @@ pub async fn serve_append(
         };
         let origin = format!("nats:{}", msg.subject);
         let answer = handle(&store, &msg.payload, origin).await?;
-        client
-            .publish(reply, answer.encode_to_vec().into())
-            .await
-            .map_err(|e| nats_err("append reply", e))?;
+        // The outcome is durable whether or not the reply arrives; a caller that retries gets
+        // `duplicate` with the original position.
+        if let Err(e) = client.publish(reply, answer.encode_to_vec().into()).await {
+            tracing::warn!(error = %e, "append reply failed");
+        }
     }
     let _ = sub.unsubscribe().await;
     Ok(())

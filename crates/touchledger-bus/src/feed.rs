@@ -1,14 +1,17 @@
 //! The committed-event feed: every committed record, in position order, published on
 //! `<prefix>.ledger.event.<kind>.<customer>` into the feed stream, whose sequence equals the
 //! position (`Nats-Expected-Last-Sequence`); checkpoints on `<prefix>.ledger.checkpoint`.
+//!
+//! NATS outages are waited out: on a publish failure the feed backs off, re-reads the stream's
+//! last sequence (some publishes may have landed) and continues from there.
 
 use std::sync::Arc;
 
-use async_nats::jetstream::{self, message::PublishMessage as Publish};
+use async_nats::jetstream::{self, message::PublishMessage};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use touchledger_proto::v1;
-use touchledger_store::{EventStore, SledStore};
+use touchledger_store::{EventStore, SledStore, StoreError};
 
 use crate::{BusConfig, BusError, headers, js_err, nats_err};
 
@@ -37,70 +40,22 @@ pub async fn run_feed(
     tracing::info!(published, "feed started");
     loop {
         let target = head.borrow_and_update().position;
-        while published < target {
-            let to = (published + CHUNK).min(target);
-            let s = store.clone();
-            let from = published + 1;
-            let records = tokio::task::spawn_blocking(move || {
-                s.read_raw(from, Some(to)).collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|e| nats_err("feed read task", e))??;
-            let mut acks = Vec::with_capacity(records.len());
-            for r in records {
-                let rec = v1::StoredRecord::decode(r.record.as_slice()).map_err(|e| {
-                    BusError::Store(touchledger_store::StoreError::Corrupt {
-                        what: format!("position {}", r.position),
-                        detail: e.to_string(),
-                    })
-                })?;
-                let env = rec.event.unwrap_or_default();
-                let event = touchledger_domain::Event::try_from(env).map_err(|e| {
-                    BusError::Store(touchledger_store::StoreError::Corrupt {
-                        what: format!("position {}", r.position),
-                        detail: e.to_string(),
-                    })
-                })?;
-                let subject = cfg.subjects.event(event.kind(), &event.customer_id);
-                let publish = Publish::build()
-                    .payload(r.record.into())
-                    .message_id(r.position.to_string())
-                    .expected_last_sequence(r.position - 1)
-                    .header(headers::POSITION, r.position.to_string().as_str())
-                    .header(headers::HASH, r.hash.to_hex().as_str());
-                let ack = js
-                    .send_publish(subject, publish)
-                    .await
-                    .map_err(|e| nats_err("feed publish", e))?;
-                acks.push(ack);
+        if let Err(e) = publish_range(&js, &client, &store, &cfg, &mut published, target).await {
+            match e {
+                BusError::Nats { .. } | BusError::JetStream { .. } => {
+                    tracing::warn!(error = %e, published, "feed publish failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(cfg.retry_delay) => {}
+                    }
+                    match stream.info().await {
+                        Ok(info) => published = info.state.last_sequence,
+                        Err(e) => tracing::warn!(error = %e, "feed stream info failed"),
+                    }
+                    continue;
+                }
+                other => return Err(other),
             }
-            for ack in acks {
-                ack.await.map_err(|e| nats_err("feed publish ack", e))?;
-            }
-            // Checkpoints of this range, after the records they cover are in the stream.
-            let s = store.clone();
-            let cps = tokio::task::spawn_blocking(move || {
-                s.checkpoints()
-                    .filter(|c| {
-                        c.as_ref()
-                            .map_or(true, |c| (from..=to).contains(&c.position))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|e| nats_err("checkpoint read task", e))??;
-            for c in cps {
-                let msg = v1::Checkpoint {
-                    position: c.position,
-                    hash: c.hash.0.to_vec(),
-                    recorded_at: Some(touchledger_proto::to_pb_time(c.recorded_at)),
-                };
-                client
-                    .publish(cfg.subjects.checkpoint(), msg.encode_to_vec().into())
-                    .await
-                    .map_err(|e| nats_err("checkpoint publish", e))?;
-            }
-            published = to;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -108,5 +63,80 @@ pub async fn run_feed(
         }
     }
     tracing::info!(published, "feed stopped");
+    Ok(())
+}
+
+fn corrupt(position: u64, detail: impl ToString) -> BusError {
+    BusError::Store(StoreError::Corrupt {
+        what: format!("position {position}"),
+        detail: detail.to_string(),
+    })
+}
+
+/// Publish positions `published+1 ..= target`, advancing `published` chunk by chunk.
+async fn publish_range(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    store: &Arc<SledStore>,
+    cfg: &BusConfig,
+    published: &mut u64,
+    target: u64,
+) -> Result<(), BusError> {
+    while *published < target {
+        let from = *published + 1;
+        let to = (*published + CHUNK).min(target);
+        let s = store.clone();
+        let records = tokio::task::spawn_blocking(move || {
+            s.read_raw(from, Some(to)).collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| nats_err("feed read task", e))??;
+        let mut acks = Vec::with_capacity(records.len());
+        for r in records {
+            let rec = v1::StoredRecord::decode(r.record.as_slice())
+                .map_err(|e| corrupt(r.position, e))?;
+            let event = touchledger_domain::Event::try_from(rec.event.unwrap_or_default())
+                .map_err(|e| corrupt(r.position, e))?;
+            let subject = cfg.subjects.event(event.kind(), &event.customer_id);
+            let publish = PublishMessage::build()
+                .payload(r.record.into())
+                .message_id(r.position.to_string())
+                .expected_last_sequence(r.position - 1)
+                .header(headers::POSITION, r.position.to_string().as_str())
+                .header(headers::HASH, r.hash.to_hex().as_str());
+            let ack = js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| nats_err("feed publish", e))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| nats_err("feed publish ack", e))?;
+        }
+        // Checkpoints of this range, after the records they cover are in the stream.
+        let s = store.clone();
+        let cps = tokio::task::spawn_blocking(move || {
+            s.checkpoints()
+                .filter(|c| {
+                    c.as_ref()
+                        .map_or(true, |c| (from..=to).contains(&c.position))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| nats_err("checkpoint read task", e))??;
+        for c in cps {
+            let msg = v1::Checkpoint {
+                position: c.position,
+                hash: c.hash.0.to_vec(),
+                recorded_at: Some(touchledger_proto::to_pb_time(c.recorded_at)),
+            };
+            client
+                .publish(cfg.subjects.checkpoint(), msg.encode_to_vec().into())
+                .await
+                .map_err(|e| nats_err("checkpoint publish", e))?;
+        }
+        *published = to;
+    }
     Ok(())
 }

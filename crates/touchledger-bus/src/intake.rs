@@ -154,7 +154,13 @@ async fn process(
             },
         };
         match verdict {
-            Verdict::Ack => m.ack().await.map_err(|e| nats_err("ack", e))?,
+            // An ack lost to a connection problem only causes a redelivery, which the ledger
+            // answers as a duplicate: log it and go on.
+            Verdict::Ack => {
+                if let Err(e) = m.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                }
+            }
             Verdict::DeadLetter(r) => {
                 let mut h = HeaderMap::new();
                 if let Some(orig) = &m.headers {
@@ -171,17 +177,20 @@ async fn process(
                     r.reason.replace(['\r', '\n'], " ").as_str(),
                 );
                 h.insert(headers::ORIGINAL_SUBJECT, m.subject.as_str());
-                client
-                    .publish_with_headers(
-                        cfg.subjects.deadletter(r.code.as_str()),
-                        h,
-                        m.payload.clone(),
-                    )
+                // The rejection is already durable in the store's record. If the dead-letter
+                // publish fails the message is not terminated: it is redelivered, dead-lettered
+                // and recorded again rather than lost.
+                let subject = cfg.subjects.deadletter(r.code.as_str());
+                if let Err(e) = client
+                    .publish_with_headers(subject, h, m.payload.clone())
                     .await
-                    .map_err(|e| nats_err("dead-letter publish", e))?;
-                m.ack_with(AckKind::Term)
-                    .await
-                    .map_err(|e| nats_err("term", e))?;
+                {
+                    tracing::warn!(error = %e, "dead-letter publish failed; leaving the message for redelivery");
+                    continue;
+                }
+                if let Err(e) = m.ack_with(AckKind::Term).await {
+                    tracing::warn!(error = %e, "term failed; the message will be redelivered");
+                }
             }
         }
     }

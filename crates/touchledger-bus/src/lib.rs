@@ -147,7 +147,8 @@ pub struct BusConfig {
     /// JetStream duplicate window of the intake stream. Default 2 min. (Idempotency is
     /// permanent in the ledger anyway; the window only saves work.)
     pub duplicate_window: Duration,
-    /// Ack wait of the intake consumer: redelivery after this if not acked. Default 30 s.
+    /// Ack wait of the intake consumer: messages fetched by a ledger that died are redelivered
+    /// after this. Must exceed the time to process one batch. Default 10 s.
     pub ack_wait: Duration,
     /// Nak delay after a store failure. Default 1 s.
     pub retry_delay: Duration,
@@ -163,7 +164,7 @@ impl Default for BusConfig {
             batch: 500,
             fetch_wait: Duration::from_millis(50),
             duplicate_window: Duration::from_secs(120),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             retry_delay: Duration::from_secs(1),
             queue_group: "touchledger-ledger".into(),
         }

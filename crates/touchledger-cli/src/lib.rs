@@ -72,6 +72,9 @@ enum Command {
         /// How long an intake fetch waits for its batch to fill, in milliseconds.
         #[arg(long, env = "TOUCHLEDGER_FETCH_WAIT_MS", default_value_t = 50)]
         fetch_wait_ms: u64,
+        /// Seconds before JetStream redelivers messages a crashed ledger had fetched.
+        #[arg(long, env = "TOUCHLEDGER_ACK_WAIT_SECS", default_value_t = 10)]
+        ack_wait_secs: u64,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -234,14 +237,14 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             nats,
             batch,
             fetch_wait_ms,
+            ack_wait_secs,
         } => {
             let store = open(&data)?;
-            serve::serve(
-                store,
-                &nats,
-                batch,
-                std::time::Duration::from_millis(fetch_wait_ms),
-            )?;
+            let timing = serve::Timing {
+                fetch_wait: std::time::Duration::from_millis(fetch_wait_ms),
+                ack_wait: std::time::Duration::from_secs(ack_wait_secs.max(1)),
+            };
+            serve::serve(store, &nats, batch, timing)?;
             Ok(EXIT_OK)
         }
         Command::Append {

@@ -106,25 +106,27 @@ impl NatsArgs {
     }
 }
 
+/// Intake timing settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// How long a fetch waits for its batch to fill.
+    pub fetch_wait: Duration,
+    /// Redelivery delay for messages fetched by a crashed ledger.
+    pub ack_wait: Duration,
+}
+
 /// Run the service until SIGINT/SIGTERM.
 pub fn serve(
     store: SledStore,
     nats: &NatsArgs,
     batch: usize,
-    fetch_wait: Duration,
+    timing: Timing,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let client = nats.connect().await?;
-        tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, "connected");
-        let cfg = BusConfig {
-            subjects: Subjects::new(nats.prefix.clone()),
-            batch: batch.max(1),
-            fetch_wait,
-            ..BusConfig::default()
-        };
+        // Signals are caught from the start: a SIGTERM during connect is a clean stop too.
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
@@ -132,6 +134,18 @@ pub fn serve(
             tracing::info!("shutdown requested");
             signal.cancel();
         });
+        let client = tokio::select! {
+            c = nats.connect() => c?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, "connected");
+        let cfg = BusConfig {
+            subjects: Subjects::new(nats.prefix.clone()),
+            batch: batch.max(1),
+            fetch_wait: timing.fetch_wait,
+            ack_wait: timing.ack_wait,
+            ..BusConfig::default()
+        };
         touchledger_bus::run_ledger(client, Arc::new(store), cfg, shutdown).await?;
         Ok(())
     })
