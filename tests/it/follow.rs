@@ -152,6 +152,11 @@ fn raw_records_carry_the_exact_hashed_bytes() {
         h.update(&r.record);
         assert_eq!(h.finalize().as_bytes(), &r.hash.0);
         assert_eq!(r.hash, c.hash);
+        assert_eq!(
+            c.record_bytes(),
+            r.record,
+            "re-encoding a read event reproduces the stored bytes"
+        );
         let rec =
             touchledger_proto::v1::StoredRecord::decode(r.record.as_slice()).expect("decodes");
         assert_eq!(rec.position, c.position);

@@ -338,3 +338,235 @@ async fn synchronous_append_outcomes() {
     );
     ledger.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_replay_equals_offline_replay_and_follow_sees_commits() {
+    use touchledger_client::{AppendOutcome, ChainCheck, Ledger as Client, ReplayFilter};
+    let server = NatsServer::start();
+    let ledger = start_ledger(&server).await;
+    let client = Client::new(ledger.client.clone(), "crm");
+
+    // 3,000 generated events appended through the client in batches of 250.
+    let mut buf = Vec::new();
+    let spec = touchledger_cli::generate::GenSpec {
+        events: 3000,
+        duplicates: 0,
+        conflicts: 0,
+        invalid: 0,
+        customers: 40,
+        seed: 11,
+        start: "2024-01-01".parse().expect("time"),
+    };
+    touchledger_cli::generate::generate(&spec, &mut buf).expect("generate");
+    let events: Vec<_> = buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| touchledger_domain::json::parse_event(l).expect("valid"))
+        .collect();
+    // Generated times lie in 2024-2026; the test store's clock is 2026-06-01.
+    let events: Vec<_> = events
+        .into_iter()
+        .filter(|e| e.occurred_at < crate::support::now())
+        .collect();
+    let mut live = client
+        .follow(Some(EventKind::Complaint), None)
+        .await
+        .expect("follow");
+    for chunk in events.chunks(250) {
+        let out = client
+            .append(chunk.iter().cloned().map(|e| (e, None)).collect())
+            .await
+            .expect("append");
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, AppendOutcome::Appended { .. })),
+            "{out:?}"
+        );
+    }
+    let n = events.len() as u64;
+    assert_eq!(ledger.store.head().position, n);
+
+    // Live: the first committed complaint arrives on the follow subscription.
+    let first = tokio::time::timeout(Duration::from_secs(10), live.next())
+        .await
+        .expect("a complaint")
+        .expect("item")
+        .expect("record");
+    assert_eq!(first.event.kind(), EventKind::Complaint);
+
+    let filters = [
+        ReplayFilter {
+            chunk_size: 97,
+            ..Default::default()
+        },
+        ReplayFilter {
+            customer: Some("cust-000007".into()),
+            ..Default::default()
+        },
+        ReplayFilter {
+            kind: Some(EventKind::Survey),
+            from_position: 200,
+            to_position: Some(2500),
+            chunk_size: 50,
+            ..Default::default()
+        },
+        ReplayFilter {
+            occurred_since: Some("2024-06-01".parse().expect("t")),
+            occurred_until: Some("2024-09-01".parse().expect("t")),
+            ..Default::default()
+        },
+    ];
+    for f in filters {
+        let mut got = Vec::new();
+        let mut chain = ChainCheck::default();
+        let summary = client
+            .replay(&f, |r| {
+                assert!(chain.check(&r), "record {} fails its hash", r.position);
+                got.push((r.position, r.hash, r.event));
+                Ok(())
+            })
+            .await
+            .expect("replay");
+        let offline: Vec<_> = ledger
+            .store
+            .read(&touchledger_store::ReadFilter {
+                from_position: f.from_position,
+                to_position: f.to_position,
+                customer: f.customer.clone(),
+                kind: f.kind,
+                occurred_since: f.occurred_since,
+                occurred_until: f.occurred_until,
+            })
+            .map(|c| c.expect("read"))
+            .map(|c| (c.position, c.hash.0, c.event))
+            .collect();
+        assert!(
+            !offline.is_empty(),
+            "{f:?} selects nothing: the comparison would prove nothing"
+        );
+        assert_eq!(got, offline, "{f:?}");
+        assert_eq!(summary.count, offline.len() as u64);
+        assert_eq!(summary.head_position, n);
+    }
+    ledger.stop().await;
+}
+
+fn cli(args: Vec<String>) -> (i32, String, String) {
+    // The CLI builds its own runtime, so it runs on a plain thread.
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let mut argv = vec!["touchledger".to_owned()];
+        argv.extend(args);
+        let code = touchledger_cli::run(argv, &mut out, &mut err);
+        (
+            code,
+            String::from_utf8(out).expect("utf8"),
+            String::from_utf8(err).expect("utf8"),
+        )
+    })
+    .join()
+    .expect("cli thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_publish_is_reflected_exactly_by_remote_replay_and_verify() {
+    let server = NatsServer::start();
+    let ledger = start_ledger(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir
+        .path()
+        .join("events.jsonl")
+        .to_str()
+        .expect("utf8")
+        .to_owned();
+    let (code, _, err) = cli([
+        "generate",
+        "--out",
+        &file,
+        "--events",
+        "2000",
+        "--duplicates",
+        "20",
+        "--conflicts",
+        "5",
+        "--invalid",
+        "10",
+        "--start",
+        "2024-01-01",
+        "--seed",
+        "3",
+    ]
+    .map(String::from)
+    .to_vec());
+    assert_eq!(code, 0, "{err}");
+    let mut dead = ledger
+        .client
+        .subscribe("crm.deadletter.>")
+        .await
+        .expect("subscribe");
+    ledger.client.flush().await.expect("flush");
+
+    let (code, out, err) = cli(vec![
+        "publish".into(),
+        "--nats-url".into(),
+        server.url(),
+        "--file".into(),
+        file.clone(),
+        "--json".into(),
+    ]);
+    // Two invalid lines in ten do not parse (not JSON; no payload): rejected locally (exit 4)
+    // and never published.
+    assert_eq!(code, touchledger_cli::EXIT_REJECTED, "{out}{err}");
+    let s: touchledger_cli::remote::PublishSummary = serde_json::from_str(&out).expect("summary");
+    assert_eq!(s.read, 2035);
+    assert_eq!(s.rejected_by_code.get("DECODE_FAILED"), Some(&1));
+    assert_eq!(s.rejected_by_code.get("PAYLOAD_MISSING"), Some(&1));
+    assert_eq!(s.acked + s.duplicate, 2033);
+
+    ledger.wait_head(2000, Duration::from_secs(60)).await;
+    // Conflicts (5) and the other invalid lines (8) are the ledger's to reject.
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        while codes.values().sum::<u64>() < 13 {
+            let m = dead.next().await.expect("dead letter");
+            let code = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::REJECT_CODE))
+                .expect("code")
+                .to_string();
+            *codes.entry(code).or_default() += 1;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "dead letters: {codes:?}");
+    assert_eq!(codes.get("EVENT_ID_CONFLICT"), Some(&5));
+    assert_eq!(ledger.store.head().position, 2000, "duplicates were stored");
+
+    let (code, out, err) = cli(vec![
+        "replay".into(),
+        "--remote".into(),
+        "--nats-url".into(),
+        server.url(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let remote: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let offline: Vec<_> = ledger
+        .store
+        .read(&Default::default())
+        .map(|c| c.expect("read"))
+        .collect();
+    assert_eq!(remote.len(), offline.len());
+    for (r, c) in remote.iter().zip(&offline) {
+        assert_eq!(r["position"], c.position);
+        assert_eq!(r["hash"], c.hash.to_hex());
+        assert_eq!(r["prev_hash"], c.prev_hash.to_hex());
+        assert_eq!(r["event"], serde_json::to_value(&c.event).expect("json"));
+    }
+    assert!(ledger.store.verify().expect("verify").is_ok());
+    ledger.stop().await;
+}

@@ -17,6 +17,7 @@
 mod append;
 mod feed;
 mod intake;
+mod replay;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use touchledger_store::SledStore;
 pub use append::serve_append;
 pub use feed::run_feed;
 pub use intake::run_intake;
+pub use replay::serve_replay;
 
 /// Header names used on dead-letter and feed messages.
 pub mod headers {
@@ -94,6 +96,11 @@ impl Subjects {
     /// `<prefix>.ledger.event.>`: the feed stream's subjects.
     pub fn events(&self) -> String {
         format!("{}.ledger.event.>", self.prefix)
+    }
+
+    /// `<prefix>.ledger.replay`: replay requests.
+    pub fn replay(&self) -> String {
+        format!("{}.ledger.replay", self.prefix)
     }
 
     /// `<prefix>.ledger.checkpoint`: published checkpoints.
@@ -280,6 +287,12 @@ pub async fn run_ledger(
         shutdown.clone(),
     ));
     tasks.spawn(serve_append(
+        client.clone(),
+        store.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(serve_replay(
         client.clone(),
         store.clone(),
         cfg.clone(),

@@ -16,6 +16,7 @@
 //! | 5 | the data directory cannot be used: locked, other format version, not a ledger |
 
 pub mod generate;
+pub mod remote;
 pub mod serve;
 
 use std::collections::BTreeMap;
@@ -99,6 +100,47 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
         format: Format,
+        /// Replay from a running ledger over NATS (`--nats-url`) instead of the data directory.
+        #[arg(long)]
+        remote: bool,
+        #[command(flatten)]
+        nats: serve::NatsArgs,
+    },
+    /// Publish events from a JSON-lines or CSV file to the ledger over NATS.
+    Publish {
+        #[command(flatten)]
+        nats: serve::NatsArgs,
+        /// Input file (`-` = standard input).
+        #[arg(long)]
+        file: PathBuf,
+        /// Input format. CSV columns: event_id, customer_id, occurred_at, source,
+        /// schema_version, kind, payload (the kind's JSON object).
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// Use synchronous append (exact per-event outcomes after the ledger's flush) instead of
+        /// JetStream publish (acked when JetStream has it).
+        #[arg(long)]
+        sync: bool,
+        /// Unacknowledged publishes in flight (or events per synchronous append).
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow committed events live and print them as JSON lines.
+    Tail {
+        #[command(flatten)]
+        nats: serve::NatsArgs,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<EventKind>,
+        /// Only this customer.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// Recompute the hash chain and check every index.
     Verify {
@@ -160,31 +202,35 @@ struct DataArgs {
     cache_mib: u64,
 }
 
+/// Replay filters.
 #[derive(clap::Args, Debug)]
-struct FilterArgs {
+pub struct FilterArgs {
     /// Only this customer.
     #[arg(long)]
-    customer: Option<String>,
+    pub customer: Option<String>,
     /// Only this kind (purchase, complaint, callback, survey, retraction, model_fitted, churn_risk_assessed).
     #[arg(long)]
-    kind: Option<EventKind>,
+    pub kind: Option<EventKind>,
     /// First position (inclusive).
     #[arg(long, default_value_t = 1)]
-    from_position: u64,
+    pub from_position: u64,
     /// Last position (inclusive).
     #[arg(long)]
-    to_position: Option<u64>,
+    pub to_position: Option<u64>,
     /// Only events that occurred at or after this instant (RFC 3339 or YYYY-MM-DD).
     #[arg(long)]
-    since: Option<Timestamp>,
+    pub since: Option<Timestamp>,
     /// Only events that occurred before this instant.
     #[arg(long)]
-    until: Option<Timestamp>,
+    pub until: Option<Timestamp>,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
-enum Format {
+/// File formats.
+pub enum Format {
+    /// JSON lines.
     Jsonl,
+    /// CSV with a header row.
     Csv,
 }
 
@@ -257,7 +303,29 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             data,
             filter,
             format,
-        } => replay(&data, &filter, format, out),
+            remote,
+            nats,
+        } => {
+            if remote {
+                remote::replay(&nats, &filter, format, out)
+            } else {
+                replay(&data, &filter, format, out)
+            }
+        }
+        Command::Publish {
+            nats,
+            file,
+            format,
+            sync,
+            in_flight,
+            json,
+        } => remote::publish(&nats, &file, format, sync, in_flight, json, out),
+        Command::Tail {
+            nats,
+            kind,
+            customer,
+            count,
+        } => remote::tail(&nats, kind, customer, count, out),
         Command::Verify { data } => {
             let store = open(&data)?;
             match store.verify()? {
@@ -565,6 +633,106 @@ struct ReplayLine<'a> {
     event: &'a touchledger_domain::Event,
 }
 
+/// Writes replayed records as JSON lines or CSV (the same shape offline and remote).
+pub(crate) enum ReplayWriter<'w> {
+    Jsonl(BufWriter<&'w mut dyn Write>),
+    Csv(Box<csv::Writer<BufWriter<&'w mut dyn Write>>>),
+}
+
+impl<'w> ReplayWriter<'w> {
+    pub(crate) fn new(format: Format, out: &'w mut dyn Write) -> anyhow::Result<Self> {
+        let w = BufWriter::with_capacity(1 << 16, out);
+        Ok(match format {
+            Format::Jsonl => ReplayWriter::Jsonl(w),
+            Format::Csv => {
+                let mut csv = csv::Writer::from_writer(w);
+                csv.write_record([
+                    "position",
+                    "customer_version",
+                    "recorded_at",
+                    "hash",
+                    "prev_hash",
+                    "event_id",
+                    "customer_id",
+                    "kind",
+                    "occurred_at",
+                    "source",
+                    "event_json",
+                ])?;
+                ReplayWriter::Csv(Box::new(csv))
+            }
+        })
+    }
+
+    pub(crate) fn write(
+        &mut self,
+        position: u64,
+        customer_version: u64,
+        recorded_at: Timestamp,
+        hash: &[u8],
+        prev_hash: &[u8],
+        event: &touchledger_domain::Event,
+    ) -> anyhow::Result<()> {
+        match self {
+            ReplayWriter::Jsonl(w) => {
+                let line = ReplayLine {
+                    position,
+                    customer_version,
+                    recorded_at,
+                    hash: hex::encode(hash),
+                    prev_hash: hex::encode(prev_hash),
+                    event,
+                };
+                serde_json::to_writer(&mut *w, &line)?;
+                w.write_all(b"\n")?;
+            }
+            ReplayWriter::Csv(csv) => csv.write_record([
+                position.to_string(),
+                customer_version.to_string(),
+                recorded_at.to_string(),
+                hex::encode(hash),
+                hex::encode(prev_hash),
+                event.event_id.clone(),
+                event.customer_id.clone(),
+                event.kind().as_str().to_owned(),
+                event.occurred_at.to_string(),
+                event.source.clone(),
+                serde_json::to_string(event)?,
+            ])?,
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush(&mut self) -> anyhow::Result<()> {
+        match self {
+            ReplayWriter::Jsonl(w) => w.flush()?,
+            ReplayWriter::Csv(csv) => csv.flush()?,
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> anyhow::Result<()> {
+        match self {
+            ReplayWriter::Jsonl(mut w) => w.flush()?,
+            ReplayWriter::Csv(mut csv) => csv.flush()?,
+        }
+        Ok(())
+    }
+}
+
+impl FilterArgs {
+    pub(crate) fn to_filter(&self) -> ReadFilter {
+        ReadFilter {
+            from_position: self.from_position,
+            to_position: self.to_position,
+            customer: self.customer.clone(),
+            kind: self.kind,
+            occurred_since: self.since,
+            occurred_until: self.until,
+        }
+    }
+}
+
 fn replay(
     data: &DataArgs,
     f: &FilterArgs,
@@ -572,65 +740,18 @@ fn replay(
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     let store = open(data)?;
-    let filter = ReadFilter {
-        from_position: f.from_position,
-        to_position: f.to_position,
-        customer: f.customer.clone(),
-        kind: f.kind,
-        occurred_since: f.since,
-        occurred_until: f.until,
-    };
-    let mut w = BufWriter::with_capacity(1 << 16, out);
-    match format {
-        Format::Jsonl => {
-            for c in store.read(&filter) {
-                let c: Committed = c?;
-                let line = ReplayLine {
-                    position: c.position,
-                    customer_version: c.customer_version,
-                    recorded_at: c.recorded_at,
-                    hash: c.hash.to_hex(),
-                    prev_hash: c.prev_hash.to_hex(),
-                    event: &c.event,
-                };
-                serde_json::to_writer(&mut w, &line)?;
-                w.write_all(b"\n")?;
-            }
-        }
-        Format::Csv => {
-            let mut csv = csv::Writer::from_writer(&mut w);
-            csv.write_record([
-                "position",
-                "customer_version",
-                "recorded_at",
-                "hash",
-                "prev_hash",
-                "event_id",
-                "customer_id",
-                "kind",
-                "occurred_at",
-                "source",
-                "event_json",
-            ])?;
-            for c in store.read(&filter) {
-                let c = c?;
-                csv.write_record([
-                    c.position.to_string(),
-                    c.customer_version.to_string(),
-                    c.recorded_at.to_string(),
-                    c.hash.to_hex(),
-                    c.prev_hash.to_hex(),
-                    c.event.event_id.clone(),
-                    c.event.customer_id.clone(),
-                    c.event.kind().as_str().to_owned(),
-                    c.event.occurred_at.to_string(),
-                    c.event.source.clone(),
-                    serde_json::to_string(&c.event)?,
-                ])?;
-            }
-            csv.flush()?;
-        }
+    let mut w = ReplayWriter::new(format, out)?;
+    for c in store.read(&f.to_filter()) {
+        let c: Committed = c?;
+        w.write(
+            c.position,
+            c.customer_version,
+            c.recorded_at,
+            &c.hash.0,
+            &c.prev_hash.0,
+            &c.event,
+        )?;
     }
-    w.flush()?;
+    w.finish()?;
     Ok(EXIT_OK)
 }

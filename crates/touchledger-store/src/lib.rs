@@ -177,6 +177,20 @@ pub struct RawRecord {
 /// A stream of raw records in position order.
 pub type RawRecords<'a> = Box<dyn Iterator<Item = Result<RawRecord, StoreError>> + Send + 'a>;
 
+impl Committed {
+    /// The exact stored `StoredRecord` bytes of this event (the bytes its hash covers). Encoding
+    /// is canonical, so re-encoding a read event reproduces what was stored.
+    pub fn record_bytes(&self) -> Vec<u8> {
+        sled_store::encode_record(
+            self.position,
+            self.customer_version,
+            &self.prev_hash,
+            self.recorded_at,
+            &touchledger_proto::encode_event(&self.event),
+        )
+    }
+}
+
 /// A rejected input, as kept in the rejections record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RejectionRecord {

@@ -1,0 +1,268 @@
+//! The commands that talk to a running ledger over NATS: `publish`, `tail`, `replay --remote`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::path::Path;
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde::Serialize;
+use touchledger_client::{AppendOutcome, Ledger, ReplayFilter};
+use touchledger_domain::{Event, EventKind, json::parse_event};
+
+use crate::serve::NatsArgs;
+use crate::{EXIT_OK, EXIT_REJECTED, FilterArgs, Format, ReplayWriter};
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// The summary of a `publish` run.
+#[derive(Serialize, serde::Deserialize, Default, Debug, Clone, PartialEq, Eq)]
+pub struct PublishSummary {
+    /// Input records read.
+    pub read: u64,
+    /// Acknowledged: by JetStream (publish) or appended by the ledger (`--sync`).
+    pub acked: u64,
+    /// Duplicates: JetStream's window, or the ledger's permanent idempotency (`--sync`).
+    pub duplicate: u64,
+    /// Version conflicts (`--sync` only).
+    pub version_conflict: u64,
+    /// Rejected: unreadable input here, or the ledger's verdict (`--sync`).
+    pub rejected: u64,
+    /// Rejected, per code.
+    pub rejected_by_code: BTreeMap<String, u64>,
+}
+
+/// Read events from a file: JSON lines, or CSV with a payload column.
+fn read_events(
+    path: &Path,
+    format: Format,
+    summary: &mut PublishSummary,
+) -> anyhow::Result<Vec<Event>> {
+    let reader: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(File::open(path).with_context(|| format!("cannot open {}", path.display()))?)
+    };
+    let mut events = Vec::new();
+    let mut reject = |code: &str, line: u64, why: String| {
+        eprintln!("{}:{line}: rejected {code}: {why}", path.display());
+        summary.rejected += 1;
+        *summary.rejected_by_code.entry(code.to_owned()).or_default() += 1;
+    };
+    match format {
+        Format::Jsonl => {
+            for (i, line) in BufReader::new(reader).split(b'\n').enumerate() {
+                let line = line?;
+                let t = line.trim_ascii();
+                if t.is_empty() {
+                    continue;
+                }
+                match parse_event(t) {
+                    Ok(e) => events.push(e),
+                    Err(r) => reject(r.code.as_str(), i as u64 + 1, r.reason),
+                }
+            }
+        }
+        Format::Csv => {
+            let mut rdr = csv::Reader::from_reader(reader);
+            for (i, rec) in rdr.deserialize::<BTreeMap<String, String>>().enumerate() {
+                let rec = rec?;
+                let get = |k: &str| rec.get(k).cloned().unwrap_or_default();
+                let kind = get("kind");
+                let payload: serde_json::Value = match serde_json::from_str(&get("payload")) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        reject(
+                            "DECODE_FAILED",
+                            i as u64 + 2,
+                            format!("payload column: {e}"),
+                        );
+                        continue;
+                    }
+                };
+                let mut obj = serde_json::json!({
+                    "event_id": get("event_id"),
+                    "customer_id": get("customer_id"),
+                    "occurred_at": get("occurred_at"),
+                    "source": get("source"),
+                    "schema_version": get("schema_version").parse::<u32>().unwrap_or(0),
+                });
+                obj[kind.as_str()] = payload;
+                match parse_event(obj.to_string().as_bytes()) {
+                    Ok(e) => events.push(e),
+                    Err(r) => reject(r.code.as_str(), i as u64 + 2, r.reason),
+                }
+            }
+        }
+    }
+    summary.read = events.len() as u64 + summary.rejected;
+    Ok(events)
+}
+
+/// `touchledger publish`.
+pub fn publish(
+    nats: &NatsArgs,
+    file: &Path,
+    format: Format,
+    sync: bool,
+    in_flight: usize,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let mut summary = PublishSummary::default();
+    let events = read_events(file, format, &mut summary)?;
+    let progress = std::io::stderr().is_terminal();
+    runtime()?.block_on(async {
+        let ledger = Ledger::new(nats.connect().await?, nats.prefix.clone());
+        let total = events.len();
+        for (n, chunk) in events.chunks(in_flight.max(1)).enumerate() {
+            if sync {
+                let items = chunk.iter().cloned().map(|e| (e, None)).collect();
+                for o in ledger.append(items).await? {
+                    match o {
+                        AppendOutcome::Appended { .. } => summary.acked += 1,
+                        AppendOutcome::Duplicate { .. } => summary.duplicate += 1,
+                        AppendOutcome::VersionConflict { .. } => summary.version_conflict += 1,
+                        AppendOutcome::Rejected(r) => {
+                            summary.rejected += 1;
+                            *summary
+                                .rejected_by_code
+                                .entry(r.code.as_str().to_owned())
+                                .or_default() += 1;
+                        }
+                    }
+                }
+            } else {
+                for dup in ledger.publish_batch(chunk, chunk.len()).await? {
+                    if dup {
+                        summary.duplicate += 1;
+                    } else {
+                        summary.acked += 1;
+                    }
+                }
+            }
+            if progress {
+                eprint!(
+                    "\rpublished {}/{total}",
+                    ((n + 1) * in_flight.max(1)).min(total)
+                );
+            }
+        }
+        if progress {
+            eprintln!();
+        }
+        anyhow::Ok(())
+    })?;
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        writeln!(out, "read              {}", summary.read)?;
+        writeln!(out, "acked             {}", summary.acked)?;
+        writeln!(out, "duplicate         {}", summary.duplicate)?;
+        if sync {
+            writeln!(out, "version_conflict  {}", summary.version_conflict)?;
+        }
+        writeln!(out, "rejected          {}", summary.rejected)?;
+        for (c, n) in &summary.rejected_by_code {
+            writeln!(out, "  {c:<28} {n}")?;
+        }
+        if !sync {
+            writeln!(
+                out,
+                "(acked = durable in JetStream; values are validated by the ledger, rejections go to <prefix>.deadletter.<code>; use --sync for per-event outcomes)"
+            )?;
+        }
+    }
+    Ok(if summary.rejected > 0 {
+        EXIT_REJECTED
+    } else {
+        EXIT_OK
+    })
+}
+
+/// `touchledger tail`.
+pub fn tail(
+    nats: &NatsArgs,
+    kind: Option<EventKind>,
+    customer: Option<String>,
+    count: Option<u64>,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    runtime()?.block_on(async {
+        let ledger = Ledger::new(nats.connect().await?, nats.prefix.clone());
+        let mut stream = Box::pin(ledger.follow(kind, customer.as_deref()).await?);
+        let mut w = ReplayWriter::new(Format::Jsonl, out)?;
+        let mut seen = 0u64;
+        while count.is_none_or(|c| seen < c) {
+            let Some(r) = stream.next().await else { break };
+            let r = r?;
+            w.write(
+                r.position,
+                r.customer_version,
+                r.recorded_at,
+                &r.hash,
+                &r.prev_hash,
+                &r.event,
+            )?;
+            seen += 1;
+            // Live output: each record is visible as soon as it is committed.
+            w.flush()?;
+        }
+        w.finish()?;
+        anyhow::Ok(())
+    })?;
+    Ok(EXIT_OK)
+}
+
+/// `touchledger replay --remote`.
+pub fn replay(
+    nats: &NatsArgs,
+    f: &FilterArgs,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let filter = f.to_filter();
+    runtime()?.block_on(async {
+        let ledger = Ledger::new(nats.connect().await?, nats.prefix.clone());
+        let mut w = ReplayWriter::new(format, out)?;
+        let mut failure = None;
+        let rf = ReplayFilter {
+            from_position: filter.from_position,
+            to_position: filter.to_position,
+            customer: filter.customer.clone(),
+            kind: filter.kind,
+            occurred_since: filter.occurred_since,
+            occurred_until: filter.occurred_until,
+            chunk_size: 0,
+        };
+        ledger
+            .replay(&rf, |r| {
+                if failure.is_none()
+                    && let Err(e) = w.write(
+                        r.position,
+                        r.customer_version,
+                        r.recorded_at,
+                        &r.hash,
+                        &r.prev_hash,
+                        &r.event,
+                    )
+                {
+                    failure = Some(e);
+                }
+                Ok(())
+            })
+            .await?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        w.finish()?;
+        anyhow::Ok(())
+    })?;
+    Ok(EXIT_OK)
+}
