@@ -1,0 +1,235 @@
+//! End-to-end ingest benchmark against a real nats-server (started on a free port):
+//! * touchledger: N events published with async publish → all stored (flushed) and acked by the
+//!   ledger's intake;
+//! * baseline, same run, same server: a plain pull consumer on an identically configured stream
+//!   that only fetches and acks the same messages (the broker's own limit);
+//! * synchronous append latency (p50/p99) of single-event requests, next to a bare NATS
+//!   request/reply echo on the same connection.
+//!
+//! Run: `cargo bench -p touchledger-bus --bench ingest` (env BENCH_EVENTS, default 50000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, message::PublishMessage, stream};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use touchledger_bus::{BusConfig, Subjects};
+use touchledger_domain::{Channel, Event, Payload, Purchase, Timestamp};
+use touchledger_proto::encode_event;
+use touchledger_store::{EventStore, SledStore, StoreConfig};
+
+fn event(n: u64) -> Event {
+    Event {
+        event_id: format!("bench-{n:012}"),
+        customer_id: format!("cust-{:05}", n % 5000),
+        occurred_at: Timestamp::from_unix_nanos(1_700_000_000_000_000_000 + n as i64 * 1_000_000),
+        source: "bench".into(),
+        schema_version: 1,
+        correlation_id: None,
+        causation_id: None,
+        payload: Payload::Purchase(Purchase {
+            order_id: format!("o-{n}"),
+            amount_minor: 1000 + (n % 500) as i64,
+            currency: "EUR".into(),
+            item_count: 1,
+            channel: Some(Channel::Web),
+            category: "music".into(),
+        }),
+    }
+}
+
+async fn publish_all(js: &jetstream::Context, prefix: &str, events: &[(String, String, Vec<u8>)]) {
+    let mut acks = Vec::with_capacity(1024);
+    for (customer, id, bytes) in events {
+        let subject = format!("{prefix}.touchpoint.purchase.{customer}");
+        let msg = PublishMessage::build()
+            .payload(bytes.clone().into())
+            .message_id(touchledger_client::nats_msg_id(id, bytes));
+        acks.push(js.send_publish(subject, msg).await.expect("publish"));
+        if acks.len() == 1024 {
+            for a in acks.drain(..) {
+                a.await.expect("ack");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("ack");
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: u64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let server = touchledger_testkit::NatsServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let events: Vec<(String, String, Vec<u8>)> = (0..n)
+            .map(|i| {
+                let e = event(i);
+                (e.customer_id.clone(), e.event_id.clone(), encode_event(&e))
+            })
+            .collect();
+        let client = async_nats::connect(server.url()).await.expect("connect");
+        let js = jetstream::new(client.clone());
+
+        // Baseline: plain pull consumer, fetch 500 + ack each, on a stream configured like intake.
+        js.create_stream(stream::Config {
+            name: "PLAIN_TOUCHPOINTS".into(),
+            subjects: vec!["plain.touchpoint.>".into()],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        let consumer: jetstream::consumer::PullConsumer = js
+            .get_stream("PLAIN_TOUCHPOINTS")
+            .await
+            .expect("stream")
+            .get_or_create_consumer(
+                "plain",
+                pull::Config {
+                    durable_name: Some("plain".into()),
+                    max_ack_pending: 2000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("consumer");
+        let start = Instant::now();
+        let consume = tokio::spawn(async move {
+            let mut acked = 0u64;
+            while acked < n {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(500)
+                    .expires(Duration::from_millis(50))
+                    .messages()
+                    .await
+                    .expect("fetch");
+                while let Some(m) = batch.next().await {
+                    m.expect("msg").ack().await.expect("ack");
+                    acked += 1;
+                }
+            }
+        });
+        publish_all(&js, "plain", &events).await;
+        consume.await.expect("consumer task");
+        let plain = start.elapsed();
+
+        // touchledger: the real intake on a fresh store, one flush per batch of 500.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(StoreConfig::new(dir.path())).expect("store"));
+        let shutdown = CancellationToken::new();
+        let cfg = BusConfig {
+            subjects: Subjects::new("crm"),
+            ..BusConfig::default()
+        };
+        let ledger = tokio::spawn(touchledger_bus::run_ledger(
+            client.clone(),
+            store.clone(),
+            cfg,
+            shutdown.clone(),
+        ));
+        while js.get_stream("CRM_TOUCHPOINTS").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut head = store.subscribe();
+        let start = Instant::now();
+        let publisher = tokio::spawn({
+            let js = js.clone();
+            let events = events.clone();
+            async move { publish_all(&js, "crm", &events).await }
+        });
+        while head.borrow_and_update().position < n {
+            head.changed().await.expect("store");
+        }
+        // "Acked": the intake consumer has nothing pending.
+        let mut intake = js.get_stream("CRM_TOUCHPOINTS").await.expect("intake");
+        let _ = intake.info().await;
+        loop {
+            let mut c: jetstream::consumer::PullConsumer = intake
+                .get_consumer("touchledger-ledger")
+                .await
+                .expect("consumer");
+            let info = c.info().await.expect("info");
+            if info.num_ack_pending == 0 && info.num_pending == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let ours = start.elapsed();
+        publisher.await.expect("publisher");
+
+        // Synchronous append latency, one event per request, vs a bare request/reply echo.
+        let ledger_client = touchledger_client::Ledger::new(client.clone(), "crm");
+        let mut lat = Vec::with_capacity(2000);
+        for i in 0..2000 {
+            let e = event(10_000_000 + i);
+            let t = Instant::now();
+            ledger_client.append(vec![(e, None)]).await.expect("append");
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let mut echo_sub = client.subscribe("bench.echo").await.expect("sub");
+        let echo_client = client.clone();
+        let echo = tokio::spawn(async move {
+            while let Some(m) = echo_sub.next().await {
+                if let Some(r) = m.reply {
+                    let _ = echo_client.publish(r, m.payload).await;
+                }
+            }
+        });
+        let mut echo_lat = Vec::with_capacity(2000);
+        let body = encode_event(&event(1));
+        for _ in 0..2000 {
+            let t = Instant::now();
+            client
+                .request("bench.echo", body.clone().into())
+                .await
+                .expect("echo");
+            echo_lat.push(t.elapsed());
+        }
+        echo_lat.sort();
+        echo.abort();
+        shutdown.cancel();
+        let _ = ledger.await;
+
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        println!("ingest of {n} events (publish with async ack -> stored, flushed and acked):");
+        println!(
+            "  touchledger intake   {:>10.0} events/s  ({:.2} s)",
+            rate(ours),
+            ours.as_secs_f64()
+        );
+        println!(
+            "  plain fetch+ack      {:>10.0} events/s  ({:.2} s)",
+            rate(plain),
+            plain.as_secs_f64()
+        );
+        println!("  ratio                {:>10.2}", rate(ours) / rate(plain));
+        println!("synchronous append, 1 event per request, 2000 requests:");
+        println!(
+            "  p50 {:?}  p99 {:?}  (bare request/reply echo: p50 {:?}  p99 {:?})",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&echo_lat, 0.5),
+            percentile(&echo_lat, 0.99)
+        );
+        println!("store head after the run: {}", store.head().position);
+    });
+}
