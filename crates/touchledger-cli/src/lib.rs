@@ -54,8 +54,80 @@ pub const EXIT_DATA_DIR: i32 = 5;
     about = "Event-sourced customer-interaction ledger"
 )]
 struct Cli {
+    /// Settings file (TOML): keys are the long flag names with `_` for `-`, e.g.
+    /// `nats_url = "nats://10.0.0.5:4222"`. Flags and environment variables take precedence.
+    #[arg(long, global = true, env = "TOUCHLEDGER_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Merge a TOML settings file into the arguments: every key becomes `--key value` unless the
+/// flag is already given or its environment variable is set, so the precedence is
+/// flags > environment > file > defaults. Unknown keys are an error, never ignored.
+fn expand_config(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    use clap::CommandFactory;
+    let strs: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut path: Option<String> = None;
+    for (i, a) in strs.iter().enumerate() {
+        if a == "--config" {
+            path = strs.get(i + 1).cloned();
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(p.to_owned());
+        }
+    }
+    let Some(path) = path.or_else(|| std::env::var("TOUCHLEDGER_CONFIG").ok()) else {
+        return Ok(args);
+    };
+    let Some(sub) = strs.iter().skip(1).find(|a| !a.starts_with('-')) else {
+        return Ok(args);
+    };
+    let cmd = Cli::command();
+    let Some(subcmd) = cmd.find_subcommand(sub) else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read config file {path}: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("config file {path}: {e}"))?;
+    let mut out = args;
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        let Some(arg) = subcmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag.as_str()))
+        else {
+            return Err(format!(
+                "config file {path}: `{key}` is not a setting of `touchledger {sub}`"
+            ));
+        };
+        let given = strs
+            .iter()
+            .any(|a| a == &format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
+        let in_env = arg.get_env().is_some_and(|e| std::env::var_os(e).is_some());
+        if given || in_env {
+            continue;
+        }
+        match value {
+            toml::Value::Boolean(true) => out.push(format!("--{flag}").into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(v) => out.extend([format!("--{flag}").into(), v.into()]),
+            toml::Value::Integer(v) => {
+                out.extend([format!("--{flag}").into(), v.to_string().into()])
+            }
+            toml::Value::Float(v) => out.extend([format!("--{flag}").into(), v.to_string().into()]),
+            other => {
+                return Err(format!(
+                    "config file {path}: `{key}` has an unsupported value {other}"
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,6 +312,14 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let args = match expand_config(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = writeln!(err, "touchledger: error: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -754,4 +834,54 @@ fn replay(
     }
     w.finish()?;
     Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_fills_in_what_flags_do_not_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("ledger.toml");
+        std::fs::write(
+            &file,
+            "nats_url = \"nats://10.1.2.3:4222\"\nbatch = 123\nprefix = \"acme\"\n",
+        )
+        .expect("write");
+        let f = file.to_str().expect("utf8");
+        let args: Vec<OsString> = [
+            "touchledger",
+            "serve",
+            "--config",
+            f,
+            "--prefix",
+            "flagwins",
+        ]
+        .map(Into::into)
+        .to_vec();
+        let expanded: Vec<String> = expand_config(args)
+            .expect("expands")
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let cli = Cli::try_parse_from(&expanded).expect("parses");
+        match cli.command {
+            Command::Serve { nats, batch, .. } => {
+                assert_eq!(nats.nats_url, "nats://10.1.2.3:4222");
+                assert_eq!(nats.prefix, "flagwins");
+                assert_eq!(batch, 123);
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&file, "natsurl = 1\n").expect("write");
+        let args: Vec<OsString> = ["touchledger", "serve", "--config", f]
+            .map(Into::into)
+            .to_vec();
+        assert!(
+            expand_config(args)
+                .expect_err("unknown key")
+                .contains("natsurl")
+        );
+    }
 }
