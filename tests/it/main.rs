@@ -1,6 +1,7 @@
 //! touchledger's one integration-test binary: real sled directories in temp dirs (and, from the
 //! NATS service on, real `nats-server` instances started by the test kit). No mocks.
 
+mod bgnbd;
 mod cli;
 mod crash;
 mod follow;

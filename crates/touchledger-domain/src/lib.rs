@@ -5,6 +5,7 @@
 //! and every fold is a pure function of its inputs and replays byte-identically. The protobuf
 //! wire types live in `touchledger-proto`, which converts to and from these types.
 
+pub mod bgnbd;
 pub mod event;
 pub mod json;
 pub mod time;
