@@ -132,11 +132,33 @@ pub struct Fit {
     pub iterations: u64,
 }
 
-struct NegLl<'a> {
-    customers: &'a [Rfm],
+/// Customers with identical statistics contribute identical terms: the fit evaluates each
+/// distinct (x, t_x, T) once, weighted by its count. (On CDNOW most one-time buyers share T.)
+struct NegLl {
+    distinct: Vec<(Rfm, f64)>,
 }
 
-impl CostFunction for NegLl<'_> {
+impl NegLl {
+    fn new(customers: &[Rfm]) -> Self {
+        let mut keyed: Vec<([u64; 3], Rfm)> = customers
+            .iter()
+            .map(|c| ([c.x.to_bits(), c.t_x.to_bits(), c.t.to_bits()], *c))
+            .collect();
+        keyed.sort_unstable_by_key(|(k, _)| *k);
+        let mut distinct: Vec<(Rfm, f64)> = Vec::new();
+        let mut last: Option<[u64; 3]> = None;
+        for (k, c) in keyed {
+            match distinct.last_mut() {
+                Some((_, w)) if last == Some(k) => *w += 1.0,
+                _ => distinct.push((c, 1.0)),
+            }
+            last = Some(k);
+        }
+        NegLl { distinct }
+    }
+}
+
+impl CostFunction for NegLl {
     type Param = Vec<f64>;
     type Output = f64;
     fn cost(&self, p: &Self::Param) -> Result<f64, argmin::core::Error> {
@@ -146,7 +168,11 @@ impl CostFunction for NegLl<'_> {
             a: p[2].exp(),
             b: p[3].exp(),
         };
-        let ll = log_likelihood(&params, self.customers);
+        let ll: f64 = self
+            .distinct
+            .iter()
+            .map(|(c, w)| w * customer_log_likelihood(&params, c))
+            .sum();
         // Outside the numerically valid region the simplex is pushed back, never given NaN.
         Ok(if ll.is_finite() { -ll } else { f64::MAX })
     }
@@ -171,7 +197,7 @@ pub fn fit(customers: &[Rfm]) -> Result<Fit, ModelError> {
     let solver = NelderMead::new(simplex)
         .with_sd_tolerance(1e-10)
         .map_err(|e| ModelError::Fit(e.to_string()))?;
-    let res = Executor::new(NegLl { customers }, solver)
+    let res = Executor::new(NegLl::new(customers), solver)
         .configure(|s| s.max_iters(5000))
         .run()
         .map_err(|e| ModelError::Fit(e.to_string()))?;
