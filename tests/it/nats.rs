@@ -570,3 +570,61 @@ async fn cli_publish_is_reflected_exactly_by_remote_replay_and_verify() {
     assert!(ledger.store.verify().expect("verify").is_ok());
     ledger.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_refuses_a_stream_that_does_not_continue_the_store() {
+    let server = NatsServer::start();
+    let ledger = start_ledger(&server).await;
+    let out = append(
+        &ledger.client,
+        request(vec![
+            (purchase("f1", "c1", 1), None),
+            (purchase("f2", "c1", 2), None),
+        ]),
+    )
+    .await;
+    assert_eq!(out.len(), 2);
+    let js = jetstream::new(ledger.client.clone());
+    // Wait for the feed to publish both, then stop the ledger.
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut feed = js.get_stream("CRM_LEDGER_EVENTS").await.expect("feed");
+        while feed.info().await.expect("info").state.last_sequence < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "feed did not publish");
+    let Ledger {
+        store,
+        shutdown,
+        task,
+        client: _,
+        _dir,
+    } = ledger;
+    shutdown.cancel();
+    task.await.expect("join").expect("clean stop");
+
+    // Someone else writes into the feed subjects while the ledger is down. (The ledger drained
+    // its connection on the way out: use new ones.)
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    js.publish("crm.ledger.event.purchase.intruder", "not a record".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let restarted = touchledger_bus::run_ledger(
+        client,
+        store,
+        BusConfig::default(),
+        CancellationToken::new(),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(10), restarted)
+        .await
+        .expect("the ledger must stop, not hang")
+        .expect_err("the ledger must refuse the feed stream");
+    assert!(
+        matches!(err, touchledger_bus::BusError::FeedMismatch { .. }),
+        "{err}"
+    );
+}

@@ -33,7 +33,18 @@ pub async fn serve_append(
             continue;
         };
         let origin = format!("nats:{}", msg.subject);
-        let answer = handle(&store, &msg.payload, origin).await?;
+        let answer = match handle(&store, &msg.payload, origin).await {
+            Ok(a) => a,
+            // Only a store that must be reopened stops the ledger. Any other failure is this
+            // request's: it gets no reply (nothing was committed), and the caller retries.
+            Err(BusError::Store(touchledger_store::StoreError::NeedsReopen)) => {
+                return Err(BusError::Store(touchledger_store::StoreError::NeedsReopen));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "append request failed; not answered");
+                continue;
+            }
+        };
         // The outcome is durable whether or not the reply arrives; a caller that retries gets
         // `duplicate` with the original position.
         if let Err(e) = client.publish(reply, answer.encode_to_vec().into()).await {

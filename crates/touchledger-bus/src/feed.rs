@@ -30,17 +30,22 @@ pub async fn run_feed(
         .get_stream(cfg.subjects.feed_stream())
         .await
         .map_err(|e| js_err("get feed stream")(&e))?;
-    let mut published = stream
-        .info()
-        .await
-        .map_err(|e| js_err("feed stream info")(&e))?
-        .state
-        .last_sequence;
+    let mut published = resync(&mut stream, &store, &cfg).await?;
     let mut head = store.subscribe();
     tracing::info!(published, "feed started");
     loop {
         let target = head.borrow_and_update().position;
-        if let Err(e) = publish_range(&js, &client, &store, &cfg, &mut published, target).await {
+        if let Err(e) = publish_range(
+            &js,
+            &client,
+            &store,
+            &cfg,
+            &mut published,
+            target,
+            &shutdown,
+        )
+        .await
+        {
             match e {
                 BusError::Nats { .. } | BusError::JetStream { .. } => {
                     tracing::warn!(error = %e, published, "feed publish failed; retrying");
@@ -48,9 +53,10 @@ pub async fn run_feed(
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(cfg.retry_delay) => {}
                     }
-                    match stream.info().await {
-                        Ok(info) => published = info.state.last_sequence,
-                        Err(e) => tracing::warn!(error = %e, "feed stream info failed"),
+                    match resync(&mut stream, &store, &cfg).await {
+                        Ok(p) => published = p,
+                        Err(e @ BusError::FeedMismatch { .. }) => return Err(e),
+                        Err(e) => tracing::warn!(error = %e, "feed resync failed"),
                     }
                     continue;
                 }
@@ -64,6 +70,62 @@ pub async fn run_feed(
     }
     tracing::info!(published, "feed stopped");
     Ok(())
+}
+
+/// Where the feed stands: the stream's last sequence, after checking that its last message is
+/// this store's record at that position (same position header, same hash). Anything else —
+/// another writer on the feed subjects, a store restored from an older backup — stops the feed
+/// with [`BusError::FeedMismatch`] instead of silently skipping or contradicting positions.
+async fn resync(
+    stream: &mut jetstream::stream::Stream,
+    store: &Arc<SledStore>,
+    cfg: &BusConfig,
+) -> Result<u64, BusError> {
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| js_err("feed stream info")(&e))?
+        .state
+        .last_sequence;
+    if last == 0 {
+        return Ok(0);
+    }
+    let mismatch = |detail: String| BusError::FeedMismatch {
+        stream: cfg.subjects.feed_stream(),
+        detail,
+    };
+    let msg = stream
+        .get_raw_message(last)
+        .await
+        .map_err(|e| js_err("feed last message")(&e))?;
+    let position = msg.headers.get(headers::POSITION).map(|v| v.to_string());
+    if position.as_deref() != Some(last.to_string().as_str()) {
+        return Err(mismatch(format!(
+            "message {last} carries position {position:?}"
+        )));
+    }
+    let s = store.clone();
+    let stored = tokio::task::spawn_blocking(move || s.get(last))
+        .await
+        .map_err(|e| nats_err("feed resync task", e))??;
+    let Some(stored) = stored else {
+        return Err(mismatch(format!(
+            "the stream has position {last}, the store ends at {}",
+            store.head().position
+        )));
+    };
+    let hash = msg
+        .headers
+        .get(headers::HASH)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    if hash != stored.hash.to_hex() {
+        return Err(mismatch(format!(
+            "position {last} has hash {hash} in the stream, {} in the store",
+            stored.hash
+        )));
+    }
+    Ok(last)
 }
 
 fn corrupt(position: u64, detail: impl ToString) -> BusError {
@@ -81,8 +143,10 @@ async fn publish_range(
     cfg: &BusConfig,
     published: &mut u64,
     target: u64,
+    shutdown: &CancellationToken,
 ) -> Result<(), BusError> {
-    while *published < target {
+    // Chunk by chunk, so that a large backlog does not hold up shutdown.
+    while *published < target && !shutdown.is_cancelled() {
         let from = *published + 1;
         let to = (*published + CHUNK).min(target);
         let s = store.clone();

@@ -1,27 +1,35 @@
 //! JetStream intake: a durable pull consumer on the touchpoint stream. Fetch a batch, decode,
 //! append with one flush, then ack; dead-letter and terminate bad input; nak on store failure.
+//!
+//! Two refinements keep events from being lost to ordering: a retraction whose target is not
+//! stored yet may simply have overtaken it (redelivery after a crash or a nak reorders messages),
+//! so it is nak'ed and retried a few times before it is dead-lettered; and after a store failure
+//! the intake pauses instead of fetching newer messages ahead of the nak'ed ones.
 
 use std::sync::Arc;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_nats::jetstream::{self, AckKind, consumer::pull, message::PublishMessage};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use touchledger_domain::Rejection;
+use touchledger_domain::{RejectCode, Rejection};
 use touchledger_store::{AppendItem, AppendOutcome, EventStore, SledStore, rejection_record};
 
 use crate::{BusConfig, BusError, headers, js_err, nats_err};
 
+/// Deliveries a retraction with an unknown target gets before it is dead-lettered.
+const RETRACTION_ATTEMPTS: i64 = 5;
+
 /// What to do with one fetched message once its batch is committed.
 enum Verdict {
     Ack,
+    Retry,
     DeadLetter(Rejection),
 }
 
 /// Consume the intake stream until `shutdown`.
 pub async fn run_intake(
     js: jetstream::Context,
-    client: async_nats::Client,
     store: Arc<SledStore>,
     cfg: BusConfig,
     shutdown: CancellationToken,
@@ -66,8 +74,10 @@ pub async fn run_intake(
         while let Some(m) = batch.next().await {
             match m {
                 Ok(m) => messages.push(m),
+                // A status message (e.g. the fetch expired) ends the batch; what was received
+                // is processed, the rest is redelivered.
                 Err(e) => {
-                    tracing::warn!(error = %e, "message error in fetch");
+                    tracing::debug!(error = %e, "fetch ended");
                     break;
                 }
             }
@@ -76,20 +86,25 @@ pub async fn run_intake(
             continue;
         }
         // The batch in hand is always finished, even if shutdown is requested meanwhile.
-        process(&client, &store, &cfg, messages).await?;
+        if !process(&js, &store, &cfg, messages).await? {
+            // Store trouble: pause, so that newer messages do not overtake the nak'ed ones.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(cfg.retry_delay) => {}
+            }
+        }
     }
     tracing::info!("intake stopped");
     Ok(())
 }
 
+/// Process one fetched batch. Returns false if the store failed (the batch was nak'ed).
 async fn process(
-    client: &async_nats::Client,
+    js: &jetstream::Context,
     store: &Arc<SledStore>,
     cfg: &BusConfig,
     messages: Vec<jetstream::Message>,
-) -> Result<(), BusError> {
-    // Decode; remember for every message whether its verdict comes from the append (index into
-    // the items) or from decoding.
+) -> Result<bool, BusError> {
     let mut items = Vec::new();
     let mut undecodable = Vec::new();
     let mut slots: Vec<Result<usize, Rejection>> = Vec::with_capacity(messages.len());
@@ -133,7 +148,7 @@ async fn process(
             }
             return match e {
                 touchledger_store::StoreError::NeedsReopen => Err(e.into()),
-                _ => Ok(()),
+                _ => Ok(false),
             };
         }
     };
@@ -142,11 +157,18 @@ async fn process(
             Err(r) => Verdict::DeadLetter(r),
             Ok(i) => match &outcomes[i] {
                 AppendOutcome::Appended { .. } | AppendOutcome::Duplicate { .. } => Verdict::Ack,
+                AppendOutcome::Rejected(r)
+                    if r.code == RejectCode::RetractionTargetUnknown
+                        && m.info().map(|i| i.delivered).unwrap_or(i64::MAX)
+                            < RETRACTION_ATTEMPTS =>
+                {
+                    Verdict::Retry
+                }
                 AppendOutcome::Rejected(r) => Verdict::DeadLetter(r.clone()),
                 // Intake never sends an expected version; treat defensively as bad input.
                 AppendOutcome::VersionConflict { expected, actual } => {
                     Verdict::DeadLetter(Rejection::new(
-                        touchledger_domain::RejectCode::DecodeFailed,
+                        RejectCode::DecodeFailed,
                         "",
                         format!("unexpected version conflict {expected}/{actual}"),
                     ))
@@ -161,30 +183,15 @@ async fn process(
                     tracing::warn!(error = %e, "ack failed; the message will be redelivered");
                 }
             }
-            Verdict::DeadLetter(r) => {
-                let mut h = HeaderMap::new();
-                if let Some(orig) = &m.headers {
-                    for (k, vs) in orig.iter() {
-                        for v in vs {
-                            h.append(k.clone(), v.clone());
-                        }
-                    }
+            Verdict::Retry => {
+                if let Err(e) = m.ack_with(AckKind::Nak(Some(cfg.retry_delay))).await {
+                    tracing::warn!(error = %e, "nak failed; the message will be redelivered");
                 }
-                h.insert(headers::REJECT_CODE, r.code.as_str());
-                h.insert(headers::REJECT_FIELD, r.field.as_str());
-                h.insert(
-                    headers::REJECT_REASON,
-                    r.reason.replace(['\r', '\n'], " ").as_str(),
-                );
-                h.insert(headers::ORIGINAL_SUBJECT, m.subject.as_str());
-                // The rejection is already durable in the store's record. If the dead-letter
-                // publish fails the message is not terminated: it is redelivered, dead-lettered
-                // and recorded again rather than lost.
-                let subject = cfg.subjects.deadletter(r.code.as_str());
-                if let Err(e) = client
-                    .publish_with_headers(subject, h, m.payload.clone())
-                    .await
-                {
+            }
+            Verdict::DeadLetter(r) => {
+                if let Err(e) = dead_letter(js, cfg, m, &r).await {
+                    // The rejection is durable in the store's record; without a durable dead
+                    // letter the message is not terminated, so it comes back rather than vanish.
                     tracing::warn!(error = %e, "dead-letter publish failed; leaving the message for redelivery");
                     continue;
                 }
@@ -194,5 +201,53 @@ async fn process(
             }
         }
     }
+    Ok(true)
+}
+
+/// Publish a rejected message to `<prefix>.deadletter.<code>` (captured by the dead-letter
+/// stream) and wait for JetStream's ack. Payloads too large to fit with the added headers are
+/// truncated (the store's rejections record keeps the full bytes).
+async fn dead_letter(
+    js: &jetstream::Context,
+    cfg: &BusConfig,
+    m: &jetstream::Message,
+    r: &Rejection,
+) -> Result<(), BusError> {
+    let mut h = HeaderMap::new();
+    if let Some(orig) = &m.headers {
+        for (k, vs) in orig.iter() {
+            // The original id would make the dead-letter stream drop repeats of it.
+            if AsRef::<str>::as_ref(k) == "Nats-Msg-Id" {
+                continue;
+            }
+            for v in vs {
+                h.append(k.clone(), v.clone());
+            }
+        }
+    }
+    let reason: String = r
+        .reason
+        .replace(['\r', '\n'], " ")
+        .chars()
+        .take(512)
+        .collect();
+    h.insert(headers::REJECT_CODE, r.code.as_str());
+    h.insert(headers::REJECT_FIELD, r.field.as_str());
+    h.insert(headers::REJECT_REASON, reason.as_str());
+    h.insert(headers::ORIGINAL_SUBJECT, m.subject.as_str());
+    let mut payload = m.payload.clone();
+    let limit = cfg.dead_letter_max_bytes;
+    if payload.len() > limit {
+        h.insert(headers::TRUNCATED_FROM, payload.len().to_string().as_str());
+        payload.truncate(limit);
+    }
+    let ack = js
+        .send_publish(
+            cfg.subjects.deadletter(r.code.as_str()),
+            PublishMessage::build().payload(payload).headers(h),
+        )
+        .await
+        .map_err(|e| nats_err("dead-letter publish", e))?;
+    ack.await.map_err(|e| nats_err("dead-letter ack", e))?;
     Ok(())
 }

@@ -47,6 +47,8 @@ pub mod headers {
     pub const POSITION: &str = "Touchledger-Position";
     /// Chain hash of a committed record, hex (feed).
     pub const HASH: &str = "Touchledger-Hash";
+    /// Original payload length when a dead letter's payload was truncated.
+    pub const TRUNCATED_FROM: &str = "Touchledger-Truncated-From";
 }
 
 /// Subject layout under a prefix (default `crm`).
@@ -138,6 +140,16 @@ impl Subjects {
     pub fn feed_stream(&self) -> String {
         self.stream_name("LEDGER_EVENTS")
     }
+
+    /// The dead-letter stream, e.g. `CRM_DEADLETTER`.
+    pub fn deadletter_stream(&self) -> String {
+        self.stream_name("DEADLETTER")
+    }
+
+    /// `<prefix>.deadletter.>`: the dead-letter stream's subjects.
+    pub fn deadletters(&self) -> String {
+        format!("{}.deadletter.>", self.prefix)
+    }
 }
 
 /// Service settings. Defaults are documented per field.
@@ -159,8 +171,18 @@ pub struct BusConfig {
     pub ack_wait: Duration,
     /// Nak delay after a store failure. Default 1 s.
     pub retry_delay: Duration,
-    /// Queue group of the synchronous-append responders. Default `touchledger-ledger`.
+    /// Queue group of the synchronous-append and replay responders. Default `touchledger-ledger`.
     pub queue_group: String,
+    /// How long acknowledged touchpoints stay in the intake stream (for diagnosis; the ledger
+    /// is the system of record). Default 7 days. Must exceed `duplicate_window`.
+    pub intake_max_age: Duration,
+    /// How long dead letters are kept in the dead-letter stream. Default 30 days.
+    pub deadletter_max_age: Duration,
+    /// Dead-letter payloads above this are truncated (header `Touchledger-Truncated-From`);
+    /// the store's rejections record keeps the full bytes. Default 64 KiB.
+    pub dead_letter_max_bytes: usize,
+    /// Replays served at the same time; further requests wait. Default 4.
+    pub max_concurrent_replays: usize,
 }
 
 impl Default for BusConfig {
@@ -174,6 +196,10 @@ impl Default for BusConfig {
             ack_wait: Duration::from_secs(10),
             retry_delay: Duration::from_secs(1),
             queue_group: "touchledger-ledger".into(),
+            intake_max_age: Duration::from_secs(7 * 24 * 3600),
+            deadletter_max_age: Duration::from_secs(30 * 24 * 3600),
+            dead_letter_max_bytes: 64 * 1024,
+            max_concurrent_replays: 4,
         }
     }
 }
@@ -203,6 +229,16 @@ pub enum BusError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] touchledger_store::StoreError),
+    /// The feed stream does not continue this store's log (another writer on the feed subjects,
+    /// or a store restored from an older backup). Investigate before restarting: the feed would
+    /// otherwise skip or contradict positions.
+    #[error("feed stream {stream} disagrees with the store: {detail}")]
+    FeedMismatch {
+        /// The stream.
+        stream: String,
+        /// What differs.
+        detail: String,
+    },
 }
 
 pub(crate) fn js_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> BusError {
@@ -239,6 +275,14 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<
         subjects: vec![cfg.subjects.touchpoints()],
         storage: stream::StorageType::File,
         duplicate_window: cfg.duplicate_window,
+        max_age: cfg.intake_max_age.max(cfg.duplicate_window * 2),
+        ..Default::default()
+    };
+    let deadletter = stream::Config {
+        name: cfg.subjects.deadletter_stream(),
+        subjects: vec![cfg.subjects.deadletters()],
+        storage: stream::StorageType::File,
+        max_age: cfg.deadletter_max_age,
         ..Default::default()
     };
     let feed = stream::Config {
@@ -249,7 +293,7 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<
         duplicate_window: cfg.duplicate_window,
         ..Default::default()
     };
-    for config in [intake, feed] {
+    for config in [intake, feed, deadletter] {
         let name = config.name.clone();
         match js.get_stream(&name).await {
             Ok(_) => {
@@ -281,7 +325,6 @@ pub async fn run_ledger(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(run_intake(
         js.clone(),
-        client.clone(),
         store.clone(),
         cfg.clone(),
         shutdown.clone(),

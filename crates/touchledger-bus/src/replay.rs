@@ -29,6 +29,10 @@ pub async fn serve_replay(
         .await
         .map_err(|e| nats_err("subscribe replay", e))?;
     let mut running = tokio::task::JoinSet::new();
+    // Replays beyond the cap wait for a slot (bounded memory and store load).
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        cfg.max_concurrent_replays.max(1),
+    ));
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -38,7 +42,11 @@ pub async fn serve_replay(
             continue;
         };
         let (client, store, stop) = (client.clone(), store.clone(), shutdown.clone());
+        let slots = slots.clone();
         running.spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
             if let Err(e) = replay_one(&client, store, &msg.payload, reply.to_string(), stop).await
             {
                 tracing::warn!(error = %e, "replay aborted");
@@ -121,6 +129,8 @@ async fn replay_one(
         && filter.occurred_since.is_none()
         && filter.occurred_until.is_none();
 
+    // Leave room for the protobuf framing and headers within the server's payload limit.
+    let byte_budget = (client.server_info().max_payload / 2).max(64 * 1024);
     let credit_inbox = client.new_inbox();
     let mut credits = client
         .subscribe(credit_inbox.clone())
@@ -134,31 +144,46 @@ async fn replay_one(
         let s = store.clone();
         let mut f = filter.clone();
         f.from_position = next_from;
+        let budget = byte_budget;
         let records = tokio::task::spawn_blocking(
             move || -> Result<Vec<v1::CommittedRecord>, touchledger_store::StoreError> {
-                if unfiltered {
-                    s.read_raw(f.from_position, f.to_position)
-                        .take(chunk)
-                        .map(|r| {
-                            r.map(|r| v1::CommittedRecord {
-                                position: r.position,
-                                hash: r.hash.0.to_vec(),
-                                record: r.record,
-                            })
+                let iter: Box<
+                    dyn Iterator<Item = Result<v1::CommittedRecord, touchledger_store::StoreError>>
+                        + Send,
+                > = if unfiltered {
+                    Box::new(s.read_raw(f.from_position, f.to_position).map(|r| {
+                        r.map(|r| v1::CommittedRecord {
+                            position: r.position,
+                            hash: r.hash.0.to_vec(),
+                            record: r.record,
                         })
-                        .collect()
+                    }))
                 } else {
-                    s.read(&f)
-                        .take(chunk)
-                        .map(|c| {
-                            c.map(|c| v1::CommittedRecord {
-                                position: c.position,
-                                hash: c.hash.0.to_vec(),
-                                record: c.record_bytes(),
-                            })
+                    Box::new(s.read(&f).map(|c| {
+                        c.map(|c| v1::CommittedRecord {
+                            position: c.position,
+                            hash: c.hash.0.to_vec(),
+                            record: c.record_bytes(),
                         })
-                        .collect()
+                    }))
+                };
+                // A chunk ends at `chunk` records or when the next would pass the byte budget
+                // (a chunk must fit in one NATS message); it always holds at least one record.
+                let mut out = Vec::new();
+                let mut bytes = 0usize;
+                for r in iter {
+                    let r = r?;
+                    let size = r.record.len() + 48;
+                    if !out.is_empty() && (out.len() >= chunk || bytes + size > budget) {
+                        break;
+                    }
+                    bytes += size;
+                    out.push(r);
+                    if out.len() >= chunk {
+                        break;
+                    }
                 }
+                Ok(out)
             },
         )
         .await
@@ -176,7 +201,7 @@ async fn replay_one(
         };
         let last = records.last().map(|r| r.position);
         count += records.len() as u64;
-        let end = records.len() < chunk || last.is_none_or(|p| p >= to);
+        let end = last.is_none_or(|p| p >= to);
         let msg = v1::ReplayChunk {
             records,
             end,

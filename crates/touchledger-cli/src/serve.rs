@@ -12,7 +12,7 @@ use touchledger_store::SledStore;
 
 /// NATS connection settings. Secrets can come from the environment so they stay out of
 /// process listings; none is ever logged.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma-separated.
     #[arg(
@@ -51,6 +51,26 @@ pub struct NatsArgs {
     /// Require TLS.
     #[arg(long, env = "TOUCHLEDGER_NATS_TLS")]
     pub tls: bool,
+}
+
+impl std::fmt::Debug for NatsArgs {
+    /// Secrets are redacted: settings may end up in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |o: &Option<String>| o.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsArgs")
+            .field("nats_url", &self.nats_url)
+            .field("prefix", &self.prefix)
+            .field("user", &self.user)
+            .field("password", &redact(&self.password))
+            .field("token", &redact(&self.token))
+            .field("nkey", &redact(&self.nkey))
+            .field("creds", &self.creds)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl NatsArgs {

@@ -345,6 +345,12 @@ pub trait EventStore: Send + Sync {
     /// lazily, through the time index.
     fn read_by_occurred(&self, since: Timestamp, until: Timestamp) -> Events<'_>;
 
+    /// Stored checkpoints at positions `>= from`, in position order.
+    fn checkpoints_from(
+        &self,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<Checkpoint, StoreError>> + Send + '_>;
+
     /// Stored checkpoints in position order.
     fn checkpoints(&self) -> Box<dyn Iterator<Item = Result<Checkpoint, StoreError>> + Send + '_>;
 

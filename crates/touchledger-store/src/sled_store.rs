@@ -633,7 +633,15 @@ impl EventStore for SledStore {
     }
 
     fn checkpoints(&self) -> Box<dyn Iterator<Item = Result<Checkpoint, StoreError>> + Send + '_> {
-        Box::new(self.tree.scan_prefix([layout::CHECKPOINT]).map(|kv| {
+        self.checkpoints_from(0)
+    }
+
+    fn checkpoints_from(
+        &self,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<Checkpoint, StoreError>> + Send + '_> {
+        let range = layout::checkpoint_key(from)..=layout::checkpoint_key(u64::MAX);
+        Box::new(self.tree.range(range).map(|kv| {
             let (k, v) = kv?;
             let pos = layout::trailing_u64(&k).unwrap_or(0);
             let what = || format!("checkpoint {pos}");
