@@ -8,6 +8,7 @@
 pub mod bgnbd;
 pub mod event;
 pub mod json;
+pub mod satisfaction;
 pub mod time;
 pub mod validate;
 

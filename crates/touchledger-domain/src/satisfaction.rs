@@ -1,0 +1,402 @@
+//! Satisfaction primitives (brief §4.1): the textbook index C = b/a and its classes, the
+//! time-decayed mean, NPS categories and the additive population counters (NPS, CSAT %, mean CES).
+//!
+//! Key decisions:
+//! * The decayed mean is kept as (W, S, reference time) with every weight expressed relative to
+//!   the *latest* observation time. A value that arrives late (older than the reference) is added
+//!   with its own discount, so the state does not depend on arrival order, and a retraction
+//!   subtracts exactly what was added. The mean at any `as_of` after the reference is S/W, because
+//!   decaying both sums by the same factor leaves the ratio unchanged.
+//! * Rules are named, configurable ([`SatisfactionRules`]), and their verdicts carry a
+//!   [`Reason`] (code, evidence, threshold).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::{NANOS_PER_SEC, Timestamp};
+
+/// Nanoseconds per day.
+const NANOS_PER_DAY: f64 = 86_400.0 * NANOS_PER_SEC as f64;
+
+/// Configurable satisfaction rules. Defaults follow the brief (§4.1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SatisfactionRules {
+    /// C at or above this is "delighted". Default 1.10.
+    pub delighted_at: f64,
+    /// C at or above this (and below `delighted_at`) is "met"; below is "dissatisfied". Default 0.95.
+    pub met_at: f64,
+    /// Half-life of the decayed means, in days. Default 180.
+    pub half_life_days: f64,
+}
+
+impl Default for SatisfactionRules {
+    fn default() -> Self {
+        SatisfactionRules {
+            delighted_at: 1.10,
+            met_at: 0.95,
+            half_life_days: 180.0,
+        }
+    }
+}
+
+/// Why a verdict was reached: a stable rule code, the evidence and the threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reason {
+    /// Stable rule code, e.g. `C_INDEX_CLASS`.
+    pub code: String,
+    /// The evidence, e.g. `C = 8/10 = 0.800`.
+    pub evidence: String,
+    /// The threshold applied, e.g. `C < 0.95`.
+    pub threshold: String,
+}
+
+/// The textbook satisfaction classes of C = b/a.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SatisfactionClass {
+    /// C ≥ 1.10: performance beyond expectation.
+    Delighted,
+    /// 0.95 ≤ C < 1.10.
+    Met,
+    /// C < 0.95.
+    Dissatisfied,
+}
+
+impl fmt::Display for SatisfactionClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SatisfactionClass::Delighted => "delighted",
+            SatisfactionClass::Met => "met",
+            SatisfactionClass::Dissatisfied => "dissatisfied",
+        })
+    }
+}
+
+/// C = b / a. `None` when a = 0 (validation rejects such surveys with `EXPECTATION_ZERO`).
+pub fn c_index(expectation: u32, performance: u32) -> Option<f64> {
+    (expectation > 0).then(|| f64::from(performance) / f64::from(expectation))
+}
+
+impl SatisfactionRules {
+    /// Classify a survey's (a, b) pair, with the reason.
+    pub fn classify(
+        &self,
+        expectation: u32,
+        performance: u32,
+    ) -> Option<(SatisfactionClass, Reason)> {
+        let c = c_index(expectation, performance)?;
+        let (class, threshold) = if c >= self.delighted_at {
+            (
+                SatisfactionClass::Delighted,
+                format!("C >= {:.2}", self.delighted_at),
+            )
+        } else if c >= self.met_at {
+            (
+                SatisfactionClass::Met,
+                format!("{:.2} <= C < {:.2}", self.met_at, self.delighted_at),
+            )
+        } else {
+            (
+                SatisfactionClass::Dissatisfied,
+                format!("C < {:.2}", self.met_at),
+            )
+        };
+        Some((
+            class,
+            Reason {
+                code: "C_INDEX_CLASS".into(),
+                evidence: format!("C = {performance}/{expectation} = {c:.3}"),
+                threshold,
+            },
+        ))
+    }
+
+    /// An empty decayed mean under these rules' half-life.
+    pub fn decayed_mean(&self) -> DecayedMean {
+        DecayedMean::new(self.half_life_days)
+    }
+}
+
+/// A time-decayed mean with O(1) updates: k = 2^(−Δt/H), W = k·W + 1, S = k·S + v, mean = S/W.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecayedMean {
+    half_life_days: f64,
+    /// Sum of weights, relative to `reference`.
+    w: f64,
+    /// Weighted sum of values, relative to `reference`.
+    s: f64,
+    /// The latest observation time (weights are 1 there).
+    reference: Option<Timestamp>,
+    /// Number of values currently included.
+    n: u64,
+}
+
+impl DecayedMean {
+    /// Empty, with half-life `half_life_days`.
+    pub fn new(half_life_days: f64) -> Self {
+        DecayedMean {
+            half_life_days,
+            w: 0.0,
+            s: 0.0,
+            reference: None,
+            n: 0,
+        }
+    }
+
+    fn factor(&self, older: Timestamp, newer: Timestamp) -> f64 {
+        let days = (newer.unix_nanos() - older.unix_nanos()) as f64 / NANOS_PER_DAY;
+        (-days / self.half_life_days).exp2()
+    }
+
+    /// Add value `v` observed at `at` (any order of arrival).
+    pub fn add(&mut self, v: f64, at: Timestamp) {
+        self.apply(v, at, 1.0);
+        self.n += 1;
+    }
+
+    /// Remove a value previously added (a retraction).
+    pub fn remove(&mut self, v: f64, at: Timestamp) {
+        self.apply(v, at, -1.0);
+        self.n = self.n.saturating_sub(1);
+        if self.n == 0 {
+            self.w = 0.0;
+            self.s = 0.0;
+        }
+    }
+
+    fn apply(&mut self, v: f64, at: Timestamp, sign: f64) {
+        match self.reference {
+            Some(r) if at <= r => {
+                let k = self.factor(at, r);
+                self.w += sign * k;
+                self.s += sign * k * v;
+            }
+            Some(r) => {
+                // A newer observation: re-base the sums on it.
+                let k = self.factor(r, at);
+                self.w = k * self.w + sign;
+                self.s = k * self.s + sign * v;
+                self.reference = Some(at);
+            }
+            None => {
+                self.w = sign;
+                self.s = sign * v;
+                self.reference = Some(at);
+            }
+        }
+    }
+
+    /// The decayed mean (the same at every instant after the latest observation), or `None`
+    /// when empty.
+    pub fn mean(&self) -> Option<f64> {
+        (self.n > 0 && self.w > 0.0).then(|| self.s / self.w)
+    }
+
+    /// Number of values included.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+}
+
+/// NPS category of a 0–10 answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NpsCategory {
+    /// 9–10.
+    Promoter,
+    /// 7–8.
+    Passive,
+    /// 0–6.
+    Detractor,
+}
+
+impl NpsCategory {
+    /// Categorise a likelihood-to-recommend answer.
+    pub fn of(score: u32) -> NpsCategory {
+        match score {
+            9.. => NpsCategory::Promoter,
+            7 | 8 => NpsCategory::Passive,
+            _ => NpsCategory::Detractor,
+        }
+    }
+}
+
+/// Additive population counters (fully incremental; merge by addition, e.g. across shards).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurveyCounters {
+    /// NPS promoters.
+    pub promoters: u64,
+    /// NPS passives.
+    pub passives: u64,
+    /// NPS detractors.
+    pub detractors: u64,
+    /// CSAT answers.
+    pub csat_answers: u64,
+    /// CSAT answers of 4 or 5.
+    pub csat_satisfied: u64,
+    /// CES answers.
+    pub ces_answers: u64,
+    /// Sum of CES answers.
+    pub ces_sum: u64,
+}
+
+impl SurveyCounters {
+    /// Count one NPS answer (`sign` −1 to un-count a retracted one).
+    pub fn nps(&mut self, score: u32, sign: i8) {
+        let c = match NpsCategory::of(score) {
+            NpsCategory::Promoter => &mut self.promoters,
+            NpsCategory::Passive => &mut self.passives,
+            NpsCategory::Detractor => &mut self.detractors,
+        };
+        bump(c, sign);
+    }
+
+    /// Count one CSAT answer.
+    pub fn csat(&mut self, score: u32, sign: i8) {
+        bump(&mut self.csat_answers, sign);
+        if score >= 4 {
+            bump(&mut self.csat_satisfied, sign);
+        }
+    }
+
+    /// Count one CES answer.
+    pub fn ces(&mut self, score: u32, sign: i8) {
+        bump(&mut self.ces_answers, sign);
+        if sign >= 0 {
+            self.ces_sum += u64::from(score);
+        } else {
+            self.ces_sum = self.ces_sum.saturating_sub(u64::from(score));
+        }
+    }
+
+    /// Add another set of counters (shards, periods).
+    pub fn merge(&mut self, o: &SurveyCounters) {
+        self.promoters += o.promoters;
+        self.passives += o.passives;
+        self.detractors += o.detractors;
+        self.csat_answers += o.csat_answers;
+        self.csat_satisfied += o.csat_satisfied;
+        self.ces_answers += o.ces_answers;
+        self.ces_sum += o.ces_sum;
+    }
+
+    /// NPS = %promoters − %detractors, in −100..=100; `None` without answers.
+    pub fn nps_score(&self) -> Option<f64> {
+        let n = self.promoters + self.passives + self.detractors;
+        (n > 0).then(|| 100.0 * (self.promoters as f64 - self.detractors as f64) / n as f64)
+    }
+
+    /// CSAT % = share of 4–5 answers.
+    pub fn csat_pct(&self) -> Option<f64> {
+        (self.csat_answers > 0)
+            .then(|| 100.0 * self.csat_satisfied as f64 / self.csat_answers as f64)
+    }
+
+    /// Mean CES.
+    pub fn mean_ces(&self) -> Option<f64> {
+        (self.ces_answers > 0).then(|| self.ces_sum as f64 / self.ces_answers as f64)
+    }
+}
+
+fn bump(c: &mut u64, sign: i8) {
+    if sign >= 0 {
+        *c += 1;
+    } else {
+        *c = c.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(d: i64) -> Timestamp {
+        Timestamp::from_unix_nanos(d * 86_400 * NANOS_PER_SEC)
+    }
+
+    #[test]
+    fn c_index_classes_with_reasons() {
+        let r = SatisfactionRules::default();
+        let (class, reason) = r.classify(10, 8).expect("defined");
+        assert_eq!(class, SatisfactionClass::Dissatisfied);
+        assert_eq!(reason.evidence, "C = 8/10 = 0.800");
+        assert_eq!(reason.threshold, "C < 0.95");
+        // Boundaries: 0.95 is met, 1.10 is delighted.
+        assert_eq!(
+            r.classify(20, 19).map(|x| x.0),
+            Some(SatisfactionClass::Met)
+        );
+        assert_eq!(
+            r.classify(10, 11).map(|x| x.0),
+            Some(SatisfactionClass::Delighted)
+        );
+        assert_eq!(
+            r.classify(10, 10).map(|x| x.0),
+            Some(SatisfactionClass::Met)
+        );
+        assert_eq!(r.classify(0, 5), None);
+    }
+
+    #[test]
+    fn nps_csat_ces_from_the_issue() {
+        let mut c = SurveyCounters::default();
+        for (score, n) in [(10, 30), (7, 50), (3, 20)] {
+            for _ in 0..n {
+                c.nps(score, 1);
+            }
+        }
+        assert_eq!(c.nps_score(), Some(10.0));
+        let mut d = SurveyCounters::default();
+        for (score, n) in [(5, 10), (4, 20), (3, 10), (2, 5), (1, 5)] {
+            for _ in 0..n {
+                d.csat(score, 1);
+            }
+        }
+        assert_eq!(d.csat_pct(), Some(60.0));
+        d.ces(2, 1);
+        d.ces(5, 1);
+        assert_eq!(d.mean_ces(), Some(3.5));
+        // Retraction un-counts; merge adds.
+        c.nps(10, -1);
+        assert_eq!(c.promoters, 29);
+        c.merge(&d);
+        assert_eq!(c.csat_answers, 50);
+        assert_eq!(NpsCategory::of(9), NpsCategory::Promoter);
+        assert_eq!(NpsCategory::of(8), NpsCategory::Passive);
+        assert_eq!(NpsCategory::of(6), NpsCategory::Detractor);
+    }
+
+    #[test]
+    fn a_value_180_days_old_weighs_half_a_new_one() {
+        let mut m = DecayedMean::new(180.0);
+        m.add(0.0, day(0));
+        m.add(1.0, day(180));
+        // weights 0.5 and 1 → mean = 1 / 1.5
+        let mean = m.mean().expect("values");
+        assert!((mean - 2.0 / 3.0).abs() < 1e-12, "{mean}");
+    }
+
+    #[test]
+    fn decayed_mean_is_independent_of_arrival_order_and_retractable() {
+        let values = [(0.8, 10), (1.2, 50), (0.9, 200), (1.0, 120), (0.7, 400)];
+        let mut forward = DecayedMean::new(180.0);
+        for (v, d) in values {
+            forward.add(v, day(d));
+        }
+        let mut backward = DecayedMean::new(180.0);
+        for (v, d) in values.iter().rev() {
+            backward.add(*v, day(*d));
+        }
+        let (f, b) = (forward.mean().expect("f"), backward.mean().expect("b"));
+        assert!((f - b).abs() < 1e-12, "{f} vs {b}");
+        // Retracting one value equals never having added it.
+        let mut without = DecayedMean::new(180.0);
+        for (v, d) in values.iter().filter(|(_, d)| *d != 50) {
+            without.add(*v, day(*d));
+        }
+        forward.remove(1.2, day(50));
+        assert!((forward.mean().expect("f") - without.mean().expect("w")).abs() < 1e-12);
+        assert_eq!(forward.count(), 4);
+    }
+}
