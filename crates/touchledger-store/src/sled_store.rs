@@ -161,6 +161,19 @@ impl SledStore {
         Ok(())
     }
 
+    /// Apply a batch atomically and flush it. On failure the writer is marked failed: sled's
+    /// memory may now be ahead of the disk, so no further append is safe until a reopen.
+    fn commit(&self, w: &mut Writer, sb: sled::Batch) -> Result<(), StoreError> {
+        let r = self
+            .tree
+            .apply_batch(sb)
+            .and_then(|()| self.db.flush().map(drop));
+        if r.is_err() {
+            w.failed = true;
+        }
+        Ok(r?)
+    }
+
     fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
         // A panic while holding the lock cannot leave a half-applied batch (the sled batch is
         // applied atomically or not at all, and the in-memory head is only advanced after the
@@ -470,14 +483,7 @@ impl EventStore for SledStore {
         }
 
         if dirty {
-            if let Err(e) = self
-                .tree
-                .apply_batch(sb)
-                .and_then(|()| self.db.flush().map(drop))
-            {
-                w.failed = true;
-                return Err(e.into());
-            }
+            self.commit(&mut w, sb)?;
             let advanced = head.position != w.head.position;
             w.head = head;
             w.next_rejection = next_rejection;
@@ -512,14 +518,7 @@ impl EventStore for SledStore {
             seqs.push(next);
             next += 1;
         }
-        if let Err(e) = self
-            .tree
-            .apply_batch(sb)
-            .and_then(|()| self.db.flush().map(drop))
-        {
-            w.failed = true;
-            return Err(e.into());
-        }
+        self.commit(&mut w, sb)?;
         w.next_rejection = next;
         Ok(seqs)
     }
