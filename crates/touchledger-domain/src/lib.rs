@@ -1,4 +1,4 @@
-//! touchledger's domain: what an event is, what makes it valid, and (later) the read-model folds.
+//! touchledger's domain: what an event is, what makes it valid, and the read-model folds.
 //!
 //! Key decision: this crate does no I/O — no tokio, sled, NATS or protobuf, and no wall clock
 //! inside any rule. Everything that depends on "now" takes it as an argument, so every verdict
@@ -6,8 +6,12 @@
 //! wire types live in `touchledger-proto`, which converts to and from these types.
 
 pub mod bgnbd;
+pub mod churn;
 pub mod event;
+pub mod facts;
 pub mod json;
+pub mod loyalty;
+pub mod population;
 pub mod satisfaction;
 pub mod time;
 pub mod validate;

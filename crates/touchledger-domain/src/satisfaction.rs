@@ -14,6 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::facts::{AsOf, CustomerFacts, NANOS_PER_DAY as DAY_NANOS};
 use crate::time::{NANOS_PER_SEC, Timestamp};
 
 /// Nanoseconds per day.
@@ -28,6 +29,14 @@ pub struct SatisfactionRules {
     pub met_at: f64,
     /// Half-life of the decayed means, in days. Default 180.
     pub half_life_days: f64,
+    /// The trend compares the decayed mean now with the one this many days earlier. Default 90.
+    pub trend_lag_days: i64,
+    /// A change of the decayed C mean smaller than this is "flat". Default 0.02.
+    pub trend_flat_within: f64,
+    /// Window of "complaints in the last N days". Default 90.
+    pub complaint_window_days: i64,
+    /// A resolution rated at least this (1–5) counts as a recovery. Default 4.
+    pub recovered_at: u32,
 }
 
 impl Default for SatisfactionRules {
@@ -36,6 +45,10 @@ impl Default for SatisfactionRules {
             delighted_at: 1.10,
             met_at: 0.95,
             half_life_days: 180.0,
+            trend_lag_days: 90,
+            trend_flat_within: 0.02,
+            complaint_window_days: 90,
+            recovered_at: 4,
         }
     }
 }
@@ -299,6 +312,239 @@ impl SurveyCounters {
     }
 }
 
+/// Direction of the decayed C mean over the trend lag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trend {
+    /// Up by at least the flat band.
+    Up,
+    /// Within the flat band.
+    Flat,
+    /// Down by at least the flat band.
+    Down,
+    /// No C readings at one of the two instants.
+    Unknown,
+}
+
+/// The latest C reading.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CReading {
+    /// C = b/a.
+    pub c: f64,
+    /// Its class.
+    pub class: SatisfactionClass,
+    /// When it was given.
+    pub at: Timestamp,
+}
+
+/// A customer's complaint record at `as_of`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ComplaintStats {
+    /// Complaints ever (visible).
+    pub total: u64,
+    /// Not yet resolved.
+    pub open: u64,
+    /// Raised in the complaint window (default 90 days).
+    pub recent: u64,
+    /// Resolved (a callback with outcome `complaint_resolved` naming it).
+    pub resolved: u64,
+    /// Resolved with a resolution rating ≥ `recovered_at`.
+    pub recovered: u64,
+    /// Sum of resolution times in hours (for means and population merges).
+    pub resolution_hours_sum: f64,
+    /// Open complaints: (complaint id, raised at, severity), oldest first.
+    pub open_items: Vec<(String, Timestamp, u32)>,
+}
+
+impl ComplaintStats {
+    /// Resolved and satisfied ÷ resolved.
+    pub fn recovery_rate(&self) -> Option<f64> {
+        (self.resolved > 0).then(|| self.recovered as f64 / self.resolved as f64)
+    }
+
+    /// Mean time to resolution, hours.
+    pub fn mean_resolution_hours(&self) -> Option<f64> {
+        (self.resolved > 0).then(|| self.resolution_hours_sum / self.resolved as f64)
+    }
+}
+
+/// The satisfaction read model of one customer at `as_of` (brief §4.1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SatisfactionView {
+    /// The instant and axis evaluated.
+    pub as_of: AsOf,
+    /// The latest C reading.
+    pub last_c: Option<CReading>,
+    /// Decayed mean of C.
+    pub c_mean: Option<f64>,
+    /// Decayed mean of C `trend_lag_days` earlier.
+    pub c_mean_before: Option<f64>,
+    /// Trend of the decayed C mean.
+    pub trend: Trend,
+    /// Decayed mean of CSAT.
+    pub csat_mean: Option<f64>,
+    /// The latest NPS answer and its category.
+    pub last_nps: Option<(u32, NpsCategory)>,
+    /// The latest CSAT answer.
+    pub last_csat: Option<(u32, Timestamp)>,
+    /// The customer's own survey counters (merge into population counters).
+    pub counters: SurveyCounters,
+    /// Number of C readings.
+    pub c_readings: u64,
+    /// Complaints.
+    pub complaints: ComplaintStats,
+    /// Why: one reason per verdict above.
+    pub reasons: Vec<Reason>,
+}
+
+impl SatisfactionRules {
+    fn c_mean(&self, facts: &CustomerFacts, as_of: AsOf) -> (Option<f64>, u64) {
+        let mut m = self.decayed_mean();
+        for s in facts.surveys_at(as_of) {
+            if let (Some(a), Some(b)) = (s.expectation, s.performance)
+                && let Some(c) = c_index(a, b)
+            {
+                m.add(c, s.stamp.occurred_at);
+            }
+        }
+        (m.mean(), m.count())
+    }
+
+    /// Evaluate the satisfaction read model of `facts` at `as_of`.
+    pub fn evaluate(&self, facts: &CustomerFacts, as_of: AsOf) -> SatisfactionView {
+        let mut reasons = Vec::new();
+        let mut last_c = None;
+        let mut last_nps = None;
+        let mut last_csat = None;
+        let mut counters = SurveyCounters::default();
+        let mut csat = self.decayed_mean();
+        for s in facts.surveys_at(as_of) {
+            if let (Some(a), Some(b)) = (s.expectation, s.performance)
+                && let Some((class, _)) = self.classify(a, b)
+            {
+                last_c = Some((a, b, class, s.stamp.occurred_at));
+            }
+            if let Some(n) = s.nps {
+                counters.nps(n, 1);
+                last_nps = Some((n, NpsCategory::of(n)));
+            }
+            if let Some(v) = s.csat {
+                counters.csat(v, 1);
+                csat.add(f64::from(v), s.stamp.occurred_at);
+                last_csat = Some((v, s.stamp.occurred_at));
+            }
+            if let Some(v) = s.ces {
+                counters.ces(v, 1);
+            }
+        }
+        let last_c = last_c.map(|(a, b, class, at)| {
+            if let Some((_, reason)) = self.classify(a, b) {
+                reasons.push(reason);
+            }
+            CReading {
+                c: f64::from(b) / f64::from(a),
+                class,
+                at,
+            }
+        });
+        let (c_mean, c_readings) = self.c_mean(facts, as_of);
+        let before = as_of.at(Timestamp::from_unix_nanos(
+            as_of.at.unix_nanos() - self.trend_lag_days * DAY_NANOS,
+        ));
+        let (c_mean_before, _) = self.c_mean(facts, before);
+        let trend = match (c_mean, c_mean_before) {
+            (Some(now), Some(then)) => {
+                let d = now - then;
+                let t = if d >= self.trend_flat_within {
+                    Trend::Up
+                } else if d <= -self.trend_flat_within {
+                    Trend::Down
+                } else {
+                    Trend::Flat
+                };
+                reasons.push(Reason {
+                    code: "C_TREND".into(),
+                    evidence: format!(
+                        "decayed C {now:.3} now vs {then:.3} {} d earlier",
+                        self.trend_lag_days
+                    ),
+                    threshold: format!("|change| < {:.2} is flat", self.trend_flat_within),
+                });
+                t
+            }
+            _ => Trend::Unknown,
+        };
+        let complaints = self.complaints(facts, as_of);
+        if complaints.total > 0 {
+            reasons.push(Reason {
+                code: "COMPLAINTS".into(),
+                evidence: format!(
+                    "{} open, {} in the last {} d, {} of {} resolutions satisfied",
+                    complaints.open,
+                    complaints.recent,
+                    self.complaint_window_days,
+                    complaints.recovered,
+                    complaints.resolved
+                ),
+                threshold: format!("recovered = resolution rated >= {}", self.recovered_at),
+            });
+        }
+        SatisfactionView {
+            as_of,
+            last_c,
+            c_mean,
+            c_mean_before,
+            trend,
+            csat_mean: csat.mean(),
+            last_nps,
+            last_csat,
+            counters,
+            c_readings,
+            complaints,
+            reasons,
+        }
+    }
+
+    /// Complaint statistics at `as_of`: a complaint is resolved by the first visible callback
+    /// naming it with outcome `complaint_resolved`.
+    pub fn complaints(&self, facts: &CustomerFacts, as_of: AsOf) -> ComplaintStats {
+        let mut st = ComplaintStats::default();
+        let window_start = as_of.at.unix_nanos() - self.complaint_window_days * DAY_NANOS;
+        for c in facts.complaints_at(as_of) {
+            st.total += 1;
+            if c.stamp.occurred_at.unix_nanos() > window_start {
+                st.recent += 1;
+            }
+            let resolution = facts.callbacks_at(as_of).find(|cb| {
+                cb.outcome == crate::event::CallbackOutcome::ComplaintResolved
+                    && cb.related_complaint_id.as_deref() == Some(c.complaint_id.as_str())
+            });
+            match resolution {
+                Some(cb) => {
+                    st.resolved += 1;
+                    if cb
+                        .resolution_satisfaction
+                        .is_some_and(|s| s >= self.recovered_at)
+                    {
+                        st.recovered += 1;
+                    }
+                    let hours = (cb.stamp.occurred_at.unix_nanos()
+                        - c.stamp.occurred_at.unix_nanos())
+                    .max(0) as f64
+                        / (3600.0 * NANOS_PER_SEC as f64);
+                    st.resolution_hours_sum += hours;
+                }
+                None => {
+                    st.open += 1;
+                    st.open_items
+                        .push((c.complaint_id.clone(), c.stamp.occurred_at, c.severity));
+                }
+            }
+        }
+        st
+    }
+}
+
 fn bump(c: &mut u64, sign: i8) {
     if sign >= 0 {
         *c += 1;
@@ -313,6 +559,61 @@ mod tests {
 
     fn day(d: i64) -> Timestamp {
         Timestamp::from_unix_nanos(d * 86_400 * NANOS_PER_SEC)
+    }
+
+    #[test]
+    fn customer_view_complaints_recovery_and_trend() {
+        use crate::event::Survey;
+        use crate::facts::test_support::{Log, day as d};
+        let r = SatisfactionRules::default();
+        let mut l = Log::default();
+        let c = |a, b| Survey {
+            expectation: Some(a),
+            performance: Some(b),
+            ..Default::default()
+        };
+        l.survey("s1", 0, c(10, 11));
+        l.survey("s2", 100, c(10, 12));
+        l.complaint("k1", 110, 3)
+            .complaint("k2", 120, 2)
+            .complaint("k3", 125, 5);
+        l.resolve("cb1", 111, "k1", Some(5))
+            .resolve("cb2", 122, "k2", Some(2));
+        l.survey(
+            "s3",
+            150,
+            Survey {
+                nps: Some(3),
+                csat: Some(2),
+                ..c(10, 8)
+            },
+        );
+        let v = r.evaluate(&l.facts, AsOf::business(d(160)));
+        let last = v.last_c.as_ref().expect("C");
+        assert_eq!(last.class, SatisfactionClass::Dissatisfied);
+        assert!((last.c - 0.8).abs() < 1e-12);
+        assert_eq!(v.c_readings, 3);
+        // 90 days earlier only s1 (C = 1.1) was known; now the mean is lower → down.
+        assert_eq!(v.c_mean_before, Some(1.1));
+        assert_eq!(v.trend, Trend::Down);
+        assert_eq!(v.last_nps, Some((3, NpsCategory::Detractor)));
+        assert_eq!(v.complaints.total, 3);
+        assert_eq!(v.complaints.open, 1);
+        assert_eq!(v.complaints.resolved, 2);
+        assert_eq!(v.complaints.recovered, 1);
+        assert_eq!(v.complaints.recovery_rate(), Some(0.5));
+        // k1: 24 h; k2: 48 h.
+        assert_eq!(v.complaints.mean_resolution_hours(), Some(36.0));
+        assert_eq!(v.complaints.recent, 3);
+        // Time travel: before the second resolution, k2 was open.
+        let then = r.evaluate(&l.facts, AsOf::business(d(121)));
+        assert_eq!(then.complaints.open, 1);
+        assert_eq!(then.complaints.resolved, 1);
+        // Retracting the bad survey: the trend turns up (1.1 → ~1.15).
+        l.retract("x", 155, "s3");
+        let v = r.evaluate(&l.facts, AsOf::business(d(160)));
+        assert_eq!(v.trend, Trend::Up);
+        assert_eq!(v.last_nps, None);
     }
 
     #[test]
