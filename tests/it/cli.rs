@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use touchledger_cli::{AppendSummary, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, run};
 
-fn cli(args: &[&str]) -> (i32, String, String) {
+pub fn cli(args: &[&str]) -> (i32, String, String) {
     let mut out = Vec::new();
     let mut err = Vec::new();
     let mut argv = vec!["touchledger"];

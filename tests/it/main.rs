@@ -8,6 +8,7 @@ mod follow;
 mod fuzz;
 mod model;
 mod nats;
+mod projector;
 mod service_crash;
 mod support;
 mod tamper;

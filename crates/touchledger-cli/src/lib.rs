@@ -16,6 +16,7 @@
 //! | 5 | the data directory cannot be used: locked, other format version, not a ledger |
 
 pub mod generate;
+pub mod models;
 pub mod remote;
 pub mod serve;
 
@@ -232,6 +233,52 @@ enum Command {
         #[command(flatten)]
         data: DataArgs,
     },
+    /// Reset the read-model projections and fold the whole log again.
+    Rebuild {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Print a read model (satisfaction, loyalty, churn warning) of one customer, or the
+    /// population figures, at any instant (`--as-of`) on either time axis.
+    Query {
+        #[command(flatten)]
+        data: DataArgs,
+        /// The customer (omit for the population).
+        #[arg(long)]
+        customer: Option<String>,
+        /// Which read model.
+        #[arg(long, value_enum, default_value_t = models::Model::All)]
+        model: models::Model,
+        /// The instant (RFC 3339 or YYYY-MM-DD; default now).
+        #[arg(long)]
+        as_of: Option<Timestamp>,
+        /// business: what had happened by then; knowledge: what the ledger knew then.
+        #[arg(long, value_enum, default_value_t = models::AxisArg::Business)]
+        axis: models::AxisArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fit the BG/NBD churn model on the population at `--as-of` and record it as a
+    /// `ModelFitted` event (assessments name the version they used).
+    Fit {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Calibration end (RFC 3339 or YYYY-MM-DD; default now).
+        #[arg(long)]
+        as_of: Option<Timestamp>,
+        /// Time unit of the model.
+        #[arg(long, value_enum, default_value_t = models::UnitArg::Weeks)]
+        unit: models::UnitArg,
+        /// Print the fit without recording it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Import a data set as events through the append path.
+    Import {
+        #[command(subcommand)]
+        what: ImportCommand,
+    },
     /// Write a deterministic synthetic JSON-lines file with duplicates, conflicts and invalid lines.
     Generate {
         /// Output file (`-` = standard output).
@@ -258,6 +305,21 @@ enum Command {
         /// Business time of the first event.
         #[arg(long, default_value = "2024-01-01T00:00:00Z")]
         start: Timestamp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImportCommand {
+    /// The CDNOW purchase log (master or sample file) as purchase events.
+    Cdnow {
+        #[command(flatten)]
+        data: DataArgs,
+        /// `CDNOW_master.txt` or `CDNOW_sample.txt`.
+        #[arg(long)]
+        file: PathBuf,
+        /// Events per atomic, flushed batch.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
     },
 }
 
@@ -493,6 +555,40 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             w.flush()?;
             Ok(EXIT_OK)
         }
+        Command::Rebuild { data } => {
+            models::rebuild(&open(&data)?, out)?;
+            Ok(EXIT_OK)
+        }
+        Command::Query {
+            data,
+            customer,
+            model,
+            as_of,
+            axis,
+            json,
+        } => models::query(
+            &open(&data)?,
+            customer.as_deref(),
+            model,
+            models::as_of(as_of, axis),
+            json,
+            out,
+        ),
+        Command::Fit {
+            data,
+            as_of,
+            unit,
+            dry_run,
+        } => models::fit(
+            &open(&data)?,
+            as_of.unwrap_or_else(Timestamp::now),
+            unit.into(),
+            dry_run,
+            out,
+        ),
+        Command::Import {
+            what: ImportCommand::Cdnow { data, file, batch },
+        } => models::import_cdnow(&open(&data)?, &file, batch.max(1), out),
         Command::Generate {
             out: path,
             events,

@@ -508,17 +508,18 @@ impl ChurnRules {
         let earliest = |it: &mut dyn Iterator<Item = &Fired>| it.filter_map(|r| r.onset).min();
         let since = if level == ChurnLevel::None {
             None
-        } else if level == ChurnLevel::Critical
-            && !rules.iter().any(|r| r.reason.level == ChurnLevel::Critical)
-        {
-            let a = earliest(&mut is(codes::ALIVE_PROB_LOW));
-            let b = earliest(&mut burden.iter().copied());
-            a.zip(b).map(|(a, b)| a.max(b))
         } else {
-            earliest(&mut rules.iter().filter(|r| r.reason.level == level))
-        }
-        .or(Some(as_of.at))
-        .map(|s| s.min(as_of.at));
+            let onset = if level == ChurnLevel::Critical
+                && !rules.iter().any(|r| r.reason.level == ChurnLevel::Critical)
+            {
+                let a = earliest(&mut is(codes::ALIVE_PROB_LOW));
+                let b = earliest(&mut burden.iter().copied());
+                a.zip(b).map(|(a, b)| a.max(b))
+            } else {
+                earliest(&mut rules.iter().filter(|r| r.reason.level == level))
+            };
+            Some(onset.unwrap_or(as_of.at).min(as_of.at))
+        };
         let probable_cause = if level == ChurnLevel::None {
             None
         } else if let Some(r) = facts

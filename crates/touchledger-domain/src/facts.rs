@@ -247,8 +247,8 @@ pub struct CustomerFacts {
     pub fits: Vec<FitFact>,
     /// Churn assessments.
     pub assessments: Vec<AssessmentFact>,
-    /// Highest position applied: a repeat delivery of an older position is ignored, so that
-    /// a remote projector that sees a redelivery never counts twice.
+    /// Highest position that changed this state: a repeat delivery of an older position is
+    /// ignored, so a redelivered event never counts twice even outside the checkpoint.
     pub last_position: u64,
 }
 
@@ -302,7 +302,22 @@ impl CustomerFacts {
         if position <= self.last_position {
             return Applied::Ignored;
         }
-        self.last_position = position;
+        let applied = self.apply_new(e, position, recorded_at, kinds);
+        // Only a change moves the mark, so the state never depends on how the log was batched
+        // (found by the rebuild == incremental property test).
+        if applied != Applied::Ignored {
+            self.last_position = position;
+        }
+        applied
+    }
+
+    fn apply_new(
+        &mut self,
+        e: &Event,
+        position: u64,
+        recorded_at: Timestamp,
+        kinds: KindSet,
+    ) -> Applied {
         if !kinds.contains(e.kind()) && e.kind() != EventKind::Retraction {
             return Applied::Ignored;
         }
@@ -409,6 +424,14 @@ impl CustomerFacts {
     /// Surveys visible at `as_of`.
     pub fn surveys_at(&self, as_of: AsOf) -> impl Iterator<Item = &SurveyFact> {
         self.surveys.iter().filter(move |f| as_of.sees(&f.stamp))
+    }
+
+    /// Whether any touchpoint (purchase, complaint, callback, survey) is visible at `as_of`.
+    pub fn has_touchpoints(&self, as_of: AsOf) -> bool {
+        self.purchases_at(as_of).next().is_some()
+            || self.complaints_at(as_of).next().is_some()
+            || self.callbacks_at(as_of).next().is_some()
+            || self.surveys_at(as_of).next().is_some()
     }
 
     /// The latest model fit visible at `as_of` (the one with the highest position).

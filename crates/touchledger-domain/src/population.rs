@@ -492,7 +492,9 @@ impl PopulationBuilder {
         let mut totals = MonthCounters::default();
         let mut months = Vec::new();
         for m in first_month..=this_month {
-            let start = month_start(m);
+            // Status at the end of the day before the month, and at the end of its last day
+            // (or `as_of`): every transition falls in exactly one month.
+            let start = month_start(m) - 1;
             let end = (month_start(m + 1) - 1).min(today);
             let mut churn = MonthChurn::default();
             for r in &self.rows {
@@ -504,10 +506,10 @@ impl PopulationBuilder {
                     } else {
                         churn.lost += 1;
                     }
-                } else if a1 && r.days.first().is_some_and(|f| *f < start) {
+                } else if a1 && r.days.first().is_some_and(|f| *f <= start) {
                     churn.won_back += 1;
                 }
-                if r.days.first().is_some_and(|f| *f >= start && *f <= end) {
+                if r.days.first().is_some_and(|f| *f > start && *f <= end) {
                     churn.new += 1;
                 }
             }

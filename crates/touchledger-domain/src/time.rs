@@ -120,16 +120,26 @@ impl FromStr for Timestamp {
     }
 }
 
+/// RFC 3339 in human-readable formats (JSON), integer nanoseconds in binary ones (projection
+/// state): compact, exact and cheap to encode.
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_i64(self.0)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            i64::deserialize(d).map(Timestamp)
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 
 mod error;
 pub mod layout;
+mod projection;
 mod sled_store;
 mod verify;
 
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::StoreError;
+pub use projection::{ProjectionDb, ProjectionMeta, ProjectionTree};
 pub use sled_store::SledStore;
 pub use tokio::sync::watch;
 use touchledger_domain::{Event, EventKind, RejectCode, Rejection, Timestamp, ValidationPolicy};

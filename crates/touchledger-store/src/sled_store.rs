@@ -143,6 +143,12 @@ impl SledStore {
         })
     }
 
+    /// The state tree of projection `name`, in the ledger's database (so that the ledger's
+    /// flushes cover it too). See [`crate::ProjectionTree`].
+    pub fn projection(&self, name: &str) -> Result<crate::ProjectionTree, StoreError> {
+        crate::ProjectionTree::open(&self.db, name)
+    }
+
     /// The underlying sled tree, for benchmarks that need a baseline on the same bytes.
     /// Writing through it bypasses every guarantee of the store.
     #[doc(hidden)]

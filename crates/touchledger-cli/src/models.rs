@@ -1,0 +1,490 @@
+//! The read-model commands: `rebuild`, `query`, `fit` and `import cdnow`.
+//!
+//! Offline commands open the data directory themselves (so not while `serve` holds it). Before
+//! reading, the projections are brought up to the head of the log, so a query always reflects
+//! every committed event.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use touchledger_domain::facts::{AsOf, Axis};
+use touchledger_domain::population::{CustomerViews, PopulationView, Rules};
+use touchledger_domain::{Event, Payload, Purchase, TimeUnit, Timestamp};
+use touchledger_projector::{Opened, Projector, ReadModels};
+use touchledger_store::{AppendItem, AppendOutcome, EventStore, SledStore};
+
+/// Open the three projectors (resetting any whose version changed) and fold the log up to its
+/// head. Returns the projectors and the number of events folded.
+pub fn caught_up(
+    store: &SledStore,
+    out: Option<&mut dyn Write>,
+) -> anyhow::Result<(Vec<Projector>, u64)> {
+    let mut projectors = Vec::new();
+    let mut notes = Vec::new();
+    for (p, opened) in touchledger_projector::open_all(store)? {
+        if let Opened::Reset { reason } = &opened
+            && reason != "new"
+        {
+            notes.push(format!(
+                "projection {} reset ({reason}); rebuilding",
+                p.spec().name
+            ));
+        }
+        projectors.push(p);
+    }
+    if let Some(out) = out {
+        for n in notes {
+            writeln!(out, "{n}")?;
+        }
+    }
+    let n = touchledger_projector::catch_up(store, &mut projectors, 10_000)?;
+    Ok((projectors, n))
+}
+
+/// `touchledger rebuild`: reset the projections and fold the whole log again.
+pub fn rebuild(store: &SledStore, out: &mut dyn Write) -> anyhow::Result<()> {
+    let (mut projectors, _) = caught_up(store, None)?;
+    for p in projectors.iter_mut() {
+        p.reset()?;
+    }
+    let t = Instant::now();
+    let n = touchledger_projector::catch_up(store, &mut projectors, 10_000)?;
+    let secs = t.elapsed().as_secs_f64();
+    writeln!(
+        out,
+        "rebuilt {} projections from {n} events in {secs:.2} s ({:.0} events/s)",
+        projectors.len(),
+        n as f64 / secs.max(1e-9)
+    )?;
+    for p in &projectors {
+        writeln!(out, "  {:<14} checkpoint {}", p.spec().name, p.checkpoint())?;
+    }
+    Ok(())
+}
+
+/// Which read model `query` prints.
+#[derive(Copy, Clone, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum Model {
+    /// All three.
+    All,
+    /// Satisfaction.
+    Satisfaction,
+    /// Loyalty.
+    Loyalty,
+    /// Churn warning.
+    Churn,
+}
+
+/// `touchledger query`.
+pub fn query(
+    store: &SledStore,
+    customer: Option<&str>,
+    model: Model,
+    as_of: AsOf,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    caught_up(store, None)?;
+    let reads = ReadModels::open(store, Rules::default())?;
+    match customer {
+        Some(id) => {
+            let Some(v) = reads.customer(id, as_of)? else {
+                writeln!(
+                    out,
+                    "no touchpoints of customer {id:?} at {} ({:?} axis)",
+                    as_of.at, as_of.axis
+                )?;
+                return Ok(crate::EXIT_FAILURE);
+            };
+            if json {
+                let value = match model {
+                    Model::All => serde_json::to_value(&v)?,
+                    Model::Satisfaction => serde_json::to_value(&v.satisfaction)?,
+                    Model::Loyalty => serde_json::to_value(&v.loyalty)?,
+                    Model::Churn => serde_json::to_value(&v.churn)?,
+                };
+                writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+            } else {
+                print_customer(id, &v, model, out)?;
+            }
+        }
+        None => {
+            let p = reads.population(as_of)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
+            } else {
+                print_population(&p, out)?;
+            }
+        }
+    }
+    Ok(crate::EXIT_OK)
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_owned(), |x| format!("{x:.digits$}"))
+}
+
+fn print_customer(
+    id: &str,
+    v: &CustomerViews,
+    model: Model,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "customer {id} as of {} ({:?} axis)",
+        v.churn.as_of.at, v.churn.as_of.axis
+    )?;
+    if matches!(model, Model::All | Model::Satisfaction) {
+        let s = &v.satisfaction;
+        writeln!(out, "satisfaction")?;
+        match &s.last_c {
+            Some(c) => writeln!(
+                out,
+                "  last C          {:.3} ({}) at {}",
+                c.c, c.class, c.at
+            )?,
+            None => writeln!(out, "  last C          -")?,
+        }
+        writeln!(
+            out,
+            "  decayed C       {} (trend {:?})",
+            opt(s.c_mean, 3),
+            s.trend
+        )?;
+        writeln!(out, "  decayed CSAT    {}", opt(s.csat_mean, 2))?;
+        writeln!(
+            out,
+            "  last NPS        {}",
+            s.last_nps
+                .map_or("-".into(), |(n, c)| format!("{n} ({c:?})"))
+        )?;
+        let c = &s.complaints;
+        writeln!(
+            out,
+            "  complaints      {} total, {} open, {} recent, recovery {}",
+            c.total,
+            c.open,
+            c.recent,
+            opt(c.recovery_rate().map(|r| r * 100.0), 0) + "%"
+        )?;
+    }
+    if matches!(model, Model::All | Model::Loyalty) {
+        let l = &v.loyalty;
+        let b = &l.behaviour;
+        writeln!(out, "loyalty")?;
+        writeln!(out, "  attitude        {}", opt(l.attitude, 2))?;
+        writeln!(
+            out,
+            "  purchase-days   {} (x = {}), {} in the window, recency {} d",
+            b.purchase_days,
+            b.repeat_days,
+            b.frequency_window,
+            b.recency_days.map_or("-".into(), |r| r.to_string())
+        )?;
+        writeln!(out, "  monetary        {:?}", b.monetary)?;
+        writeln!(out, "  dick & basu     {:?}", l.dick_basu)?;
+        writeln!(out, "  knox            {:?}", l.knox)?;
+        writeln!(out, "  lifecycle       {:?}", l.stage)?;
+        for (t, s) in &l.stage_history {
+            writeln!(out, "    {t}  {s:?}")?;
+        }
+    }
+    if matches!(model, Model::All | Model::Churn) {
+        let c = &v.churn;
+        writeln!(out, "churn warning")?;
+        writeln!(
+            out,
+            "  level           {:?} (score {:.2})",
+            c.level, c.score
+        )?;
+        writeln!(
+            out,
+            "  probable cause  {}",
+            c.probable_cause
+                .map_or("unknown".into(), |x| format!("{x:?}"))
+        )?;
+        writeln!(
+            out,
+            "  since           {}",
+            c.since.map_or("-".into(), |t| t.to_string())
+        )?;
+        writeln!(out, "  P(active)       {}", opt(c.p_active, 3))?;
+        writeln!(
+            out,
+            "  model           {}",
+            c.model_version.as_deref().unwrap_or("-")
+        )?;
+        writeln!(
+            out,
+            "  next purchase   {}",
+            c.expected_next_purchase
+                .map_or("-".into(), |t| t.to_string())
+        )?;
+        writeln!(
+            out,
+            "  value at risk   {} {}",
+            c.value_at_risk_minor, c.currency
+        )?;
+        for r in &c.reasons {
+            writeln!(
+                out,
+                "  - {:<17} {:<8} {} ({})",
+                r.code,
+                format!("{:?}", r.level),
+                r.evidence,
+                r.threshold
+            )?;
+        }
+    }
+    let reasons = v.satisfaction.reasons.iter().chain(&v.loyalty.reasons);
+    if model == Model::All {
+        writeln!(out, "reasons")?;
+        for r in reasons {
+            writeln!(out, "  - {:<17} {} ({})", r.code, r.evidence, r.threshold)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_population(p: &PopulationView, out: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "population as of {} ({:?} axis)",
+        p.as_of.at, p.as_of.axis
+    )?;
+    writeln!(
+        out,
+        "  customers        {} ({} buyers)",
+        p.customers, p.buyers
+    )?;
+    writeln!(out, "  NPS              {}", opt(p.nps, 1))?;
+    writeln!(out, "  CSAT %           {}", opt(p.csat_pct, 1))?;
+    writeln!(out, "  mean CES         {}", opt(p.mean_ces, 2))?;
+    writeln!(out, "  mean C           {}", opt(p.mean_c, 3))?;
+    writeln!(out, "  complaint rate % {}", opt(p.complaint_rate_pct, 1))?;
+    writeln!(out, "  recovery rate %  {}", opt(p.recovery_rate_pct, 1))?;
+    writeln!(
+        out,
+        "  top 20% revenue  {}% ({})",
+        opt(p.top20_revenue_share_pct, 1),
+        p.currency
+    )?;
+    writeln!(out, "pyramid")?;
+    for t in &p.pyramid {
+        writeln!(
+            out,
+            "  {:<9} {:>8} customers {:>14} {:>6.1}%",
+            t.tier, t.customers, t.revenue_minor, t.revenue_share_pct
+        )?;
+    }
+    writeln!(out, "months (churn % / retention % / NPS / complaints)")?;
+    for m in &p.months {
+        writeln!(
+            out,
+            "  {}  start {:>7}  lost {:>6}  won back {:>5}  new {:>6}  churn {:>6}  retention {:>6}  NPS {:>6}  complaints {}",
+            m.month,
+            m.churn.at_start,
+            m.churn.lost,
+            m.churn.won_back,
+            m.churn.new,
+            opt(m.churn_rate_pct, 1),
+            opt(m.retention_rate_pct, 1),
+            opt(m.nps, 1),
+            m.counters.complaints
+        )?;
+    }
+    writeln!(out, "dick & basu      {:?}", p.dick_basu)?;
+    writeln!(out, "lifecycle        {:?}", p.lifecycle)?;
+    writeln!(out, "churn levels     {:?}", p.churn_levels)?;
+    writeln!(out, "churn causes     {:?}", p.churn_causes)?;
+    Ok(())
+}
+
+/// `touchledger fit`: fit BG/NBD at `as_of` and append the `ModelFitted` event.
+pub fn fit(
+    store: &SledStore,
+    as_of: Timestamp,
+    unit: TimeUnit,
+    dry_run: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    caught_up(store, None)?;
+    let reads = ReadModels::open(store, Rules::default())?;
+    let t = Instant::now();
+    let (m, event) = touchledger_projector::model::fit_event(&reads, as_of, unit)?;
+    let secs = t.elapsed().as_secs_f64();
+    writeln!(
+        out,
+        "BG/NBD fit on {} customers, calibration end {as_of}, unit {unit:?} ({secs:.2} s)",
+        m.customers
+    )?;
+    writeln!(out, "  r     = {:.4}", m.r)?;
+    writeln!(out, "  alpha = {:.4}", m.alpha)?;
+    writeln!(out, "  a     = {:.4}", m.a)?;
+    writeln!(out, "  b     = {:.4}", m.b)?;
+    writeln!(out, "  log-likelihood = {:.2}", m.log_likelihood)?;
+    writeln!(out, "  model_version  = {}", m.model_version)?;
+    if dry_run {
+        return Ok(crate::EXIT_OK);
+    }
+    match store.append(vec![AppendItem::new(event)])?.pop() {
+        Some(AppendOutcome::Appended { position, .. }) => {
+            writeln!(out, "recorded as ModelFitted at position {position}")?;
+        }
+        Some(AppendOutcome::Duplicate { position, .. }) => {
+            writeln!(out, "already recorded at position {position}")?;
+        }
+        other => anyhow::bail!("ModelFitted was not recorded: {other:?}"),
+    }
+    caught_up(store, None)?;
+    Ok(crate::EXIT_OK)
+}
+
+/// What `import cdnow` did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ImportSummary {
+    /// Transactions read.
+    pub rows: u64,
+    /// Appended.
+    pub appended: u64,
+    /// Already stored.
+    pub duplicate: u64,
+    /// Rejected (with codes in the rejections record).
+    pub rejected: u64,
+    /// Distinct customers.
+    pub customers: u64,
+}
+
+/// `touchledger import cdnow`: the CDNOW log (master: `customer_id date cds dollars` with a
+/// header; sample: `master_id sample_id date cds dollars`) as purchase events, through the
+/// store's append path. Event ids are derived from the file's row, so importing twice stores
+/// nothing new. Customers are `cdnow-<id>` (the sample's own ids for the sample).
+pub fn import_cdnow(
+    store: &SledStore,
+    file: &Path,
+    batch: usize,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut s = ImportSummary::default();
+    let mut customers = std::collections::BTreeSet::new();
+    let mut items = Vec::with_capacity(batch);
+    let flush = |items: &mut Vec<AppendItem>, s: &mut ImportSummary| -> anyhow::Result<()> {
+        for o in store.append(std::mem::take(items))? {
+            match o {
+                AppendOutcome::Appended { .. } => s.appended += 1,
+                AppendOutcome::Duplicate { .. } => s.duplicate += 1,
+                _ => s.rejected += 1,
+            }
+        }
+        Ok(())
+    };
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", file.display()))?;
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (id, date, cds, dollars) = match cols.as_slice() {
+            [] => continue,
+            ["customer_id", ..] => continue,
+            [id, date, cds, dollars] => (*id, *date, *cds, *dollars),
+            [_master, sample, date, cds, dollars] => (*sample, *date, *cds, *dollars),
+            _ => anyhow::bail!(
+                "{}:{}: expected 4 or 5 columns: {line:?}",
+                file.display(),
+                i + 1
+            ),
+        };
+        let bad =
+            |what: &str| anyhow::anyhow!("{}:{}: bad {what} in {line:?}", file.display(), i + 1);
+        let id = id.trim_start_matches('0');
+        if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad("date"));
+        }
+        let occurred_at: Timestamp = format!("{}-{}-{}", &date[..4], &date[4..6], &date[6..])
+            .parse()
+            .map_err(|_| bad("date"))?;
+        let cds: u32 = cds.parse().map_err(|_| bad("number of CDs"))?;
+        let cents =
+            (dollars.parse::<f64>().map_err(|_| bad("dollar value"))? * 100.0).round() as i64;
+        let customer = format!("cdnow-{id}");
+        customers.insert(customer.clone());
+        s.rows += 1;
+        items.push(AppendItem::new(Event {
+            event_id: format!(
+                "cdnow-{}-{}",
+                file.file_name().and_then(|n| n.to_str()).unwrap_or("log"),
+                i + 1
+            ),
+            customer_id: customer,
+            occurred_at,
+            source: "cdnow-import".into(),
+            schema_version: touchledger_domain::SCHEMA_VERSION,
+            correlation_id: None,
+            causation_id: None,
+            payload: Payload::Purchase(Purchase {
+                order_id: format!("row-{}", i + 1),
+                amount_minor: cents,
+                currency: "USD".into(),
+                item_count: cds,
+                channel: None,
+                category: "music".into(),
+            }),
+        }));
+        if items.len() >= batch {
+            flush(&mut items, &mut s)?;
+        }
+    }
+    flush(&mut items, &mut s)?;
+    s.customers = customers.len() as u64;
+    writeln!(
+        out,
+        "imported {} rows of {} customers: appended {}, duplicate {}, rejected {}",
+        s.rows, s.customers, s.appended, s.duplicate, s.rejected
+    )?;
+    Ok(if s.rejected > 0 {
+        crate::EXIT_REJECTED
+    } else {
+        crate::EXIT_OK
+    })
+}
+
+/// The time axis of a read.
+#[derive(Copy, Clone, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum AxisArg {
+    /// What had happened by `--as-of` (corrected history).
+    Business,
+    /// What the ledger knew at `--as-of` (what a dashboard showed then).
+    Knowledge,
+}
+
+/// The instant of a read: `--as-of` (default now) on `--axis`.
+pub fn as_of(at: Option<Timestamp>, axis: AxisArg) -> AsOf {
+    AsOf {
+        at: at.unwrap_or_else(Timestamp::now),
+        axis: match axis {
+            AxisArg::Business => Axis::Business,
+            AxisArg::Knowledge => Axis::Knowledge,
+        },
+    }
+}
+
+/// The model's time unit flag.
+#[derive(Copy, Clone, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum UnitArg {
+    /// Days.
+    Days,
+    /// Weeks (as in the BG/NBD paper).
+    Weeks,
+}
+
+impl From<UnitArg> for TimeUnit {
+    fn from(u: UnitArg) -> TimeUnit {
+        match u {
+            UnitArg::Days => TimeUnit::Days,
+            UnitArg::Weeks => TimeUnit::Weeks,
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The projector runtime: folds the committed log into the three read models (satisfaction,
+//! loyalty, churn warning) and serves reads of them at any `as_of`.
+//!
+//! Key decisions:
+//! * A projection's state is per-customer [`CustomerFacts`] (see `touchledger_domain::facts`):
+//!   scores are evaluated at read time from the facts, at an explicit `as_of`, on either time
+//!   axis. The fold itself is therefore trivial, exact and order-independent, and a rebuild gives
+//!   byte-identical state.
+//! * Each projection has its own sled tree, and each batch's states and checkpoint are one
+//!   atomic sled batch ([`touchledger_store::ProjectionTree::commit`]); positions must arrive
+//!   gapless, positions at or below the checkpoint are skipped. So a crash at any instant,
+//!   or a redelivery by a remote feed, never loses or double-counts an event.
+//! * A projection whose stored version differs from the code's [`Spec::version`] (or whose
+//!   checkpoint is missing) is reset and rebuilt on open, automatically.
+//! * State is encoded with bincode 2.0.1 (pinned; its format is frozen). That is sound here
+//!   only because projection state can always be rebuilt from the log.
+
+use std::collections::BTreeMap;
+
+use touchledger_domain::EventKind;
+use touchledger_domain::facts::{Applied, CustomerFacts, KindSet};
+use touchledger_store::{Committed, ProjectionMeta, ProjectionTree, StoreError};
+
+pub mod model;
+pub mod read;
+mod runtime;
+
+pub use read::ReadModels;
+pub use runtime::{Change, RunConfig, run_in_process};
+
+/// A projection: its name (the tree and the subject token), its fold version and the kinds
+/// it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spec {
+    /// `satisfaction`, `loyalty` or `churn`.
+    pub name: &'static str,
+    /// Bump when the facts kept (or their encoding) change: the state is then rebuilt.
+    pub version: u32,
+    /// The kinds folded (retractions always apply).
+    pub kinds: KindSet,
+}
+
+/// Satisfaction: complaints, callbacks and surveys.
+pub const SATISFACTION: Spec = Spec {
+    name: "satisfaction",
+    version: 1,
+    kinds: KindSet::of(&[EventKind::Complaint, EventKind::Callback, EventKind::Survey]),
+};
+
+/// Loyalty: purchases and surveys.
+pub const LOYALTY: Spec = Spec {
+    name: "loyalty",
+    version: 1,
+    kinds: KindSet::of(&[EventKind::Purchase, EventKind::Survey]),
+};
+
+/// Churn warning: everything, including model fits and past assessments.
+pub const CHURN: Spec = Spec {
+    name: "churn",
+    version: 1,
+    kinds: KindSet::ALL,
+};
+
+/// The three projections.
+pub const ALL: [Spec; 3] = [SATISFACTION, LOYALTY, CHURN];
+
+/// Why a projector failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    /// The store failed; retry later (the state is consistent with its checkpoint).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored state could not be decoded: run `touchledger rebuild`.
+    #[error(
+        "projection {projection}: state of {key:?} is undecodable ({detail}); run `touchledger rebuild`"
+    )]
+    Decode {
+        /// The projection.
+        projection: &'static str,
+        /// The customer.
+        key: String,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// Positions arrived with a gap (a feed problem): nothing of the batch was applied.
+    #[error("projection {projection}: expected position {expected}, got {got}")]
+    Gap {
+        /// The projection.
+        projection: &'static str,
+        /// Checkpoint + 1.
+        expected: u64,
+        /// What arrived.
+        got: u64,
+    },
+    /// The projector task stopped unexpectedly.
+    #[error("projector task failed: {0}")]
+    Task(String),
+}
+
+/// Encode a state (bincode 2, standard configuration).
+pub fn encode(facts: &CustomerFacts) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail.
+    bincode::serde::encode_to_vec(facts, bincode::config::standard()).unwrap_or_default()
+}
+
+/// Decode a state.
+pub fn decode(bytes: &[u8]) -> Result<CustomerFacts, String> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(f, _)| f)
+        .map_err(|e| e.to_string())
+}
+
+/// How a projector came up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// Resuming after the checkpoint.
+    Resumed {
+        /// The checkpoint.
+        checkpoint: u64,
+    },
+    /// The state was reset and will be rebuilt from position 1.
+    Reset {
+        /// Why: `new`, or `version 1 -> 2`.
+        reason: String,
+    },
+}
+
+/// One projection's fold over its tree.
+#[derive(Debug)]
+pub struct Projector {
+    spec: Spec,
+    tree: ProjectionTree,
+    checkpoint: u64,
+}
+
+impl Projector {
+    /// Open a projector on `tree`, resetting it when its version differs from `spec.version`
+    /// or its checkpoint is missing.
+    pub fn open(spec: Spec, tree: ProjectionTree) -> Result<(Projector, Opened), ProjectorError> {
+        let opened = match tree.meta()? {
+            Some(m) if m.version == spec.version => Opened::Resumed {
+                checkpoint: m.checkpoint,
+            },
+            Some(m) => {
+                tree.reset(spec.version)?;
+                Opened::Reset {
+                    reason: format!("version {} -> {}", m.version, spec.version),
+                }
+            }
+            None => {
+                tree.reset(spec.version)?;
+                Opened::Reset {
+                    reason: "new".into(),
+                }
+            }
+        };
+        let checkpoint = match opened {
+            Opened::Resumed { checkpoint } => checkpoint,
+            Opened::Reset { .. } => 0,
+        };
+        Ok((
+            Projector {
+                spec,
+                tree,
+                checkpoint,
+            },
+            opened,
+        ))
+    }
+
+    /// The projection.
+    pub fn spec(&self) -> Spec {
+        self.spec
+    }
+
+    /// The last position folded.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    /// The state tree.
+    pub fn tree(&self) -> &ProjectionTree {
+        &self.tree
+    }
+
+    /// Reset the state and checkpoint (a rebuild then folds from position 1).
+    pub fn reset(&mut self) -> Result<(), ProjectorError> {
+        self.tree.reset(self.spec.version)?;
+        self.checkpoint = 0;
+        Ok(())
+    }
+
+    /// A customer's state (empty if none).
+    pub fn load(&self, customer: &str) -> Result<CustomerFacts, ProjectorError> {
+        load(&self.tree, self.spec.name, customer)
+    }
+
+    /// Fold `batch` (committed events in position order): events at or below the checkpoint
+    /// are skipped, the rest must continue it without a gap. The changed states and the new
+    /// checkpoint are committed atomically. Returns the customers whose state changed.
+    pub fn apply(&mut self, batch: &[Committed]) -> Result<Vec<String>, ProjectorError> {
+        let mut states: BTreeMap<&str, (CustomerFacts, bool)> = BTreeMap::new();
+        let mut last = self.checkpoint;
+        for c in batch {
+            if c.position <= last {
+                continue;
+            }
+            if c.position != last + 1 {
+                return Err(ProjectorError::Gap {
+                    projection: self.spec.name,
+                    expected: last + 1,
+                    got: c.position,
+                });
+            }
+            last = c.position;
+            let kind = c.event.kind();
+            if !self.spec.kinds.contains(kind) && kind != EventKind::Retraction {
+                continue;
+            }
+            let id = c.event.customer_id.as_str();
+            let entry = match states.entry(id) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((load(&self.tree, self.spec.name, id)?, false))
+                }
+            };
+            if entry
+                .0
+                .apply(&c.event, c.position, c.recorded_at, self.spec.kinds)
+                != Applied::Ignored
+            {
+                entry.1 = true;
+            }
+        }
+        if last == self.checkpoint {
+            return Ok(Vec::new());
+        }
+        let encoded: Vec<(&str, Vec<u8>)> = states
+            .iter()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(k, (f, _))| (*k, encode(f)))
+            .collect();
+        self.tree.commit(
+            encoded.iter().map(|(k, v)| (*k, v.as_slice())),
+            ProjectionMeta {
+                version: self.spec.version,
+                checkpoint: last,
+            },
+        )?;
+        self.checkpoint = last;
+        Ok(encoded.into_iter().map(|(k, _)| k.to_owned()).collect())
+    }
+}
+
+pub(crate) fn load(
+    tree: &ProjectionTree,
+    projection: &'static str,
+    customer: &str,
+) -> Result<CustomerFacts, ProjectorError> {
+    match tree.get(customer)? {
+        None => Ok(CustomerFacts::default()),
+        Some(b) => decode(&b).map_err(|detail| ProjectorError::Decode {
+            projection,
+            key: customer.to_owned(),
+            detail,
+        }),
+    }
+}
+
+/// Open the three projectors on the ledger's database.
+pub fn open_all(
+    store: &touchledger_store::SledStore,
+) -> Result<Vec<(Projector, Opened)>, ProjectorError> {
+    ALL.iter()
+        .map(|s| Projector::open(*s, store.projection(s.name)?))
+        .collect()
+}
+
+/// Fold the whole log (`from` the projectors' checkpoints to the head) synchronously, in
+/// batches of `batch` events. Returns the number of events read.
+pub fn catch_up(
+    store: &dyn touchledger_store::EventStore,
+    projectors: &mut [Projector],
+    batch: u64,
+) -> Result<u64, ProjectorError> {
+    let head = store.head().position;
+    let mut read = 0;
+    loop {
+        let from = projectors
+            .iter()
+            .map(|p| p.checkpoint())
+            .min()
+            .unwrap_or(head)
+            + 1;
+        if from > head {
+            break;
+        }
+        let to = head.min(from + batch.max(1) - 1);
+        let events = read_range(store, from, to)?;
+        read += events.len() as u64;
+        for p in projectors.iter_mut() {
+            p.apply(&events)?;
+        }
+    }
+    for p in projectors.iter() {
+        p.tree().flush()?;
+    }
+    Ok(read)
+}
+
+/// Committed events at positions `from..=to`.
+pub fn read_range(
+    store: &dyn touchledger_store::EventStore,
+    from: u64,
+    to: u64,
+) -> Result<Vec<Committed>, ProjectorError> {
+    Ok(store
+        .read(&touchledger_store::ReadFilter {
+            from_position: from,
+            to_position: Some(to),
+            ..Default::default()
+        })
+        .collect::<Result<Vec<_>, _>>()?)
+}

@@ -1,0 +1,122 @@
+//! The in-process run loop: wait for the ledger's head to move, fold the new events into every
+//! projector, report which customers changed.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use touchledger_store::EventStore;
+
+use crate::{Projector, ProjectorError};
+
+/// Run-loop settings.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Events folded per batch (one atomic commit per projection per batch). Default 1000.
+    pub batch: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { batch: 1000 }
+    }
+}
+
+/// Customers whose state changed in one batch of one projection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The projection's name.
+    pub projection: &'static str,
+    /// The projection's checkpoint after the batch.
+    pub checkpoint: u64,
+    /// Customers whose state changed.
+    pub customers: Vec<String>,
+}
+
+/// Fold the ledger into `projectors` until `shutdown`: catch up from their checkpoints, then
+/// follow the head (woken by the store's commit notifications, no polling). Each batch's
+/// changes are sent on `changes` (if given; a full channel applies back-pressure).
+pub async fn run_in_process<S: EventStore + 'static>(
+    store: Arc<S>,
+    mut projectors: Vec<Projector>,
+    cfg: RunConfig,
+    changes: Option<mpsc::Sender<Change>>,
+    shutdown: CancellationToken,
+) -> Result<(), ProjectorError> {
+    let mut head_rx = store.subscribe();
+    for p in &projectors {
+        tracing::info!(
+            projection = p.spec().name,
+            checkpoint = p.checkpoint(),
+            "projector started"
+        );
+    }
+    loop {
+        let head = head_rx.borrow_and_update().position;
+        let from = projectors
+            .iter()
+            .map(|p| p.checkpoint())
+            .min()
+            .unwrap_or(head)
+            + 1;
+        if from > head {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = head_rx.changed() => if r.is_err() { break },
+            }
+            continue;
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let to = head.min(from + cfg.batch.max(1) - 1);
+        let st = store.clone();
+        let (back, result) = tokio::task::spawn_blocking(move || {
+            let r = (|| {
+                let events = crate::read_range(st.as_ref(), from, to)?;
+                let mut out = Vec::new();
+                for p in projectors.iter_mut() {
+                    let customers = p.apply(&events)?;
+                    out.push(Change {
+                        projection: p.spec().name,
+                        checkpoint: p.checkpoint(),
+                        customers,
+                    });
+                }
+                Ok::<_, ProjectorError>(out)
+            })();
+            (projectors, r)
+        })
+        .await
+        .map_err(|e| ProjectorError::Task(e.to_string()))?;
+        projectors = back;
+        let batch_changes = match result {
+            Ok(c) => c,
+            Err(e) => {
+                // The state is consistent with its checkpoint; report and stop (the caller
+                // decides whether to restart).
+                tracing::error!(error = %e, "projector batch failed");
+                return Err(e);
+            }
+        };
+        if let Some(tx) = &changes {
+            for c in batch_changes
+                .into_iter()
+                .filter(|c| !c.customers.is_empty())
+            {
+                if tx.send(c).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    for p in &projectors {
+        p.tree().flush()?;
+        tracing::info!(
+            projection = p.spec().name,
+            checkpoint = p.checkpoint(),
+            "projector stopped"
+        );
+    }
+    Ok(())
+}
