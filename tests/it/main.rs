@@ -13,3 +13,4 @@ mod service_crash;
 mod support;
 mod tamper;
 mod validation;
+mod views;

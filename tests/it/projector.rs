@@ -22,14 +22,14 @@ use crate::cli::cli;
 use crate::support::{fixed_clock_store, purchase, retraction};
 
 /// Every state of a tree, plus its checkpoint.
-fn snapshot(tree: &ProjectionTree) -> (u64, Vec<(String, Vec<u8>)>) {
+pub(crate) fn snapshot(tree: &ProjectionTree) -> (u64, Vec<(String, Vec<u8>)>) {
     let meta = tree.meta().expect("meta").expect("checkpoint");
     let states = tree.states().map(|r| r.expect("state")).collect();
     (meta.checkpoint, states)
 }
 
 /// Fold the store's log into fresh projectors in a separate database, up to `to`.
-fn fresh_rebuild(store: &SledStore, to: u64) -> (tempfile::TempDir, Vec<Projector>) {
+pub(crate) fn fresh_rebuild(store: &SledStore, to: u64) -> (tempfile::TempDir, Vec<Projector>) {
     let dir = tempfile::tempdir().expect("tmp");
     let db = ProjectionDb::open(dir.path()).expect("db");
     let mut ps: Vec<Projector> = ALL
@@ -179,7 +179,7 @@ proptest! {
     }
 }
 
-fn populated_store(dir: &std::path::Path, n: usize) -> SledStore {
+pub(crate) fn populated_store(dir: &std::path::Path, n: usize) -> SledStore {
     let store = fixed_clock_store(dir);
     let mut x = 0x9e37_79b9_u64;
     let mut items = Vec::new();

@@ -17,7 +17,9 @@
 mod append;
 mod feed;
 mod intake;
+mod remote;
 mod replay;
+mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +33,9 @@ use touchledger_store::SledStore;
 pub use append::serve_append;
 pub use feed::run_feed;
 pub use intake::run_intake;
+pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
+pub use views::{ViewConfig, run_views};
 
 /// Header names used on dead-letter and feed messages.
 pub mod headers {
@@ -113,6 +117,26 @@ impl Subjects {
     /// `<prefix>.deadletter.<code>`: rejected input.
     pub fn deadletter(&self, code: &str) -> String {
         format!("{}.deadletter.{}", self.prefix, code)
+    }
+
+    /// `<prefix>.view.<model>.<customer>`: a customer's read model after a change.
+    pub fn view(&self, model: &str, customer: &str) -> String {
+        format!("{}.view.{model}.{customer}", self.prefix)
+    }
+
+    /// `<prefix>.query.*`: read-model queries (the last token names the model).
+    pub fn queries(&self) -> String {
+        format!("{}.query.*", self.prefix)
+    }
+
+    /// `<prefix>.query.<model>`: queries of one read model.
+    pub fn query(&self, model: &str) -> String {
+        format!("{}.query.{model}", self.prefix)
+    }
+
+    /// `<prefix>.alert.churn.<customer>`: churn alerts (a level change).
+    pub fn alert(&self, customer: &str) -> String {
+        format!("{}.alert.churn.{customer}", self.prefix)
     }
 
     /// Stream names derive from the prefix (upper-cased; `.`, `*`, `>` replaced).
@@ -229,6 +253,10 @@ pub enum BusError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] touchledger_store::StoreError),
+    /// A projection failed (undecodable state: run `touchledger rebuild`; or a gap in the
+    /// positions it was given).
+    #[error("projection failed: {0}")]
+    Projection(String),
     /// The feed stream does not continue this store's log (another writer on the feed subjects,
     /// or a store restored from an older backup). Investigate before restarting: the feed would
     /// otherwise skip or contradict positions.

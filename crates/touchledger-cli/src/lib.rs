@@ -133,8 +133,9 @@ fn expand_config(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the ledger service: JetStream intake, synchronous append and the committed-event
-    /// feed over NATS, on the embedded sled store. Stops cleanly on SIGINT/SIGTERM.
+    /// Run the ledger service: JetStream intake, synchronous append, the committed-event feed
+    /// and replay, plus the read models (projectors, views, queries, churn assessor and model
+    /// refits) over NATS, on the embedded sled store. Stops cleanly on SIGINT/SIGTERM.
     Serve {
         #[command(flatten)]
         data: DataArgs,
@@ -149,6 +150,12 @@ enum Command {
         /// Seconds before JetStream redelivers messages a crashed ledger had fetched.
         #[arg(long, env = "TOUCHLEDGER_ACK_WAIT_SECS", default_value_t = 10)]
         ack_wait_secs: u64,
+        /// Seconds between churn-assessor sweeps of the due-time index.
+        #[arg(long, env = "TOUCHLEDGER_SWEEP_SECS", default_value_t = 60)]
+        sweep_secs: u64,
+        /// Hours between scheduled BG/NBD refits (0 = only on demand, `touchledger fit`).
+        #[arg(long, env = "TOUCHLEDGER_REFIT_HOURS", default_value_t = 24)]
+        refit_hours: u64,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -232,6 +239,22 @@ enum Command {
     Rejections {
         #[command(flatten)]
         data: DataArgs,
+    },
+    /// Run the read-model projectors apart from the ledger: follow the committed-event stream
+    /// over NATS into a projection database of their own (`--projections`).
+    Project {
+        /// Directory of the projection database (created if missing).
+        #[arg(
+            long,
+            env = "TOUCHLEDGER_PROJECTIONS",
+            default_value = "./data/projections"
+        )]
+        projections: PathBuf,
+        #[command(flatten)]
+        nats: serve::NatsArgs,
+        /// Events per atomic projection commit.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
     },
     /// Reset the read-model projections and fold the whole log again.
     Rebuild {
@@ -426,13 +449,20 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             batch,
             fetch_wait_ms,
             ack_wait_secs,
+            sweep_secs,
+            refit_hours,
         } => {
             let store = open(&data)?;
             let timing = serve::Timing {
                 fetch_wait: std::time::Duration::from_millis(fetch_wait_ms),
                 ack_wait: std::time::Duration::from_secs(ack_wait_secs.max(1)),
             };
-            serve::serve(store, &nats, batch, timing)?;
+            let views = serve::ViewTiming {
+                sweep: std::time::Duration::from_secs(sweep_secs.max(1)),
+                refit: (refit_hours > 0)
+                    .then(|| std::time::Duration::from_secs(refit_hours * 3600)),
+            };
+            serve::serve(store, &nats, batch, timing, views)?;
             Ok(EXIT_OK)
         }
         Command::Append {
@@ -553,6 +583,14 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 w.write_all(b"\n")?;
             }
             w.flush()?;
+            Ok(EXIT_OK)
+        }
+        Command::Project {
+            projections,
+            nats,
+            batch,
+        } => {
+            serve::project(&projections, &nats, batch)?;
             Ok(EXIT_OK)
         }
         Command::Rebuild { data } => {

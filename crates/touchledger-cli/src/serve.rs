@@ -135,25 +135,29 @@ pub struct Timing {
     pub ack_wait: Duration,
 }
 
-/// Run the service until SIGINT/SIGTERM.
+/// Read-model service settings from the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct ViewTiming {
+    /// Assessor sweep interval.
+    pub sweep: Duration,
+    /// Scheduled refit interval (`None` = on demand only).
+    pub refit: Option<Duration>,
+}
+
+/// Run the service until SIGINT/SIGTERM: the ledger (intake, synchronous append, feed,
+/// replay) and the read models (projectors, views, queries, assessor) on one store.
 pub fn serve(
     store: SledStore,
     nats: &NatsArgs,
     batch: usize,
     timing: Timing,
+    views: ViewTiming,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        // Signals are caught from the start: a SIGTERM during connect is a clean stop too.
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown requested");
-            signal.cancel();
-        });
+        let shutdown = shutdown_on_signal();
         let client = tokio::select! {
             c = nats.connect() => c?,
             _ = shutdown.cancelled() => return Ok(()),
@@ -166,9 +170,68 @@ pub fn serve(
             ack_wait: timing.ack_wait,
             ..BusConfig::default()
         };
-        touchledger_bus::run_ledger(client, Arc::new(store), cfg, shutdown).await?;
+        let store = Arc::new(store);
+        let view_cfg = touchledger_bus::ViewConfig {
+            subjects: cfg.subjects.clone(),
+            sweep_interval: views.sweep,
+            refit_every: views.refit,
+            ..touchledger_bus::ViewConfig::default()
+        };
+        let (ledger, read_models) = tokio::join!(
+            touchledger_bus::run_ledger(client.clone(), store.clone(), cfg, shutdown.clone()),
+            touchledger_bus::run_views(client, store, view_cfg, shutdown.clone()),
+        );
+        ledger?;
+        read_models?;
         Ok(())
     })
+}
+
+/// Run the three projectors apart from the ledger: follow the committed-event stream into a
+/// projection database of their own, until SIGINT/SIGTERM.
+pub fn project(dir: &std::path::Path, nats: &NatsArgs, batch: usize) -> anyhow::Result<()> {
+    let db = touchledger_store::ProjectionDb::open(dir)?;
+    let mut projectors = Vec::new();
+    for spec in touchledger_projector::ALL {
+        let (p, opened) = touchledger_projector::Projector::open(spec, db.projection(spec.name)?)?;
+        tracing::info!(projection = spec.name, opened = ?opened, "projection opened");
+        projectors.push(p);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let shutdown = shutdown_on_signal();
+        let client = tokio::select! {
+            c = nats.connect() => c?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let js = async_nats::jetstream::new(client.clone());
+        touchledger_bus::run_remote_projectors(
+            js,
+            Subjects::new(nats.prefix.clone()),
+            projectors,
+            batch.max(1),
+            None,
+            shutdown,
+        )
+        .await?;
+        client.drain().await?;
+        Ok(())
+    })
+}
+
+/// A token cancelled on SIGINT/SIGTERM. Signals are caught from the start, so a SIGTERM
+/// during connect is a clean stop too. Call inside the runtime.
+fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        signal.cancel();
+    });
+    shutdown
 }
 
 async fn wait_for_signal() {

@@ -476,6 +476,90 @@ impl ChurnRules {
         self.decide(rules, p_active, model, &behaviour, as_of, facts)
     }
 
+    /// The next instant after `as_of` at which this customer's verdict can change without a
+    /// new event — a silence threshold, an SLA expiring, a complaint or survey leaving its
+    /// window, a purchase leaving a frequency window, P(active) falling below a threshold —
+    /// capped at `as_of + max_recheck_days`. The assessor's due-time index is keyed by it, so a
+    /// sweep visits only the customers whose verdict may have changed.
+    pub fn next_due(
+        &self,
+        facts: &CustomerFacts,
+        model: Option<&ModelFitted>,
+        as_of: AsOf,
+        max_recheck_days: i64,
+    ) -> Timestamp {
+        let now = as_of.at.unix_nanos();
+        let today = day_of(as_of.at);
+        let cap = day_start(today + max_recheck_days.max(1));
+        let mut best = cap;
+        let mut consider = |t: Timestamp| {
+            if t.unix_nanos() > now && t < best {
+                best = t;
+            }
+        };
+        let days = facts.purchase_days(as_of);
+        if let (Some(&first), Some(&last)) = (days.first(), days.last()) {
+            consider(day_start(last + self.lost_after_days));
+            if days.len() > 1 {
+                let interval = (last - first) as f64 / (days.len() - 1) as f64;
+                consider(day_start(
+                    last + (self.overdue_watch_k * interval).ceil() as i64,
+                ));
+                consider(day_start(
+                    last + (self.overdue_warning_k * interval).ceil() as i64,
+                ));
+                consider(day_start(last + self.textbook_silent_days));
+            }
+            for d in &days {
+                consider(day_start(d + self.frequency_recent_days));
+                consider(day_start(d + self.frequency_window_days));
+            }
+            if let Some((p, unit)) = model.and_then(model_params)
+                && let Some(v) = self.p_active(&p, unit, &days, today)
+            {
+                let next = [self.alive_watch_below, self.alive_warning_below]
+                    .into_iter()
+                    .find(|th| v >= *th);
+                if let Some(th) = next {
+                    let horizon = today + max_recheck_days.max(1);
+                    if self
+                        .p_active(&p, unit, &days, horizon)
+                        .is_some_and(|x| x < th)
+                    {
+                        let mut lo = today + 1;
+                        let mut hi = horizon;
+                        while lo < hi {
+                            let mid = lo + (hi - lo) / 2;
+                            if self.p_active(&p, unit, &days, mid).is_some_and(|x| x < th) {
+                                hi = mid;
+                            } else {
+                                lo = mid + 1;
+                            }
+                        }
+                        consider(day_start(hi));
+                    }
+                }
+            }
+        }
+        let sla = self.complaint_sla_hours * 3600 * crate::time::NANOS_PER_SEC;
+        for c in facts.complaints_at(as_of) {
+            let t = c.stamp.occurred_at.unix_nanos();
+            consider(Timestamp::from_unix_nanos(t.saturating_add(sla)));
+            consider(Timestamp::from_unix_nanos(
+                t.saturating_add(self.complaint_window_days * NANOS_PER_DAY),
+            ));
+        }
+        for s in facts.surveys_at(as_of) {
+            consider(Timestamp::from_unix_nanos(
+                s.stamp
+                    .occurred_at
+                    .unix_nanos()
+                    .saturating_add(self.dissatisfied_window_days * NANOS_PER_DAY),
+            ));
+        }
+        best
+    }
+
     fn decide(
         &self,
         rules: Vec<Fired>,
@@ -848,6 +932,43 @@ mod tests {
                 .expect("p")
         };
         assert!(at(onset) < th && at(onset - 1) >= th, "onset {onset}");
+    }
+
+    #[test]
+    fn next_due_is_the_next_threshold() {
+        let rules = ChurnRules::default();
+        let l = rhythm_73();
+        // At day 300 the next change point is the purchase of day 219 leaving the 90-day
+        // frequency window (day 309); at day 381 it is the textbook rule (292 + 90 = 382).
+        let due = rules.next_due(&l.facts, None, AsOf::business(day(300)), 30);
+        assert_eq!(day_of(due), 309);
+        let due = rules.next_due(&l.facts, None, AsOf::business(day(381)), 30);
+        assert_eq!(day_of(due), 382);
+        // And the verdict does change there.
+        assert_eq!(
+            rules
+                .evaluate(&l.facts, None, AsOf::business(day(381)))
+                .level,
+            ChurnLevel::None
+        );
+        assert_eq!(
+            rules.evaluate(&l.facts, None, AsOf::business(due)).level,
+            ChurnLevel::Warning
+        );
+        // Nothing pending: the cap.
+        let empty = Log::default();
+        assert_eq!(
+            day_of(rules.next_due(&empty.facts, None, AsOf::business(day(10)), 30)),
+            40
+        );
+        // An open complaint: due when its SLA expires.
+        let mut c = Log::default();
+        c.complaint("k", 10, 2);
+        let due = rules.next_due(&c.facts, None, AsOf::business(day(10)), 30);
+        assert_eq!(
+            due,
+            Timestamp::from_unix_nanos(day(10).unix_nanos() + 72 * 3_600_000_000_000)
+        );
     }
 
     #[test]

@@ -126,12 +126,26 @@ pub enum Opened {
 }
 
 /// One projection's fold over its tree.
+///
+/// Folding and committing are separate steps: [`Projector::fold`] updates states in memory
+/// (loading each customer once), [`Projector::commit`] writes the changed states and the new
+/// checkpoint in one atomic batch. The live loop commits every batch (views are read from the
+/// tree); a catch-up commits every [`CATCH_UP_COMMIT_CUSTOMERS`] customers, so a customer with
+/// many events is written once per commit, not once per event.
 #[derive(Debug)]
 pub struct Projector {
     spec: Spec,
     tree: ProjectionTree,
+    /// Last position committed to the tree.
     checkpoint: u64,
+    /// Last position folded (in memory).
+    folded: u64,
+    /// States folded but not committed: customer → (state, changed).
+    dirty: BTreeMap<String, (CustomerFacts, bool)>,
 }
+
+/// A catch-up commits when this many customers' states are held in memory (bounds memory).
+pub const CATCH_UP_COMMIT_CUSTOMERS: usize = 50_000;
 
 impl Projector {
     /// Open a projector on `tree`, resetting it when its version differs from `spec.version`
@@ -163,6 +177,8 @@ impl Projector {
                 spec,
                 tree,
                 checkpoint,
+                folded: checkpoint,
+                dirty: BTreeMap::new(),
             },
             opened,
         ))
@@ -173,9 +189,19 @@ impl Projector {
         self.spec
     }
 
-    /// The last position folded.
+    /// The last position committed (what a restart resumes after).
     pub fn checkpoint(&self) -> u64 {
         self.checkpoint
+    }
+
+    /// The last position folded (committed or not).
+    pub fn position(&self) -> u64 {
+        self.folded
+    }
+
+    /// Customers whose folded state is not committed yet.
+    pub fn pending(&self) -> usize {
+        self.dirty.len()
     }
 
     /// The state tree.
@@ -187,68 +213,90 @@ impl Projector {
     pub fn reset(&mut self) -> Result<(), ProjectorError> {
         self.tree.reset(self.spec.version)?;
         self.checkpoint = 0;
+        self.folded = 0;
+        self.dirty.clear();
         Ok(())
     }
 
-    /// A customer's state (empty if none).
+    /// A customer's state (empty if none), including what is folded but not committed.
     pub fn load(&self, customer: &str) -> Result<CustomerFacts, ProjectorError> {
-        load(&self.tree, self.spec.name, customer)
+        match self.dirty.get(customer) {
+            Some((f, _)) => Ok(f.clone()),
+            None => load(&self.tree, self.spec.name, customer),
+        }
     }
 
-    /// Fold `batch` (committed events in position order): events at or below the checkpoint
-    /// are skipped, the rest must continue it without a gap. The changed states and the new
-    /// checkpoint are committed atomically. Returns the customers whose state changed.
+    /// Fold `batch` (committed events in position order) and commit: see [`Projector::fold`]
+    /// and [`Projector::commit`]. Returns the customers whose state changed.
     pub fn apply(&mut self, batch: &[Committed]) -> Result<Vec<String>, ProjectorError> {
-        let mut states: BTreeMap<&str, (CustomerFacts, bool)> = BTreeMap::new();
-        let mut last = self.checkpoint;
+        self.fold(batch)?;
+        self.commit()
+    }
+
+    /// Fold `batch` into memory: events at or below the folded position are skipped, the rest
+    /// must continue it without a gap (otherwise nothing of the batch is folded).
+    pub fn fold(&mut self, batch: &[Committed]) -> Result<(), ProjectorError> {
+        let mut expected = self.folded + 1;
         for c in batch {
-            if c.position <= last {
-                continue;
-            }
-            if c.position != last + 1 {
+            if c.position > expected {
                 return Err(ProjectorError::Gap {
                     projection: self.spec.name,
-                    expected: last + 1,
+                    expected,
                     got: c.position,
                 });
             }
-            last = c.position;
+            expected = expected.max(c.position + 1);
+        }
+        for c in batch {
+            if c.position <= self.folded {
+                continue;
+            }
+            self.folded = c.position;
             let kind = c.event.kind();
             if !self.spec.kinds.contains(kind) && kind != EventKind::Retraction {
                 continue;
             }
             let id = c.event.customer_id.as_str();
-            let entry = match states.entry(id) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert((load(&self.tree, self.spec.name, id)?, false))
-                }
-            };
-            if entry
-                .0
-                .apply(&c.event, c.position, c.recorded_at, self.spec.kinds)
-                != Applied::Ignored
+            if !self.dirty.contains_key(id) {
+                let state = load(&self.tree, self.spec.name, id)?;
+                self.dirty.insert(id.to_owned(), (state, false));
+            }
+            if let Some(entry) = self.dirty.get_mut(id)
+                && entry
+                    .0
+                    .apply(&c.event, c.position, c.recorded_at, self.spec.kinds)
+                    != Applied::Ignored
             {
                 entry.1 = true;
             }
         }
-        if last == self.checkpoint {
+        Ok(())
+    }
+
+    /// Write the changed states and the folded position as the new checkpoint, atomically.
+    /// Returns the customers whose state changed.
+    pub fn commit(&mut self) -> Result<Vec<String>, ProjectorError> {
+        if self.folded == self.checkpoint {
             return Ok(Vec::new());
         }
-        let encoded: Vec<(&str, Vec<u8>)> = states
-            .iter()
+        let dirty = std::mem::take(&mut self.dirty);
+        let encoded: Vec<(String, Vec<u8>)> = dirty
+            .into_iter()
             .filter(|(_, (_, changed))| *changed)
-            .map(|(k, (f, _))| (*k, encode(f)))
+            .map(|(k, (f, _))| {
+                let bytes = encode(&f);
+                (k, bytes)
+            })
             .collect();
         self.tree.commit(
-            encoded.iter().map(|(k, v)| (*k, v.as_slice())),
+            encoded.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
             ProjectionMeta {
                 version: self.spec.version,
-                checkpoint: last,
+                checkpoint: self.folded,
             },
         )?;
-        self.checkpoint = last;
-        Ok(encoded.into_iter().map(|(k, _)| k.to_owned()).collect())
+        self.checkpoint = self.folded;
+        Ok(encoded.into_iter().map(|(k, _)| k).collect())
     }
 }
 
@@ -276,8 +324,9 @@ pub fn open_all(
         .collect()
 }
 
-/// Fold the whole log (`from` the projectors' checkpoints to the head) synchronously, in
-/// batches of `batch` events. Returns the number of events read.
+/// Fold the whole log (from the projectors' positions to the head) synchronously, reading
+/// `batch` events at a time and committing whenever [`CATCH_UP_COMMIT_CUSTOMERS`] states are
+/// held, and at the end (then flushed). Returns the number of events read.
 pub fn catch_up(
     store: &dyn touchledger_store::EventStore,
     projectors: &mut [Projector],
@@ -288,7 +337,7 @@ pub fn catch_up(
     loop {
         let from = projectors
             .iter()
-            .map(|p| p.checkpoint())
+            .map(|p| p.position())
             .min()
             .unwrap_or(head)
             + 1;
@@ -299,10 +348,14 @@ pub fn catch_up(
         let events = read_range(store, from, to)?;
         read += events.len() as u64;
         for p in projectors.iter_mut() {
-            p.apply(&events)?;
+            p.fold(&events)?;
+            if p.pending() >= CATCH_UP_COMMIT_CUSTOMERS {
+                p.commit()?;
+            }
         }
     }
-    for p in projectors.iter() {
+    for p in projectors.iter_mut() {
+        p.commit()?;
         p.tree().flush()?;
     }
     Ok(read)

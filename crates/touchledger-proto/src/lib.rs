@@ -22,6 +22,8 @@ pub mod v1 {
 
 pub use prost;
 
+pub mod views;
+
 use v1::envelope::Payload as P;
 
 /// Decode protobuf `Envelope` bytes into a domain event (structure only; see crate docs).
@@ -193,6 +195,15 @@ fn level_to(l: d::ChurnLevel) -> i32 {
         d::ChurnLevel::Critical => W::Critical,
         d::ChurnLevel::Lost => W::Lost,
     }) as i32
+}
+
+pub(crate) fn risk_reason_to(r: &d::RiskReason) -> v1::RiskReason {
+    v1::RiskReason {
+        code: r.code.clone(),
+        level: level_to(r.level),
+        evidence: r.evidence.clone(),
+        threshold: r.threshold.clone(),
+    }
 }
 
 impl TryFrom<v1::Envelope> for d::Event {
@@ -467,16 +478,7 @@ fn payload_to(p: &d::Payload) -> P {
             level: level_to(c.level),
             previous_level: level_to(c.previous_level),
             score: c.score,
-            reasons: c
-                .reasons
-                .iter()
-                .map(|r| v1::RiskReason {
-                    code: r.code.clone(),
-                    level: level_to(r.level),
-                    evidence: r.evidence.clone(),
-                    threshold: r.threshold.clone(),
-                })
-                .collect(),
+            reasons: c.reasons.iter().map(risk_reason_to).collect(),
             probable_cause: leaving_to(c.probable_cause),
             since: c.since.map(to_pb_time),
             expected_next_purchase: c.expected_next_purchase.map(to_pb_time),

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::StoreError;
-pub use projection::{ProjectionDb, ProjectionMeta, ProjectionTree};
+pub use projection::{DueIndex, ProjectionDb, ProjectionMeta, ProjectionTree};
 pub use sled_store::SledStore;
 pub use tokio::sync::watch;
 use touchledger_domain::{Event, EventKind, RejectCode, Rejection, Timestamp, ValidationPolicy};

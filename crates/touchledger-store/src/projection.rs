@@ -148,6 +148,115 @@ impl ProjectionTree {
     }
 }
 
+/// A due-time index: which customer must be looked at again, and when. Keys are
+/// `d ‖ instant ‖ customer` (time-ordered, so the due entries are a prefix range) and
+/// `c ‖ customer → instant` (to move an entry); both change in one atomic batch.
+#[derive(Clone)]
+pub struct DueIndex {
+    tree: sled::Tree,
+}
+
+impl std::fmt::Debug for DueIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DueIndex")
+            .field("len", &self.tree.len())
+            .finish()
+    }
+}
+
+fn due_key(at: touchledger_domain::Timestamp, customer: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + customer.len());
+    k.push(b'd');
+    k.extend_from_slice(&at.to_key_bytes());
+    k.extend_from_slice(customer.as_bytes());
+    k
+}
+
+impl DueIndex {
+    pub(crate) fn open(db: &sled::Db, name: &str) -> Result<Self, StoreError> {
+        Ok(DueIndex {
+            tree: db.open_tree(format!("due.{name}"))?,
+        })
+    }
+
+    /// Schedule `customer` at `at`, replacing any earlier schedule.
+    pub fn schedule(
+        &self,
+        customer: &str,
+        at: touchledger_domain::Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut ckey = vec![b'c'];
+        ckey.extend_from_slice(customer.as_bytes());
+        let mut batch = sled::Batch::default();
+        if let Some(old) = self.tree.get(&ckey)? {
+            let b: [u8; 8] = old
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::corrupt("due index", "instant is not 8 bytes"))?;
+            batch.remove(due_key(
+                touchledger_domain::Timestamp::from_key_bytes(b),
+                customer,
+            ));
+        }
+        batch.insert(due_key(at, customer), &[][..]);
+        batch.insert(ckey, &at.to_key_bytes()[..]);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// When `customer` is scheduled, if at all.
+    pub fn scheduled(
+        &self,
+        customer: &str,
+    ) -> Result<Option<touchledger_domain::Timestamp>, StoreError> {
+        let mut ckey = vec![b'c'];
+        ckey.extend_from_slice(customer.as_bytes());
+        Ok(self.tree.get(ckey)?.and_then(|v| {
+            <[u8; 8]>::try_from(v.as_ref())
+                .ok()
+                .map(touchledger_domain::Timestamp::from_key_bytes)
+        }))
+    }
+
+    /// Up to `limit` customers due at or before `now`, earliest first. Cost: O(due), not
+    /// O(scheduled).
+    pub fn due(
+        &self,
+        now: touchledger_domain::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(touchledger_domain::Timestamp, String)>, StoreError> {
+        let mut end = vec![b'd'];
+        end.extend_from_slice(&now.to_key_bytes());
+        end.push(0xff);
+        let mut out = Vec::new();
+        for r in self.tree.range(&b"d"[..]..end.as_slice()).take(limit) {
+            let (k, _) = r?;
+            let at: [u8; 8] = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| StoreError::corrupt("due index", "short key"))?;
+            let at = touchledger_domain::Timestamp::from_key_bytes(at);
+            if at > now {
+                break;
+            }
+            let customer = String::from_utf8(k[9..].to_vec())
+                .map_err(|_| StoreError::corrupt("due index", "customer not UTF-8"))?;
+            out.push((at, customer));
+        }
+        Ok(out)
+    }
+
+    /// Customers scheduled.
+    pub fn len(&self) -> usize {
+        self.tree.len() / 2
+    }
+
+    /// Whether nobody is scheduled.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
+
 /// A database of projection trees only, for projectors running apart from the ledger.
 #[derive(Clone, Debug)]
 pub struct ProjectionDb {
@@ -171,6 +280,11 @@ impl ProjectionDb {
     /// The tree of projection `name`.
     pub fn projection(&self, name: &str) -> Result<ProjectionTree, StoreError> {
         ProjectionTree::open(&self.db, name)
+    }
+
+    /// The due-time index `name`.
+    pub fn due_index(&self, name: &str) -> Result<DueIndex, StoreError> {
+        DueIndex::open(&self.db, name)
     }
 }
 
@@ -204,5 +318,28 @@ mod tests {
             })
         );
         assert!(db.projection("no.dots").is_err());
+    }
+
+    #[test]
+    fn due_index_moves_entries_and_returns_only_due() {
+        use touchledger_domain::Timestamp as T;
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = ProjectionDb::open(dir.path()).expect("open");
+        let d = db.due_index("churn").expect("index");
+        d.schedule("a", T::from_unix_nanos(30)).expect("a");
+        d.schedule("b", T::from_unix_nanos(10)).expect("b");
+        d.schedule("c", T::from_unix_nanos(-5)).expect("c");
+        d.schedule("a", T::from_unix_nanos(5)).expect("a moved");
+        assert_eq!(d.len(), 3);
+        let due: Vec<String> = d
+            .due(T::from_unix_nanos(10), 10)
+            .expect("due")
+            .into_iter()
+            .map(|x| x.1)
+            .collect();
+        assert_eq!(due, ["c", "a", "b"]);
+        assert_eq!(d.due(T::from_unix_nanos(9), 10).expect("due").len(), 2);
+        assert_eq!(d.due(T::from_unix_nanos(10), 1).expect("due").len(), 1);
+        assert_eq!(d.scheduled("a").expect("a"), Some(T::from_unix_nanos(5)));
     }
 }

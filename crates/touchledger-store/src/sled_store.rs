@@ -149,6 +149,11 @@ impl SledStore {
         crate::ProjectionTree::open(&self.db, name)
     }
 
+    /// The due-time index `name`, in the ledger's database. See [`crate::DueIndex`].
+    pub fn due_index(&self, name: &str) -> Result<crate::DueIndex, StoreError> {
+        crate::DueIndex::open(&self.db, name)
+    }
+
     /// The underlying sled tree, for benchmarks that need a baseline on the same bytes.
     /// Writing through it bypasses every guarantee of the store.
     #[doc(hidden)]

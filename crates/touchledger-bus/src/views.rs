@@ -1,0 +1,496 @@
+//! The read-model service: runs the three projectors in-process, publishes a customer's views
+//! on `<prefix>.view.<model>.<customer>` when their state changes, answers queries on
+//! `<prefix>.query.<model>`, and runs the churn **assessor**.
+//!
+//! Key decisions:
+//! * Live views are evaluated on the business axis at the service clock's "now"; queries take
+//!   any `as_of` and axis.
+//! * The assessor's memory is the ledger itself: a customer's previous level is their latest
+//!   `ChurnRiskAssessed` event (plus the few just appended and not yet folded). On a level
+//!   change it appends a new one (source `ledger`, naming the model version used) and then
+//!   publishes the alert; so every alert ever raised is in the auditable history, and a
+//!   restart neither repeats nor loses an alert.
+//! * A due-time index (`due.churn`, keyed by the next instant a verdict can change without a
+//!   new event, see `ChurnRules::next_due`) makes each sweep cost O(customers due). A new
+//!   model fit makes every customer due once.
+//! * Model refits run on a schedule and on demand (`touchledger fit`) and are recorded as
+//!   `ModelFitted` events; a refit never rewrites earlier assessments.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use touchledger_domain::facts::{AsOf, CustomerFacts};
+use touchledger_domain::population::Rules;
+use touchledger_domain::{
+    ChurnLevel, ChurnRiskAssessed, Event, LEDGER_SOURCE, MODEL_CUSTOMER, Payload, SCHEMA_VERSION,
+    TimeUnit, Timestamp,
+};
+use touchledger_projector::{Change, ReadModels, RunConfig, run_in_process};
+use touchledger_proto::{v1, views};
+use touchledger_store::{AppendItem, AppendOutcome, DueIndex, EventStore, SledStore};
+
+use crate::{BusError, Subjects, nats_err};
+
+/// Read-model service settings. Defaults are documented per field.
+#[derive(Clone)]
+pub struct ViewConfig {
+    /// Subject layout.
+    pub subjects: Subjects,
+    /// The rules evaluated (all defaults from the brief).
+    pub rules: Rules,
+    /// Events folded per projector batch. Default 1000.
+    pub batch: u64,
+    /// Interval between assessor sweeps of the due-time index. Default 60 s.
+    pub sweep_interval: Duration,
+    /// Every customer is re-assessed at least this often (days), even when no threshold is
+    /// near. Default 30.
+    pub max_recheck_days: i64,
+    /// Customers at watch or worse get a fresh `ChurnRiskAssessed` at least this often, even
+    /// without a level change (the "periodic" assessment). Default 30 days.
+    pub reassert_after: Duration,
+    /// Scheduled model refits; `None` = on demand only. Default every 24 h.
+    pub refit_every: Option<Duration>,
+    /// Time unit of scheduled refits. Default weeks.
+    pub refit_unit: TimeUnit,
+    /// Queue group of the query responders. Default `touchledger-views`.
+    pub queue_group: String,
+    /// The service clock. Default: wall clock. Tests substitute a controllable clock.
+    pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+}
+
+impl std::fmt::Debug for ViewConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewConfig")
+            .field("subjects", &self.subjects)
+            .field("batch", &self.batch)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("max_recheck_days", &self.max_recheck_days)
+            .field("reassert_after", &self.reassert_after)
+            .field("refit_every", &self.refit_every)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        ViewConfig {
+            subjects: Subjects::new("crm"),
+            rules: Rules::default(),
+            batch: 1000,
+            sweep_interval: Duration::from_secs(60),
+            max_recheck_days: 30,
+            reassert_after: Duration::from_secs(30 * 86_400),
+            refit_every: Some(Duration::from_secs(86_400)),
+            refit_unit: TimeUnit::Weeks,
+            queue_group: "touchledger-views".into(),
+            clock: Arc::new(Timestamp::now),
+        }
+    }
+}
+
+/// The assessor: evaluates churn warnings, records level changes, keeps the due-time index.
+struct Assessor {
+    store: Arc<SledStore>,
+    reads: Arc<ReadModels>,
+    due: DueIndex,
+    cfg: ViewConfig,
+    /// Levels appended but perhaps not yet folded: customer → (level, position, as_of).
+    pending: Mutex<HashMap<String, (ChurnLevel, u64, Timestamp)>>,
+}
+
+/// A message to publish.
+type Outgoing = (String, Vec<u8>);
+
+impl Assessor {
+    /// The last assessed level and when, from the ledger (or a pending append).
+    fn previous(&self, customer: &str, facts: &CustomerFacts) -> (ChurnLevel, Option<Timestamp>) {
+        let folded = facts
+            .assessments
+            .iter()
+            .filter(|a| a.stamp.retracted_at.is_none())
+            .max_by_key(|a| a.stamp.position);
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(level, position, at)) = pending.get(customer) {
+            if folded.is_some_and(|a| a.stamp.position >= position) {
+                pending.remove(customer);
+            } else {
+                return (level, Some(at));
+            }
+        }
+        folded.map_or((ChurnLevel::None, None), |a| {
+            (a.level, Some(a.stamp.occurred_at))
+        })
+    }
+
+    /// Assess `customer` now: append `ChurnRiskAssessed` on a level change (or when an at-risk
+    /// verdict is due for re-assertion), reschedule, and return the alert to publish.
+    fn assess(&self, customer: &str, now: Timestamp) -> Result<Option<Outgoing>, BusError> {
+        if customer == MODEL_CUSTOMER {
+            return Ok(None);
+        }
+        let as_of = AsOf::business(now);
+        let (_, _, facts) = self.reads.facts(customer).map_err(projector_err)?;
+        let model = self.reads.model(as_of).map_err(projector_err)?;
+        let rules = &self.cfg.rules.churn;
+        let view = rules.evaluate(&facts, model.as_ref(), as_of);
+        let next = rules.next_due(&facts, model.as_ref(), as_of, self.cfg.max_recheck_days);
+        self.due.schedule(customer, next)?;
+        let (previous, last_at) = self.previous(customer, &facts);
+        let stale = last_at.is_none_or(|t| {
+            now.unix_nanos() - t.unix_nanos() >= self.cfg.reassert_after.as_nanos() as i64
+        });
+        let changed = view.level != previous;
+        let reassert = view.level >= ChurnLevel::Watch && stale;
+        if !(changed || reassert) {
+            return Ok(None);
+        }
+        let event = Event {
+            event_id: format!("assess-{customer}-{}", now.unix_nanos()),
+            customer_id: customer.to_owned(),
+            occurred_at: now,
+            source: LEDGER_SOURCE.into(),
+            schema_version: SCHEMA_VERSION,
+            correlation_id: None,
+            causation_id: None,
+            payload: Payload::ChurnRiskAssessed(ChurnRiskAssessed {
+                level: view.level,
+                previous_level: previous,
+                score: view.score,
+                reasons: view.reasons.clone(),
+                probable_cause: view.probable_cause,
+                since: view.since,
+                expected_next_purchase: view.expected_next_purchase,
+                value_at_risk_minor: view.value_at_risk_minor,
+                currency: view.currency.clone(),
+                model_version: view.model_version.clone().unwrap_or_else(|| "none".into()),
+                as_of: now,
+            }),
+        };
+        let bytes = touchledger_proto::encode_event(&event);
+        let position = match self.store.append(vec![AppendItem::new(event)])?.pop() {
+            Some(
+                AppendOutcome::Appended { position, .. }
+                | AppendOutcome::Duplicate { position, .. },
+            ) => position,
+            other => {
+                tracing::error!(customer, outcome = ?other, "assessment not recorded");
+                return Ok(None);
+            }
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(customer.to_owned(), (view.level, position, now));
+        tracing::info!(customer, from = ?previous, to = ?view.level, position, "churn level assessed");
+        Ok(changed.then(|| (self.cfg.subjects.alert(customer), bytes)))
+    }
+
+    /// Assess every customer due by `now`. Returns the alerts.
+    fn sweep(&self, now: Timestamp) -> Result<Vec<Outgoing>, BusError> {
+        let mut alerts = Vec::new();
+        loop {
+            let due = self.due.due(now, 1000)?;
+            let n = due.len();
+            for (_, customer) in due {
+                alerts.extend(self.assess(&customer, now)?);
+            }
+            if n < 1000 {
+                break;
+            }
+        }
+        Ok(alerts)
+    }
+
+    /// A new model makes every customer due now.
+    fn everyone_due(&self, now: Timestamp) -> Result<u64, BusError> {
+        let mut n = 0;
+        for r in self.reads.customers() {
+            let (id, _) = r.map_err(projector_err)?;
+            self.due.schedule(&id, now)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+fn projector_err(e: touchledger_projector::ProjectorError) -> BusError {
+    match e {
+        touchledger_projector::ProjectorError::Store(s) => BusError::Store(s),
+        other => BusError::Projection(other.to_string()),
+    }
+}
+
+/// The views of one customer in one projection, evaluated now, encoded.
+fn view_messages(
+    reads: &ReadModels,
+    subjects: &Subjects,
+    projection: &str,
+    customer: &str,
+    now: Timestamp,
+) -> Result<Option<Outgoing>, BusError> {
+    if customer == MODEL_CUSTOMER {
+        return Ok(None);
+    }
+    let as_of = AsOf::business(now);
+    let (s, l, c) = reads.facts(customer).map_err(projector_err)?;
+    let rules = &reads.rules;
+    let bytes = match projection {
+        "satisfaction" => {
+            views::satisfaction(customer, &rules.satisfaction.evaluate(&s, as_of)).encode_to_vec()
+        }
+        "loyalty" => views::loyalty(customer, &rules.loyalty.evaluate(&l, as_of)).encode_to_vec(),
+        "churn" => {
+            let model = reads.model(as_of).map_err(projector_err)?;
+            views::churn(customer, &rules.churn.evaluate(&c, model.as_ref(), as_of)).encode_to_vec()
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some((subjects.view(projection, customer), bytes)))
+}
+
+/// Answer one query.
+fn answer(
+    reads: &ReadModels,
+    model: &str,
+    req: &v1::QueryRequest,
+    now: Timestamp,
+) -> v1::QueryReply {
+    use v1::query_reply::Result as R;
+    let err = |code: &str, message: String| v1::QueryReply {
+        result: Some(R::Error(v1::QueryError {
+            code: code.into(),
+            message,
+        })),
+    };
+    let at = match &req.as_of {
+        None => now,
+        Some(t) => match touchledger_proto::from_pb_time("as_of", Some(*t)) {
+            Ok(t) => t,
+            Err(e) => return err("BAD_REQUEST", e.to_string()),
+        },
+    };
+    let as_of = AsOf {
+        at,
+        axis: views::axis_from(req.axis),
+    };
+    if model == "population" {
+        return match reads.population(as_of) {
+            Ok(p) => v1::QueryReply {
+                result: Some(R::Population(views::population(&p))),
+            },
+            Err(e) => err("INTERNAL", e.to_string()),
+        };
+    }
+    if !matches!(model, "satisfaction" | "loyalty" | "churn") {
+        return err(
+            "UNKNOWN_MODEL",
+            format!("unknown model {model:?}: satisfaction, loyalty, churn or population"),
+        );
+    }
+    if req.customer_id.is_empty() {
+        return err("BAD_REQUEST", "customer_id is required".into());
+    }
+    let id = req.customer_id.as_str();
+    match reads.customer(id, as_of) {
+        Err(e) => err("INTERNAL", e.to_string()),
+        Ok(None) => err("NOT_FOUND", format!("no touchpoints of {id:?} at {at}")),
+        Ok(Some(v)) => v1::QueryReply {
+            result: Some(match model {
+                "satisfaction" => R::Satisfaction(views::satisfaction(id, &v.satisfaction)),
+                "loyalty" => R::Loyalty(views::loyalty(id, &v.loyalty)),
+                _ => R::Churn(views::churn(id, &v.churn)),
+            }),
+        },
+    }
+}
+
+async fn serve_queries(
+    client: async_nats::Client,
+    reads: Arc<ReadModels>,
+    cfg: ViewConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut sub = client
+        .queue_subscribe(cfg.subjects.queries(), cfg.queue_group.clone())
+        .await
+        .map_err(|e| nats_err("query subscribe", e))?;
+    let limit = Arc::new(tokio::sync::Semaphore::new(4));
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let model = msg
+            .subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let (reads, client, clock, limit) = (
+            reads.clone(),
+            client.clone(),
+            cfg.clock.clone(),
+            limit.clone(),
+        );
+        tokio::spawn(async move {
+            let Ok(_permit) = limit.acquire_owned().await else {
+                return;
+            };
+            let answer = tokio::task::spawn_blocking(move || {
+                match v1::QueryRequest::decode(msg.payload.as_ref()) {
+                    Ok(req) => answer(&reads, &model, &req, clock()),
+                    Err(e) => v1::QueryReply {
+                        result: Some(v1::query_reply::Result::Error(v1::QueryError {
+                            code: "BAD_REQUEST".into(),
+                            message: format!("undecodable QueryRequest: {e}"),
+                        })),
+                    },
+                }
+            })
+            .await;
+            if let Ok(a) = answer
+                && let Err(e) = client.publish(reply, a.encode_to_vec().into()).await
+            {
+                tracing::warn!(error = %e, "query reply failed");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Run projectors, view publishing, queries and the assessor until `shutdown`.
+pub async fn run_views(
+    client: async_nats::Client,
+    store: Arc<SledStore>,
+    cfg: ViewConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let s = store.clone();
+    let opened = tokio::task::spawn_blocking(move || touchledger_projector::open_all(&s))
+        .await
+        .map_err(|e| nats_err("projector open task", e))?
+        .map_err(projector_err)?;
+    let mut projectors = Vec::new();
+    for (p, how) in opened {
+        tracing::info!(projection = p.spec().name, opened = ?how, "projection opened");
+        projectors.push(p);
+    }
+    let reads = Arc::new(ReadModels::open(&store, cfg.rules.clone()).map_err(projector_err)?);
+    let assessor = Arc::new(Assessor {
+        store: store.clone(),
+        reads: reads.clone(),
+        due: store.due_index("churn")?,
+        cfg: cfg.clone(),
+        pending: Mutex::new(HashMap::new()),
+    });
+    let (tx, mut rx) = mpsc::channel::<Change>(64);
+    let mut folding = tokio::spawn(run_in_process(
+        store.clone(),
+        projectors,
+        RunConfig { batch: cfg.batch },
+        Some(tx),
+        shutdown.clone(),
+    ));
+    let queries = tokio::spawn(serve_queries(
+        client.clone(),
+        reads.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    let mut sweep = tokio::time::interval(cfg.sweep_interval);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let refit_every = cfg
+        .refit_every
+        .unwrap_or(Duration::from_secs(u32::MAX as u64));
+    let mut refit =
+        tokio::time::interval_at(tokio::time::Instant::now() + refit_every, refit_every);
+    let mut result = Ok(());
+    loop {
+        let work: Box<dyn FnOnce() -> Result<Vec<Outgoing>, BusError> + Send> = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = &mut folding => {
+                result = match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(projector_err(e)),
+                    Err(e) => Err(nats_err("projector task", e)),
+                };
+                break;
+            }
+            Some(change) = rx.recv() => {
+                let (reads, assessor, subjects, now) = (reads.clone(), assessor.clone(), cfg.subjects.clone(), (cfg.clock)());
+                Box::new(move || {
+                    let mut out = Vec::new();
+                    for c in &change.customers {
+                        out.extend(view_messages(&reads, &subjects, change.projection, c, now)?);
+                        if change.projection == "churn" {
+                            if c == MODEL_CUSTOMER {
+                                let n = assessor.everyone_due(now)?;
+                                tracing::info!(customers = n, "new churn model: everyone due");
+                                out.extend(assessor.sweep(now)?);
+                            } else {
+                                out.extend(assessor.assess(c, now)?);
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+            }
+            _ = sweep.tick() => {
+                let (assessor, now) = (assessor.clone(), (cfg.clock)());
+                Box::new(move || assessor.sweep(now))
+            }
+            _ = refit.tick(), if cfg.refit_every.is_some() => {
+                let (reads, store, now, unit) = (reads.clone(), store.clone(), (cfg.clock)(), cfg.refit_unit);
+                Box::new(move || {
+                    match touchledger_projector::model::fit_event(&reads, now, unit) {
+                        Ok((m, e)) => {
+                            store.append(vec![AppendItem::new(e)])?;
+                            tracing::info!(version = %m.model_version, customers = m.customers, "churn model refitted");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "scheduled refit skipped"),
+                    }
+                    Ok(Vec::new())
+                })
+            }
+        };
+        let out = match tokio::task::spawn_blocking(work).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "read-model work failed");
+                result = Err(e);
+                break;
+            }
+            Err(e) => {
+                result = Err(nats_err("read-model task", e));
+                break;
+            }
+        };
+        for (subject, bytes) in out {
+            if let Err(e) = client.publish(subject, bytes.into()).await {
+                tracing::warn!(error = %e, "view publish failed");
+            }
+        }
+    }
+    shutdown.cancel();
+    if !folding.is_finished() {
+        match folding.await {
+            Ok(Err(e)) if result.is_ok() => result = Err(projector_err(e)),
+            Err(e) if result.is_ok() => result = Err(nats_err("projector task", e)),
+            _ => {}
+        }
+    }
+    if let Ok(Err(e)) = queries.await
+        && result.is_ok()
+    {
+        result = Err(e);
+    }
+    result
+}
