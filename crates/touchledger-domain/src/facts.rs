@@ -109,6 +109,39 @@ pub struct Stamp {
     pub retracted_at: Option<Timestamp>,
 }
 
+/// An ISO 4217 code kept inline (validation guarantees three ASCII upper-case letters), so a
+/// purchase fact costs no allocation for it: the fold is allocation-bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Currency([u8; 3]);
+
+impl Currency {
+    /// From a validated code; anything else (never stored) maps to `XXX`, ISO's "no currency".
+    pub fn new(code: &str) -> Currency {
+        match <[u8; 3]>::try_from(code.as_bytes()) {
+            Ok(b) if b.iter().all(u8::is_ascii_uppercase) => Currency(b),
+            _ => Currency(*b"XXX"),
+        }
+    }
+
+    /// The code.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("XXX")
+    }
+}
+
+impl Serialize for Currency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(Currency::new(&s))
+    }
+}
+
 /// A purchase, as the read models need it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurchaseFact {
@@ -117,7 +150,7 @@ pub struct PurchaseFact {
     /// Amount in minor units.
     pub amount_minor: i64,
     /// ISO currency.
-    pub currency: String,
+    pub currency: Currency,
 }
 
 /// A complaint.
@@ -328,7 +361,7 @@ impl CustomerFacts {
                 PurchaseFact {
                     stamp: st(),
                     amount_minor: p.amount_minor,
-                    currency: p.currency.clone(),
+                    currency: Currency::new(&p.currency),
                 },
                 |f| &f.stamp,
             ),

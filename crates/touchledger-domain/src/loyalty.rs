@@ -149,9 +149,13 @@ impl Behaviour {
         let mut first = None;
         for p in facts.purchases_at(as_of) {
             let d = day_of(p.stamp.occurred_at);
-            *b.monetary.entry(p.currency.clone()).or_default() += p.amount_minor;
+            *b.monetary
+                .entry(p.currency.as_str().to_owned())
+                .or_default() += p.amount_minor;
             if d > today - window_days {
-                *b.monetary_window.entry(p.currency.clone()).or_default() += p.amount_minor;
+                *b.monetary_window
+                    .entry(p.currency.as_str().to_owned())
+                    .or_default() += p.amount_minor;
             }
             if prev_day == Some(d) {
                 continue;
