@@ -99,9 +99,18 @@ pub fn query(
                 )?;
                 return Ok(crate::EXIT_FAILURE);
             };
+            let ranks = if matches!(model, Model::All | Model::Loyalty) {
+                reads.ranks(id, as_of)?
+            } else {
+                None
+            };
             if json {
                 let value = match model {
-                    Model::All => serde_json::to_value(&v)?,
+                    Model::All => {
+                        let mut all = serde_json::to_value(&v)?;
+                        all["ranks"] = serde_json::to_value(&ranks)?;
+                        all
+                    }
                     Model::Satisfaction => serde_json::to_value(&v.satisfaction)?,
                     Model::Loyalty => serde_json::to_value(&v.loyalty)?,
                     Model::Churn => serde_json::to_value(&v.churn)?,
@@ -109,6 +118,13 @@ pub fn query(
                 writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
             } else {
                 print_customer(id, &v, model, out)?;
+                if let Some(r) = ranks {
+                    writeln!(
+                        out,
+                        "ranks           RFM {}{}{}, pyramid tier {}",
+                        r.recency, r.frequency, r.monetary, r.tier
+                    )?;
+                }
             }
         }
         None => {

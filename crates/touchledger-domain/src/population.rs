@@ -86,6 +86,24 @@ pub struct MonthCounters {
 }
 
 impl MonthCounters {
+    fn count_survey(&mut self, s: &crate::facts::SurveyFact) {
+        if let Some(v) = s.nps {
+            self.surveys.nps(v, 1);
+        }
+        if let Some(v) = s.csat {
+            self.surveys.csat(v, 1);
+        }
+        if let Some(v) = s.ces {
+            self.surveys.ces(v, 1);
+        }
+        if let (Some(a), Some(b)) = (s.expectation, s.performance)
+            && let Some(c) = c_index(a, b)
+        {
+            self.c_readings += 1;
+            self.c_sum += c;
+        }
+    }
+
     fn merge(&mut self, o: &MonthCounters) {
         self.surveys.merge(&o.surveys);
         self.c_readings += o.c_readings;
@@ -198,6 +216,10 @@ pub struct PopulationView {
     pub churn_levels: BTreeMap<ChurnLevel, u64>,
     /// Probable causes of customers at watch or worse (`unknown` when none).
     pub churn_causes: BTreeMap<String, u64>,
+    /// Satisfaction per segment over the reported months (additive): `tier:<pyramid tier>`
+    /// (`tier:none` for customers without a purchase), `stage:<lifecycle stage>`,
+    /// `dick_basu:<class>`.
+    pub segments: BTreeMap<String, SegmentFigures>,
 }
 
 /// Per-customer inputs kept for the rank-based and monthly figures.
@@ -208,6 +230,35 @@ struct Row {
     /// Days of stated natural / need-change reasons.
     leave_days: Vec<i64>,
     value: BTreeMap<String, i64>,
+    /// The customer's own counters over the reported months (for segments).
+    own: MonthCounters,
+    /// Segment keys known per customer: `stage:<s>`, `dick_basu:<c>`.
+    segments: [String; 2],
+}
+
+/// Satisfaction figures of one segment over the reported months.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentFigures {
+    /// Customers in the segment.
+    pub customers: u64,
+    /// Additive counters of the segment.
+    pub counters: MonthCounters,
+    /// NPS of the segment's answers.
+    pub nps: Option<f64>,
+    /// CSAT % of the segment's answers.
+    pub csat_pct: Option<f64>,
+    /// Mean C of the segment's readings.
+    pub mean_c: Option<f64>,
+    /// Customers who complained ÷ customers × 100.
+    pub complaint_rate_pct: Option<f64>,
+}
+
+/// The stable (serde) name of a class.
+fn name<T: Serialize>(t: &T) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Accumulates customers, then computes the population figures.
@@ -271,31 +322,26 @@ impl PopulationBuilder {
     ) {
         let as_of = self.as_of;
         self.customers += 1;
-        // Additive monthly counters.
+        // Additive monthly counters, and the customer's own over the reported months.
+        let first_month = month_of(day_of(as_of.at)) - self.rules.months.saturating_sub(1) as i32;
+        let mut own = MonthCounters::default();
         for s in facts.surveys_at(as_of) {
-            let m = self
-                .month_counters
-                .entry(month_of(day_of(s.stamp.occurred_at)))
-                .or_default();
-            if let Some(v) = s.nps {
-                m.surveys.nps(v, 1);
-            }
-            if let Some(v) = s.csat {
-                m.surveys.csat(v, 1);
-            }
-            if let Some(v) = s.ces {
-                m.surveys.ces(v, 1);
-            }
-            if let (Some(a), Some(b)) = (s.expectation, s.performance)
-                && let Some(c) = c_index(a, b)
-            {
-                m.c_readings += 1;
-                m.c_sum += c;
+            let month = month_of(day_of(s.stamp.occurred_at));
+            self.month_counters
+                .entry(month)
+                .or_default()
+                .count_survey(s);
+            if month >= first_month {
+                own.count_survey(s);
             }
         }
         let mut complained_in: Vec<i32> = Vec::new();
         for c in facts.complaints_at(as_of) {
             let month = month_of(day_of(c.stamp.occurred_at));
+            if month >= first_month {
+                own.complaints += 1;
+                own.complaining_customers = 1;
+            }
             self.month_counters.entry(month).or_default().complaints += 1;
             if !complained_in.contains(&month) {
                 complained_in.push(month);
@@ -348,6 +394,11 @@ impl PopulationBuilder {
             days: facts.purchase_days(as_of),
             leave_days,
             value: views.loyalty.behaviour.monetary.clone(),
+            own,
+            segments: [
+                format!("stage:{}", name(&views.loyalty.stage)),
+                format!("dick_basu:{}", name(&views.loyalty.dick_basu)),
+            ],
         });
     }
 
@@ -586,6 +637,28 @@ impl PopulationBuilder {
                     .sum(),
             )
         });
+        let tiers: BTreeMap<&str, &str> =
+            ranking.iter().map(|(c, _, t)| (c.as_str(), *t)).collect();
+        let mut segments: BTreeMap<String, SegmentFigures> = BTreeMap::new();
+        for r in &self.rows {
+            let tier = format!(
+                "tier:{}",
+                tiers.get(r.customer.as_str()).copied().unwrap_or("none")
+            );
+            for key in [tier, r.segments[0].clone(), r.segments[1].clone()] {
+                let seg = segments.entry(key).or_default();
+                seg.customers += 1;
+                seg.counters.merge(&r.own);
+            }
+        }
+        for seg in segments.values_mut() {
+            let c = &seg.counters;
+            seg.nps = c.surveys.nps_score();
+            seg.csat_pct = c.surveys.csat_pct();
+            seg.mean_c = (c.c_readings > 0).then(|| c.c_sum / c.c_readings as f64);
+            seg.complaint_rate_pct = (seg.customers > 0)
+                .then(|| 100.0 * c.complaining_customers as f64 / seg.customers as f64);
+        }
         let mut rfm_cells = BTreeMap::new();
         for (r, f, m) in self.rfm_scores().into_values() {
             *rfm_cells.entry(format!("{r}{f}{m}")).or_default() += 1;
@@ -613,6 +686,7 @@ impl PopulationBuilder {
             lifecycle: self.lifecycle,
             churn_levels: self.levels,
             churn_causes: self.causes,
+            segments,
         }
     }
 }
@@ -742,5 +816,19 @@ mod tests {
         assert_eq!(sizes, 100);
         assert!(v.cohorts.iter().all(|c| c.retention_pct[0] == 100.0));
         assert_eq!(v.rfm_cells.values().sum::<u64>(), 100);
+        // Segments: the top 20 % (vip + major) are customers 80..99, all detractors.
+        let vip = &v.segments["tier:vip"];
+        let major = &v.segments["tier:major"];
+        assert_eq!(vip.customers + major.customers, 20);
+        assert_eq!(major.nps, Some(-100.0));
+        // Customers 0..29 are promoters and in the small tier.
+        assert_eq!(v.segments["tier:small"].counters.surveys.promoters, 30);
+        let stages: u64 = v
+            .segments
+            .iter()
+            .filter(|(k, _)| k.starts_with("stage:"))
+            .map(|(_, s)| s.customers)
+            .sum();
+        assert_eq!(stages, 100);
     }
 }

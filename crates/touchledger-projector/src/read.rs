@@ -106,6 +106,29 @@ impl ReadModels {
 
     /// The population figures at `as_of` (one pass over every customer).
     pub fn population(&self, as_of: AsOf) -> Result<PopulationView, ProjectorError> {
+        Ok(self.population_builder(as_of)?.finish())
+    }
+
+    /// A customer's population-relative ranks at `as_of`: RFM quintile scores and pyramid
+    /// tier (one pass over every customer); `None` for a customer without purchases.
+    pub fn ranks(&self, customer: &str, as_of: AsOf) -> Result<Option<Ranks>, ProjectorError> {
+        let b = self.population_builder(as_of)?;
+        let rfm = b.rfm_scores().remove(customer);
+        let tier = b
+            .pyramid_ranking()
+            .into_iter()
+            .find(|(c, _, _)| c == customer)
+            .map(|(_, _, t)| t);
+        Ok(rfm.zip(tier).map(|((r, f, m), tier)| Ranks {
+            recency: r,
+            frequency: f,
+            monetary: m,
+            tier,
+        }))
+    }
+
+    /// Every customer visible at `as_of`, accumulated (not yet finished).
+    pub fn population_builder(&self, as_of: AsOf) -> Result<PopulationBuilder, ProjectorError> {
         let model = self.model(as_of)?;
         let mut b = PopulationBuilder::new(as_of, self.rules.population.clone(), &self.rules.churn);
         for r in self.customers() {
@@ -116,6 +139,19 @@ impl ReadModels {
             let views = self.rules.customer(&f, &f, &f, model.as_ref(), as_of);
             b.add(&id, &f, &views, &self.rules.satisfaction);
         }
-        Ok(b.finish())
+        Ok(b)
     }
+}
+
+/// A customer's population-relative ranks.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Ranks {
+    /// RFM recency score 1–5 (5 = most recent).
+    pub recency: u8,
+    /// RFM frequency score 1–5.
+    pub frequency: u8,
+    /// RFM monetary score 1–5.
+    pub monetary: u8,
+    /// Pyramid tier: vip, major, ordinary, small.
+    pub tier: &'static str,
 }

@@ -214,5 +214,18 @@ pub fn population(v: &PopulationView) -> v1::PopulationView {
                 count: *n,
             })
             .collect(),
+        segments: v
+            .segments
+            .iter()
+            .map(|(k, s)| v1::SegmentFigures {
+                segment: k.clone(),
+                customers: s.customers,
+                nps: s.nps,
+                csat_pct: s.csat_pct,
+                mean_c: s.mean_c,
+                complaints: s.counters.complaints,
+                complaint_rate_pct: s.complaint_rate_pct,
+            })
+            .collect(),
     }
 }
