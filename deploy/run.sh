@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The README's main command: build touchledger, make sure a NATS server with JetStream is
 # reachable (start a local one on the given port with its data in ./data/nats if none answers,
-# installing Debian's nats-server package if missing), then run `touchledger serve` on the
-# embedded sled store in ./data/ledger. Ctrl-C stops the ledger cleanly (and the NATS server this
-# script started).
+# installing Debian's nats-server package if missing), run `touchledger serve` on the embedded
+# sled store in ./data/ledger (ledger, read models, HTTP API and dashboard), start the seeded demo
+# traffic, and print the dashboard's URL. Ctrl-C stops everything cleanly (and the NATS server
+# this script started).
 #
 # Environment: TOUCHLEDGER_NATS_URL (default nats://127.0.0.1:4222), TOUCHLEDGER_DATA
-# (default ./data/ledger), and every other TOUCHLEDGER_* setting `touchledger serve --help` lists.
+# (default ./data/ledger), TOUCHLEDGER_HTTP_ADDR (default 127.0.0.1:8080), TOUCHLEDGER_DEMO
+# (default 1; 0 = no demo traffic), TOUCHLEDGER_DEMO_RATE (live events/s, default 1), and every
+# other TOUCHLEDGER_* setting `touchledger serve --help` lists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,5 +38,28 @@ else
 fi
 
 export TOUCHLEDGER_NATS_URL="$URL"
+export TOUCHLEDGER_HTTP_ADDR="${TOUCHLEDGER_HTTP_ADDR:-127.0.0.1:8080}"
 echo "touchledger serve: data $TOUCHLEDGER_DATA, NATS $URL (Ctrl-C to stop)"
-"$BIN" serve
+"$BIN" serve &
+SERVE_PID=$!
+DEMO_PID=""
+stop() {
+  [ -n "$DEMO_PID" ] && kill "$DEMO_PID" 2>/dev/null || true
+  kill -TERM "$SERVE_PID" 2>/dev/null || true
+  wait "$SERVE_PID" 2>/dev/null || true
+  [ -n "$NATS_PID" ] && kill "$NATS_PID" 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+for _ in $(seq 1 300); do
+  (exec 3<>"/dev/tcp/${TOUCHLEDGER_HTTP_ADDR%:*}/${TOUCHLEDGER_HTTP_ADDR##*:}") 2>/dev/null && break
+  kill -0 "$SERVE_PID" 2>/dev/null || { echo "touchledger serve exited; see the messages above" >&2; exit 1; }
+  sleep 0.1
+done
+if [ "${TOUCHLEDGER_DEMO:-1}" != "0" ]; then
+  "$BIN" demo --rate "${TOUCHLEDGER_DEMO_RATE:-1}" &
+  DEMO_PID=$!
+fi
+echo
+echo "dashboard: http://$TOUCHLEDGER_HTTP_ADDR/"
+echo
+wait "$SERVE_PID"

@@ -2,7 +2,8 @@
 # The README's test command: runs every unit and integration test of the workspace.
 # Integration tests use real sled directories in temp dirs and real nats-server processes that the
 # test kit starts on free ports (never the machine's shared server); nats-server is installed from
-# the distribution's packages if it is missing.
+# the distribution's packages if it is missing. Then the browser tests of the dashboard
+# (tests/browser/run.sh; screenshots in target/browser-artefacts/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,3 +14,5 @@ fi
 TOUCHLEDGER_NATS_SERVER="$(bash deploy/ensure-nats-server.sh)"
 export TOUCHLEDGER_NATS_SERVER
 cargo test --workspace --locked "$@"
+# The dashboard in headless Chromium (installs chromium and playwright-core when missing).
+bash tests/browser/run.sh

@@ -1,11 +1,13 @@
 //! touchledger's one integration-test binary: real sled directories in temp dirs (and, from the
 //! NATS service on, real `nats-server` instances started by the test kit). No mocks.
 
+mod audit;
 mod bgnbd;
 mod cli;
 mod crash;
 mod follow;
 mod fuzz;
+mod http;
 mod model;
 mod nats;
 mod projector;

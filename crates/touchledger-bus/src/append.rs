@@ -152,6 +152,10 @@ async fn handle(
     )
     .await
     .map_err(|e| nats_err("append task", e))??;
+    crate::count_outcomes("append", &outcomes);
+    for r in slots.iter().filter_map(|s| s.as_ref().err()) {
+        metrics::counter!("touchledger_rejections_total", "path" => "append", "code" => r.code.as_str()).increment(1);
+    }
     let outcomes = slots
         .into_iter()
         .map(|slot| match slot {

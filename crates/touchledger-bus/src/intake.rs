@@ -130,6 +130,7 @@ async fn process(
         }
     }
     let s = store.clone();
+    let started = std::time::Instant::now();
     let result = tokio::task::spawn_blocking(
         move || -> Result<Vec<AppendOutcome>, touchledger_store::StoreError> {
             s.record_rejections(undecodable)?;
@@ -138,6 +139,14 @@ async fn process(
     )
     .await
     .map_err(|e| nats_err("append task", e))?;
+    metrics::histogram!("touchledger_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("touchledger_ingest_batch_messages").record(messages.len() as f64);
+    if let Ok(outcomes) = &result {
+        crate::count_outcomes("intake", outcomes);
+    }
+    for r in slots.iter().filter_map(|s| s.as_ref().err()) {
+        metrics::counter!("touchledger_rejections_total", "code" => r.code.as_str(), "path" => "intake").increment(1);
+    }
     let outcomes = match result {
         Ok(o) => o,
         Err(e) => {

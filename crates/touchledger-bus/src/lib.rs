@@ -283,6 +283,23 @@ pub(crate) fn nats_err(what: &'static str, e: impl std::fmt::Display) -> BusErro
     }
 }
 
+/// Count append outcomes in the metrics (`touchledger_ingest_events_total{path, outcome}` and
+/// `touchledger_rejections_total{path, code}`).
+pub(crate) fn count_outcomes(path: &'static str, outcomes: &[touchledger_store::AppendOutcome]) {
+    for o in outcomes {
+        let outcome = match o {
+            touchledger_store::AppendOutcome::Rejected(_) => "rejected",
+            other => other.label(),
+        };
+        metrics::counter!("touchledger_ingest_events_total", "path" => path, "outcome" => outcome)
+            .increment(1);
+        if let touchledger_store::AppendOutcome::Rejected(r) = o {
+            metrics::counter!("touchledger_rejections_total", "path" => path, "code" => r.code.as_str())
+                .increment(1);
+        }
+    }
+}
+
 /// Check that the connected server is ≥ 2.9 (what this build is tested against).
 pub fn check_server(client: &async_nats::Client) -> Result<String, BusError> {
     let version = client.server_info().version;

@@ -144,13 +144,21 @@ impl Assessor {
         let stale = last_at.is_none_or(|t| {
             now.unix_nanos() - t.unix_nanos() >= self.cfg.reassert_after.as_nanos() as i64
         });
+        metrics::counter!("touchledger_assessments_evaluated_total").increment(1);
         let changed = view.level != previous;
         let reassert = view.level >= ChurnLevel::Watch && stale;
         if !(changed || reassert) {
             return Ok(None);
         }
         let event = Event {
-            event_id: format!("assess-{customer}-{}", now.unix_nanos()),
+            // Unique per (customer, instant, transition): a retry of the same assessment is a
+            // duplicate, never a conflict.
+            event_id: format!(
+                "assess-{customer}-{}-{}-{}",
+                now.unix_nanos(),
+                views::name(&previous),
+                views::name(&view.level)
+            ),
             customer_id: customer.to_owned(),
             occurred_at: now,
             source: LEDGER_SOURCE.into(),
@@ -187,11 +195,13 @@ impl Assessor {
             .unwrap_or_else(|p| p.into_inner())
             .insert(customer.to_owned(), (view.level, position, now));
         tracing::info!(customer, from = ?previous, to = ?view.level, position, "churn level assessed");
+        metrics::counter!("touchledger_assessments_recorded_total", "changed" => if changed { "true" } else { "false" }).increment(1);
         Ok(changed.then(|| (self.cfg.subjects.alert(customer), bytes)))
     }
 
     /// Assess every customer due by `now`. Returns the alerts.
     fn sweep(&self, now: Timestamp) -> Result<Vec<Outgoing>, BusError> {
+        metrics::counter!("touchledger_assessor_sweeps_total").increment(1);
         let mut alerts = Vec::new();
         loop {
             let due = self.due.due(now, 1000)?;
@@ -425,6 +435,9 @@ pub async fn run_views(
                 break;
             }
             Some(change) = rx.recv() => {
+                let lag = store.head().position.saturating_sub(change.checkpoint);
+                metrics::gauge!("touchledger_projection_lag", "projection" => change.projection).set(lag as f64);
+                metrics::gauge!("touchledger_projection_checkpoint", "projection" => change.projection).set(change.checkpoint as f64);
                 let (reads, assessor, subjects, now) = (reads.clone(), assessor.clone(), cfg.subjects.clone(), (cfg.clock)());
                 Box::new(move || {
                     let mut out = Vec::new();
@@ -474,6 +487,9 @@ pub async fn run_views(
             }
         };
         for (subject, bytes) in out {
+            if subject.contains(".alert.churn.") {
+                metrics::counter!("touchledger_churn_alerts_total").increment(1);
+            }
             if let Err(e) = client.publish(subject, bytes.into()).await {
                 tracing::warn!(error = %e, "view publish failed");
             }

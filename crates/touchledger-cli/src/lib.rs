@@ -15,9 +15,12 @@
 //! | 4 | `append` finished, but some input was rejected (see the summary and `rejections`) |
 //! | 5 | the data directory cannot be used: locked, other format version, not a ledger |
 
+pub mod audit;
+pub mod demo;
 pub mod generate;
 pub mod models;
 pub mod remote;
+mod rng;
 pub mod serve;
 
 use std::collections::BTreeMap;
@@ -156,6 +159,12 @@ enum Command {
         /// Hours between scheduled BG/NBD refits (0 = only on demand, `touchledger fit`).
         #[arg(long, env = "TOUCHLEDGER_REFIT_HOURS", default_value_t = 24)]
         refit_hours: u64,
+        /// HTTP API and dashboard address (loopback by default).
+        #[arg(long, env = "TOUCHLEDGER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+        http_addr: std::net::SocketAddr,
+        /// Require `Authorization: Bearer <token>` on the HTTP API, dashboard and metrics.
+        #[arg(long, env = "TOUCHLEDGER_HTTP_TOKEN", hide_env_values = true)]
+        http_token: Option<String>,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -222,10 +231,42 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Recompute the hash chain and check every index.
+    /// Recompute the hash chain and check every index (of the data directory, or of an
+    /// exported file with `--export`); with `--checkpoint POSITION:HASH`, also prove that the
+    /// history up to that published checkpoint is unchanged.
     Verify {
         #[command(flatten)]
         data: DataArgs,
+        /// A checkpoint to check against, as `POSITION:HASH` (from `crm.ledger.checkpoint`,
+        /// `touchledger stats`, or an auditor's records).
+        #[arg(long)]
+        checkpoint: Option<audit::CheckpointArg>,
+        /// Verify this exported file (from position 1) instead of the data directory.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// Format of the exported file.
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+    },
+    /// Write the history (or a filtered part of it) to a file for auditors: per record the
+    /// position, customer version, recorded_at, hash, prev_hash and the event. A full export
+    /// can be verified on its own with `verify --export FILE --checkpoint POSITION:HASH`.
+    Export {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// Output file (`-` = standard output).
+        #[arg(long)]
+        out: PathBuf,
+        /// Export from a running ledger over NATS instead of the data directory.
+        #[arg(long)]
+        remote: bool,
+        #[command(flatten)]
+        nats: serve::NatsArgs,
     },
     /// Counts: events by kind, customers, checkpoints, rejections, disk size.
     Stats {
@@ -255,6 +296,27 @@ enum Command {
         /// Events per atomic projection commit.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+    },
+    /// Publish realistic, seeded synthetic touchpoints over NATS: a backfilled history, then
+    /// a live tail, so that every read model, chart and alert has something to show.
+    Demo {
+        #[command(flatten)]
+        nats: serve::NatsArgs,
+        /// Customers simulated.
+        #[arg(long, default_value_t = 500)]
+        customers: u64,
+        /// PRNG seed (same seed, same day: the same events, stored once).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Days of history backfilled first.
+        #[arg(long, default_value_t = 180)]
+        history_days: u32,
+        /// Live events per second after the backfill (0 = backfill only).
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        /// Stop the live tail after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration_secs: Option<u64>,
     },
     /// Reset the read-model projections and fold the whole log again.
     Rebuild {
@@ -451,6 +513,8 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             ack_wait_secs,
             sweep_secs,
             refit_hours,
+            http_addr,
+            http_token,
         } => {
             let store = open(&data)?;
             let timing = serve::Timing {
@@ -461,6 +525,8 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 sweep: std::time::Duration::from_secs(sweep_secs.max(1)),
                 refit: (refit_hours > 0)
                     .then(|| std::time::Duration::from_secs(refit_hours * 3600)),
+                http_addr,
+                http_token,
             };
             serve::serve(store, &nats, batch, timing, views)?;
             Ok(EXIT_OK)
@@ -498,8 +564,39 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             customer,
             count,
         } => remote::tail(&nats, kind, customer, count, out),
-        Command::Verify { data } => {
+        Command::Verify {
+            data,
+            checkpoint,
+            export,
+            format,
+        } => {
+            if let Some(file) = export {
+                let check = audit::check_export(&file, format, checkpoint)?;
+                return audit::report_export(&check, checkpoint, out);
+            }
             let store = open(&data)?;
+            if let Some(c) = checkpoint {
+                match store.get(c.position)? {
+                    None => {
+                        writeln!(
+                            out,
+                            "FAILED at position {}: the ledger ends at {}, before the checkpoint",
+                            c.position,
+                            store.head().position
+                        )?;
+                        return Ok(EXIT_VERIFY_FAILED);
+                    }
+                    Some(r) if r.hash != c.hash => {
+                        writeln!(
+                            out,
+                            "FAILED at position {}: hash {} differs from the checkpoint's {}",
+                            c.position, r.hash, c.hash
+                        )?;
+                        return Ok(EXIT_VERIFY_FAILED);
+                    }
+                    Some(_) => {}
+                }
+            }
             match store.verify()? {
                 VerifyReport::Ok {
                     events,
@@ -512,6 +609,13 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                         "OK: {events} events, {customers} customers, {checkpoints} checkpoints; head position {} hash {}",
                         head.position, head.hash
                     )?;
+                    if let Some(c) = checkpoint {
+                        writeln!(
+                            out,
+                            "checkpoint {}:{} matches: the history up to it is unchanged",
+                            c.position, c.hash
+                        )?;
+                    }
                     Ok(EXIT_OK)
                 }
                 VerifyReport::Failed { position, problem } => {
@@ -593,6 +697,53 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             serve::project(&projections, &nats, batch)?;
             Ok(EXIT_OK)
         }
+        Command::Export {
+            data,
+            filter,
+            format,
+            out: path,
+            remote,
+            nats,
+        } => {
+            let to_stdout = path.as_os_str() == "-";
+            let mut file: Box<dyn Write> = if to_stdout {
+                Box::new(&mut *out)
+            } else {
+                Box::new(
+                    File::create(&path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )
+            };
+            let code = if remote {
+                remote::replay(&nats, &filter, format, &mut *file)?
+            } else {
+                replay(&data, &filter, format, &mut *file)?
+            };
+            drop(file);
+            if !to_stdout {
+                File::open(&path)?.sync_all()?;
+                writeln!(out, "exported to {}", path.display())?;
+            }
+            Ok(code)
+        }
+        Command::Demo {
+            nats,
+            customers,
+            seed,
+            history_days,
+            rate,
+            duration_secs,
+        } => demo::demo(
+            &nats,
+            &demo::DemoSpec {
+                customers: customers.max(1),
+                seed,
+                history_days,
+                rate,
+                duration: duration_secs.map(std::time::Duration::from_secs),
+            },
+            out,
+        ),
         Command::Rebuild { data } => {
             models::rebuild(&open(&data)?, out)?;
             Ok(EXIT_OK)

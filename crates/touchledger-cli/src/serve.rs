@@ -79,7 +79,20 @@ impl NatsArgs {
         let mut o = async_nats::ConnectOptions::new()
             .name("touchledger")
             .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5));
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        metrics::counter!("touchledger_nats_connects_total").increment(1);
+                        tracing::info!("NATS connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics::counter!("touchledger_nats_disconnects_total").increment(1);
+                        tracing::warn!("NATS disconnected; reconnecting");
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            });
         match (&self.user, &self.password) {
             (Some(u), Some(p)) => o = o.user_and_password(u.clone(), p.clone()),
             (None, None) => {}
@@ -136,12 +149,16 @@ pub struct Timing {
 }
 
 /// Read-model service settings from the command line.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ViewTiming {
     /// Assessor sweep interval.
     pub sweep: Duration,
     /// Scheduled refit interval (`None` = on demand only).
     pub refit: Option<Duration>,
+    /// HTTP listen address.
+    pub http_addr: std::net::SocketAddr,
+    /// HTTP bearer token.
+    pub http_token: Option<String>,
 }
 
 /// Run the service until SIGINT/SIGTERM: the ledger (intake, synchronous append, feed,
@@ -177,12 +194,48 @@ pub fn serve(
             refit_every: views.refit,
             ..touchledger_bus::ViewConfig::default()
         };
-        let (ledger, read_models) = tokio::join!(
+        let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
+        {
+            Ok(handle) => {
+                Some(Arc::new(move || handle.render()) as Arc<dyn Fn() -> String + Send + Sync>)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed");
+                None
+            }
+        };
+        let reads = Arc::new(touchledger_projector::ReadModels::open(
+            &store,
+            view_cfg.rules.clone(),
+        )?);
+        let http_cfg = touchledger_http::HttpConfig {
+            addr: views.http_addr,
+            token: views.http_token.clone(),
+            prefix: nats.prefix.clone(),
+            metrics,
+            ..touchledger_http::HttpConfig::default()
+        };
+        let http = {
+            let shutdown = shutdown.clone();
+            let (store, client) = (store.clone(), client.clone());
+            async move {
+                let r =
+                    touchledger_http::run_http(store, reads, client, http_cfg, shutdown.clone())
+                        .await;
+                if r.is_err() {
+                    shutdown.cancel();
+                }
+                r
+            }
+        };
+        let (ledger, read_models, http) = tokio::join!(
             touchledger_bus::run_ledger(client.clone(), store.clone(), cfg, shutdown.clone()),
             touchledger_bus::run_views(client, store, view_cfg, shutdown.clone()),
+            http,
         );
         ledger?;
         read_models?;
+        http?;
         Ok(())
     })
 }

@@ -184,6 +184,8 @@ pub struct PopulationView {
     pub customers: u64,
     /// Customers with a purchase.
     pub buyers: u64,
+    /// Buyers active at `as_of` (bought, and not lost).
+    pub active: u64,
     /// NPS over the reported months.
     pub nps: Option<f64>,
     /// CSAT % over the reported months.
@@ -664,10 +666,12 @@ impl PopulationBuilder {
             *rfm_cells.entry(format!("{r}{f}{m}")).or_default() += 1;
         }
         let buyers = self.rows.iter().filter(|r| !r.days.is_empty()).count() as u64;
+        let active = self.rows.iter().filter(|r| self.active(r, today)).count() as u64;
         PopulationView {
             as_of: self.as_of,
             customers: self.customers,
             buyers,
+            active,
             nps: totals.surveys.nps_score(),
             csat_pct: totals.surveys.csat_pct(),
             mean_ces: totals.surveys.mean_ces(),

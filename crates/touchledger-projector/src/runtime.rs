@@ -35,7 +35,8 @@ pub struct Change {
 
 /// Fold the ledger into `projectors` until `shutdown`: catch up from their checkpoints, then
 /// follow the head (woken by the store's commit notifications, no polling). Each batch's
-/// changes are sent on `changes` (if given; a full channel applies back-pressure).
+/// changes (one per projection, with its new checkpoint, possibly no customers) are sent on
+/// `changes` (if given; a full channel applies back-pressure).
 pub async fn run_in_process<S: EventStore + 'static>(
     store: Arc<S>,
     mut projectors: Vec<Projector>,
@@ -100,10 +101,8 @@ pub async fn run_in_process<S: EventStore + 'static>(
             }
         };
         if let Some(tx) = &changes {
-            for c in batch_changes
-                .into_iter()
-                .filter(|c| !c.customers.is_empty())
-            {
+            // Empty changes too: they carry the new checkpoint (projection lag metrics).
+            for c in batch_changes {
                 if tx.send(c).await.is_err() {
                     break;
                 }

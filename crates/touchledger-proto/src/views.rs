@@ -150,6 +150,7 @@ pub fn population(v: &PopulationView) -> v1::PopulationView {
         axis: axis(v.as_of),
         customers: v.customers,
         buyers: v.buyers,
+        active: v.active,
         nps: v.nps,
         csat_pct: v.csat_pct,
         mean_ces: v.mean_ces,

@@ -1,0 +1,261 @@
+//! Audit commands: `export` (the history as JSON lines or CSV, from a data directory or over
+//! NATS) and the checks behind `verify --checkpoint` and `verify --export`.
+//!
+//! Key decision: an export carries, per record, everything its hash covers — position,
+//! customer version, `recorded_at`, `prev_hash` and the event — so an auditor can recompute the
+//! chain from the file alone: the stored record bytes are the canonical protobuf encoding of
+//! those fields (`Committed::record_bytes`), and `hash = BLAKE3(prev_hash ‖ record bytes)`.
+//! Changing anything in an exported record changes its recomputed hash; removing or reordering
+//! records breaks the positions or the links; and the last hash must match a checkpoint that
+//! was published (on `<prefix>.ledger.checkpoint`) or stored independently.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Deserialize;
+use touchledger_domain::{Event, Timestamp};
+use touchledger_store::{Committed, Hash};
+
+use crate::Format;
+
+/// A checkpoint given on the command line as `POSITION:HASH`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointArg {
+    /// Position.
+    pub position: u64,
+    /// Chain hash at that position.
+    pub hash: Hash,
+}
+
+impl std::str::FromStr for CheckpointArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (p, h) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected POSITION:HASH"))?;
+        let position = p.parse().map_err(|_| format!("{p:?} is not a position"))?;
+        let hash = hex::decode(h)
+            .ok()
+            .and_then(|b| Hash::from_slice(&b))
+            .ok_or_else(|| format!("{h:?} is not a 64-digit hex hash"))?;
+        Ok(CheckpointArg { position, hash })
+    }
+}
+
+#[derive(Deserialize)]
+struct ExportLine {
+    position: u64,
+    customer_version: u64,
+    recorded_at: Timestamp,
+    hash: String,
+    prev_hash: String,
+    event: Event,
+}
+
+#[derive(Deserialize)]
+struct CsvLine {
+    position: u64,
+    customer_version: u64,
+    recorded_at: Timestamp,
+    hash: String,
+    prev_hash: String,
+    event_json: String,
+}
+
+/// The outcome of checking an export.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExportCheck {
+    /// Every record's hash recomputes, the links hold, positions are gapless from 1, and the
+    /// checkpoint (if given) matches.
+    Ok {
+        /// Records checked.
+        records: u64,
+        /// Last position.
+        last: u64,
+        /// Its hash.
+        hash: Hash,
+    },
+    /// The first problem found.
+    Failed {
+        /// Where (line number in the file).
+        line: u64,
+        /// Position of the record, if readable.
+        position: Option<u64>,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn hash_of(s: &str) -> Option<Hash> {
+    hex::decode(s).ok().and_then(|b| Hash::from_slice(&b))
+}
+
+/// Recompute the hash chain of an exported history (it must start at position 1) and check it
+/// against `checkpoint`.
+pub fn check_export(
+    file: &Path,
+    format: Format,
+    checkpoint: Option<CheckpointArg>,
+) -> anyhow::Result<ExportCheck> {
+    let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let reader = BufReader::with_capacity(1 << 20, f);
+    let mut prev = Hash::ZERO;
+    let mut expected = 1u64;
+    let mut records = 0u64;
+    let mut at_checkpoint = None;
+    let fail = |line: u64, position: Option<u64>, problem: String| ExportCheck::Failed {
+        line,
+        position,
+        problem,
+    };
+    let mut rows: Box<dyn Iterator<Item = anyhow::Result<(u64, ExportLine)>>> = match format {
+        Format::Jsonl => Box::new(reader.lines().enumerate().filter_map(|(i, l)| {
+            let n = i as u64 + 1;
+            match l {
+                Err(e) => Some(Err(e.into())),
+                Ok(l) if l.trim().is_empty() => None,
+                Ok(l) => Some(
+                    serde_json::from_str::<ExportLine>(&l)
+                        .map(|x| (n, x))
+                        .map_err(|e| anyhow::anyhow!("line {n}: {e}")),
+                ),
+            }
+        })),
+        Format::Csv => {
+            let csv = csv::Reader::from_reader(reader);
+            Box::new(csv.into_deserialize::<CsvLine>().enumerate().map(|(i, r)| {
+                let n = i as u64 + 2;
+                let r = r.map_err(|e| anyhow::anyhow!("line {n}: {e}"))?;
+                let event: Event = serde_json::from_str(&r.event_json)
+                    .map_err(|e| anyhow::anyhow!("line {n}: event_json: {e}"))?;
+                Ok((
+                    n,
+                    ExportLine {
+                        position: r.position,
+                        customer_version: r.customer_version,
+                        recorded_at: r.recorded_at,
+                        hash: r.hash,
+                        prev_hash: r.prev_hash,
+                        event,
+                    },
+                ))
+            }))
+        }
+    };
+    for row in &mut rows {
+        let (n, r) = match row {
+            Ok(x) => x,
+            Err(e) => return Ok(fail(0, None, format!("unreadable record: {e:#}"))),
+        };
+        let p = Some(r.position);
+        if r.position != expected {
+            return Ok(fail(
+                n,
+                p,
+                format!(
+                    "position {} where {expected} was expected (records removed, added or reordered; an export must start at position 1)",
+                    r.position
+                ),
+            ));
+        }
+        let (Some(hash), Some(prev_hash)) = (hash_of(&r.hash), hash_of(&r.prev_hash)) else {
+            return Ok(fail(n, p, "hash or prev_hash is not 64 hex digits".into()));
+        };
+        if prev_hash != prev {
+            return Ok(fail(
+                n,
+                p,
+                format!("prev_hash {prev_hash} does not link to the previous record's hash {prev}"),
+            ));
+        }
+        let record = Committed {
+            position: r.position,
+            customer_version: r.customer_version,
+            recorded_at: r.recorded_at,
+            prev_hash,
+            hash,
+            event: r.event,
+        }
+        .record_bytes();
+        let mut h = blake3::Hasher::new();
+        h.update(&prev.0);
+        h.update(&record);
+        let computed = Hash(*h.finalize().as_bytes());
+        if computed != hash {
+            return Ok(fail(
+                n,
+                p,
+                format!("content does not match its hash: recomputed {computed}, recorded {hash}"),
+            ));
+        }
+        if let Some(c) = checkpoint
+            && c.position == r.position
+        {
+            if c.hash != hash {
+                return Ok(fail(
+                    n,
+                    p,
+                    format!("hash {hash} differs from the checkpoint's {}", c.hash),
+                ));
+            }
+            at_checkpoint = Some(());
+        }
+        prev = hash;
+        expected += 1;
+        records += 1;
+    }
+    if let Some(c) = checkpoint
+        && at_checkpoint.is_none()
+    {
+        return Ok(fail(
+            0,
+            None,
+            format!(
+                "the export ends at position {} before the checkpoint at {}",
+                expected - 1,
+                c.position
+            ),
+        ));
+    }
+    Ok(ExportCheck::Ok {
+        records,
+        last: expected - 1,
+        hash: prev,
+    })
+}
+
+/// Print an export check; returns the exit code.
+pub fn report_export(
+    check: &ExportCheck,
+    checkpoint: Option<CheckpointArg>,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    match check {
+        ExportCheck::Ok {
+            records,
+            last,
+            hash,
+        } => {
+            write!(
+                out,
+                "OK: {records} exported records recompute to head position {last} hash {hash}"
+            )?;
+            if let Some(c) = checkpoint {
+                write!(out, "; matches checkpoint {}:{}", c.position, c.hash)?;
+            }
+            writeln!(out)?;
+            Ok(crate::EXIT_OK)
+        }
+        ExportCheck::Failed {
+            line,
+            position,
+            problem,
+        } => {
+            let at = position.map_or_else(String::new, |p| format!(" at position {p}"));
+            writeln!(out, "FAILED (line {line}){at}: {problem}")?;
+            Ok(crate::EXIT_VERIFY_FAILED)
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! The HTTP API (JSON) and the embedded web dashboard, served by `touchledger serve`.
+//!
+//! Key decisions:
+//! * Every read takes `as_of` (RFC 3339 or `YYYY-MM-DD`, default now) and `axis` (`business`
+//!   or `knowledge`) and is evaluated by the same `ReadModels` as the NATS queries, so the
+//!   dashboard, `touchledger query` and `crm.query.*` always agree.
+//! * The live feed (Server-Sent Events) is a bridge from the NATS subjects
+//!   (`<prefix>.view.>` → `view` events naming the model and customer; `<prefix>.alert.churn.>` →
+//!   `alert` events carrying the `ChurnRiskAssessed` event as JSON), so HTTP clients see exactly
+//!   what NATS subscribers see.
+//! * Binds to loopback by default. With a bearer token configured, everything but `/healthz`
+//!   and `/readyz` requires `Authorization: Bearer <token>` (or `?access_token=` for
+//!   `EventSource`, which cannot set headers; and for the dashboard page itself).
+//! * Bad parameters get a 400 with a message naming the parameter; reads run on
+//!   `spawn_blocking` (sled).
+//! * The dashboard's assets are compiled into the binary (`include_str!`): no CDN, no internet.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use touchledger_domain::facts::{AsOf, Axis};
+use touchledger_domain::{ChurnLevel, Event, Timestamp};
+use touchledger_projector::ReadModels;
+use touchledger_store::{EventStore, ReadFilter, SledStore};
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const OPENAPI: &str = include_str!("../assets/openapi.json");
+
+/// HTTP settings. Defaults are documented per field.
+#[derive(Clone)]
+pub struct HttpConfig {
+    /// Listen address. Default `127.0.0.1:8080` (loopback only).
+    pub addr: SocketAddr,
+    /// Bearer token required on the API, the dashboard and `/metrics`; `None` = open.
+    pub token: Option<String>,
+    /// NATS subject prefix of the live feed. Default `crm`.
+    pub prefix: String,
+    /// `/readyz` answers 503 while any projection is more than this many positions behind
+    /// the log. Default 1000.
+    pub ready_max_lag: u64,
+    /// Renders the Prometheus exposition for `/metrics` (installed by the binary).
+    pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// The service clock (default now). Tests substitute.
+    pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: None,
+            prefix: "crm".into(),
+            ready_max_lag: 1000,
+            metrics: None,
+            clock: Arc::new(Timestamp::now),
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpConfig {
+    /// The token is redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("prefix", &self.prefix)
+            .field("ready_max_lag", &self.ready_max_lag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the HTTP server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The address could not be bound (in use, or not permitted).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The server failed while running.
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+struct AppState {
+    store: Arc<SledStore>,
+    reads: Arc<ReadModels>,
+    client: async_nats::Client,
+    cfg: HttpConfig,
+}
+
+/// A JSON error response.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "HTTP read failed");
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn as_of(q: &HashMap<String, String>, now: Timestamp) -> Result<AsOf, ApiError> {
+    let at = match q.get("as_of").map(String::as_str) {
+        None | Some("") => now,
+        Some(s) => s.parse().map_err(|e| {
+            bad(format!(
+                "as_of: {e} (use RFC 3339, e.g. 2026-03-03T12:00:00Z, or YYYY-MM-DD)"
+            ))
+        })?,
+    };
+    let axis = match q.get("axis").map(String::as_str) {
+        None | Some("") | Some("business") => Axis::Business,
+        Some("knowledge") => Axis::Knowledge,
+        Some(other) => return Err(bad(format!("axis: {other:?} is not business or knowledge"))),
+    };
+    Ok(AsOf { at, axis })
+}
+
+fn number(q: &HashMap<String, String>, key: &str, default: u64, max: u64) -> Result<u64, ApiError> {
+    match q.get(key) {
+        None => Ok(default),
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(bad(format!("{key}: {v:?} is not a number in 1..={max}"))),
+        },
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+/// `GET /api/v1/customers/{id}`: the three read models, ranks and the timeline.
+async fn customer(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Json<Value>, ApiError> {
+    let at = as_of(&q, (s.cfg.clock)())?;
+    let limit = number(&q, "limit", 200, 10_000)? as usize;
+    blocking(move || {
+        let Some(views) = s.reads.customer(&id, at).map_err(internal)? else {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no touchpoints of customer {id:?} at {} ({:?} axis)",
+                    at.at, at.axis
+                ),
+            ));
+        };
+        let mut timeline = Vec::new();
+        for c in s.store.read(&ReadFilter {
+            customer: Some(id.clone()),
+            ..Default::default()
+        }) {
+            let c = c.map_err(internal)?;
+            let visible = c.event.occurred_at <= at.at
+                && (at.axis == Axis::Business || c.recorded_at <= at.at);
+            if visible {
+                timeline.push(json!({
+                    "position": c.position,
+                    "customer_version": c.customer_version,
+                    "recorded_at": c.recorded_at,
+                    "kind": c.event.kind().as_str(),
+                    "event": c.event,
+                }));
+            }
+        }
+        // Newest business time first, capped.
+        timeline.sort_by(|a, b| {
+            b["event"]["occurred_at"]
+                .as_str()
+                .cmp(&a["event"]["occurred_at"].as_str())
+        });
+        let total = timeline.len();
+        timeline.truncate(limit);
+        let ranks = s.reads.ranks(&id, at).map_err(internal)?;
+        Ok(Json(json!({
+            "customer_id": id,
+            "as_of": at.at,
+            "axis": at.axis,
+            "satisfaction": views.satisfaction,
+            "loyalty": views.loyalty,
+            "churn": views.churn,
+            "ranks": ranks,
+            "timeline_total": total,
+            "timeline": timeline,
+        })))
+    })
+    .await
+}
+
+#[derive(Serialize)]
+struct AtRiskRow {
+    customer_id: String,
+    level: ChurnLevel,
+    score: f64,
+    probable_cause: Option<touchledger_domain::LeavingReason>,
+    since: Option<Timestamp>,
+    value_at_risk_minor: i64,
+    currency: String,
+    reasons: Vec<touchledger_domain::RiskReason>,
+}
+
+fn level_of(s: &str) -> Option<ChurnLevel> {
+    Some(match s {
+        "none" => ChurnLevel::None,
+        "watch" => ChurnLevel::Watch,
+        "warning" => ChurnLevel::Warning,
+        "critical" => ChurnLevel::Critical,
+        "lost" => ChurnLevel::Lost,
+        _ => return None,
+    })
+}
+
+/// `GET /api/v1/at-risk`: customers at or above `min_level` (default watch), optionally only
+/// `level`, `cause` and `reason`, sorted and paginated.
+async fn at_risk(
+    State(s): State<Arc<AppState>>,
+    Query(q): Params,
+) -> Result<Json<Value>, ApiError> {
+    let at = as_of(&q, (s.cfg.clock)())?;
+    let min_level = match q.get("min_level") {
+        None => ChurnLevel::Watch,
+        Some(l) => level_of(l).ok_or_else(|| {
+            bad(format!(
+                "min_level: {l:?} is not none, watch, warning, critical or lost"
+            ))
+        })?,
+    };
+    let level = match q.get("level") {
+        None => None,
+        Some(l) => Some(level_of(l).ok_or_else(|| {
+            bad(format!(
+                "level: {l:?} is not none, watch, warning, critical or lost"
+            ))
+        })?),
+    };
+    let cause = q.get("cause").cloned();
+    if let Some(c) = &cause
+        && ![
+            "natural",
+            "need_change",
+            "competitor",
+            "disappointment",
+            "unknown",
+        ]
+        .contains(&c.as_str())
+    {
+        return Err(bad(format!(
+            "cause: {c:?} is not natural, need_change, competitor, disappointment or unknown"
+        )));
+    }
+    let reason = q.get("reason").cloned();
+    let sort = q.get("sort").cloned().unwrap_or_else(|| "score".into());
+    if !["score", "value", "since", "customer", "level"].contains(&sort.as_str()) {
+        return Err(bad(format!(
+            "sort: {sort:?} is not score, value, since, customer or level"
+        )));
+    }
+    let ascending = match q.get("order").map(String::as_str) {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(o) => return Err(bad(format!("order: {o:?} is not asc or desc"))),
+    };
+    let page = number(&q, "page", 1, u64::MAX)?;
+    let per_page = number(&q, "per_page", 50, 500)?;
+    blocking(move || {
+        let model = s.reads.model(at).map_err(internal)?;
+        let rules = &s.reads.rules.churn;
+        let mut rows = Vec::new();
+        for r in s.reads.customers() {
+            let (id, facts) = r.map_err(internal)?;
+            if !facts.has_touchpoints(at) {
+                continue;
+            }
+            let v = rules.evaluate(&facts, model.as_ref(), at);
+            if v.level < min_level || level.is_some_and(|l| l != v.level) {
+                continue;
+            }
+            let cause_name = v
+                .probable_cause
+                .map_or("unknown", touchledger_domain::population::cause_name);
+            if cause.as_deref().is_some_and(|c| c != cause_name) {
+                continue;
+            }
+            if reason
+                .as_deref()
+                .is_some_and(|code| !v.reasons.iter().any(|r| r.code == code))
+            {
+                continue;
+            }
+            rows.push(AtRiskRow {
+                customer_id: id,
+                level: v.level,
+                score: v.score,
+                probable_cause: v.probable_cause,
+                since: v.since,
+                value_at_risk_minor: v.value_at_risk_minor,
+                currency: v.currency,
+                reasons: v.reasons,
+            });
+        }
+        rows.sort_by(|a, b| {
+            let o = match sort.as_str() {
+                "value" => a.value_at_risk_minor.cmp(&b.value_at_risk_minor),
+                "since" => a.since.cmp(&b.since),
+                "customer" => a.customer_id.cmp(&b.customer_id),
+                "level" => a.level.cmp(&b.level).then(a.score.total_cmp(&b.score)),
+                _ => a.score.total_cmp(&b.score).then(a.level.cmp(&b.level)),
+            }
+            .then_with(|| a.customer_id.cmp(&b.customer_id));
+            if ascending { o } else { o.reverse() }
+        });
+        let total = rows.len();
+        let start = ((page - 1) * per_page) as usize;
+        let items: Vec<AtRiskRow> = rows
+            .into_iter()
+            .skip(start)
+            .take(per_page as usize)
+            .collect();
+        Ok(Json(json!({
+            "as_of": at.at,
+            "axis": at.axis,
+            "total": total,
+            "page": page,
+            "per_page": per_page,
+            "items": items,
+        })))
+    })
+    .await
+}
+
+/// `GET /api/v1/overview`: the population read model.
+async fn overview(
+    State(s): State<Arc<AppState>>,
+    Query(q): Params,
+) -> Result<Json<Value>, ApiError> {
+    let at = as_of(&q, (s.cfg.clock)())?;
+    blocking(move || {
+        let p = s.reads.population(at).map_err(internal)?;
+        serde_json::to_value(&p).map(Json).map_err(internal)
+    })
+    .await
+}
+
+/// `GET /healthz`: the process is up.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: 200 once every projection is within `ready_max_lag` positions of the log.
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let head = s.store.head().position;
+    match s.reads.checkpoints() {
+        Ok(cps) => {
+            let lag = cps
+                .iter()
+                .map(|c| head.saturating_sub(*c))
+                .max()
+                .unwrap_or(0);
+            let ready = lag <= s.cfg.ready_max_lag;
+            let body = json!({
+                "ready": ready,
+                "head": head,
+                "checkpoints": { "satisfaction": cps[0], "loyalty": cps[1], "churn": cps[2] },
+                "lag": lag,
+            });
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (code, Json(body)).into_response()
+        }
+        Err(e) => internal(e).into_response(),
+    }
+}
+
+/// `GET /metrics`: the Prometheus exposition.
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    match &s.cfg.metrics {
+        Some(render) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            render(),
+        )
+            .into_response(),
+        None => ApiError(StatusCode::NOT_FOUND, "metrics are not enabled".into()).into_response(),
+    }
+}
+
+/// `GET /api/v1/events`: Server-Sent Events bridged from NATS.
+async fn events(
+    State(s): State<Arc<AppState>>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let prefix = s.cfg.prefix.clone();
+    let views = s
+        .client
+        .subscribe(format!("{prefix}.view.>"))
+        .await
+        .map_err(internal)?;
+    let alerts = s
+        .client
+        .subscribe(format!("{prefix}.alert.churn.>"))
+        .await
+        .map_err(internal)?;
+    let stream = futures::stream::select(views, alerts).filter_map(move |m| {
+        let prefix = prefix.clone();
+        async move {
+            let rest = m
+                .subject
+                .as_str()
+                .strip_prefix(&format!("{prefix}."))?
+                .to_owned();
+            let mut parts = rest.splitn(3, '.');
+            let ev = match (parts.next(), parts.next(), parts.next()) {
+                (Some("view"), Some(model), Some(customer)) => SseEvent::default()
+                    .event("view")
+                    .data(json!({ "model": model, "customer_id": customer }).to_string()),
+                (Some("alert"), Some("churn"), Some(_)) => {
+                    let env = touchledger_proto::v1::Envelope::decode(m.payload.as_ref()).ok()?;
+                    let e = Event::try_from(env).ok()?;
+                    SseEvent::default()
+                        .event("alert")
+                        .data(serde_json::to_string(&e).ok()?)
+                }
+                _ => return None,
+            };
+            Some(Ok(ev))
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn auth(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &s.cfg.token else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(req).await;
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query_token = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("access_token="))
+            .map(str::to_owned)
+    });
+    let ok = bearer == Some(token.as_str()) || query_token.as_deref() == Some(token.as_str());
+    if ok {
+        next.run(req).await
+    } else {
+        let mut r = ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required".into(),
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    }
+}
+
+/// The router (exposed for tests).
+pub fn router(
+    store: Arc<SledStore>,
+    reads: Arc<ReadModels>,
+    client: async_nats::Client,
+    cfg: HttpConfig,
+) -> Router {
+    let state = Arc::new(AppState {
+        store,
+        reads,
+        client,
+        cfg,
+    });
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/customers/{id}", get(customer))
+        .route("/api/v1/at-risk", get(at_risk))
+        .route("/api/v1/overview", get(overview))
+        .route("/api/v1/events", get(events))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such resource".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// Serve HTTP until `shutdown`.
+pub async fn run_http(
+    store: Arc<SledStore>,
+    reads: Arc<ReadModels>,
+    client: async_nats::Client,
+    cfg: HttpConfig,
+    shutdown: CancellationToken,
+) -> Result<(), HttpError> {
+    let addr = cfg.addr;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    tracing::info!(%addr, "HTTP listening");
+    let app = router(store, reads, client, cfg);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(HttpError::Serve)
+}

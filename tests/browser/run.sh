@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Browser tests of the dashboard (part of deploy/test.sh): starts a private nats-server (free
+# port, temp dir) and `touchledger serve` on a temp data directory, publishes seeded demo
+# traffic, then drives headless Chromium with playwright-core (tests/browser/dashboard.mjs).
+# Installs Debian's chromium and the npm package when missing. Screenshots are kept in
+# target/browser-artefacts/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root="$PWD"
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "chromium not found; installing Debian's chromium package" >&2
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >&2
+fi
+if ! command -v curl >/dev/null 2>&1; then
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >&2
+fi
+if ! command -v node >/dev/null 2>&1; then
+  echo "node not found; installing Debian's nodejs and npm packages" >&2
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >&2
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >&2)
+
+nats_server="${TOUCHLEDGER_NATS_SERVER:-$(bash deploy/ensure-nats-server.sh)}"
+cargo build -p touchledger-cli --locked -q
+bin="$root/target/debug/touchledger"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+work="$(mktemp -d)"
+nats_port="$(free_port)"
+http_port="$(free_port)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$nats_server" -js -a 127.0.0.1 -p "$nats_port" -sd "$work/nats" >"$work/nats.log" 2>&1 &
+pids+=($!)
+nats_url="nats://127.0.0.1:$nats_port"
+"$bin" serve --data "$work/ledger" --nats-url "$nats_url" --http-addr "127.0.0.1:$http_port" \
+  --sweep-secs 1 --refit-hours 0 >"$work/serve.log" 2>&1 &
+pids+=($!)
+base="http://127.0.0.1:$http_port"
+for _ in $(seq 1 200); do
+  curl -fsS "$base/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+"$bin" demo --nats-url "$nats_url" --customers 80 --history-days 150 --rate 0 --seed 7
+# Wait until the projections have folded everything the demo published.
+for _ in $(seq 1 300); do
+  ready="$(curl -fsS "$base/readyz" 2>/dev/null || true)"
+  case "$ready" in *'"lag":0'*) break ;; esac
+  sleep 0.1
+done
+artefacts="$root/target/browser-artefacts"
+if ! node tests/browser/dashboard.mjs "$base" "$nats_url" "$artefacts" "$bin"; then
+  echo "--- serve.log (tail)" >&2
+  tail -n 40 "$work/serve.log" >&2
+  exit 1
+fi
