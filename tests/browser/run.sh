@@ -47,7 +47,8 @@ pids+=($!)
 nats_url="nats://127.0.0.1:$nats_port"
 "$bin" serve --data "$work/ledger" --nats-url "$nats_url" --http-addr "127.0.0.1:$http_port" \
   --sweep-secs 1 --refit-hours 0 >"$work/serve.log" 2>&1 &
-pids+=($!)
+serve_pid=$!
+pids+=("$serve_pid")
 base="http://127.0.0.1:$http_port"
 for _ in $(seq 1 200); do
   curl -fsS "$base/healthz" >/dev/null 2>&1 && break
@@ -66,3 +67,17 @@ if ! node tests/browser/dashboard.mjs "$base" "$nats_url" "$artefacts" "$bin"; t
   tail -n 40 "$work/serve.log" >&2
   exit 1
 fi
+
+# The dashboard's numbers are `touchledger query`'s: the API's overview at a fixed instant equals
+# the CLI's population JSON at that instant, on the same data directory once serve has stopped.
+asof="$(date -u +%Y-%m-%d)"
+curl -fsS "$base/api/v1/overview?as_of=$asof" >"$work/api.json"
+kill -TERM "$serve_pid"
+wait "$serve_pid" || true
+"$bin" query --data "$work/ledger" --as-of "$asof" --json >"$work/cli.json"
+node -e '
+  const fs = require("fs"), assert = require("assert");
+  const [a, b] = process.argv.slice(1).map(f => JSON.parse(fs.readFileSync(f, "utf8")));
+  assert.deepStrictEqual(a, b);
+  console.log(`dashboard API overview == touchledger query (customers ${a.customers}, NPS ${a.nps})`);
+' "$work/api.json" "$work/cli.json"
