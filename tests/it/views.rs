@@ -366,3 +366,134 @@ async fn remote_projectors_follow_the_feed_and_equal_a_rebuild() {
     shutdown.cancel();
     ledger.await.expect("join").expect("ledger ran cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_refit_over_nats_is_recorded_and_used() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    // The CDNOW sample, imported offline before the ledger starts.
+    let data = dir.path().to_str().expect("utf8").to_owned();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/cdnow/CDNOW_sample.txt");
+    assert_eq!(
+        crate::cli::cli(&["import", "cdnow", "--data", &data, "--file", sample]).0,
+        0
+    );
+    let store = Arc::new(fixed_clock_store(dir.path()));
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let shutdown = CancellationToken::new();
+    let now = crate::support::now();
+    let tasks = vec![
+        tokio::spawn(touchledger_bus::run_ledger(
+            client.clone(),
+            store.clone(),
+            BusConfig::default(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(touchledger_bus::run_views(
+            client.clone(),
+            store.clone(),
+            ViewConfig {
+                refit_every: None,
+                clock: Arc::new(move || now),
+                ..ViewConfig::default()
+            },
+            shutdown.clone(),
+        )),
+    ];
+    // The CLI, as an operator would run it while the ledger holds the data directory (in a
+    // thread of its own: it builds its own runtime).
+    let url = server.url();
+    let cli = std::thread::spawn(move || {
+        crate::cli::cli(&[
+            "fit",
+            "--remote",
+            "--nats-url",
+            &url,
+            "--as-of",
+            "1997-09-30",
+            "--unit",
+            "weeks",
+        ])
+    });
+    let (code, out, err) = tokio::task::spawn_blocking(move || cli.join().expect("cli thread"))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("r     = 0.2426") && out.contains("b     = 2.4259"),
+        "{out}"
+    );
+    let position: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("recorded as ModelFitted at position "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no position in {out}"));
+    let version = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("model_version  = "))
+        .expect("version line")
+        .to_owned();
+    let stored = store.get(position).expect("read").expect("stored");
+    assert_eq!(stored.event.kind(), EventKind::ModelFitted);
+    assert_eq!(stored.event.source, "ledger");
+    // A dry run records nothing; a repeat is a duplicate of the same position.
+    let as_of = Some(touchledger_proto::to_pb_time(at("1997-09-30")));
+    let req = v1::FitRequest {
+        as_of,
+        unit: v1::TimeUnit::Weeks as i32,
+        dry_run: true,
+    };
+    let reply = client
+        .request("crm.model.fit", req.encode_to_vec().into())
+        .await
+        .expect("reply");
+    let reply = v1::FitReply::decode(reply.payload.as_ref()).expect("decodes");
+    assert_eq!(
+        (reply.position, reply.duplicate, reply.error),
+        (0, false, None)
+    );
+    let req = v1::FitRequest {
+        dry_run: false,
+        ..req
+    };
+    let reply = client
+        .request("crm.model.fit", req.encode_to_vec().into())
+        .await
+        .expect("reply");
+    let reply = v1::FitReply::decode(reply.payload.as_ref()).expect("decodes");
+    assert!(reply.duplicate && reply.position == position, "{reply:?}");
+    // Churn reads at the calibration end name the new model once it is folded (the projector
+    // follows the head; a short bounded retry).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = v1::QueryRequest {
+            customer_id: "cdnow-1".into(),
+            as_of,
+            axis: v1::Axis::Business as i32,
+        };
+        let r = client
+            .request("crm.query.churn", q.encode_to_vec().into())
+            .await
+            .expect("reply");
+        match v1::QueryReply::decode(r.payload.as_ref())
+            .expect("decodes")
+            .result
+        {
+            Some(v1::query_reply::Result::Churn(v)) if v.model_version == version => {
+                assert!(v.p_active.is_some(), "{v:?}");
+                break;
+            }
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "model never used: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    shutdown.cancel();
+    for t in tasks {
+        t.await.expect("join").expect("clean");
+    }
+}

@@ -134,6 +134,11 @@ impl Subjects {
         format!("{}.query.{model}", self.prefix)
     }
 
+    /// `<prefix>.model.fit`: on-demand churn-model refits (request/reply).
+    pub fn model_fit(&self) -> String {
+        format!("{}.model.fit", self.prefix)
+    }
+
     /// `<prefix>.alert.churn.<customer>`: churn alerts (a level change).
     pub fn alert(&self, customer: &str) -> String {
         format!("{}.alert.churn.{customer}", self.prefix)

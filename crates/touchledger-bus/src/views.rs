@@ -13,7 +13,8 @@
 //! * A due-time index (`due.churn`, keyed by the next instant a verdict can change without a
 //!   new event, see `ChurnRules::next_due`) makes each sweep cost O(customers due). A new
 //!   model fit makes every customer due once.
-//! * Model refits run on a schedule and on demand (`touchledger fit`) and are recorded as
+//! * Model refits run on a schedule, on demand over NATS (`<prefix>.model.fit`, what
+//!   `touchledger fit --remote` sends) and offline (`touchledger fit`), and are recorded as
 //!   `ModelFitted` events; a refit never rewrites earlier assessments.
 
 use std::collections::HashMap;
@@ -319,6 +320,138 @@ fn answer(
     }
 }
 
+/// Fit the churn model now (as of `req.as_of`, default `now`) and record it unless a dry run.
+fn fit_now(
+    reads: &ReadModels,
+    store: &SledStore,
+    req: &v1::FitRequest,
+    now: Timestamp,
+) -> v1::FitReply {
+    let err = |code: &str, message: String| v1::FitReply {
+        error: Some(v1::QueryError {
+            code: code.into(),
+            message,
+        }),
+        ..Default::default()
+    };
+    let as_of = match &req.as_of {
+        None => now,
+        Some(t) => match touchledger_proto::from_pb_time("as_of", Some(*t)) {
+            Ok(t) => t,
+            Err(e) => return err("BAD_REQUEST", e.to_string()),
+        },
+    };
+    let unit = match v1::TimeUnit::try_from(req.unit) {
+        Ok(v1::TimeUnit::Days) => TimeUnit::Days,
+        Ok(_) => TimeUnit::Weeks,
+        Err(_) => return err("BAD_REQUEST", format!("unknown time unit {}", req.unit)),
+    };
+    let (m, event) = match touchledger_projector::model::fit_event(reads, as_of, unit) {
+        Ok(x) => x,
+        Err(e) => return err("FIT_FAILED", e.to_string()),
+    };
+    let envelope = Some(v1::Envelope::from(&event));
+    if req.dry_run {
+        return v1::FitReply {
+            event: envelope,
+            ..Default::default()
+        };
+    }
+    match store.append(vec![AppendItem::new(event)]) {
+        Ok(mut o) => match o.pop() {
+            Some(AppendOutcome::Appended { position, .. }) => {
+                tracing::info!(version = %m.model_version, position, "churn model refitted on demand");
+                v1::FitReply {
+                    event: envelope,
+                    position,
+                    ..Default::default()
+                }
+            }
+            Some(AppendOutcome::Duplicate { position, .. }) => v1::FitReply {
+                event: envelope,
+                position,
+                duplicate: true,
+                ..Default::default()
+            },
+            other => err("INTERNAL", format!("ModelFitted not recorded: {other:?}")),
+        },
+        Err(e) => err("INTERNAL", e.to_string()),
+    }
+}
+
+async fn serve_fits(
+    client: async_nats::Client,
+    reads: Arc<ReadModels>,
+    store: Arc<SledStore>,
+    cfg: ViewConfig,
+    mut churn_checkpoint: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut sub = client
+        .queue_subscribe(cfg.subjects.model_fit(), cfg.queue_group.clone())
+        .await
+        .map_err(|e| nats_err("fit subscribe", e))?;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(reply_subject) = msg.reply.clone() else {
+            continue;
+        };
+        // Fit on everything committed so far: wait until the churn projection has folded the
+        // log up to the head as of the request.
+        let target = store.head().position;
+        // (The guard `wait_for` returns is dropped at the end of this statement.)
+        let caught_up = matches!(
+            tokio::time::timeout(
+                Duration::from_secs(120),
+                churn_checkpoint.wait_for(|c| *c >= target),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if !caught_up {
+            let reply = v1::FitReply {
+                error: Some(v1::QueryError {
+                    code: "NOT_READY".into(),
+                    message: format!(
+                        "the projections have not reached position {target} yet; retry"
+                    ),
+                }),
+                ..Default::default()
+            };
+            let _ = client
+                .publish(reply_subject.clone(), reply.encode_to_vec().into())
+                .await;
+            continue;
+        }
+        // One fit at a time: they are rare and CPU-bound.
+        let (reads, store, clock) = (reads.clone(), store.clone(), cfg.clock.clone());
+        let answer = tokio::task::spawn_blocking(move || {
+            match v1::FitRequest::decode(msg.payload.as_ref()) {
+                Ok(req) => fit_now(&reads, &store, &req, clock()),
+                Err(e) => v1::FitReply {
+                    error: Some(v1::QueryError {
+                        code: "BAD_REQUEST".into(),
+                        message: format!("undecodable FitRequest: {e}"),
+                    }),
+                    ..Default::default()
+                },
+            }
+        })
+        .await
+        .map_err(|e| nats_err("fit task", e))?;
+        if let Err(e) = client
+            .publish(reply_subject, answer.encode_to_vec().into())
+            .await
+        {
+            tracing::warn!(error = %e, "fit reply failed");
+        }
+    }
+    Ok(())
+}
+
 async fn serve_queries(
     client: async_nats::Client,
     reads: Arc<ReadModels>,
@@ -415,6 +548,16 @@ pub async fn run_views(
         cfg.clone(),
         shutdown.clone(),
     ));
+    let (churn_checkpoint, checkpoint_rx) =
+        tokio::sync::watch::channel(reads.checkpoints().map_err(projector_err)?[2]);
+    let fits = tokio::spawn(serve_fits(
+        client.clone(),
+        reads.clone(),
+        store.clone(),
+        cfg.clone(),
+        checkpoint_rx,
+        shutdown.clone(),
+    ));
     let mut sweep = tokio::time::interval(cfg.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let refit_every = cfg
@@ -438,6 +581,9 @@ pub async fn run_views(
                 let lag = store.head().position.saturating_sub(change.checkpoint);
                 metrics::gauge!("touchledger_projection_lag", "projection" => change.projection).set(lag as f64);
                 metrics::gauge!("touchledger_projection_checkpoint", "projection" => change.projection).set(change.checkpoint as f64);
+                if change.projection == "churn" {
+                    churn_checkpoint.send_replace(change.checkpoint);
+                }
                 let (reads, assessor, subjects, now) = (reads.clone(), assessor.clone(), cfg.subjects.clone(), (cfg.clock)());
                 Box::new(move || {
                     let mut out = Vec::new();
@@ -503,10 +649,12 @@ pub async fn run_views(
             _ => {}
         }
     }
-    if let Ok(Err(e)) = queries.await
-        && result.is_ok()
-    {
-        result = Err(e);
+    for task in [queries, fits] {
+        if let Ok(Err(e)) = task.await
+            && result.is_ok()
+        {
+            result = Err(e);
+        }
     }
     result
 }

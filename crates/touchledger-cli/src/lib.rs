@@ -345,7 +345,8 @@ enum Command {
         json: bool,
     },
     /// Fit the BG/NBD churn model on the population at `--as-of` and record it as a
-    /// `ModelFitted` event (assessments name the version they used).
+    /// `ModelFitted` event (assessments name the version they used). Offline on the data
+    /// directory, or `--remote` on a running ledger.
     Fit {
         #[command(flatten)]
         data: DataArgs,
@@ -358,6 +359,12 @@ enum Command {
         /// Print the fit without recording it.
         #[arg(long)]
         dry_run: bool,
+        /// Ask a running ledger over NATS (`<prefix>.model.fit`) instead of opening the data
+        /// directory (which `serve` holds).
+        #[arg(long)]
+        remote: bool,
+        #[command(flatten)]
+        nats: serve::NatsArgs,
     },
     /// Import a data set as events through the append path.
     Import {
@@ -764,10 +771,19 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             out,
         ),
         Command::Fit {
+            remote: true,
+            nats,
+            as_of,
+            unit,
+            dry_run,
+            ..
+        } => remote::fit(&nats, as_of, unit.into(), dry_run, out),
+        Command::Fit {
             data,
             as_of,
             unit,
             dry_run,
+            ..
         } => models::fit(
             &open(&data)?,
             as_of.unwrap_or_else(Timestamp::now),

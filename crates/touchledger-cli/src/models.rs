@@ -332,18 +332,8 @@ pub fn fit(
     let reads = ReadModels::open(store, Rules::default())?;
     let t = Instant::now();
     let (m, event) = touchledger_projector::model::fit_event(&reads, as_of, unit)?;
-    let secs = t.elapsed().as_secs_f64();
-    writeln!(
-        out,
-        "BG/NBD fit on {} customers, calibration end {as_of}, unit {unit:?} ({secs:.2} s)",
-        m.customers
-    )?;
-    writeln!(out, "  r     = {:.4}", m.r)?;
-    writeln!(out, "  alpha = {:.4}", m.alpha)?;
-    writeln!(out, "  a     = {:.4}", m.a)?;
-    writeln!(out, "  b     = {:.4}", m.b)?;
-    writeln!(out, "  log-likelihood = {:.2}", m.log_likelihood)?;
-    writeln!(out, "  model_version  = {}", m.model_version)?;
+    writeln!(out, "fitted in {:.2} s", t.elapsed().as_secs_f64())?;
+    print_fit(&m, out)?;
     if dry_run {
         return Ok(crate::EXIT_OK);
     }
@@ -358,6 +348,22 @@ pub fn fit(
     }
     caught_up(store, None)?;
     Ok(crate::EXIT_OK)
+}
+
+/// Print a fit.
+pub fn print_fit(m: &touchledger_domain::ModelFitted, out: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "BG/NBD fit on {} customers, calibration end {}, unit {:?}",
+        m.customers, m.calibration_end, m.time_unit
+    )?;
+    writeln!(out, "  r     = {:.4}", m.r)?;
+    writeln!(out, "  alpha = {:.4}", m.alpha)?;
+    writeln!(out, "  a     = {:.4}", m.a)?;
+    writeln!(out, "  b     = {:.4}", m.b)?;
+    writeln!(out, "  log-likelihood = {:.2}", m.log_likelihood)?;
+    writeln!(out, "  model_version  = {}", m.model_version)?;
+    Ok(())
 }
 
 /// What `import cdnow` did.

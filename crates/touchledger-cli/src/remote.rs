@@ -266,3 +266,55 @@ pub fn replay(
     })?;
     Ok(EXIT_OK)
 }
+
+/// `touchledger fit --remote`: ask the running ledger to fit the churn model now
+/// (`<prefix>.model.fit`) and record it; prints the fit like the offline command.
+pub fn fit(
+    nats: &NatsArgs,
+    as_of: Option<touchledger_domain::Timestamp>,
+    unit: touchledger_domain::TimeUnit,
+    dry_run: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    use touchledger_proto::prost::Message;
+    use touchledger_proto::v1;
+    runtime()?.block_on(async {
+        let client = nats.connect().await?;
+        let req = v1::FitRequest {
+            as_of: as_of.map(touchledger_proto::to_pb_time),
+            unit: match unit {
+                touchledger_domain::TimeUnit::Days => v1::TimeUnit::Days,
+                touchledger_domain::TimeUnit::Weeks => v1::TimeUnit::Weeks,
+            } as i32,
+            dry_run,
+        };
+        let subject = format!("{}.model.fit", nats.prefix);
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            client.request(subject.clone(), req.encode_to_vec().into()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no reply on {subject} within 120 s"))?
+        .with_context(|| format!("request on {subject}"))?;
+        let reply = v1::FitReply::decode(reply.payload.as_ref())?;
+        if let Some(e) = reply.error {
+            anyhow::bail!("fit failed: {} {}", e.code, e.message);
+        }
+        let event = Event::try_from(reply.event.unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("reply carries no valid event: {e}"))?;
+        let touchledger_domain::Payload::ModelFitted(m) = event.payload else {
+            anyhow::bail!("reply carries another kind of event, not model_fitted");
+        };
+        crate::models::print_fit(&m, out)?;
+        if reply.duplicate {
+            writeln!(out, "already recorded at position {}", reply.position)?;
+        } else if reply.position > 0 {
+            writeln!(
+                out,
+                "recorded as ModelFitted at position {}",
+                reply.position
+            )?;
+        }
+        Ok(EXIT_OK)
+    })
+}

@@ -56,6 +56,13 @@ pub enum ModelError {
     /// The optimiser failed.
     #[error("fit failed: {0}")]
     Fit(String),
+    /// The likelihood has no interior maximum: the parameters run off to 0 or infinity (for
+    /// example, nobody in the data shows any sign of dropping out). Such a "fit" is not
+    /// recorded; gather more history or fit on a later calibration end.
+    #[error(
+        "the BG/NBD likelihood has no interior maximum on these data (parameters diverge to {0:?}); not a usable model"
+    )]
+    Degenerate(Params),
 }
 
 impl Params {
@@ -212,6 +219,11 @@ pub fn fit(customers: &[Rfm]) -> Result<Fit, ModelError> {
         b: best[3].exp(),
     };
     params.check()?;
+    // Beyond e^±13 (≈ 4.5e5 / 2.3e-6) the optimiser is walking along a ridge towards the
+    // boundary, not converging on a maximum.
+    if best.iter().any(|v| v.abs() > 13.0) {
+        return Err(ModelError::Degenerate(params));
+    }
     Ok(Fit {
         params,
         log_likelihood: log_likelihood(&params, customers),
@@ -312,6 +324,26 @@ pub fn p_no_purchase(p: &Params, c: &Rfm, t: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_without_dropout_signal_is_refused_not_fitted() {
+        // Everyone bought steadily right up to the end of observation: nothing suggests
+        // dropout, and the likelihood increases without bound towards a → 0.
+        let customers: Vec<Rfm> = (0..200)
+            .map(|i| {
+                let t = 40.0 + f64::from(i % 13);
+                Rfm {
+                    x: 8.0 + f64::from(i % 5),
+                    t_x: t,
+                    t,
+                }
+            })
+            .collect();
+        match fit(&customers) {
+            Err(ModelError::Degenerate(p)) => assert!(p.check().is_ok()),
+            other => panic!("expected a degenerate fit, got {other:?}"),
+        }
+    }
 
     /// The published MLE on the CDNOW sample (Fader, Hardie & Lee 2005).
     const PAPER: Params = Params {

@@ -264,16 +264,14 @@ pub struct ProjectionDb {
 }
 
 impl ProjectionDb {
-    /// Open (or create) a projection database in `path`.
+    /// Open (or create) a projection database in `path`. Waits up to 2 s for the directory
+    /// lock (a previous handle's background flusher releases it shortly after the drop).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                StoreError::Locked {
-                    path: path.to_owned(),
-                }
-            }
-            e => StoreError::Engine(e),
-        })?;
+        let db = crate::sled_store::open_locked(
+            &sled::Config::new().path(path),
+            path,
+            std::time::Duration::from_secs(2),
+        )?;
         Ok(ProjectionDb { db })
     }
 

@@ -258,20 +258,29 @@ impl SledStore {
 /// it only when its background flusher has stopped, which can lag a drop (an in-process reopen)
 /// or a previous process's exit by a few hundred milliseconds.
 fn open_db(config: &StoreConfig) -> Result<sled::Db, StoreError> {
-    let deadline = std::time::Instant::now() + config.lock_timeout;
+    let sled_config = sled::Config::new()
+        .path(&config.path)
+        .cache_capacity(config.cache_capacity)
+        .mode(sled::Mode::HighThroughput);
+    open_locked(&sled_config, &config.path, config.lock_timeout)
+}
+
+/// Open a sled database, waiting up to `timeout` for its directory lock (held by another
+/// handle, or briefly by a dropped handle's background flusher).
+pub(crate) fn open_locked(
+    sled_config: &sled::Config,
+    path: &std::path::Path,
+    timeout: std::time::Duration,
+) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + timeout;
     let mut pause = std::time::Duration::from_millis(5);
     loop {
-        let r = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            .open();
-        match r {
+        match sled_config.open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                 if std::time::Instant::now() >= deadline {
                     return Err(StoreError::Locked {
-                        path: config.path.clone(),
+                        path: path.to_owned(),
                     });
                 }
                 std::thread::sleep(pause);
