@@ -135,7 +135,11 @@ impl Assessor {
             return Ok(None);
         }
         let as_of = AsOf::business(now);
-        let (_, _, facts) = self.reads.facts(customer).map_err(projector_err)?;
+        let facts = self
+            .reads
+            .facts_in("churn", customer)
+            .map_err(projector_err)?
+            .unwrap_or_default();
         let model = self.reads.model(as_of).map_err(projector_err)?;
         let rules = &self.cfg.rules.churn;
         let view = rules.evaluate(&facts, model.as_ref(), as_of);
@@ -220,8 +224,8 @@ impl Assessor {
     /// A new model makes every customer due now.
     fn everyone_due(&self, now: Timestamp) -> Result<u64, BusError> {
         let mut n = 0;
-        for r in self.reads.customers() {
-            let (id, _) = r.map_err(projector_err)?;
+        for id in self.reads.customer_ids() {
+            let id = id.map_err(projector_err)?;
             self.due.schedule(&id, now)?;
             n += 1;
         }
@@ -248,18 +252,23 @@ fn view_messages(
         return Ok(None);
     }
     let as_of = AsOf::business(now);
-    let (s, l, c) = reads.facts(customer).map_err(projector_err)?;
+    // Only the projection that changed is loaded.
+    let Some(f) = reads
+        .facts_in(projection, customer)
+        .map_err(projector_err)?
+    else {
+        return Ok(None);
+    };
     let rules = &reads.rules;
     let bytes = match projection {
         "satisfaction" => {
-            views::satisfaction(customer, &rules.satisfaction.evaluate(&s, as_of)).encode_to_vec()
+            views::satisfaction(customer, &rules.satisfaction.evaluate(&f, as_of)).encode_to_vec()
         }
-        "loyalty" => views::loyalty(customer, &rules.loyalty.evaluate(&l, as_of)).encode_to_vec(),
-        "churn" => {
+        "loyalty" => views::loyalty(customer, &rules.loyalty.evaluate(&f, as_of)).encode_to_vec(),
+        _ => {
             let model = reads.model(as_of).map_err(projector_err)?;
-            views::churn(customer, &rules.churn.evaluate(&c, model.as_ref(), as_of)).encode_to_vec()
+            views::churn(customer, &rules.churn.evaluate(&f, model.as_ref(), as_of)).encode_to_vec()
         }
-        _ => return Ok(None),
     };
     Ok(Some((subjects.view(projection, customer), bytes)))
 }

@@ -459,6 +459,15 @@ impl CustomerFacts {
         self.surveys.iter().filter(move |f| as_of.sees(&f.stamp))
     }
 
+    /// The callback that resolved complaint `complaint_id`, as visible at `as_of`: the first
+    /// with outcome `complaint_resolved` naming it.
+    pub fn resolution(&self, complaint_id: &str, as_of: AsOf) -> Option<&CallbackFact> {
+        self.callbacks_at(as_of).find(|cb| {
+            cb.outcome == CallbackOutcome::ComplaintResolved
+                && cb.related_complaint_id.as_deref() == Some(complaint_id)
+        })
+    }
+
     /// Whether any touchpoint (purchase, complaint, callback, survey) is visible at `as_of`.
     pub fn has_touchpoints(&self, as_of: AsOf) -> bool {
         self.purchases_at(as_of).next().is_some()

@@ -352,10 +352,7 @@ impl PopulationBuilder {
                     .or_default()
                     .complaining_customers += 1;
             }
-            if let Some(cb) = facts.callbacks_at(as_of).find(|cb| {
-                cb.outcome == crate::event::CallbackOutcome::ComplaintResolved
-                    && cb.related_complaint_id.as_deref() == Some(c.complaint_id.as_str())
-            }) {
+            if let Some(cb) = facts.resolution(&c.complaint_id, as_of) {
                 let m = self
                     .month_counters
                     .entry(month_of(day_of(cb.stamp.occurred_at)))

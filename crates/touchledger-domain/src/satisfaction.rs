@@ -515,10 +515,7 @@ impl SatisfactionRules {
             if c.stamp.occurred_at.unix_nanos() > window_start {
                 st.recent += 1;
             }
-            let resolution = facts.callbacks_at(as_of).find(|cb| {
-                cb.outcome == crate::event::CallbackOutcome::ComplaintResolved
-                    && cb.related_complaint_id.as_deref() == Some(c.complaint_id.as_str())
-            });
+            let resolution = facts.resolution(&c.complaint_id, as_of);
             match resolution {
                 Some(cb) => {
                     st.resolved += 1;

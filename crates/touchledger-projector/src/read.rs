@@ -60,6 +60,30 @@ impl ReadModels {
         Ok(facts.latest_fit(as_of).map(|f| f.fit.clone()))
     }
 
+    /// A customer's facts in one projection (`satisfaction`, `loyalty` or `churn`); `None`
+    /// for another name.
+    pub fn facts_in(
+        &self,
+        projection: &str,
+        customer: &str,
+    ) -> Result<Option<CustomerFacts>, ProjectorError> {
+        let (tree, name) = match projection {
+            "satisfaction" => (&self.satisfaction, SATISFACTION.name),
+            "loyalty" => (&self.loyalty, LOYALTY.name),
+            "churn" => (&self.churn, CHURN.name),
+            _ => return Ok(None),
+        };
+        load(tree, name, customer).map(Some)
+    }
+
+    /// Every customer id (the churn projection holds every kind), without decoding states.
+    pub fn customer_ids(&self) -> impl Iterator<Item = Result<String, ProjectorError>> + '_ {
+        self.churn
+            .states()
+            .map(|r| r.map(|(k, _)| k).map_err(ProjectorError::from))
+            .filter(|r| !matches!(r, Ok(k) if k == MODEL_CUSTOMER))
+    }
+
     /// A customer's facts in each projection (satisfaction, loyalty, churn).
     pub fn facts(
         &self,
