@@ -11,11 +11,14 @@ pub fn now() -> Timestamp {
     "2026-06-01T00:00:00Z".parse().expect("time")
 }
 
-/// A store in `dir` whose clock always reads [`now`].
+/// A store in `dir` whose clock always reads [`now`]. It checkpoints every 10 positions and
+/// writes its customer index every 7 events, so that tests cross both often (and the
+/// in-memory part of the customer index is rebuilt on most reopens).
 pub fn fixed_clock_store(dir: &std::path::Path) -> SledStore {
     let mut cfg = StoreConfig::new(dir);
     cfg.clock = Arc::new(now);
     cfg.checkpoint_interval = 10;
+    cfg.customer_index_batch = 7;
     cfg.cache_capacity = 16 * 1024 * 1024;
     SledStore::open(cfg).expect("open store")
 }

@@ -31,16 +31,70 @@ fn tamper(dir: &std::path::Path, edit: impl FnOnce(&sled::Tree)) {
     db.flush().expect("flush");
 }
 
+/// A block as the attacker sees it: its first position, zone map and (hash, record) entries.
+struct RawBlock {
+    first: u64,
+    zone: (touchledger_domain::Timestamp, touchledger_domain::Timestamp),
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawBlock {
+    /// The block holding `position`.
+    fn holding(t: &sled::Tree, position: u64) -> RawBlock {
+        let (k, v) = t
+            .get_lt(layout::block_key(position + 1))
+            .expect("get")
+            .expect("a block");
+        let first = layout::trailing_u64(&k).expect("key");
+        let view = layout::BlockView::parse(&v).expect("block");
+        assert!(
+            position < first + view.len() as u64,
+            "block holds {position}"
+        );
+        RawBlock {
+            first,
+            zone: (view.min_occurred(), view.max_occurred()),
+            entries: view
+                .entries()
+                .map(|(h, r)| (h.to_vec(), r.to_vec()))
+                .collect(),
+        }
+    }
+
+    fn entry(&mut self, position: u64) -> &mut (Vec<u8>, Vec<u8>) {
+        &mut self.entries[(position - self.first) as usize]
+    }
+
+    /// Write `entries` back as one block starting at `first`.
+    fn write(
+        t: &sled::Tree,
+        first: u64,
+        zone: (touchledger_domain::Timestamp, touchledger_domain::Timestamp),
+        entries: &[(Vec<u8>, Vec<u8>)],
+    ) {
+        let refs: Vec<(&[u8], &[u8])> = entries
+            .iter()
+            .map(|(h, r)| (h.as_slice(), r.as_slice()))
+            .collect();
+        t.insert(layout::block_key(first), layout::encode_block(&refs, zone))
+            .expect("insert");
+    }
+
+    fn store(&self, t: &sled::Tree) {
+        RawBlock::write(t, self.first, self.zone, &self.entries);
+    }
+}
+
 #[test]
 fn altered_record_is_named_by_position() {
     let dir = ledger_with(50);
     tamper(dir.path(), |t| {
-        let key = layout::event_key(17);
-        let mut v = t.get(key).expect("get").expect("present").to_vec();
+        let mut b = RawBlock::holding(t, 17);
+        let (_, v) = b.entry(17);
         // Change the purchase amount inside the record: 100+16 = 116 → 117 (varint byte).
         let i = v.iter().rposition(|b| *b == 116).expect("amount byte");
         v[i] = 117;
-        t.insert(key, v).expect("insert");
+        b.store(t);
     });
     let store = fixed_clock_store(dir.path());
     assert_eq!(
@@ -72,19 +126,16 @@ fn rehashed_record_is_still_caught() {
     tamper(dir.path(), |t| {
         // A cleverer attacker also rewrites the record's own hash. The chain link to the next
         // record would break at 21, but the content digest taken at append catches it at 20.
-        let key = layout::event_key(20);
-        let v = t.get(key).expect("get").expect("present").to_vec();
-        let (_, record) = v.split_at(32);
-        let mut record = record.to_vec();
+        let mut b = RawBlock::holding(t, 20);
+        let prev = b.entry(19).0.clone();
+        let (hash, record) = b.entry(20);
         let i = record.iter().rposition(|b| *b == 119).expect("amount byte");
         record[i] = 120;
-        let prev = &t.get(layout::event_key(19)).expect("get").expect("present")[..32];
         let mut h = blake3::Hasher::new();
-        h.update(prev);
-        h.update(&record);
-        let mut nv = h.finalize().as_bytes().to_vec();
-        nv.extend_from_slice(&record);
-        t.insert(key, nv).expect("insert");
+        h.update(&prev);
+        h.update(record);
+        *hash = h.finalize().as_bytes().to_vec();
+        b.store(t);
     });
     let store = fixed_clock_store(dir.path());
     assert_eq!(
@@ -100,7 +151,14 @@ fn rehashed_record_is_still_caught() {
 fn removed_record_is_a_gap_and_removed_index_entry_is_found() {
     let dir = ledger_with(50);
     tamper(dir.path(), |t| {
-        t.remove(layout::event_key(30)).expect("remove");
+        // Cut record 30 out: the records before and after it stay, in blocks of their own.
+        let b = RawBlock::holding(t, 30);
+        let cut = (30 - b.first) as usize;
+        t.remove(layout::block_key(b.first)).expect("remove");
+        if cut > 0 {
+            RawBlock::write(t, b.first, b.zone, &b.entries[..cut]);
+        }
+        RawBlock::write(t, 31, b.zone, &b.entries[cut + 1..]);
     });
     let store = fixed_clock_store(dir.path());
     assert_eq!(
@@ -160,5 +218,51 @@ fn checkpoints_are_stored_and_checked() {
             problem: VerifyProblem::Checkpoint(_),
         } => {}
         other => panic!("expected a checkpoint failure at 20, got {other:?}"),
+    }
+}
+
+#[test]
+fn damaged_indexes_and_zone_maps_are_found() {
+    // A zone map that no longer covers its records would hide them from time-filtered reads.
+    let dir = ledger_with(50);
+    tamper(dir.path(), |t| {
+        let mut b = RawBlock::holding(t, 1);
+        b.zone.1 = touchledger_domain::Timestamp::from_unix_nanos(0);
+        b.store(t);
+    });
+    match fixed_clock_store(dir.path()).verify().expect("verify") {
+        VerifyReport::Failed {
+            position: 1,
+            problem: VerifyProblem::Index(_),
+        } => {}
+        other => panic!("expected a zone-map failure at block 1, got {other:?}"),
+    }
+
+    // A customer's run removed from the customer index (written: the test store indexes every
+    // 7 events) is found at that customer's first event.
+    let dir = ledger_with(50);
+    tamper(dir.path(), |t| {
+        t.remove(layout::customer_key("c2", 1)).expect("remove");
+    });
+    match fixed_clock_store(dir.path()).verify().expect("verify") {
+        VerifyReport::Failed {
+            position: 3,
+            problem: VerifyProblem::Index(_),
+        } => {}
+        other => panic!("expected a customer-index failure at position 3, got {other:?}"),
+    }
+
+    // The kind run of the batch removed: the first purchase is reported.
+    let dir = ledger_with(50);
+    tamper(dir.path(), |t| {
+        t.remove(layout::kind_key(touchledger_domain::EventKind::Purchase, 1))
+            .expect("remove");
+    });
+    match fixed_clock_store(dir.path()).verify().expect("verify") {
+        VerifyReport::Failed {
+            position: 1,
+            problem: VerifyProblem::Index(_),
+        } => {}
+        other => panic!("expected a kind-index failure at position 1, got {other:?}"),
     }
 }

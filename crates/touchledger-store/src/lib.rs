@@ -7,6 +7,9 @@
 //! * **Group commit.** [`EventStore::append`] takes a batch, decides one outcome per item,
 //!   writes every record, index entry, checkpoint and rejection of the batch in one atomic sled
 //!   batch, and returns only after `flush` (fsync). An outcome in hand means durably recorded.
+//! * **Few keys per event** (format 2, ADR 0005): sled's cost is per key, so records are packed
+//!   into blocks and the kind and customer indexes into runs; only the event-id index has a key
+//!   per event.
 //! * **Single writer.** Appends are serialised by a mutex that owns the chain head, so positions
 //!   are gapless and the hash chain has no forks; reads never take it.
 //! * **Expected outcomes are values.** Duplicates, rejections and version conflicts are
@@ -234,7 +237,8 @@ pub struct ReadFilter {
     pub customer: Option<String>,
     /// Only this kind (uses the kind index).
     pub kind: Option<EventKind>,
-    /// Only events with `occurred_at >= since`.
+    /// Only events with `occurred_at >= since`. (Business time is a filter, not an order: a
+    /// read without customer or kind skips every block whose `occurred_at` range cannot match.)
     pub occurred_since: Option<Timestamp>,
     /// Only events with `occurred_at < until`.
     pub occurred_until: Option<Timestamp>,
@@ -276,6 +280,12 @@ pub struct StoreConfig {
     pub customer_cache_capacity: usize,
     /// How long `open` waits for the directory lock held by another handle. Default 2 s.
     pub lock_timeout: std::time::Duration,
+    /// The customer index is written to disk once this many events have accumulated since the
+    /// last time, as one run per customer (until then its newest entries are held in memory and
+    /// rebuilt from the records after a crash). Larger values write fewer keys when customers
+    /// recur, at the cost of memory (~100 bytes per event) and of a longer commit when the runs
+    /// are written. Default 32,768.
+    pub customer_index_batch: usize,
     /// The ledger's clock (for `recorded_at` and the future-skew rule). Default: wall clock.
     /// Tests substitute a fixed clock.
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
@@ -291,6 +301,7 @@ impl StoreConfig {
             validation: ValidationPolicy::default(),
             lock_timeout: std::time::Duration::from_secs(2),
             customer_cache_capacity: 100_000,
+            customer_index_batch: 32_768,
             clock: Arc::new(Timestamp::now),
         }
     }
@@ -305,6 +316,7 @@ impl fmt::Debug for StoreConfig {
             .field("validation", &self.validation)
             .field("lock_timeout", &self.lock_timeout)
             .field("customer_cache_capacity", &self.customer_cache_capacity)
+            .field("customer_index_batch", &self.customer_index_batch)
             .finish_non_exhaustive()
     }
 }
@@ -342,10 +354,6 @@ pub trait EventStore: Send + Sync {
 
     /// Stored records in position order without decoding (`to = None`: to the head).
     fn read_raw(&self, from_position: u64, to_position: Option<u64>) -> RawRecords<'_>;
-
-    /// Events with `since <= occurred_at < until`, in business-time order (ties by position),
-    /// lazily, through the time index.
-    fn read_by_occurred(&self, since: Timestamp, until: Timestamp) -> Events<'_>;
 
     /// Stored checkpoints at positions `>= from`, in position order.
     fn checkpoints_from(

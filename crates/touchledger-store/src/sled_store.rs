@@ -2,13 +2,21 @@
 //!
 //! The append path, in order, under the writer lock: validate each item; look its id up
 //! (duplicate or conflict); check the expected version; check a retraction's target; assign
-//! position and version; encode the `StoredRecord` once and hash those exact bytes; stage the
-//! record, its index entries and any checkpoint or rejection in one `sled::Batch`. Then
-//! `apply_batch` (atomic, also across a crash) and `flush` (fsync), and only then the outcomes
-//! are returned and the head watchers woken.
+//! position and version; encode the `StoredRecord` once and hash those exact bytes. Then the
+//! batch's records are packed into blocks, its kind runs and event-id entries are staged with
+//! any checkpoint or rejection in one `sled::Batch` — plus, every `customer_index_batch`
+//! events, the customer-index runs of everything since the last such flush and the new
+//! watermark. `apply_batch` (atomic, also across a crash) and `flush` (fsync) follow, and only
+//! then are the outcomes returned and the head watchers woken.
+//!
+//! Key decision: the customer index is written in runs. Between flushes its newest entries
+//! live in memory (the *tail*, bounded by `customer_index_batch`); they are derived data — each
+//! record carries its customer and version — so after a crash `open` rebuilds the tail from the
+//! blocks above the watermark. Reads combine the durable runs (positions ≤ the watermark) with
+//! a snapshot of the tail.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use prost::Message;
 use touchledger_domain::{Event, EventKind, Payload, RejectCode, Rejection, Timestamp};
@@ -29,6 +37,9 @@ pub struct SledStore {
     config: StoreConfig,
     /// Owned by the single writer: the chain head and the next rejection sequence.
     writer: Mutex<Writer>,
+    /// Customer-index entries above the watermark. Written only by the writer (while it holds
+    /// `writer`), read by anyone; held only for in-memory work, never across I/O.
+    tail: RwLock<CustomerTail>,
     head_tx: watch::Sender<Head>,
 }
 
@@ -42,6 +53,35 @@ struct Writer {
     /// of what is durable and of `head`, so no further append is safe until the store is
     /// reopened (which reloads the head from disk).
     failed: bool,
+}
+
+/// The customer index above the watermark: for each customer, the first version held here and
+/// the positions of that and the following versions.
+#[derive(Default)]
+pub(crate) struct CustomerTail {
+    /// The watermark: every position ≤ `upto` is in the durable customer index.
+    pub(crate) upto: u64,
+    runs: HashMap<String, (u64, Vec<u64>)>,
+    entries: usize,
+}
+
+impl CustomerTail {
+    fn version(&self, customer: &str) -> Option<u64> {
+        self.runs
+            .get(customer)
+            .map(|(first, ps)| first + ps.len() as u64 - 1)
+    }
+
+    fn push(&mut self, customer: &str, version: u64, position: u64) {
+        match self.runs.get_mut(customer) {
+            Some((_, ps)) => ps.push(position),
+            None => {
+                self.runs
+                    .insert(customer.to_owned(), (version, vec![position]));
+            }
+        }
+        self.entries += 1;
+    }
 }
 
 /// A bounded map of customer → current version with two generations: when the young one
@@ -85,12 +125,242 @@ struct Staged {
     kind: EventKind,
 }
 
+/// A record of the batch under construction, waiting to be packed into a block.
+struct Pending {
+    position: u64,
+    hash: [u8; 32],
+    record: Vec<u8>,
+    occurred_at: Timestamp,
+}
+
+/// A decoded block: its value and the (start, end) of each entry within it.
+pub(crate) struct LoadedBlock {
+    first: u64,
+    value: sled::IVec,
+    /// Byte range of each entry (hash ‖ record) inside `value`.
+    ranges: Vec<(usize, usize)>,
+    min: Timestamp,
+    max: Timestamp,
+}
+
+impl LoadedBlock {
+    fn new(key: &[u8], value: sled::IVec) -> Result<LoadedBlock, StoreError> {
+        let first = layout::trailing_u64(key)
+            .filter(|_| key.len() == 9)
+            .ok_or_else(|| StoreError::corrupt("block key", "not b ‖ position"))?;
+        let view = layout::BlockView::parse(&value)
+            .map_err(|e| StoreError::corrupt(format!("block at position {first}"), e))?;
+        let base = value.as_ptr() as usize;
+        let ranges = view
+            .entries()
+            .map(|(h, r)| {
+                let start = h.as_ptr() as usize - base;
+                (start, start + HASH_LEN + r.len())
+            })
+            .collect();
+        let (min, max) = (view.min_occurred(), view.max_occurred());
+        Ok(LoadedBlock {
+            first,
+            value,
+            ranges,
+            min,
+            max,
+        })
+    }
+
+    fn last(&self) -> u64 {
+        self.first + self.ranges.len() as u64 - 1
+    }
+
+    fn contains(&self, position: u64) -> bool {
+        (self.first..=self.last()).contains(&position)
+    }
+
+    /// (hash, record bytes) at `position`, which must be in this block.
+    fn entry(&self, position: u64) -> Option<(&[u8], &[u8])> {
+        let i = usize::try_from(position.checked_sub(self.first)?).ok()?;
+        let (s, e) = *self.ranges.get(i)?;
+        Some(self.value[s..e].split_at(HASH_LEN))
+    }
+
+    fn committed(&self, position: u64) -> Result<Committed, StoreError> {
+        let (s, e) = usize::try_from(position - self.first)
+            .ok()
+            .and_then(|i| self.ranges.get(i).copied())
+            .ok_or_else(|| StoreError::corrupt(format!("position {position}"), "not in block"))?;
+        decode_committed(position, &self.value[s..e])
+    }
+}
+
+/// Records in position order from a range of blocks, optionally skipping blocks whose
+/// `occurred_at` zone map cannot meet a time filter.
+pub(crate) struct BlockScan {
+    iter: sled::Iter,
+    block: Option<LoadedBlock>,
+    next: u64,
+    from: u64,
+    to: u64,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+}
+
+impl BlockScan {
+    pub(crate) fn new(tree: &sled::Tree, from: u64, to: u64) -> Result<BlockScan, StoreError> {
+        // Start at the block holding `from`, which usually begins before it.
+        let start = match tree.get_lt(layout::block_key(from.saturating_add(1)))? {
+            Some((k, _)) if k.first() == Some(&layout::BLOCK) => {
+                layout::trailing_u64(&k).unwrap_or(from)
+            }
+            _ => from,
+        };
+        Ok(BlockScan {
+            iter: tree.range(layout::block_key(start)..=layout::block_key(to)),
+            block: None,
+            next: from,
+            from,
+            to,
+            since: None,
+            until: None,
+        })
+    }
+
+    /// Every block, for `verify` (no range logic: a block starting before 1 is reported).
+    pub(crate) fn all(tree: &sled::Tree) -> BlockScan {
+        BlockScan {
+            iter: tree.scan_prefix([layout::BLOCK]),
+            block: None,
+            next: 0,
+            from: 0,
+            to: u64::MAX,
+            since: None,
+            until: None,
+        }
+    }
+
+    fn with_zone(mut self, since: Option<Timestamp>, until: Option<Timestamp>) -> Self {
+        self.since = since;
+        self.until = until;
+        self
+    }
+
+    /// The next block, raw (for `verify`).
+    pub(crate) fn next_block(&mut self) -> Option<Result<(u64, sled::IVec), StoreError>> {
+        self.iter.next().map(|kv| {
+            let (k, v) = kv?;
+            let first = layout::trailing_u64(&k)
+                .filter(|_| k.len() == 9)
+                .ok_or_else(|| StoreError::corrupt("block key", "not b ‖ position"))?;
+            Ok((first, v))
+        })
+    }
+
+    /// The next position in range; its record is in [`BlockScan::current`].
+    pub(crate) fn next_entry(&mut self) -> Option<Result<u64, StoreError>> {
+        loop {
+            let in_block = self
+                .block
+                .as_ref()
+                .is_some_and(|b| self.next <= b.last() && self.next <= self.to);
+            if in_block {
+                let p = self.next;
+                self.next = p + 1;
+                return Some(Ok(p));
+            }
+            if self.next > self.to {
+                return None;
+            }
+            let (k, v) = match self.iter.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let b = match LoadedBlock::new(&k, v) {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            };
+            let skip =
+                self.since.is_some_and(|s| b.max < s) || self.until.is_some_and(|u| b.min >= u);
+            self.next = self.next.max(b.first).max(self.from);
+            if skip {
+                self.next = self.next.max(b.last() + 1);
+                self.block = None;
+                continue;
+            }
+            self.block = Some(b);
+        }
+    }
+
+    /// The block of the position last returned by [`BlockScan::next_entry`].
+    pub(crate) fn current(&self) -> Option<&LoadedBlock> {
+        self.block.as_ref()
+    }
+
+    /// Decoded committed events, filtered by `keep`.
+    fn into_events<'a>(mut self, keep: impl Fn(&Committed) -> bool + Send + 'a) -> Events<'a> {
+        Box::new(std::iter::from_fn(move || {
+            loop {
+                let p = match self.next_entry()? {
+                    Ok(p) => p,
+                    Err(e) => return Some(Err(e)),
+                };
+                let r = self
+                    .current()
+                    .ok_or_else(|| StoreError::corrupt("block scan", "no current block"))
+                    .and_then(|b| b.committed(p));
+                match r {
+                    Ok(c) if keep(&c) => return Some(Ok(c)),
+                    Ok(_) => continue,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        }))
+    }
+}
+
+/// Reads single positions, reusing the last block (index-driven reads are mostly ascending).
+struct BlockCursor<'a> {
+    tree: &'a sled::Tree,
+    block: Option<LoadedBlock>,
+}
+
+impl<'a> BlockCursor<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        BlockCursor { tree, block: None }
+    }
+
+    fn get(&mut self, position: u64) -> Result<Option<Committed>, StoreError> {
+        if !self.block.as_ref().is_some_and(|b| b.contains(position)) {
+            self.block = load_block(self.tree, position)?;
+        }
+        match &self.block {
+            Some(b) if b.contains(position) => Ok(Some(b.committed(position)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The block holding `position`, if any.
+fn load_block(tree: &sled::Tree, position: u64) -> Result<Option<LoadedBlock>, StoreError> {
+    match tree.get_lt(layout::block_key(position.saturating_add(1)))? {
+        Some((k, v)) if k.first() == Some(&layout::BLOCK) => {
+            let b = LoadedBlock::new(&k, v)?;
+            Ok(b.contains(position).then_some(b))
+        }
+        _ => Ok(None),
+    }
+}
+
 impl SledStore {
-    /// Open (or create) the store in `config.path`, checking the on-disk format version.
+    /// Open (or create) the store in `config.path`, checking the on-disk format version, and
+    /// rebuild the in-memory customer-index tail from the blocks above its watermark.
     pub fn open(config: StoreConfig) -> Result<SledStore, StoreError> {
         if config.checkpoint_interval == 0 {
             return Err(StoreError::Config(
                 "checkpoint_interval must be >= 1".into(),
+            ));
+        }
+        if config.customer_index_batch == 0 {
+            return Err(StoreError::Config(
+                "customer_index_batch must be >= 1".into(),
             ));
         }
         let db = open_db(&config)?;
@@ -127,6 +397,7 @@ impl SledStore {
             }
             _ => 1,
         };
+        let tail = rebuild_tail(&tree, head.position)?;
         let (head_tx, _) = watch::channel(head);
         let versions = VersionCache::new(config.customer_cache_capacity);
         Ok(SledStore {
@@ -139,6 +410,7 @@ impl SledStore {
                 versions,
                 failed: false,
             }),
+            tail: RwLock::new(tail),
             head_tx,
         })
     }
@@ -194,15 +466,22 @@ impl SledStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn decode_committed(&self, position: u64, value: &[u8]) -> Result<Committed, StoreError> {
-        decode_committed(position, value)
+    fn read_tail(&self) -> std::sync::RwLockReadGuard<'_, CustomerTail> {
+        // The tail is only changed by plain in-memory pushes and clears; a panic mid-update
+        // cannot happen between them in a way that matters more than losing the process.
+        self.tail
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_tail(&self) -> std::sync::RwLockWriteGuard<'_, CustomerTail> {
+        self.tail
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn load(&self, position: u64) -> Result<Option<Committed>, StoreError> {
-        match self.tree.get(layout::event_key(position))? {
-            Some(v) => Ok(Some(self.decode_committed(position, &v)?)),
-            None => Ok(None),
-        }
+        BlockCursor::new(&self.tree).get(position)
     }
 
     fn lookup_id(&self, event_id: &str) -> Result<Option<(u64, [u8; 32])>, StoreError> {
@@ -221,36 +500,112 @@ impl SledStore {
         }
     }
 
-    /// Lazily map index entries to committed events. The position is the last 8 bytes of the
-    /// key (kind, time indexes) or, for the customer index, the value.
-    fn by_index<'a>(
+    /// A customer's version in the durable customer index (ignoring the tail).
+    fn durable_customer_version(&self, customer_id: &str) -> Result<u64, StoreError> {
+        let upper = layout::customer_key(customer_id, u64::MAX);
+        let prefix = layout::customer_prefix(customer_id);
+        Ok(match self.tree.get_lt(&upper)? {
+            Some((k, v)) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
+                let first = layout::trailing_u64(&k).unwrap_or(0);
+                let n = (v.len() / 8) as u64;
+                (first + n).saturating_sub(1)
+            }
+            _ => 0,
+        })
+    }
+
+    /// Lazily map positions (ascending) to committed events.
+    fn by_positions<'a>(
         &'a self,
-        iter: sled::Iter,
-        position_in_value: bool,
+        positions: impl Iterator<Item = Result<u64, StoreError>> + Send + 'a,
         keep: impl Fn(&Committed) -> bool + Send + 'a,
     ) -> Events<'a> {
-        Box::new(iter.filter_map(move |kv| {
-            let r = (|| {
-                let (k, v) = kv?;
-                let pos = if position_in_value {
-                    layout::read_u64(&v)
-                } else {
-                    layout::trailing_u64(&k)
-                }
-                .ok_or_else(|| StoreError::corrupt("index entry", "too short"))?;
-                self.load(pos)?.ok_or_else(|| {
+        let mut cursor = BlockCursor::new(&self.tree);
+        Box::new(positions.filter_map(move |p| {
+            let r = p.and_then(|pos| {
+                cursor.get(pos)?.ok_or_else(|| {
                     StoreError::corrupt(
                         format!("position {pos}"),
                         "index points at a missing record",
                     )
                 })
-            })();
+            });
             match r {
                 Ok(c) if keep(&c) => Some(Ok(c)),
                 Ok(_) => None,
                 Err(e) => Some(Err(e)),
             }
         }))
+    }
+
+    /// The positions of a customer's events, ascending: the durable runs up to the watermark,
+    /// then a snapshot of the tail. The snapshot is taken first, so a flush racing with the
+    /// lazy scan can only add durable positions above the snapshot's watermark, which are
+    /// skipped (the snapshot holds them).
+    fn customer_positions(
+        &self,
+        customer: &str,
+    ) -> impl Iterator<Item = Result<u64, StoreError>> + Send + 'static {
+        let (upto, tail) = {
+            let t = self.read_tail();
+            (
+                t.upto,
+                t.runs
+                    .get(customer)
+                    .map(|(_, ps)| ps.clone())
+                    .unwrap_or_default(),
+            )
+        };
+        let durable = self
+            .tree
+            .scan_prefix(layout::customer_prefix(customer))
+            .flat_map(move |kv| -> Vec<Result<u64, StoreError>> {
+                match kv {
+                    Err(e) => vec![Err(e.into())],
+                    Ok((_, v)) => match layout::decode_positions(&v) {
+                        Some(ps) => ps.filter(|p| *p <= upto).map(Ok).collect(),
+                        None => vec![Err(StoreError::corrupt(
+                            "customer index run",
+                            "length is not a multiple of 8",
+                        ))],
+                    },
+                }
+            });
+        durable.chain(tail.into_iter().map(Ok))
+    }
+
+    /// Positions of `kind` in [from, to], ascending, from the kind runs.
+    fn kind_positions(
+        &self,
+        kind: EventKind,
+        from: u64,
+        to: u64,
+    ) -> impl Iterator<Item = Result<u64, StoreError>> + Send + 'static {
+        let start = match self
+            .tree
+            .get_lt(layout::kind_key(kind, from.saturating_add(1)))
+        {
+            Ok(Some((k, _))) if k.len() == 10 && k[..2] == [layout::KIND, kind.code()] => {
+                layout::trailing_u64(&k).unwrap_or(from)
+            }
+            _ => from,
+        };
+        self.tree
+            .range(layout::kind_key(kind, start)..=layout::kind_key(kind, to))
+            .flat_map(|kv| -> Vec<Result<u64, StoreError>> {
+                match kv {
+                    Err(e) => vec![Err(e.into())],
+                    Ok((_, v)) => match layout::decode_positions(&v) {
+                        Some(ps) => ps.map(Ok).collect(),
+                        None => vec![Err(StoreError::corrupt(
+                            "kind index run",
+                            "length is not a multiple of 8",
+                        ))],
+                    },
+                }
+            })
+            .filter(move |p| p.as_ref().map_or(true, |p| *p >= from))
+            .take_while(move |p| p.as_ref().map_or(true, |p| *p <= to))
     }
 }
 
@@ -292,10 +647,11 @@ pub(crate) fn open_locked(
 }
 
 fn load_head(tree: &sled::Tree) -> Result<Head, StoreError> {
-    match tree.get_lt(layout::event_key(u64::MAX))? {
-        Some((k, v)) if k.first() == Some(&layout::EVENT) => {
-            let position = layout::trailing_u64(&k).unwrap_or(0);
-            let c = decode_committed(position, &v)?;
+    match tree.get_lt(layout::block_key(u64::MAX))? {
+        Some((k, v)) if k.first() == Some(&layout::BLOCK) => {
+            let b = LoadedBlock::new(&k, v)?;
+            let position = b.last();
+            let c = b.committed(position)?;
             Ok(Head {
                 position,
                 hash: c.hash,
@@ -306,7 +662,48 @@ fn load_head(tree: &sled::Tree) -> Result<Head, StoreError> {
     }
 }
 
-/// Decode an `e` value (hash ‖ StoredRecord bytes).
+/// The customer-index watermark (0 when nothing was flushed yet).
+pub(crate) fn customer_watermark(tree: &sled::Tree) -> Result<u64, StoreError> {
+    match tree.get(layout::META_CUSTOMER_INDEX)? {
+        None => Ok(0),
+        Some(v) if v.len() == 8 => Ok(layout::read_u64(&v).unwrap_or(0)),
+        Some(_) => Err(StoreError::corrupt(
+            "customer-index watermark",
+            "not 8 bytes",
+        )),
+    }
+}
+
+/// Rebuild the tail from the records above the watermark (at most one flush interval plus
+/// one batch of them).
+fn rebuild_tail(tree: &sled::Tree, head: u64) -> Result<CustomerTail, StoreError> {
+    let upto = customer_watermark(tree)?;
+    if upto > head {
+        return Err(StoreError::corrupt(
+            "customer-index watermark",
+            format!("{upto} is beyond the head {head}"),
+        ));
+    }
+    let mut tail = CustomerTail {
+        upto,
+        ..CustomerTail::default()
+    };
+    if upto == head {
+        return Ok(tail);
+    }
+    let mut scan = BlockScan::new(tree, upto + 1, head)?;
+    while let Some(p) = scan.next_entry() {
+        let p = p?;
+        let c = scan
+            .current()
+            .ok_or_else(|| StoreError::corrupt("block scan", "no current block"))?
+            .committed(p)?;
+        tail.push(&c.event.customer_id, c.customer_version, p);
+    }
+    Ok(tail)
+}
+
+/// Decode a block entry (hash ‖ StoredRecord bytes).
 pub(crate) fn decode_committed(position: u64, value: &[u8]) -> Result<Committed, StoreError> {
     let what = || format!("position {position}");
     if value.len() < HASH_LEN {
@@ -417,12 +814,18 @@ impl EventStore for SledStore {
         let mut next_rejection = w.next_rejection;
         let mut sb = sled::Batch::default();
         let mut staged: HashMap<String, Staged> = HashMap::new();
-        let mut versions: HashMap<String, u64> = HashMap::new();
+        // customer → (first version in this batch, positions), in first-appearance order.
+        let mut runs: HashMap<String, (u64, Vec<u64>)> = HashMap::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut kinds: [Vec<u64>; EventKind::ALL.len()] = Default::default();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut dirty = false;
 
+        // Only this writer changes the tail, so one read guard serves the whole batch; it is
+        // released before the commit, after which the tail is updated.
+        let tail = self.read_tail();
         for item in batch {
-            let outcome = self.decide(&item, now, &mut staged, &mut versions, &w.versions)?;
+            let outcome = self.decide(&item, now, &mut staged, &runs, &w.versions, &tail)?;
             match outcome {
                 Decision::Outcome(o) => {
                     if let AppendOutcome::Rejected(r) = &o {
@@ -451,24 +854,14 @@ impl EventStore for SledStore {
                     customer_version,
                 } => {
                     let position = head.position + 1;
-                    let e = &item.event;
+                    let e = item.event;
                     let record =
                         encode_record(position, customer_version, &head.hash, now, &envelope);
                     let hash = chain_hash(&head.hash, &record);
-                    let mut value = Vec::with_capacity(HASH_LEN + record.len());
-                    value.extend_from_slice(&hash.0);
-                    value.extend_from_slice(&record);
-                    sb.insert(&layout::event_key(position), value);
                     let mut idv = Vec::with_capacity(40);
                     idv.extend_from_slice(&position.to_be_bytes());
                     idv.extend_from_slice(&digest);
                     sb.insert(layout::event_id_key(&e.event_id), idv);
-                    sb.insert(
-                        layout::customer_key(&e.customer_id, customer_version),
-                        &position.to_be_bytes(),
-                    );
-                    sb.insert(&layout::kind_key(e.kind(), position), &[]);
-                    sb.insert(&layout::time_key(e.occurred_at, position), &[]);
                     if position.is_multiple_of(self.config.checkpoint_interval) {
                         let cp = v1::Checkpoint {
                             position,
@@ -477,16 +870,31 @@ impl EventStore for SledStore {
                         };
                         sb.insert(&layout::checkpoint_key(position), cp.encode_to_vec());
                     }
+                    let kind = e.kind();
+                    if let Some(k) = EventKind::ALL.iter().position(|k| *k == kind) {
+                        kinds[k].push(position);
+                    }
+                    match runs.get_mut(&e.customer_id) {
+                        Some((_, ps)) => ps.push(position),
+                        None => {
+                            runs.insert(e.customer_id.clone(), (customer_version, vec![position]));
+                        }
+                    }
+                    pending.push(Pending {
+                        position,
+                        hash: hash.0,
+                        record,
+                        occurred_at: e.occurred_at,
+                    });
                     staged.insert(
-                        e.event_id.clone(),
+                        e.event_id,
                         Staged {
                             position,
                             digest,
-                            customer_id: e.customer_id.clone(),
-                            kind: e.kind(),
+                            customer_id: e.customer_id,
+                            kind,
                         },
                     );
-                    versions.insert(e.customer_id.clone(), customer_version);
                     head = Head {
                         position,
                         hash,
@@ -501,18 +909,103 @@ impl EventStore for SledStore {
                 }
             }
         }
+        if !dirty {
+            return Ok(outcomes);
+        }
+        let tail_entries = tail.entries;
 
-        if dirty {
-            self.commit(&mut w, sb)?;
-            let advanced = head.position != w.head.position;
-            w.head = head;
-            w.next_rejection = next_rejection;
-            for (customer, version) in versions {
-                w.versions.insert(customer, version);
+        // Records → blocks of consecutive positions.
+        let mut start = 0;
+        while start < pending.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < pending.len()
+                && end - start < layout::BLOCK_MAX_RECORDS
+                && (end == start || bytes < layout::BLOCK_MAX_BYTES)
+            {
+                bytes += HASH_LEN + pending[end].record.len();
+                end += 1;
             }
-            if advanced {
-                self.head_tx.send_replace(head);
+            let slice = &pending[start..end];
+            let zone = slice.iter().fold(
+                (
+                    Timestamp::from_unix_nanos(i64::MAX),
+                    Timestamp::from_unix_nanos(i64::MIN),
+                ),
+                |(lo, hi), p| (lo.min(p.occurred_at), hi.max(p.occurred_at)),
+            );
+            let entries: Vec<(&[u8], &[u8])> = slice
+                .iter()
+                .map(|p| (&p.hash[..], p.record.as_slice()))
+                .collect();
+            let block = layout::encode_block(&entries, zone);
+            sb.insert(&layout::block_key(pending[start].position), block);
+            start = end;
+        }
+        for (kind, positions) in EventKind::ALL.iter().zip(&kinds) {
+            if let Some(first) = positions.first() {
+                sb.insert(
+                    &layout::kind_key(*kind, *first),
+                    layout::encode_positions(positions),
+                );
             }
+        }
+        // Customer index: every `customer_index_batch` events, the tail and this batch go to
+        // disk as one run per customer, with the new watermark, atomically with the batch.
+        let appended: usize = pending.len();
+        let flush_index = {
+            if tail_entries + appended >= self.config.customer_index_batch {
+                for (customer, (first, positions)) in &tail.runs {
+                    let mut all = positions.clone();
+                    if let Some((_, more)) = runs.get(customer) {
+                        all.extend_from_slice(more);
+                    }
+                    sb.insert(
+                        layout::customer_key(customer, *first),
+                        layout::encode_positions(&all),
+                    );
+                }
+                for (customer, (first, positions)) in &runs {
+                    if !tail.runs.contains_key(customer) {
+                        sb.insert(
+                            layout::customer_key(customer, *first),
+                            layout::encode_positions(positions),
+                        );
+                    }
+                }
+                sb.insert(layout::META_CUSTOMER_INDEX, &head.position.to_be_bytes());
+                true
+            } else {
+                false
+            }
+        };
+        drop(tail);
+
+        self.commit(&mut w, sb)?;
+        {
+            let mut tail = self.write_tail();
+            if flush_index {
+                *tail = CustomerTail {
+                    upto: head.position,
+                    ..CustomerTail::default()
+                };
+            } else {
+                for (customer, (first, positions)) in &runs {
+                    for (i, p) in positions.iter().enumerate() {
+                        tail.push(customer, first + i as u64, *p);
+                    }
+                }
+            }
+        }
+        let advanced = head.position != w.head.position;
+        w.head = head;
+        w.next_rejection = next_rejection;
+        for (customer, (first, positions)) in runs {
+            w.versions
+                .insert(customer, first + positions.len() as u64 - 1);
+        }
+        if advanced {
+            self.head_tx.send_replace(head);
         }
         Ok(outcomes)
     }
@@ -560,14 +1053,10 @@ impl EventStore for SledStore {
     }
 
     fn customer_version(&self, customer_id: &str) -> Result<u64, StoreError> {
-        let upper = layout::customer_key(customer_id, u64::MAX);
-        let prefix = layout::customer_prefix(customer_id);
-        Ok(match self.tree.get_lt(&upper)? {
-            Some((k, _)) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
-                layout::trailing_u64(&k).unwrap_or(0)
-            }
-            _ => 0,
-        })
+        if let Some(v) = self.read_tail().version(customer_id) {
+            return Ok(v);
+        }
+        self.durable_customer_version(customer_id)
     }
 
     fn read(&self, f: &ReadFilter) -> Events<'_> {
@@ -583,38 +1072,22 @@ impl EventStore for SledStore {
         };
         if let Some(customer) = &f.customer {
             let kind = f.kind;
-            let iter = self.tree.scan_prefix(layout::customer_prefix(customer));
             // The customer's versions are in position order, so stop past `to`.
-            let events = self.by_index(iter, true, move |c| {
-                (from..=to).contains(&c.position)
-                    && kind.is_none_or(|k| c.event.kind() == k)
-                    && in_time(c)
+            let positions = self
+                .customer_positions(customer)
+                .filter(move |p| p.as_ref().map_or(true, |p| *p >= from))
+                .take_while(move |p| p.as_ref().map_or(true, |p| *p <= to));
+            return self.by_positions(positions, move |c| {
+                kind.is_none_or(|k| c.event.kind() == k) && in_time(c)
             });
-            return Box::new(
-                events.take_while(move |r| r.as_ref().map_or(true, |c| c.position <= to)),
-            );
         }
         if let Some(kind) = f.kind {
-            let iter = self
-                .tree
-                .range(layout::kind_key(kind, from)..=layout::kind_key(kind, to));
-            return self.by_index(iter, false, in_time);
+            return self.by_positions(self.kind_positions(kind, from, to), in_time);
         }
-        let iter = self
-            .tree
-            .range(layout::event_key(from)..=layout::event_key(to));
-        Box::new(iter.filter_map(move |kv| {
-            let r = (|| {
-                let (k, v) = kv?;
-                let pos = layout::trailing_u64(&k).unwrap_or(0);
-                decode_committed(pos, &v)
-            })();
-            match r {
-                Ok(c) if in_time(&c) => Some(Ok(c)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            }
-        }))
+        match BlockScan::new(&self.tree, from, to) {
+            Ok(scan) => scan.with_zone(since, until).into_events(in_time),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
     }
 
     fn read_raw(&self, from_position: u64, to_position: Option<u64>) -> RawRecords<'_> {
@@ -623,32 +1096,26 @@ impl EventStore for SledStore {
         if from > to {
             return Box::new(std::iter::empty());
         }
-        Box::new(
-            self.tree
-                .range(layout::event_key(from)..=layout::event_key(to))
-                .map(|kv| {
-                    let (k, v) = kv?;
-                    let position = layout::trailing_u64(&k).unwrap_or(0);
-                    if v.len() < HASH_LEN {
-                        return Err(StoreError::corrupt(
-                            format!("position {position}"),
-                            "record shorter than its hash",
-                        ));
-                    }
-                    Ok(RawRecord {
+        let mut scan = match BlockScan::new(&self.tree, from, to) {
+            Ok(s) => s,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        Box::new(std::iter::from_fn(move || {
+            let position = match scan.next_entry()? {
+                Ok(p) => p,
+                Err(e) => return Some(Err(e)),
+            };
+            Some(
+                scan.current()
+                    .and_then(|b| b.entry(position))
+                    .map(|(hash, record)| RawRecord {
                         position,
-                        hash: Hash::from_slice(&v[..HASH_LEN]).unwrap_or_default(),
-                        record: v[HASH_LEN..].to_vec(),
+                        hash: Hash::from_slice(hash).unwrap_or_default(),
+                        record: record.to_vec(),
                     })
-                }),
-        )
-    }
-
-    fn read_by_occurred(&self, since: Timestamp, until: Timestamp) -> Events<'_> {
-        let iter = self
-            .tree
-            .range(layout::time_key(since, 0)..layout::time_key(until, 0));
-        self.by_index(iter, false, |_| true)
+                    .ok_or_else(|| StoreError::corrupt("block scan", "no current block")),
+            )
+        }))
     }
 
     fn checkpoints(&self) -> Box<dyn Iterator<Item = Result<Checkpoint, StoreError>> + Send + '_> {
@@ -692,14 +1159,25 @@ impl EventStore for SledStore {
     }
 
     fn stats(&self) -> Result<Stats, StoreError> {
+        // The writer lock keeps the tail and the durable index from moving between the two
+        // counts below.
+        let _w = self.lock_writer();
         let mut by_kind = Vec::new();
         for kind in EventKind::ALL {
-            let n = self.tree.scan_prefix([layout::KIND, kind.code()]).count() as u64;
+            let mut n = 0u64;
+            for kv in self.tree.scan_prefix([layout::KIND, kind.code()]) {
+                n += (kv?.1.len() / 8) as u64;
+            }
             if n > 0 {
                 by_kind.push((kind, n));
             }
         }
-        let mut customers = 0u64;
+        let mut customers = self
+            .read_tail()
+            .runs
+            .values()
+            .filter(|(first, _)| *first == 1)
+            .count() as u64;
         for kv in self.tree.scan_prefix([layout::CUSTOMER]) {
             let (k, _) = kv?;
             if layout::parse_customer_key(&k).is_some_and(|(_, v)| v == 1) {
@@ -739,8 +1217,9 @@ impl SledStore {
         item: &AppendItem,
         now: Timestamp,
         staged: &mut HashMap<String, Staged>,
-        versions: &mut HashMap<String, u64>,
+        runs: &HashMap<String, (u64, Vec<u64>)>,
         cache: &VersionCache,
+        tail: &CustomerTail,
     ) -> Result<Decision, StoreError> {
         let e = &item.event;
         let reject = |r: Rejection| Ok(Decision::Outcome(AppendOutcome::Rejected(r)));
@@ -767,13 +1246,14 @@ impl SledStore {
                 ))
             };
         }
-        let current = match versions
+        let current = match runs
             .get(&e.customer_id)
-            .copied()
+            .map(|(first, ps)| first + ps.len() as u64 - 1)
             .or_else(|| cache.get(&e.customer_id))
+            .or_else(|| tail.version(&e.customer_id))
         {
             Some(v) => v,
-            None => self.customer_version(&e.customer_id)?,
+            None => self.durable_customer_version(&e.customer_id)?,
         };
         if let Some(expected) = item.expected_customer_version
             && expected != current
