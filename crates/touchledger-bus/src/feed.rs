@@ -157,11 +157,9 @@ async fn publish_range(
         .map_err(|e| nats_err("feed read task", e))??;
         let mut acks = Vec::with_capacity(records.len());
         for r in records {
-            let rec = v1::StoredRecord::decode(r.record.as_slice())
-                .map_err(|e| corrupt(r.position, e))?;
-            let event = touchledger_domain::Event::try_from(rec.event.unwrap_or_default())
-                .map_err(|e| corrupt(r.position, e))?;
-            let subject = cfg.subjects.event(event.kind(), &event.customer_id);
+            let (kind, customer) = touchledger_proto::peek_record(&r.record)
+                .ok_or_else(|| corrupt(r.position, "record without kind or customer"))?;
+            let subject = cfg.subjects.event(kind, customer);
             let publish = PublishMessage::build()
                 .payload(r.record.into())
                 .message_id(r.position.to_string())
@@ -180,11 +178,8 @@ async fn publish_range(
         // Checkpoints of this range, after the records they cover are in the stream.
         let s = store.clone();
         let cps = tokio::task::spawn_blocking(move || {
-            s.checkpoints()
-                .filter(|c| {
-                    c.as_ref()
-                        .map_or(true, |c| (from..=to).contains(&c.position))
-                })
+            s.checkpoints_from(from)
+                .take_while(|c| c.as_ref().map_or(true, |c| c.position <= to))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await

@@ -4,7 +4,11 @@
 //! Two refinements keep events from being lost to ordering: a retraction whose target is not
 //! stored yet may simply have overtaken it (redelivery after a crash or a nak reorders messages),
 //! so it is nak'ed and retried a few times before it is dead-lettered; and after a store failure
-//! the intake pauses instead of fetching newer messages ahead of the nak'ed ones.
+//! the intake stops pulling and pauses instead of taking newer messages ahead of the nak'ed ones.
+//!
+//! The consumer is pulled continuously (a pull stream that keeps about a batch requested ahead)
+//! rather than fetch-by-fetch, so that the broker delivers the next batch while the current
+//! one is flushed.
 
 use std::sync::Arc;
 
@@ -53,41 +57,57 @@ pub async fn run_intake(
         .map_err(|e| js_err("intake consumer")(&e))?;
     tracing::info!(stream = %cfg.subjects.intake_stream(), consumer = %cfg.consumer, "intake started");
 
+    // One continuous pull: the client keeps about a batch requested ahead, so JetStream
+    // delivers the next batch while this one is being stored (the store's fsync and the
+    // broker's delivery overlap). Order is kept: one stream, one processor.
+    let mut messages: Option<pull::Stream> = None;
     while !shutdown.is_cancelled() {
-        let fetch = consumer
-            .fetch()
-            .max_messages(cfg.batch)
-            .expires(cfg.fetch_wait)
-            .messages();
-        let mut batch = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            b = fetch => match b {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "fetch failed; retrying");
-                    tokio::time::sleep(cfg.retry_delay).await;
-                    continue;
-                }
-            },
-        };
-        let mut messages = Vec::with_capacity(cfg.batch);
-        while let Some(m) = batch.next().await {
-            match m {
-                Ok(m) => messages.push(m),
-                // A status message (e.g. the fetch expired) ends the batch; what was received
-                // is processed, the rest is redelivered.
-                Err(e) => {
-                    tracing::debug!(error = %e, "fetch ended");
-                    break;
+        let stream = match &mut messages {
+            Some(s) => s,
+            None => {
+                let opened = consumer
+                    .stream()
+                    .max_messages_per_batch(cfg.batch)
+                    .expires(INTAKE_PULL_EXPIRES)
+                    .heartbeat(INTAKE_PULL_HEARTBEAT)
+                    .messages()
+                    .await;
+                match opened {
+                    Ok(s) => messages.insert(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pull failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(cfg.retry_delay) => {}
+                        }
+                        continue;
+                    }
                 }
             }
+        };
+        let (batch, healthy) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            b = next_batch(stream, cfg.batch, cfg.fetch_wait) => b,
+        };
+        if !healthy {
+            // A status error (missed heartbeats, the server went away): start a new pull. What
+            // was buffered and not processed is redelivered after the ack wait.
+            messages = None;
         }
-        if messages.is_empty() {
+        if batch.is_empty() {
+            if !healthy {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(cfg.retry_delay) => {}
+                }
+            }
             continue;
         }
         // The batch in hand is always finished, even if shutdown is requested meanwhile.
-        if !process(&js, &store, &cfg, messages).await? {
-            // Store trouble: pause, so that newer messages do not overtake the nak'ed ones.
+        if !process(&js, &store, &cfg, batch).await? {
+            // Store trouble: stop pulling and pause, so that newer messages do not overtake the
+            // nak'ed ones (whatever is buffered comes back after the ack wait).
+            messages = None;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(cfg.retry_delay) => {}
@@ -96,6 +116,43 @@ pub async fn run_intake(
     }
     tracing::info!("intake stopped");
     Ok(())
+}
+
+/// Expiry of each pull request of the intake's continuous pull.
+const INTAKE_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(30);
+/// Idle heartbeat of the continuous pull: a silent server is noticed after two of them.
+const INTAKE_PULL_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Up to `max` messages: wait for the first, then take more until `max` or until `wait` has
+/// passed since the first. Returns the messages and whether the pull is still healthy.
+async fn next_batch(
+    stream: &mut pull::Stream,
+    max: usize,
+    wait: std::time::Duration,
+) -> (Vec<jetstream::Message>, bool) {
+    let mut batch = Vec::with_capacity(max);
+    let mut deadline = None;
+    while batch.len() < max {
+        let next = match deadline {
+            None => stream.next().await,
+            Some(d) => match tokio::time::timeout_at(d, stream.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            },
+        };
+        match next {
+            Some(Ok(m)) => {
+                batch.push(m);
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pull interrupted; re-subscribing");
+                return (batch, false);
+            }
+            None => return (batch, false),
+        }
+    }
+    (batch, true)
 }
 
 /// Process one fetched batch. Returns false if the store failed (the batch was nak'ed).

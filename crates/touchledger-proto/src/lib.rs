@@ -43,6 +43,67 @@ pub fn encode_event(e: &d::Event) -> Vec<u8> {
     v1::Envelope::from(e).encode_to_vec()
 }
 
+/// The kind and customer id of a stored `StoredRecord`, read without decoding the rest (no
+/// allocation): what the committed-event feed needs to build a record's subject. `None` if the
+/// bytes are not a `StoredRecord` with an event that has a customer id and a payload.
+pub fn peek_record(record: &[u8]) -> Option<(d::EventKind, &str)> {
+    use prost::encoding::WireType;
+    /// (field number, wire type, field bytes for length-delimited fields).
+    fn fields(mut buf: &[u8]) -> impl Iterator<Item = Option<(u32, Option<&[u8]>)>> {
+        std::iter::from_fn(move || {
+            if buf.is_empty() {
+                return None;
+            }
+            let field = (|| {
+                let key = prost::encoding::decode_varint(&mut buf).ok()?;
+                let (tag, wire) = (u32::try_from(key >> 3).ok()?, key & 7);
+                match WireType::try_from(wire).ok()? {
+                    WireType::Varint => {
+                        prost::encoding::decode_varint(&mut buf).ok()?;
+                        Some((tag, None))
+                    }
+                    WireType::SixtyFourBit => {
+                        buf = buf.get(8..)?;
+                        Some((tag, None))
+                    }
+                    WireType::ThirtyTwoBit => {
+                        buf = buf.get(4..)?;
+                        Some((tag, None))
+                    }
+                    WireType::LengthDelimited => {
+                        let len =
+                            usize::try_from(prost::encoding::decode_varint(&mut buf).ok()?).ok()?;
+                        let (value, rest) = (buf.get(..len)?, buf.get(len..)?);
+                        buf = rest;
+                        Some((tag, Some(value)))
+                    }
+                    WireType::StartGroup | WireType::EndGroup => None,
+                }
+            })();
+            if field.is_none() {
+                // Malformed: stop after reporting it once.
+                buf = &[];
+            }
+            Some(field)
+        })
+    }
+    let mut envelope = None;
+    for f in fields(record) {
+        if let (5, Some(v)) = f? {
+            envelope = Some(v);
+        }
+    }
+    let (mut customer, mut kind) = (None, None);
+    for f in fields(envelope?) {
+        match f? {
+            (2, Some(v)) => customer = Some(std::str::from_utf8(v).ok()?),
+            (tag @ 10..=16, Some(_)) => kind = d::EventKind::ALL.get(tag as usize - 10).copied(),
+            _ => {}
+        }
+    }
+    Some((kind?, customer.filter(|c| !c.is_empty())?))
+}
+
 /// Domain instant → protobuf timestamp.
 pub fn to_pb_time(t: Timestamp) -> prost_types::Timestamp {
     let (seconds, nanos) = t.to_parts();
@@ -535,6 +596,38 @@ mod tests {
                 category: "music".into(),
             }),
         }
+    }
+
+    #[test]
+    fn peek_reads_kind_and_customer_of_a_stored_record() {
+        let mut e = purchase();
+        let record = |e: &d::Event| {
+            v1::StoredRecord {
+                position: 7,
+                customer_version: 3,
+                prev_hash: vec![9; 32],
+                recorded_at: Some(to_pb_time(e.occurred_at)),
+                event: Some(v1::Envelope::from(e)),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(
+            peek_record(&record(&e)),
+            Some((d::EventKind::Purchase, "c1"))
+        );
+        e.customer_id = "cust-42".into();
+        e.payload = d::Payload::Retraction(d::Retraction {
+            retracted_event_id: "e0".into(),
+            reason: "typo".into(),
+        });
+        assert_eq!(
+            peek_record(&record(&e)),
+            Some((d::EventKind::Retraction, "cust-42"))
+        );
+        let bytes = record(&e);
+        assert_eq!(peek_record(&bytes[..bytes.len() - 3]), None);
+        assert_eq!(peek_record(b"\xff\xff\xff"), None);
+        assert_eq!(peek_record(&[]), None);
     }
 
     #[test]
