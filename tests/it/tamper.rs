@@ -25,7 +25,18 @@ fn ledger_with(n: u64) -> tempfile::TempDir {
 
 /// Edit the raw tree with the store closed, as an attacker with disk access would.
 fn tamper(dir: &std::path::Path, edit: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(dir).expect("open raw");
+    // sled releases its directory lock only when the dropped store's flusher thread stops,
+    // which can take a moment on a busy machine (the store's own `open` waits the same way).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let db = loop {
+        match sled::open(dir) {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("open raw: {e}"),
+        }
+    };
     let tree = db.open_tree(layout::TREE).expect("tree");
     edit(&tree);
     db.flush().expect("flush");

@@ -90,9 +90,12 @@ pub async fn run_intake(
             b = next_batch(stream, cfg.batch, cfg.fetch_wait) => b,
         };
         if !healthy {
-            // A status error (missed heartbeats, the server went away): start a new pull. What
-            // was buffered and not processed is redelivered after the ack wait.
-            messages = None;
+            // A status error (missed heartbeats, the server went away): start a new pull.
+            // What was buffered is handed back (or, if the connection is gone, redelivered
+            // after the ack wait).
+            if let Some(s) = messages.take() {
+                release_buffered(s, cfg.retry_delay).await;
+            }
         }
         if batch.is_empty() {
             if !healthy {
@@ -106,8 +109,10 @@ pub async fn run_intake(
         // The batch in hand is always finished, even if shutdown is requested meanwhile.
         if !process(&js, &store, &cfg, batch).await? {
             // Store trouble: stop pulling and pause, so that newer messages do not overtake the
-            // nak'ed ones (whatever is buffered comes back after the ack wait).
-            messages = None;
+            // nak'ed ones. Messages already delivered ahead are nak'ed behind the batch.
+            if let Some(s) = messages.take() {
+                release_buffered(s, cfg.retry_delay).await;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(cfg.retry_delay) => {}
@@ -122,6 +127,20 @@ pub async fn run_intake(
 const INTAKE_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(30);
 /// Idle heartbeat of the continuous pull: a silent server is noticed after two of them.
 const INTAKE_PULL_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Nak (with `delay`) every message the pull has already delivered but nobody has taken, then
+/// drop the pull. Without this they would come back only after the ack wait, behind newer ones.
+async fn release_buffered(mut stream: pull::Stream, delay: std::time::Duration) {
+    use futures::FutureExt;
+    let mut released = 0usize;
+    while let Some(Some(Ok(m))) = stream.next().now_or_never() {
+        if let Err(e) = m.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::warn!(error = %e, "nak failed; the message will be redelivered");
+        }
+        released += 1;
+    }
+    tracing::debug!(released, "pull dropped");
+}
 
 /// Up to `max` messages: wait for the first, then take more until `max` or until `wait` has
 /// passed since the first. Returns the messages and whether the pull is still healthy.

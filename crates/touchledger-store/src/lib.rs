@@ -11,7 +11,8 @@
 //!   into blocks and the kind and customer indexes into runs; only the event-id index has a key
 //!   per event.
 //! * **Single writer.** Appends are serialised by a mutex that owns the chain head, so positions
-//!   are gapless and the hash chain has no forks; reads never take it.
+//!   are gapless and the hash chain has no forks; reads never take it (only `verify` and
+//!   `stats`, which need the log to stand still).
 //! * **Expected outcomes are values.** Duplicates, rejections and version conflicts are
 //!   [`AppendOutcome`]s; a failed verification is a [`VerifyReport`]. Only the storage itself
 //!   failing is a [`StoreError`].

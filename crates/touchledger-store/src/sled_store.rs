@@ -581,31 +581,35 @@ impl SledStore {
         from: u64,
         to: u64,
     ) -> impl Iterator<Item = Result<u64, StoreError>> + Send + 'static {
-        let start = match self
+        let (start, failed) = match self
             .tree
             .get_lt(layout::kind_key(kind, from.saturating_add(1)))
         {
             Ok(Some((k, _))) if k.len() == 10 && k[..2] == [layout::KIND, kind.code()] => {
-                layout::trailing_u64(&k).unwrap_or(from)
+                (layout::trailing_u64(&k).unwrap_or(from), None)
             }
-            _ => from,
+            Ok(_) => (from, None),
+            // Reported first, instead of silently starting after a run that holds `from`.
+            Err(e) => (from, Some(Err(StoreError::from(e)))),
         };
-        self.tree
-            .range(layout::kind_key(kind, start)..=layout::kind_key(kind, to))
-            .flat_map(|kv| -> Vec<Result<u64, StoreError>> {
-                match kv {
-                    Err(e) => vec![Err(e.into())],
-                    Ok((_, v)) => match layout::decode_positions(&v) {
-                        Some(ps) => ps.map(Ok).collect(),
-                        None => vec![Err(StoreError::corrupt(
-                            "kind index run",
-                            "length is not a multiple of 8",
-                        ))],
-                    },
-                }
-            })
-            .filter(move |p| p.as_ref().map_or(true, |p| *p >= from))
-            .take_while(move |p| p.as_ref().map_or(true, |p| *p <= to))
+        failed.into_iter().chain(
+            self.tree
+                .range(layout::kind_key(kind, start)..=layout::kind_key(kind, to))
+                .flat_map(|kv| -> Vec<Result<u64, StoreError>> {
+                    match kv {
+                        Err(e) => vec![Err(e.into())],
+                        Ok((_, v)) => match layout::decode_positions(&v) {
+                            Some(ps) => ps.map(Ok).collect(),
+                            None => vec![Err(StoreError::corrupt(
+                                "kind index run",
+                                "length is not a multiple of 8",
+                            ))],
+                        },
+                    }
+                })
+                .filter(move |p| p.as_ref().map_or(true, |p| *p >= from))
+                .take_while(move |p| p.as_ref().map_or(true, |p| *p <= to)),
+        )
     }
 }
 

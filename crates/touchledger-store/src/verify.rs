@@ -147,6 +147,8 @@ pub(crate) fn verify(tree: &sled::Tree) -> Result<VerifyReport, StoreError> {
     let mut checked_checkpoints = 0u64;
     let mut customers = 0u64;
     let watermark = customer_watermark(tree)?;
+    // Customers' last versions above the watermark (at most one index interval of records).
+    let mut above: std::collections::HashMap<String, u64> = Default::default();
     let mut kinds: Vec<KindCursor> = EventKind::ALL
         .iter()
         .map(|k| KindCursor {
@@ -242,6 +244,24 @@ pub(crate) fn verify(tree: &sled::Tree) -> Result<VerifyReport, StoreError> {
                     )),
                 );
             }
+            if pos > watermark {
+                // Above the watermark the index lives only in memory, rebuilt from these
+                // versions on open: they must continue the durable runs without a gap.
+                let want = match above.get(&e.customer_id) {
+                    Some(v) => v + 1,
+                    None => durable_version(tree, &e.customer_id)? + 1,
+                };
+                if c.customer_version != want {
+                    return failed(
+                        pos,
+                        VerifyProblem::CustomerVersions(format!(
+                            "customer {} has version {} where {want} was expected",
+                            e.customer_id, c.customer_version
+                        )),
+                    );
+                }
+                above.insert(e.customer_id.clone(), c.customer_version);
+            }
             if c.customer_version == 1 {
                 customers += 1;
             }
@@ -318,7 +338,7 @@ pub(crate) fn verify(tree: &sled::Tree) -> Result<VerifyReport, StoreError> {
         );
     }
     let mut entries = 0u64;
-    let mut last: Option<(Vec<u8>, u64)> = None;
+    let mut last: Option<(Vec<u8>, u64, u64)> = None;
     for kv in tree.scan_prefix([layout::CUSTOMER]) {
         let (k, v) = kv?;
         let pos = layout::read_u64(&v).unwrap_or(0);
@@ -329,10 +349,23 @@ pub(crate) fn verify(tree: &sled::Tree) -> Result<VerifyReport, StoreError> {
         if n == 0 || !v.len().is_multiple_of(8) {
             return failed(pos, VerifyProblem::Index("malformed customer run".into()));
         }
-        let want = match &last {
-            Some((c, next)) if c.as_slice() == cust => *next,
-            _ => 1,
+        let (want, mut after) = match &last {
+            Some((c, next, after)) if c.as_slice() == cust => (*next, *after),
+            _ => (1, 0),
         };
+        // Reads stop at the first position past their range, so positions must ascend.
+        for p in layout::decode_positions(&v).into_iter().flatten() {
+            if p <= after || p > watermark {
+                return failed(
+                    p,
+                    VerifyProblem::Index(format!(
+                        "customer {} run has position {p} out of order or above the watermark",
+                        String::from_utf8_lossy(cust)
+                    )),
+                );
+            }
+            after = p;
+        }
         if first != want {
             return failed(
                 pos,
@@ -343,7 +376,7 @@ pub(crate) fn verify(tree: &sled::Tree) -> Result<VerifyReport, StoreError> {
             );
         }
         entries += n;
-        last = Some((cust.to_vec(), first + n));
+        last = Some((cust.to_vec(), first + n, after));
     }
     if entries != watermark {
         return failed(
@@ -388,4 +421,17 @@ fn customer_entry(
         }
         _ => Ok(None),
     }
+}
+
+/// A customer's last version in the durable customer index (0 = none).
+fn durable_version(tree: &sled::Tree, customer: &str) -> Result<u64, StoreError> {
+    let prefix = layout::customer_prefix(customer);
+    Ok(
+        match tree.get_lt(layout::customer_key(customer, u64::MAX))? {
+            Some((k, v)) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
+                (layout::trailing_u64(&k).unwrap_or(0) + (v.len() / 8) as u64).saturating_sub(1)
+            }
+            _ => 0,
+        },
+    )
 }
