@@ -155,25 +155,41 @@ async fn publish_range(
         })
         .await
         .map_err(|e| nats_err("feed read task", e))??;
-        let mut acks = Vec::with_capacity(records.len());
-        for r in records {
+        // Every record but the chunk's last goes out as a plain publish (no PubAck to produce,
+        // send and parse); the last one asks for JetStream's ack. Each carries
+        // `Nats-Expected-Last-Sequence`, so the stream stores a record only directly after its
+        // predecessor: if any record of the chunk is lost or refused, every later one is
+        // refused too, the last one's ack reports the wrong sequence, and the feed resyncs
+        // from the stream's last message. One acknowledged publish per chunk thus confirms the
+        // whole chunk.
+        let last = records.len().saturating_sub(1);
+        for (i, r) in records.into_iter().enumerate() {
             let (kind, customer) = touchledger_proto::peek_record(&r.record)
                 .ok_or_else(|| corrupt(r.position, "record without kind or customer"))?;
             let subject = cfg.subjects.event(kind, customer);
-            let publish = PublishMessage::build()
-                .payload(r.record.into())
-                .message_id(r.position.to_string())
-                .expected_last_sequence(r.position - 1)
-                .header(headers::POSITION, r.position.to_string().as_str())
-                .header(headers::HASH, r.hash.to_hex().as_str());
-            let ack = js
-                .send_publish(subject, publish)
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", r.position.to_string().as_str());
+            h.insert(
+                "Nats-Expected-Last-Sequence",
+                (r.position - 1).to_string().as_str(),
+            );
+            h.insert(headers::POSITION, r.position.to_string().as_str());
+            h.insert(headers::HASH, r.hash.to_hex().as_str());
+            if i < last {
+                client
+                    .publish_with_headers(subject, h, r.record.into())
+                    .await
+                    .map_err(|e| nats_err("feed publish", e))?;
+            } else {
+                js.send_publish(
+                    subject,
+                    PublishMessage::build().payload(r.record.into()).headers(h),
+                )
                 .await
-                .map_err(|e| nats_err("feed publish", e))?;
-            acks.push(ack);
-        }
-        for ack in acks {
-            ack.await.map_err(|e| nats_err("feed publish ack", e))?;
+                .map_err(|e| nats_err("feed publish", e))?
+                .await
+                .map_err(|e| nats_err("feed publish ack", e))?;
+            }
         }
         // Checkpoints of this range, after the records they cover are in the stream.
         let s = store.clone();
