@@ -54,6 +54,24 @@ async fn start_ledger(server: &NatsServer) -> Ledger {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The synchronous-append responder subscribes in its own task, after the streams exist: an
+    // empty request (which commits nothing) is answered once it listens.
+    loop {
+        match client
+            .request("crm.ledger.append", request(vec![]).into())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if matches!(e.kind(), async_nats::RequestErrorKind::NoResponders) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "append responder never appeared"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("append probe: {e}"),
+        }
+    }
     Ledger {
         store,
         shutdown,

@@ -62,10 +62,13 @@ pub const REJECTION: u8 = b'r';
 pub const HASH_LEN: usize = 32;
 
 /// A block is closed when it holds this many records …
-pub const BLOCK_MAX_RECORDS: usize = 128;
-/// … or when its entries exceed this many bytes. Keeps blocks well below sled's blob threshold
-/// (segment size / 4 = 128 KiB), so they stay in sled's log instead of one file each.
-pub const BLOCK_MAX_BYTES: usize = 32 * 1024;
+pub const BLOCK_MAX_RECORDS: usize = 32;
+/// … or when its entries reach this many bytes. sled writes a leaf node whole when it
+/// consolidates or splits it, and a leaf holds up to 17 entries; a serialised page above sled's
+/// blob threshold (segment size / 4 = 128 KiB) goes to a file of its own. 17 blocks of about
+/// 6 KiB stay below it. (With 32 KiB blocks the ledger grew a blob file per leaf and appended
+/// more slowly as it grew: BENCHMARKS.md.)
+pub const BLOCK_MAX_BYTES: usize = 6 * 1024;
 
 /// Block format byte.
 const BLOCK_FORMAT: u8 = 1;
