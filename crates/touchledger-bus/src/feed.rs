@@ -4,6 +4,9 @@
 //!
 //! NATS outages are waited out: on a publish failure the feed backs off, re-reads the stream's
 //! last sequence (some publishes may have landed) and continues from there.
+//!
+//! Only the last record of each chunk asks for JetStream's ack; the expected-last-sequence
+//! header makes that one ack confirm the whole chunk (ADR 0003).
 
 use std::sync::Arc;
 
