@@ -3,6 +3,9 @@
 //!   ledger's intake;
 //! * baseline, same run, same server: a plain pull consumer on an identically configured stream
 //!   that only fetches and acks the same messages (the broker's own limit);
+//! * a reference, not the ratio's baseline: the same plain consumer that also republishes each
+//!   message into a second stream the way the ledger's feed does (the broker's limit for intake
+//!   plus feed, with no store);
 //! * synchronous append latency (p50/p99) of single-event requests, next to a bare NATS
 //!   request/reply echo on the same connection.
 //!
@@ -131,6 +134,95 @@ fn main() {
         consume.await.expect("consumer task");
         let plain = start.elapsed();
 
+        // Reference (not the ratio's baseline): the same plain consumer that also republishes
+        // every message into a second stream the way the ledger's feed does (the same four
+        // headers, sequence = position, one acknowledged publish per batch). It is the broker's
+        // limit for intake plus feed, with no store.
+        for (name, subjects) in [
+            ("RELAY_TOUCHPOINTS", "relay.touchpoint.>"),
+            ("RELAY_FEED", "relayfeed.>"),
+        ] {
+            js.create_stream(stream::Config {
+                name: name.into(),
+                subjects: vec![subjects.into()],
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .expect("stream");
+        }
+        let consumer: jetstream::consumer::PullConsumer = js
+            .get_stream("RELAY_TOUCHPOINTS")
+            .await
+            .expect("stream")
+            .get_or_create_consumer(
+                "relay",
+                pull::Config {
+                    durable_name: Some("relay".into()),
+                    max_ack_pending: 2000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("consumer");
+        let start = Instant::now();
+        let relay = tokio::spawn({
+            let js = js.clone();
+            let client = client.clone();
+            async move {
+                let mut acked = 0u64;
+                while acked < n {
+                    let mut batch = consumer
+                        .fetch()
+                        .max_messages(500)
+                        .expires(Duration::from_millis(50))
+                        .messages()
+                        .await
+                        .expect("fetch");
+                    let mut msgs = Vec::new();
+                    while let Some(m) = batch.next().await {
+                        msgs.push(m.expect("msg"));
+                    }
+                    let last = msgs.len().saturating_sub(1);
+                    for (i, m) in msgs.iter().enumerate() {
+                        let position = acked + i as u64 + 1;
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Nats-Msg-Id", position.to_string().as_str());
+                        h.insert(
+                            "Nats-Expected-Last-Sequence",
+                            (position - 1).to_string().as_str(),
+                        );
+                        h.insert("Touchledger-Position", position.to_string().as_str());
+                        h.insert("Touchledger-Hash", hex::encode([7u8; 32]).as_str());
+                        let subject = format!("relayfeed.{}", m.subject);
+                        if i < last {
+                            client
+                                .publish_with_headers(subject, h, m.payload.clone())
+                                .await
+                                .expect("relay publish");
+                        } else {
+                            js.send_publish(
+                                subject,
+                                PublishMessage::build().payload(m.payload.clone()).headers(h),
+                            )
+                            .await
+                            .expect("relay publish")
+                            .await
+                            .expect("relay ack");
+                        }
+                    }
+                    for m in &msgs {
+                        m.ack().await.expect("ack");
+                    }
+                    acked += msgs.len() as u64;
+                }
+            }
+        });
+        publish_all(&js, "relay", &events).await;
+        relay.await.expect("relay task");
+        let relayed = start.elapsed();
+
         // touchledger: the real intake on a fresh store, one flush per batch of 500.
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SledStore::open(StoreConfig::new(dir.path())).expect("store"));
@@ -237,6 +329,12 @@ fn main() {
             "  feed stream complete {:>10.0} events/s  ({:.2} s after the first publish)",
             rate(fed),
             fed.as_secs_f64()
+        );
+        println!(
+            "  reference: fetch+ack+republish as the feed does {:>8.0} events/s  ({:.2} s; touchledger / this = {:.2})",
+            rate(relayed),
+            relayed.as_secs_f64(),
+            rate(ours) / rate(relayed)
         );
         println!("synchronous append, 1 event per request, 2000 requests:");
         println!(
