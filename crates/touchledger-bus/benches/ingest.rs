@@ -61,6 +61,42 @@ async fn publish_all(js: &jetstream::Context, prefix: &str, events: &[(String, S
     }
 }
 
+/// A file stream configured like the intake stream.
+async fn plain_stream(js: &jetstream::Context, name: &str, subjects: &str) {
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec![subjects.into()],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+}
+
+/// Such a stream with a durable pull consumer on it.
+async fn plain_consumer(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &str,
+    durable: &str,
+) -> jetstream::consumer::PullConsumer {
+    plain_stream(js, name, subjects).await;
+    js.get_stream(name)
+        .await
+        .expect("stream")
+        .get_or_create_consumer(
+            durable,
+            pull::Config {
+                durable_name: Some(durable.into()),
+                max_ack_pending: 2000,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("consumer")
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -90,29 +126,7 @@ fn main() {
         let js = jetstream::new(client.clone());
 
         // Baseline: plain pull consumer, fetch 500 + ack each, on a stream configured like intake.
-        js.create_stream(stream::Config {
-            name: "PLAIN_TOUCHPOINTS".into(),
-            subjects: vec!["plain.touchpoint.>".into()],
-            storage: stream::StorageType::File,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .expect("stream");
-        let consumer: jetstream::consumer::PullConsumer = js
-            .get_stream("PLAIN_TOUCHPOINTS")
-            .await
-            .expect("stream")
-            .get_or_create_consumer(
-                "plain",
-                pull::Config {
-                    durable_name: Some("plain".into()),
-                    max_ack_pending: 2000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("consumer");
+        let consumer = plain_consumer(&js, "PLAIN_TOUCHPOINTS", "plain.touchpoint.>", "plain").await;
         let start = Instant::now();
         let consume = tokio::spawn(async move {
             let mut acked = 0u64;
@@ -138,34 +152,8 @@ fn main() {
         // every message into a second stream the way the ledger's feed does (the same four
         // headers, sequence = position, one acknowledged publish per batch). It is the broker's
         // limit for intake plus feed, with no store.
-        for (name, subjects) in [
-            ("RELAY_TOUCHPOINTS", "relay.touchpoint.>"),
-            ("RELAY_FEED", "relayfeed.>"),
-        ] {
-            js.create_stream(stream::Config {
-                name: name.into(),
-                subjects: vec![subjects.into()],
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .expect("stream");
-        }
-        let consumer: jetstream::consumer::PullConsumer = js
-            .get_stream("RELAY_TOUCHPOINTS")
-            .await
-            .expect("stream")
-            .get_or_create_consumer(
-                "relay",
-                pull::Config {
-                    durable_name: Some("relay".into()),
-                    max_ack_pending: 2000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("consumer");
+        let consumer = plain_consumer(&js, "RELAY_TOUCHPOINTS", "relay.touchpoint.>", "relay").await;
+        plain_stream(&js, "RELAY_FEED", "relayfeed.>").await;
         let start = Instant::now();
         let relay = tokio::spawn({
             let js = js.clone();

@@ -290,6 +290,15 @@ impl<'a> BlockView<'a> {
         Some(e.split_at(HASH_LEN))
     }
 
+    /// The byte range of each entry (hash ‖ record) within the parsed value, in order.
+    pub fn entry_ranges(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let base = BLOCK_HEADER + self.offsets.len();
+        (0..self.count).map(move |i| {
+            let start = if i == 0 { 0 } else { self.end(i - 1) };
+            (base + start, base + self.end(i))
+        })
+    }
+
     /// All entries in order.
     pub fn entries(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
         (0..self.count).filter_map(|i| self.entry(i))
@@ -313,6 +322,10 @@ mod tests {
         assert_eq!(b.entry(0), Some((&h1[..], &b"abc"[..])));
         assert_eq!(b.entry(1), Some((&h2[..], &b""[..])));
         assert_eq!(b.entry(2), None);
+        let ranges: Vec<_> = b.entry_ranges().collect();
+        assert_eq!(&v[ranges[0].0..ranges[0].1][32..], b"abc");
+        assert_eq!(ranges[1].1 - ranges[1].0, 32);
+        assert_eq!(ranges[1].1, v.len());
         assert!(BlockView::parse(&v[..v.len() - 1]).is_err());
         let mut longer = v.clone();
         longer.push(0);

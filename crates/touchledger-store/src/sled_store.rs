@@ -150,14 +150,7 @@ impl LoadedBlock {
             .ok_or_else(|| StoreError::corrupt("block key", "not b ‖ position"))?;
         let view = layout::BlockView::parse(&value)
             .map_err(|e| StoreError::corrupt(format!("block at position {first}"), e))?;
-        let base = value.as_ptr() as usize;
-        let ranges = view
-            .entries()
-            .map(|(h, r)| {
-                let start = h.as_ptr() as usize - base;
-                (start, start + HASH_LEN + r.len())
-            })
-            .collect();
+        let ranges = view.entry_ranges().collect();
         let (min, max) = (view.min_occurred(), view.max_occurred());
         Ok(LoadedBlock {
             first,
@@ -500,20 +493,6 @@ impl SledStore {
         }
     }
 
-    /// A customer's version in the durable customer index (ignoring the tail).
-    fn durable_customer_version(&self, customer_id: &str) -> Result<u64, StoreError> {
-        let upper = layout::customer_key(customer_id, u64::MAX);
-        let prefix = layout::customer_prefix(customer_id);
-        Ok(match self.tree.get_lt(&upper)? {
-            Some((k, v)) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
-                let first = layout::trailing_u64(&k).unwrap_or(0);
-                let n = (v.len() / 8) as u64;
-                (first + n).saturating_sub(1)
-            }
-            _ => 0,
-        })
-    }
-
     /// Lazily map positions (ascending) to committed events.
     fn by_positions<'a>(
         &'a self,
@@ -664,6 +643,23 @@ fn load_head(tree: &sled::Tree) -> Result<Head, StoreError> {
         }
         _ => Ok(Head::default()),
     }
+}
+
+/// A customer's last version in the durable customer index, ignoring the tail (0 = none).
+pub(crate) fn durable_customer_version(
+    tree: &sled::Tree,
+    customer_id: &str,
+) -> Result<u64, StoreError> {
+    let prefix = layout::customer_prefix(customer_id);
+    Ok(
+        match tree.get_lt(layout::customer_key(customer_id, u64::MAX))? {
+            Some((k, v)) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
+                let first = layout::trailing_u64(&k).unwrap_or(0);
+                (first + (v.len() / 8) as u64).saturating_sub(1)
+            }
+            _ => 0,
+        },
+    )
 }
 
 /// The customer-index watermark (0 when nothing was flushed yet).
@@ -1060,7 +1056,7 @@ impl EventStore for SledStore {
         if let Some(v) = self.read_tail().version(customer_id) {
             return Ok(v);
         }
-        self.durable_customer_version(customer_id)
+        durable_customer_version(&self.tree, customer_id)
     }
 
     fn read(&self, f: &ReadFilter) -> Events<'_> {
@@ -1257,7 +1253,7 @@ impl SledStore {
             .or_else(|| tail.version(&e.customer_id))
         {
             Some(v) => v,
-            None => self.durable_customer_version(&e.customer_id)?,
+            None => durable_customer_version(&self.tree, &e.customer_id)?,
         };
         if let Some(expected) = item.expected_customer_version
             && expected != current

@@ -18,7 +18,9 @@ use touchledger_proto::{encode_event, v1};
 use touchledger_domain::{EventKind, Timestamp};
 
 use crate::layout::{self, HASH_LEN};
-use crate::sled_store::{BlockScan, chain_hash, customer_watermark, decode_committed};
+use crate::sled_store::{
+    BlockScan, chain_hash, customer_watermark, decode_committed, durable_customer_version,
+};
 use crate::{Hash, Head, StoreError};
 
 /// The result of `verify`.
@@ -249,7 +251,7 @@ pub(crate) fn verify(tree: &sled::Tree) -> Result<VerifyReport, StoreError> {
                 // versions on open: they must continue the durable runs without a gap.
                 let want = match above.get(&e.customer_id) {
                     Some(v) => v + 1,
-                    None => durable_version(tree, &e.customer_id)? + 1,
+                    None => durable_customer_version(tree, &e.customer_id)? + 1,
                 };
                 if c.customer_version != want {
                     return failed(
@@ -421,17 +423,4 @@ fn customer_entry(
         }
         _ => Ok(None),
     }
-}
-
-/// A customer's last version in the durable customer index (0 = none).
-fn durable_version(tree: &sled::Tree, customer: &str) -> Result<u64, StoreError> {
-    let prefix = layout::customer_prefix(customer);
-    Ok(
-        match tree.get_lt(layout::customer_key(customer, u64::MAX))? {
-            Some((k, v)) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
-                (layout::trailing_u64(&k).unwrap_or(0) + (v.len() / 8) as u64).saturating_sub(1)
-            }
-            _ => 0,
-        },
-    )
 }
