@@ -81,12 +81,16 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
     let client = async_nats::connect(server.url()).await.expect("connect");
     let shutdown = CancellationToken::new();
     let now = || "2026-05-20T12:00:00Z".parse::<Timestamp>().expect("time");
-    let view_cfg = ViewConfig {
+    let mut view_cfg = ViewConfig {
         refit_every: None,
         sweep_interval: Duration::from_millis(200),
         clock: Arc::new(now),
         ..ViewConfig::default()
     };
+    // As `serve` does: one current materialisation, maintained by the views, read by HTTP.
+    let current = touchledger_bus::open_current(&store, &view_cfg.rules, view_cfg.current_refresh)
+        .expect("current");
+    view_cfg.current = Some(current.clone());
     let port = free_port();
     let reads = Arc::new(
         touchledger_projector::ReadModels::open(&store, view_cfg.rules.clone()).expect("reads"),
@@ -96,6 +100,7 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
         token: Some("s3cret".into()),
         metrics: Some(metrics_handle()),
         clock: Arc::new(now),
+        current: Some(current),
         ..HttpConfig::default()
     };
     let tasks = vec![
@@ -239,6 +244,28 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
     let r = json(&body);
     assert_eq!(r["total"], 1);
     assert_eq!(r["items"][0]["customer_id"], "alice");
+    // A "now" read is served from the current materialisation's indexes...
+    assert_eq!(r["source"], "current", "{r}");
+    // ...and agrees with the full pass at the same instant (an explicit as_of).
+    let (_, body) = get(
+        port,
+        "/api/v1/at-risk?level=warning&cause=disappointment&reason=COMPLAINT_BURDEN&as_of=2026-05-20T12:00:00Z",
+        tok,
+    )
+    .await;
+    let full = json(&body);
+    assert_eq!(full["source"], "full_pass");
+    assert_eq!(full["items"], r["items"], "{full}");
+    // The customer page's ranks come from the indexes and equal the full pass's.
+    let (_, now_body) = get(port, "/api/v1/customers/alice", tok).await;
+    let (_, then_body) = get(
+        port,
+        "/api/v1/customers/alice?as_of=2026-05-20T12:00:00Z",
+        tok,
+    )
+    .await;
+    assert!(json(&now_body)["ranks"].is_object(), "{now_body}");
+    assert_eq!(json(&now_body)["ranks"], json(&then_body)["ranks"]);
     let (_, body) = get(port, "/api/v1/at-risk?cause=competitor", tok).await;
     assert_eq!(json(&body)["total"], 0);
     for bad in [

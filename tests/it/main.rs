@@ -5,6 +5,7 @@ mod audit;
 mod bgnbd;
 mod cli;
 mod crash;
+mod current;
 mod follow;
 mod fuzz;
 mod http;

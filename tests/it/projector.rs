@@ -57,12 +57,12 @@ fn fold_to(store: &SledStore, ps: &mut [Projector], to: u64, batch: u64) {
     }
 }
 
-fn day(d: u16) -> Timestamp {
+pub(crate) fn day(d: u16) -> Timestamp {
     Timestamp::from_unix_nanos((20_000 + i64::from(d)) * 86_400 * 1_000_000_000 + 3_600_000_000_000)
 }
 
 /// A touchpoint of kind `k` (0..5) for customer `c` on day `d`; kind 5 retracts `target`.
-fn touchpoint(id: &str, k: u8, c: u8, d: u16, v: u8, target: &str) -> Event {
+pub(crate) fn touchpoint(id: &str, k: u8, c: u8, d: u16, v: u8, target: &str) -> Event {
     let customer = format!("cust-{c}");
     let mut e = purchase(id, &customer, i64::from(v) * 100);
     e.occurred_at = day(d);

@@ -31,7 +31,8 @@ use touchledger_domain::{
     ChurnLevel, ChurnRiskAssessed, Event, LEDGER_SOURCE, MODEL_CUSTOMER, Payload, SCHEMA_VERSION,
     TimeUnit, Timestamp,
 };
-use touchledger_projector::{Change, ReadModels, RunConfig, run_in_process};
+use touchledger_projector::current::Catchup;
+use touchledger_projector::{Change, Current, ReadModels, RunConfig, run_in_process};
 use touchledger_proto::{v1, views};
 use touchledger_store::{AppendItem, AppendOutcome, DueIndex, EventStore, SledStore};
 
@@ -62,6 +63,12 @@ pub struct ViewConfig {
     pub queue_group: String,
     /// The service clock. Default: wall clock. Tests substitute a controllable clock.
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// A current view is re-evaluated at least this often (it carries its own `as_of`).
+    /// Default 1 day.
+    pub current_refresh: Duration,
+    /// The current materialisation to maintain (shared with the HTTP API); `None` = open it
+    /// from the ledger's database.
+    pub current: Option<Arc<Current>>,
 }
 
 impl std::fmt::Debug for ViewConfig {
@@ -73,6 +80,7 @@ impl std::fmt::Debug for ViewConfig {
             .field("max_recheck_days", &self.max_recheck_days)
             .field("reassert_after", &self.reassert_after)
             .field("refit_every", &self.refit_every)
+            .field("current_refresh", &self.current_refresh)
             .finish_non_exhaustive()
     }
 }
@@ -90,14 +98,41 @@ impl Default for ViewConfig {
             refit_unit: TimeUnit::Weeks,
             queue_group: "touchledger-views".into(),
             clock: Arc::new(Timestamp::now),
+            current_refresh: Duration::from_secs(86_400),
+            current: None,
         }
     }
+}
+
+/// Open the current materialisation in the ledger's database for `rules` (what `serve` shares
+/// between [`run_views`] and the HTTP API). Its start-up re-evaluation runs in [`run_views`].
+pub fn open_current(
+    store: &SledStore,
+    rules: &Rules,
+    refresh: Duration,
+) -> Result<Arc<Current>, BusError> {
+    let churn = store.projection(touchledger_projector::CHURN.name)?;
+    // A projection about to be reset (other version) counts as empty.
+    let churn_checkpoint = churn
+        .meta()?
+        .filter(|m| m.version == touchledger_projector::CHURN.version)
+        .map_or(0, |m| m.checkpoint);
+    let (current, catchup) = Current::open(
+        store.projection(touchledger_projector::current::TREE)?,
+        rules.clone(),
+        refresh,
+        churn_checkpoint,
+    )
+    .map_err(projector_err)?;
+    tracing::info!(customers = current.len(), catchup = ?catchup, "current views opened");
+    Ok(Arc::new(current))
 }
 
 /// The assessor: evaluates churn warnings, records level changes, keeps the due-time index.
 struct Assessor {
     store: Arc<SledStore>,
     reads: Arc<ReadModels>,
+    current: Arc<Current>,
     due: DueIndex,
     cfg: ViewConfig,
     /// Levels appended but perhaps not yet folded: customer → (level, position, as_of).
@@ -106,6 +141,9 @@ struct Assessor {
 
 /// A message to publish.
 type Outgoing = (String, Vec<u8>);
+
+/// A unit of blocking read-model work, returning what to publish.
+type Work = Box<dyn FnOnce() -> Result<Vec<Outgoing>, BusError> + Send>;
 
 impl Assessor {
     /// The last assessed level and when, from the ledger (or a pending append).
@@ -134,16 +172,11 @@ impl Assessor {
         if customer == MODEL_CUSTOMER {
             return Ok(None);
         }
-        let as_of = AsOf::business(now);
-        let facts = self
-            .reads
-            .facts_in("churn", customer)
-            .map_err(projector_err)?
-            .unwrap_or_default();
-        let model = self.reads.model(as_of).map_err(projector_err)?;
-        let rules = &self.cfg.rules.churn;
-        let view = rules.evaluate(&facts, model.as_ref(), as_of);
-        let next = rules.next_due(&facts, model.as_ref(), as_of, self.cfg.max_recheck_days);
+        // Evaluated once: the current view is materialised and the alert decided from it.
+        let (facts, view, next) = self
+            .current
+            .refresh(&self.reads, customer, now, self.cfg.max_recheck_days)
+            .map_err(projector_err)?;
         self.due.schedule(customer, next)?;
         let (previous, last_at) = self.previous(customer, &facts);
         let stale = last_at.is_none_or(|t| {
@@ -219,6 +252,27 @@ impl Assessor {
             }
         }
         Ok(alerts)
+    }
+
+    /// Bring the current materialisation up to date at start-up (see `Current::open`), then
+    /// record that it reflects the churn projection up to `checkpoint`.
+    fn catch_up_current(&self, checkpoint: u64, now: Timestamp) -> Result<Vec<Outgoing>, BusError> {
+        let mut out = Vec::new();
+        let mut n = 0u64;
+        let catchup = self.current.take_catchup();
+        if catchup != Catchup::None {
+            tracing::info!(?catchup, "re-evaluating current views");
+        }
+        let ids = Current::catchup_customers(&catchup, &self.reads, self.store.as_ref())
+            .map_err(projector_err)?;
+        for id in ids {
+            out.extend(self.assess(&id, now)?);
+            n += 1;
+        }
+        self.current.commit(checkpoint).map_err(projector_err)?;
+        self.current.set_ready();
+        tracing::info!(customers = n, checkpoint, "current views ready");
+        Ok(out)
     }
 
     /// A new model makes every customer due now.
@@ -536,9 +590,16 @@ pub async fn run_views(
         projectors.push(p);
     }
     let reads = Arc::new(ReadModels::open(&store, cfg.rules.clone()).map_err(projector_err)?);
+    let current = match &cfg.current {
+        Some(c) => c.clone(),
+        None => open_current(&store, &cfg.rules, cfg.current_refresh)?,
+    };
+    // The churn checkpoint the start-up re-evaluation covers (the projectors start below).
+    let opened_at = reads.checkpoints().map_err(projector_err)?[2];
     let assessor = Arc::new(Assessor {
         store: store.clone(),
         reads: reads.clone(),
+        current: current.clone(),
         due: store.due_index("churn")?,
         cfg: cfg.clone(),
         pending: Mutex::new(HashMap::new()),
@@ -575,58 +636,69 @@ pub async fn run_views(
     let mut refit =
         tokio::time::interval_at(tokio::time::Instant::now() + refit_every, refit_every);
     let mut result = Ok(());
+    let mut startup: Option<Work> = {
+        let (assessor, now) = (assessor.clone(), (cfg.clock)());
+        Some(Box::new(move || assessor.catch_up_current(opened_at, now)))
+    };
     loop {
-        let work: Box<dyn FnOnce() -> Result<Vec<Outgoing>, BusError> + Send> = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = &mut folding => {
-                result = match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(projector_err(e)),
-                    Err(e) => Err(nats_err("projector task", e)),
-                };
-                break;
-            }
-            Some(change) = rx.recv() => {
-                let lag = store.head().position.saturating_sub(change.checkpoint);
-                metrics::gauge!("touchledger_projection_lag", "projection" => change.projection).set(lag as f64);
-                metrics::gauge!("touchledger_projection_checkpoint", "projection" => change.projection).set(change.checkpoint as f64);
-                if change.projection == "churn" {
-                    churn_checkpoint.send_replace(change.checkpoint);
+        let work: Work = if let Some(w) = startup.take() {
+            w
+        } else {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = &mut folding => {
+                    result = match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(projector_err(e)),
+                        Err(e) => Err(nats_err("projector task", e)),
+                    };
+                    break;
                 }
-                let (reads, assessor, subjects, now) = (reads.clone(), assessor.clone(), cfg.subjects.clone(), (cfg.clock)());
-                Box::new(move || {
-                    let mut out = Vec::new();
-                    for c in &change.customers {
-                        out.extend(view_messages(&reads, &subjects, change.projection, c, now)?);
-                        if change.projection == "churn" {
-                            if c == MODEL_CUSTOMER {
-                                let n = assessor.everyone_due(now)?;
-                                tracing::info!(customers = n, "new churn model: everyone due");
-                                out.extend(assessor.sweep(now)?);
-                            } else {
-                                out.extend(assessor.assess(c, now)?);
+                Some(change) = rx.recv() => {
+                    let lag = store.head().position.saturating_sub(change.checkpoint);
+                    metrics::gauge!("touchledger_projection_lag", "projection" => change.projection).set(lag as f64);
+                    metrics::gauge!("touchledger_projection_checkpoint", "projection" => change.projection).set(change.checkpoint as f64);
+                    if change.projection == "churn" {
+                        churn_checkpoint.send_replace(change.checkpoint);
+                    }
+                    let (reads, assessor, subjects, now, current) = (reads.clone(), assessor.clone(), cfg.subjects.clone(), (cfg.clock)(), current.clone());
+                    Box::new(move || {
+                        let mut out = Vec::new();
+                        for c in &change.customers {
+                            out.extend(view_messages(&reads, &subjects, change.projection, c, now)?);
+                            if change.projection == "churn" {
+                                if c == MODEL_CUSTOMER {
+                                    let n = assessor.everyone_due(now)?;
+                                    tracing::info!(customers = n, "new churn model: everyone due");
+                                    out.extend(assessor.sweep(now)?);
+                                } else {
+                                    out.extend(assessor.assess(c, now)?);
+                                }
                             }
                         }
-                    }
-                    Ok(out)
-                })
-            }
-            _ = sweep.tick() => {
-                let (assessor, now) = (assessor.clone(), (cfg.clock)());
-                Box::new(move || assessor.sweep(now))
-            }
-            _ = refit.tick(), if cfg.refit_every.is_some() => {
-                let (reads, store, now, unit) = (reads.clone(), store.clone(), (cfg.clock)(), cfg.refit_unit);
-                Box::new(move || {
-                    match touchledger_projector::model::fit_event(&reads, now, unit) {
-                        Ok((m, e)) => {
-                            store.append(vec![AppendItem::new(e)])?;
-                            tracing::info!(version = %m.model_version, customers = m.customers, "churn model refitted");
+                        if change.projection == "churn" {
+                            current.commit(change.checkpoint).map_err(projector_err)?;
                         }
-                        Err(e) => tracing::warn!(error = %e, "scheduled refit skipped"),
-                    }
-                    Ok(Vec::new())
-                })
+                        Ok(out)
+                    })
+                }
+                _ = sweep.tick() => {
+                    let (assessor, now) = (assessor.clone(), (cfg.clock)());
+                    Box::new(move || assessor.sweep(now))
+                }
+                _ = refit.tick(), if cfg.refit_every.is_some() => {
+                    let (reads, store, now, unit) = (reads.clone(), store.clone(), (cfg.clock)(), cfg.refit_unit);
+                    Box::new(move || {
+                        match touchledger_projector::model::fit_event(&reads, now, unit) {
+                            Ok((m, e)) => {
+                                store.append(vec![AppendItem::new(e)])?;
+                                tracing::info!(version = %m.model_version, customers = m.customers, "churn model refitted");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "scheduled refit skipped"),
+                        }
+                        Ok(Vec::new())
+                    })
+                }
             }
         };
         let out = match tokio::task::spawn_blocking(work).await {

@@ -188,12 +188,16 @@ pub fn serve(
             ..BusConfig::default()
         };
         let store = Arc::new(store);
-        let view_cfg = touchledger_bus::ViewConfig {
+        let mut view_cfg = touchledger_bus::ViewConfig {
             subjects: cfg.subjects.clone(),
             sweep_interval: views.sweep,
             refit_every: views.refit,
             ..touchledger_bus::ViewConfig::default()
         };
+        // One current materialisation, maintained by the read-model service and read by HTTP.
+        let current =
+            touchledger_bus::open_current(&store, &view_cfg.rules, view_cfg.current_refresh)?;
+        view_cfg.current = Some(current.clone());
         let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
         {
             Ok(handle) => {
@@ -213,6 +217,7 @@ pub fn serve(
             token: views.http_token.clone(),
             prefix: nats.prefix.clone(),
             metrics,
+            current: Some(current),
             ..touchledger_http::HttpConfig::default()
         };
         let http = {

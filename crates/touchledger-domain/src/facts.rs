@@ -476,6 +476,24 @@ impl CustomerFacts {
             || self.surveys_at(as_of).next().is_some()
     }
 
+    /// The earliest business time after `after` at which one of the touchpoints becomes
+    /// visible (a future-dated event): a view evaluated at `after` may change then.
+    pub fn next_visible(&self, after: Timestamp) -> Option<Timestamp> {
+        fn first<T>(v: &[T], after: Timestamp, s: impl Fn(&T) -> &Stamp) -> Option<Timestamp> {
+            let i = v.partition_point(|x| s(x).occurred_at <= after);
+            v.get(i).map(|x| s(x).occurred_at)
+        }
+        [
+            first(&self.purchases, after, |x| &x.stamp),
+            first(&self.complaints, after, |x| &x.stamp),
+            first(&self.callbacks, after, |x| &x.stamp),
+            first(&self.surveys, after, |x| &x.stamp),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
     /// The latest model fit visible at `as_of` (the one with the highest position).
     pub fn latest_fit(&self, as_of: AsOf) -> Option<&FitFact> {
         self.fits

@@ -415,20 +415,15 @@ impl PopulationBuilder {
 
     /// The reporting currency: configured, or the one with the largest total.
     fn currency(&self) -> String {
-        if let Some(c) = &self.rules.reporting_currency {
-            return c.clone();
-        }
-        let mut totals: BTreeMap<&str, i64> = BTreeMap::new();
-        for r in &self.rows {
-            for (c, v) in &r.value {
-                *totals.entry(c).or_default() += v;
+        let mut totals: BTreeMap<String, i64> = BTreeMap::new();
+        if self.rules.reporting_currency.is_none() {
+            for r in &self.rows {
+                for (c, v) in &r.value {
+                    *totals.entry(c.clone()).or_default() += v;
+                }
             }
         }
-        totals
-            .into_iter()
-            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
-            .map(|(c, _)| c.to_owned())
-            .unwrap_or_default()
+        reporting_currency(&self.rules, &totals)
     }
 
     /// Customers ranked by value (descending, ties by id) with their pyramid tier names.
@@ -447,23 +442,10 @@ impl PopulationBuilder {
             .collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let n = ranked.len();
-        let cut = |pct: usize| (n * pct).div_ceil(100);
-        let (vip, major, ordinary) = (cut(1), cut(20), cut(50));
         ranked
             .into_iter()
             .enumerate()
-            .map(|(i, (c, v))| {
-                let tier = if i < vip {
-                    "vip"
-                } else if i < major {
-                    "major"
-                } else if i < ordinary {
-                    "ordinary"
-                } else {
-                    "small"
-                };
-                (c, v, tier)
-            })
+            .map(|(i, (c, v))| (c, v, tier_at(i, n)))
             .collect()
     }
 
@@ -485,7 +467,7 @@ impl PopulationBuilder {
                 if rank > 0 && keys[idx[rank - 1]] != keys[*i] {
                     first_rank = rank;
                 }
-                out[*i] = (1 + first_rank * 5 / n.max(1)) as u8;
+                out[*i] = quintile_score(first_rank, n);
             }
             out
         };
@@ -690,6 +672,48 @@ impl PopulationBuilder {
             segments,
         }
     }
+}
+
+/// The reporting currency of value rankings: the configured one, or the currency with the
+/// largest total over all customers (ties: alphabetical first); empty without purchases.
+/// `totals` is only read when none is configured.
+pub fn reporting_currency(rules: &PopulationRules, totals: &BTreeMap<String, i64>) -> String {
+    if let Some(c) = &rules.reporting_currency {
+        return c.clone();
+    }
+    totals
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(c, _)| c.clone())
+        .unwrap_or_default()
+}
+
+/// The pyramid's cut positions among `n` ranked buyers: the ends of the top 1 %, 20 % and
+/// 50 % (rounded up).
+pub fn tier_cuts(n: usize) -> [usize; 3] {
+    let cut = |pct: usize| (n * pct).div_ceil(100);
+    [cut(1), cut(20), cut(50)]
+}
+
+/// The pyramid tier of the buyer at 0-based position `i` of `n` ranked by value (descending,
+/// ties by customer id).
+pub fn tier_at(i: usize, n: usize) -> &'static str {
+    let [vip, major, ordinary] = tier_cuts(n);
+    if i < vip {
+        "vip"
+    } else if i < major {
+        "major"
+    } else if i < ordinary {
+        "ordinary"
+    } else {
+        "small"
+    }
+}
+
+/// An RFM quintile score (1–5): `first_rank` of `n` keys are strictly smaller than this one,
+/// so equal keys share a score.
+pub fn quintile_score(first_rank: usize, n: usize) -> u8 {
+    (1 + first_rank * 5 / n.max(1)) as u8
 }
 
 /// Stable name of a churn cause.

@@ -34,7 +34,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use touchledger_domain::facts::{AsOf, Axis};
 use touchledger_domain::{ChurnLevel, Event, Timestamp};
-use touchledger_projector::ReadModels;
+use touchledger_projector::current::{AtRiskQuery, AtRiskSort};
+use touchledger_projector::{Current, ReadModels};
 use touchledger_store::{EventStore, ReadFilter, SledStore};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -56,6 +57,9 @@ pub struct HttpConfig {
     pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     /// The service clock (default now). Tests substitute.
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// The current materialisation (maintained by the read-model service): "now" reads of ranks
+    /// and the at-risk list use its indexes. `None` = every read is a full pass.
+    pub current: Option<Arc<Current>>,
 }
 
 impl Default for HttpConfig {
@@ -67,6 +71,7 @@ impl Default for HttpConfig {
             ready_max_lag: 1000,
             metrics: None,
             clock: Arc::new(Timestamp::now),
+            current: None,
         }
     }
 }
@@ -153,6 +158,20 @@ fn number(q: &HashMap<String, String>, key: &str, default: u64, max: u64) -> Res
     }
 }
 
+/// The current materialisation, when this read may use it: no explicit `as_of`, the business
+/// axis, and the start-up re-evaluation done.
+fn current_now(s: &AppState, q: &HashMap<String, String>) -> Option<Arc<Current>> {
+    let explicit = q.get("as_of").is_some_and(|v| !v.is_empty());
+    let business = q
+        .get("axis")
+        .is_none_or(|a| a.is_empty() || a == "business");
+    s.cfg
+        .current
+        .as_ref()
+        .filter(|c| !explicit && business && c.is_ready())
+        .cloned()
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -167,6 +186,7 @@ async fn customer(
 ) -> Result<Json<Value>, ApiError> {
     let at = as_of(&q, (s.cfg.clock)())?;
     let limit = number(&q, "limit", 200, 10_000)? as usize;
+    let current = current_now(&s, &q);
     blocking(move || {
         let Some(views) = s.reads.customer(&id, at).map_err(internal)? else {
             return Err(ApiError(
@@ -203,7 +223,12 @@ async fn customer(
         });
         let total = timeline.len();
         timeline.truncate(limit);
-        let ranks = s.reads.ranks(&id, at).map_err(internal)?;
+        // Ranks among the population: O(log n) from the current indexes for a "now" read,
+        // else a pass over every customer at `as_of`.
+        let ranks = match &current {
+            Some(c) => c.ranks(&id),
+            None => s.reads.ranks(&id, at).map_err(internal)?,
+        };
         Ok(Json(json!({
             "customer_id": id,
             "as_of": at.at,
@@ -229,6 +254,24 @@ struct AtRiskRow {
     value_at_risk_minor: i64,
     currency: String,
     reasons: Vec<touchledger_domain::RiskReason>,
+    /// When this row was evaluated (the request's `as_of`, or the materialisation instant).
+    evaluated_at: Timestamp,
+}
+
+impl AtRiskRow {
+    fn of(customer_id: String, v: touchledger_domain::churn::ChurnView) -> Self {
+        AtRiskRow {
+            customer_id,
+            level: v.level,
+            score: v.score,
+            probable_cause: v.probable_cause,
+            since: v.since,
+            value_at_risk_minor: v.value_at_risk_minor,
+            currency: v.currency,
+            reasons: v.reasons,
+            evaluated_at: v.as_of.at,
+        }
+    }
 }
 
 fn level_of(s: &str) -> Option<ChurnLevel> {
@@ -294,6 +337,42 @@ async fn at_risk(
     };
     let page = number(&q, "page", 1, u64::MAX)?;
     let per_page = number(&q, "per_page", 50, 500)?;
+    if let Some(current) = current_now(&s, &q) {
+        let query = AtRiskQuery {
+            min_level,
+            level,
+            cause,
+            reason,
+            sort: match sort.as_str() {
+                "value" => AtRiskSort::Value,
+                "since" => AtRiskSort::Since,
+                "customer" => AtRiskSort::Customer,
+                "level" => AtRiskSort::Level,
+                _ => AtRiskSort::Score,
+            },
+            ascending,
+            offset: usize::try_from((page - 1).saturating_mul(per_page)).unwrap_or(usize::MAX),
+            limit: per_page as usize,
+        };
+        return blocking(move || {
+            let p = current.at_risk(&query).map_err(internal)?;
+            let items: Vec<AtRiskRow> = p
+                .items
+                .into_iter()
+                .map(|(id, v)| AtRiskRow::of(id, v))
+                .collect();
+            Ok(Json(json!({
+                "as_of": at.at,
+                "axis": at.axis,
+                "source": "current",
+                "total": p.total,
+                "page": page,
+                "per_page": per_page,
+                "items": items,
+            })))
+        })
+        .await;
+    }
     blocking(move || {
         let model = s.reads.model(at).map_err(internal)?;
         let rules = &s.reads.rules.churn;
@@ -319,16 +398,7 @@ async fn at_risk(
             {
                 continue;
             }
-            rows.push(AtRiskRow {
-                customer_id: id,
-                level: v.level,
-                score: v.score,
-                probable_cause: v.probable_cause,
-                since: v.since,
-                value_at_risk_minor: v.value_at_risk_minor,
-                currency: v.currency,
-                reasons: v.reasons,
-            });
+            rows.push(AtRiskRow::of(id, v));
         }
         rows.sort_by(|a, b| {
             let o = match sort.as_str() {
@@ -351,6 +421,7 @@ async fn at_risk(
         Ok(Json(json!({
             "as_of": at.at,
             "axis": at.axis,
+            "source": "full_pass",
             "total": total,
             "page": page,
             "per_page": per_page,
@@ -383,16 +454,24 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     let head = s.store.head().position;
     match s.reads.checkpoints() {
         Ok(cps) => {
-            let lag = cps
+            let mut lag = cps
                 .iter()
                 .map(|c| head.saturating_sub(*c))
                 .max()
                 .unwrap_or(0);
-            let ready = lag <= s.cfg.ready_max_lag;
+            // The current views count as a projection: not ready until their start-up
+            // re-evaluation is done and they follow the churn projection.
+            let current = s.cfg.current.as_ref().map(|c| {
+                lag = lag.max(head.saturating_sub(c.checkpoint()));
+                json!({ "ready": c.is_ready(), "checkpoint": c.checkpoint(), "customers": c.len() })
+            });
+            let ready =
+                lag <= s.cfg.ready_max_lag && s.cfg.current.as_ref().is_none_or(|c| c.is_ready());
             let body = json!({
                 "ready": ready,
                 "head": head,
                 "checkpoints": { "satisfaction": cps[0], "loyalty": cps[1], "churn": cps[2] },
+                "current": current,
                 "lag": lag,
             });
             let code = if ready {
@@ -406,7 +485,6 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// `GET /metrics`: the Prometheus exposition.
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     match &s.cfg.metrics {
         Some(render) => (

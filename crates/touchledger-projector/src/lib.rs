@@ -21,10 +21,13 @@ use touchledger_domain::EventKind;
 use touchledger_domain::facts::{Applied, CustomerFacts, KindSet};
 use touchledger_store::{Committed, ProjectionMeta, ProjectionTree, StoreError};
 
+pub mod current;
 pub mod model;
+pub mod order;
 pub mod read;
 mod runtime;
 
+pub use current::Current;
 pub use read::ReadModels;
 pub use runtime::{Change, RunConfig, run_in_process};
 

@@ -113,6 +113,27 @@ impl ProjectionTree {
         Ok(())
     }
 
+    /// Write `states`, remove `removed` and (if given) set the checkpoint, atomically.
+    pub fn apply<'a>(
+        &self,
+        states: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        removed: impl IntoIterator<Item = &'a str>,
+        meta: Option<ProjectionMeta>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in states {
+            batch.insert(state_key(k), v);
+        }
+        for k in removed {
+            batch.remove(state_key(k));
+        }
+        if let Some(m) = meta {
+            batch.insert(META, &m.encode());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// Remove every state and start again at `version`, checkpoint 0.
     pub fn reset(&self, version: u32) -> Result<(), StoreError> {
         self.tree.remove(META)?;

@@ -1,0 +1,959 @@
+//! The current materialisation: every customer's churn view evaluated *now* (at the service
+//! clock) kept in the projection database, with in-memory order indexes over it, so that the
+//! dashboard's "now" reads — a customer's RFM quintiles and pyramid tier, the pyramid itself,
+//! the at-risk list under any offered filter and sort — cost O(log n) (plus the page), not a
+//! pass over every customer.
+//!
+//! Key decisions:
+//! * This is a **cache of evaluations**, never a source of truth: a row is
+//!   `ChurnRules::evaluate(facts, model, AsOf::business(at))` at its materialisation instant
+//!   `at` plus the rank keys of the same facts (purchase-days, last purchase-day, value per
+//!   currency), and can always be recomputed. The domain crate stays pure; the fold is
+//!   untouched (ADR 0006).
+//! * A row is rewritten when the customer's facts change and when it comes due: at the next
+//!   instant a verdict can change without a new event (`ChurnRules::next_due`), when a
+//!   future-dated touchpoint becomes visible, and at the latest after `refresh` (default one
+//!   day), which keeps the continuous figures (score, P(alive), recency) at most that old. The
+//!   caller (the assessor) owns the due-time index, so a sweep costs O(due customers).
+//! * The rank keys (last purchase-day, purchase-days, value) change only with visible facts,
+//!   so ranks read from the indexes equal a full pass at any instant up to the next due.
+//! * Rows live in the sled tree `proj.current` with a checkpoint (the churn projection's
+//!   position they reflect) and a version that combines the row layout with a digest of the
+//!   rules: a rule change in the settings re-evaluates every row at start-up; a checkpoint behind
+//!   the churn projection re-evaluates the customers of the missing positions; one ahead of it
+//!   (the projection was rebuilt) resets the rows.
+//! * The indexes are in memory, rebuilt from the rows on open (O(n log n)), and hold a
+//!   reference-counted id per customer and a few integers per index.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use touchledger_domain::churn::{ChurnView, codes};
+use touchledger_domain::facts::{AsOf, CustomerFacts};
+use touchledger_domain::loyalty::Behaviour;
+use touchledger_domain::population::{
+    Rules, Tier, quintile_score, reporting_currency, tier_at, tier_cuts,
+};
+use touchledger_domain::{ChurnLevel, LeavingReason, MODEL_CUSTOMER, Timestamp};
+use touchledger_store::{EventStore, ProjectionMeta, ProjectionTree, ReadFilter};
+
+use crate::order::OrderIndex;
+use crate::read::Ranks;
+use crate::{ProjectorError, ReadModels};
+
+/// The tree's name (`proj.current`).
+pub const TREE: &str = "current";
+
+/// Bump when [`CurrentRow`] or its encoding changes.
+const LAYOUT: u32 = 1;
+
+/// The rule codes of the churn view, in the order of the reason bit mask.
+pub const REASON_CODES: [&str; 7] = [
+    codes::ALIVE_PROB_LOW,
+    codes::OVERDUE_VISIT,
+    codes::FREQUENCY_DROP,
+    codes::COMPLAINT_BURDEN,
+    codes::DISSATISFIED,
+    codes::STATED_REASON,
+    codes::SILENT_LOST,
+];
+
+/// Probable-cause names as the API spells them, in index order (`unknown` = none).
+pub const CAUSES: [&str; 5] = [
+    "natural",
+    "need_change",
+    "competitor",
+    "disappointment",
+    "unknown",
+];
+
+fn cause_index(c: Option<LeavingReason>) -> usize {
+    match c {
+        Some(LeavingReason::Natural) => 0,
+        Some(LeavingReason::NeedChange) => 1,
+        Some(LeavingReason::Competitor) => 2,
+        Some(LeavingReason::Disappointment) => 3,
+        None => 4,
+    }
+}
+
+fn level_index(l: ChurnLevel) -> usize {
+    match l {
+        ChurnLevel::None => 0,
+        ChurnLevel::Watch => 1,
+        ChurnLevel::Warning => 2,
+        ChurnLevel::Critical => 3,
+        ChurnLevel::Lost => 4,
+    }
+}
+
+const LEVELS: [ChurnLevel; 5] = [
+    ChurnLevel::None,
+    ChurnLevel::Watch,
+    ChurnLevel::Warning,
+    ChurnLevel::Critical,
+    ChurnLevel::Lost,
+];
+
+/// An `f64` as an `i64` with the same total order (`f64::total_cmp`).
+fn ordered(x: f64) -> i64 {
+    let b = x.to_bits() as i64;
+    b ^ ((((b >> 63) as u64) >> 1) as i64)
+}
+
+/// What is kept per customer (bincode 2, like the projections' state).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CurrentRow {
+    /// The churn view at the materialisation instant (`churn.as_of`, business axis).
+    pub churn: ChurnView,
+    /// Purchase-days visible then.
+    pub purchase_days: u32,
+    /// The last of them.
+    pub last_purchase_day: Option<i64>,
+    /// Lifetime value per currency, minor units.
+    pub monetary: BTreeMap<String, i64>,
+}
+
+impl CurrentRow {
+    /// Evaluate the row of `facts` at `now` (business axis), given its churn view there.
+    pub fn of(facts: &CustomerFacts, churn: ChurnView, rules: &Rules, now: Timestamp) -> Self {
+        let as_of = AsOf::business(now);
+        let days = facts.purchase_days(as_of);
+        CurrentRow {
+            churn,
+            purchase_days: days.len() as u32,
+            last_purchase_day: days.last().copied(),
+            monetary: Behaviour::of(facts, as_of, rules.loyalty.window_days).monetary,
+        }
+    }
+}
+
+/// Which list order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtRiskSort {
+    /// Score, then level, then customer id.
+    Score,
+    /// Value at risk, then customer id.
+    Value,
+    /// Since, then customer id (no onset sorts first).
+    Since,
+    /// Customer id.
+    Customer,
+    /// Level, then score, then customer id.
+    Level,
+}
+
+/// One page of the at-risk list.
+#[derive(Clone, Debug)]
+pub struct AtRiskQuery {
+    /// Lowest level listed.
+    pub min_level: ChurnLevel,
+    /// Only this level.
+    pub level: Option<ChurnLevel>,
+    /// Only this probable cause (one of [`CAUSES`]).
+    pub cause: Option<String>,
+    /// Only customers for whom this rule fired.
+    pub reason: Option<String>,
+    /// Order.
+    pub sort: AtRiskSort,
+    /// Ascending instead of descending.
+    pub ascending: bool,
+    /// Rows skipped.
+    pub offset: usize,
+    /// Rows returned at most.
+    pub limit: usize,
+}
+
+/// A page: the number of matching customers and the page's rows.
+#[derive(Clone, Debug)]
+pub struct AtRiskPage {
+    /// Customers matching the filters.
+    pub total: u64,
+    /// The page, each with its materialised churn view.
+    pub items: Vec<(String, ChurnView)>,
+}
+
+#[derive(Clone, Debug)]
+struct Buyer {
+    last_day: i64,
+    days: u32,
+    monetary: BTreeMap<String, i64>,
+    /// Value in the index's reporting currency.
+    value: i64,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    level: usize,
+    score: i64,
+    value_at_risk: i64,
+    since: i64,
+    cause: usize,
+    reasons: u8,
+    buyer: Option<Buyer>,
+}
+
+impl Entry {
+    fn of(row: &CurrentRow) -> Entry {
+        let c = &row.churn;
+        let mut reasons = 0u8;
+        for r in &c.reasons {
+            if let Some(i) = REASON_CODES.iter().position(|code| *code == r.code) {
+                reasons |= 1 << i;
+            }
+        }
+        Entry {
+            level: level_index(c.level),
+            score: ordered(c.score),
+            value_at_risk: c.value_at_risk_minor,
+            since: c.since.map_or(i64::MIN, |t| t.unix_nanos()),
+            cause: cause_index(c.probable_cause),
+            reasons,
+            buyer: row.last_purchase_day.map(|last_day| Buyer {
+                last_day,
+                days: row.purchase_days,
+                monetary: row.monetary.clone(),
+                value: 0,
+            }),
+        }
+    }
+
+    fn key(&self, sort: AtRiskSort) -> i64 {
+        match sort {
+            AtRiskSort::Score | AtRiskSort::Level => self.score,
+            AtRiskSort::Value => self.value_at_risk,
+            AtRiskSort::Since => self.since,
+            AtRiskSort::Customer => 0,
+        }
+    }
+}
+
+type Keyed = (i64, Arc<str>);
+
+/// A merge position: sort key, level (score order only) and customer id.
+type MergeKey = (i64, usize, Arc<str>);
+
+/// The at-risk orders of one level.
+#[derive(Clone, Debug, Default)]
+struct LevelIndex {
+    score: OrderIndex<Keyed>,
+    value: OrderIndex<Keyed>,
+    since: OrderIndex<Keyed>,
+    customer: OrderIndex<Keyed>,
+}
+
+impl LevelIndex {
+    fn get(&self, sort: AtRiskSort) -> &OrderIndex<Keyed> {
+        match sort {
+            AtRiskSort::Score | AtRiskSort::Level => &self.score,
+            AtRiskSort::Value => &self.value,
+            AtRiskSort::Since => &self.since,
+            AtRiskSort::Customer => &self.customer,
+        }
+    }
+
+    fn each(&mut self, e: &Entry, id: &Arc<str>, insert: bool) {
+        for (ix, sort) in [
+            (&mut self.score, AtRiskSort::Score),
+            (&mut self.value, AtRiskSort::Value),
+            (&mut self.since, AtRiskSort::Since),
+            (&mut self.customer, AtRiskSort::Customer),
+        ] {
+            let k = (e.key(sort), id.clone());
+            if insert {
+                ix.insert(k);
+            } else {
+                ix.remove(&k);
+            }
+        }
+    }
+}
+
+fn pyramid_weight(x: &(Reverse<i64>, Arc<str>)) -> i64 {
+    x.0.0
+}
+
+/// The in-memory indexes.
+#[derive(Debug)]
+struct Index {
+    entries: HashMap<Arc<str>, Entry>,
+    /// Per currency: total value and how many customers have it.
+    totals: BTreeMap<String, (i64, u64)>,
+    /// The reporting currency the value indexes use.
+    currency: String,
+    recency: OrderIndex<i64>,
+    frequency: OrderIndex<i64>,
+    monetary: OrderIndex<i64>,
+    pyramid: OrderIndex<(Reverse<i64>, Arc<str>)>,
+    levels: [LevelIndex; 5],
+    /// Customers per level, cause and fired rule (index 7: any).
+    counts: [[[u64; 8]; 5]; 5],
+}
+
+impl Index {
+    fn new() -> Index {
+        Index {
+            entries: HashMap::new(),
+            totals: BTreeMap::new(),
+            currency: String::new(),
+            recency: OrderIndex::new(),
+            frequency: OrderIndex::new(),
+            monetary: OrderIndex::new(),
+            pyramid: OrderIndex::weighted(pyramid_weight),
+            levels: Default::default(),
+            counts: [[[0; 8]; 5]; 5],
+        }
+    }
+
+    fn count(&mut self, e: &Entry, delta: i64) {
+        let c = &mut self.counts[e.level][e.cause];
+        c[7] = c[7].wrapping_add_signed(delta);
+        for (bit, slot) in c.iter_mut().enumerate().take(7) {
+            if e.reasons & (1 << bit) != 0 {
+                *slot = slot.wrapping_add_signed(delta);
+            }
+        }
+    }
+
+    fn unindex(&mut self, id: &Arc<str>, e: &Entry) {
+        self.levels[e.level].each(e, id, false);
+        self.count(e, -1);
+        if let Some(b) = &e.buyer {
+            self.recency.remove(&b.last_day);
+            self.frequency.remove(&i64::from(b.days));
+            self.monetary.remove(&b.value);
+            self.pyramid.remove(&(Reverse(b.value), id.clone()));
+            for (c, v) in &b.monetary {
+                if let Some(t) = self.totals.get_mut(c) {
+                    t.0 -= v;
+                    t.1 -= 1;
+                    if t.1 == 0 {
+                        self.totals.remove(c);
+                    }
+                }
+            }
+        }
+    }
+
+    fn index(&mut self, id: &Arc<str>, e: &mut Entry) {
+        self.levels[e.level].each(e, id, true);
+        self.count(e, 1);
+        if let Some(b) = &mut e.buyer {
+            for (c, v) in &b.monetary {
+                let t = self.totals.entry(c.clone()).or_default();
+                t.0 += v;
+                t.1 += 1;
+            }
+            b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
+            self.recency.insert(b.last_day);
+            self.frequency.insert(i64::from(b.days));
+            self.monetary.insert(b.value);
+            self.pyramid.insert((Reverse(b.value), id.clone()));
+        }
+    }
+
+    /// Re-rank every buyer's value when the reporting currency changed.
+    fn follow_currency(&mut self, rules: &Rules) {
+        let totals: BTreeMap<String, i64> = self
+            .totals
+            .iter()
+            .map(|(c, (v, _))| (c.clone(), *v))
+            .collect();
+        let currency = reporting_currency(&rules.population, &totals);
+        if currency == self.currency {
+            return;
+        }
+        self.currency = currency;
+        let mut values = Vec::new();
+        let mut pyramid = Vec::new();
+        for (id, e) in self.entries.iter_mut() {
+            if let Some(b) = &mut e.buyer {
+                b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
+                values.push(b.value);
+                pyramid.push((Reverse(b.value), id.clone()));
+            }
+        }
+        self.monetary = OrderIndex::from_unsorted(values, |_| 0);
+        self.pyramid = OrderIndex::from_unsorted(pyramid, pyramid_weight);
+    }
+
+    fn put(&mut self, customer: &str, row: Option<&CurrentRow>, rules: &Rules) {
+        let id: Arc<str> = match self.entries.remove_entry(customer) {
+            Some((id, old)) => {
+                self.unindex(&id, &old);
+                id
+            }
+            None => Arc::from(customer),
+        };
+        if let Some(row) = row {
+            let mut e = Entry::of(row);
+            self.index(&id, &mut e);
+            self.entries.insert(id, e);
+        }
+        self.follow_currency(rules);
+    }
+}
+
+/// The current materialisation (see the module docs). Shared by the writer (the assessor) and
+/// the readers (HTTP, queries).
+#[derive(Debug)]
+pub struct Current {
+    tree: ProjectionTree,
+    rules: Rules,
+    /// Upper bound of a row's age.
+    refresh: std::time::Duration,
+    index: RwLock<Index>,
+    /// The churn projection position the rows reflect.
+    checkpoint: AtomicU64,
+    /// Whether the start-up re-evaluation is done.
+    ready: AtomicBool,
+    /// What the start-up re-evaluation must cover (taken once).
+    catchup: std::sync::Mutex<Option<Catchup>>,
+}
+
+/// How the rows were found on open: what the caller must re-evaluate before the
+/// materialisation is current.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Catchup {
+    /// Nothing: the rows reflect the churn projection's checkpoint.
+    None,
+    /// The customers touched by positions `from..=to` of the log.
+    Positions {
+        /// First position.
+        from: u64,
+        /// Last position.
+        to: u64,
+    },
+    /// Every customer (new tree, other layout or rules, or the projection was rebuilt).
+    Everyone {
+        /// Why.
+        reason: String,
+    },
+}
+
+fn version(rules: &Rules) -> u32 {
+    let json = serde_json::to_vec(rules).unwrap_or_default();
+    let d = blake3::hash(&json);
+    let b = d.as_bytes();
+    (LAYOUT << 24) | (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2])
+}
+
+fn encode(row: &CurrentRow) -> Vec<u8> {
+    bincode::serde::encode_to_vec(row, bincode::config::standard()).unwrap_or_default()
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<CurrentRow, ProjectorError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(r, _)| r)
+        .map_err(|e| ProjectorError::Decode {
+            projection: TREE,
+            key: key.to_owned(),
+            detail: e.to_string(),
+        })
+}
+
+impl Current {
+    /// Open the rows in `tree` for `rules`, given the churn projection's checkpoint, and
+    /// rebuild the indexes. Returns what must be re-evaluated (see [`Catchup`]); until
+    /// [`Current::set_ready`], readers should fall back to full passes.
+    pub fn open(
+        tree: ProjectionTree,
+        rules: Rules,
+        refresh: std::time::Duration,
+        churn_checkpoint: u64,
+    ) -> Result<(Current, Catchup), ProjectorError> {
+        let want = version(&rules);
+        let catchup = match tree.meta()? {
+            None => Catchup::Everyone {
+                reason: "new".into(),
+            },
+            Some(m) if m.version != want => Catchup::Everyone {
+                reason: format!(
+                    "version {:#x} -> {want:#x} (layout or rules changed)",
+                    m.version
+                ),
+            },
+            Some(m) if m.checkpoint > churn_checkpoint => Catchup::Everyone {
+                reason: format!(
+                    "the churn projection was rebuilt ({} < {})",
+                    churn_checkpoint, m.checkpoint
+                ),
+            },
+            Some(m) if m.checkpoint < churn_checkpoint => Catchup::Positions {
+                from: m.checkpoint + 1,
+                to: churn_checkpoint,
+            },
+            Some(_) => Catchup::None,
+        };
+        let checkpoint = match &catchup {
+            Catchup::Everyone { .. } => {
+                tree.reset(want)?;
+                0
+            }
+            _ => tree.meta()?.map_or(0, |m| m.checkpoint),
+        };
+        let mut index = Index::new();
+        let mut entries = Vec::new();
+        for r in tree.states() {
+            let (k, v) = r?;
+            let row = decode(&k, &v)?;
+            entries.push((Arc::<str>::from(k), Entry::of(&row)));
+        }
+        index.bulk(entries, &rules);
+        let current = Current {
+            tree,
+            rules,
+            refresh,
+            index: RwLock::new(index),
+            checkpoint: AtomicU64::new(checkpoint),
+            ready: AtomicBool::new(catchup == Catchup::None),
+            catchup: std::sync::Mutex::new(Some(catchup.clone())),
+        };
+        Ok((current, catchup))
+    }
+
+    /// What the start-up re-evaluation must cover; `Catchup::None` after the first call.
+    pub fn take_catchup(&self) -> Catchup {
+        self.catchup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or(Catchup::None)
+    }
+
+    /// The rules the rows were evaluated with.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// The churn projection position the rows reflect.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint.load(Ordering::Acquire)
+    }
+
+    /// Whether the start-up re-evaluation is done (reads may use the indexes).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Mark the start-up re-evaluation done.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Record that the rows reflect the churn projection up to `checkpoint`.
+    pub fn commit(&self, checkpoint: u64) -> Result<(), ProjectorError> {
+        self.tree.apply(
+            std::iter::empty(),
+            std::iter::empty(),
+            Some(ProjectionMeta {
+                version: version(&self.rules),
+                checkpoint,
+            }),
+        )?;
+        self.checkpoint.fetch_max(checkpoint, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Materialise `customer` at `now` from their churn facts and churn view there
+    /// (`view.as_of` must be `AsOf::business(now)`); `next_due` is the rules' next change
+    /// point. Returns when the row must be evaluated again.
+    pub fn materialise(
+        &self,
+        customer: &str,
+        facts: &CustomerFacts,
+        view: ChurnView,
+        now: Timestamp,
+        next_due: Timestamp,
+    ) -> Result<Timestamp, ProjectorError> {
+        let cap = Timestamp::from_unix_nanos(
+            now.unix_nanos()
+                .saturating_add(self.refresh.as_nanos().min(i64::MAX as u128) as i64),
+        );
+        let mut due = next_due.min(cap);
+        if let Some(t) = facts.next_visible(now) {
+            due = due.min(t);
+        }
+        if customer == MODEL_CUSTOMER {
+            return Ok(due);
+        }
+        let row = facts
+            .has_touchpoints(AsOf::business(now))
+            .then(|| CurrentRow::of(facts, view, &self.rules, now));
+        match &row {
+            Some(r) => {
+                let bytes = encode(r);
+                self.tree
+                    .apply([(customer, bytes.as_slice())], std::iter::empty(), None)?;
+            }
+            None => self.tree.apply(std::iter::empty(), [customer], None)?,
+        }
+        self.index.write().unwrap_or_else(|p| p.into_inner()).put(
+            customer,
+            row.as_ref(),
+            &self.rules,
+        );
+        Ok(due)
+    }
+
+    /// Evaluate `customer`'s churn view now from the churn projection (business axis, the
+    /// model in force) and materialise it. Returns their facts, the view and when the row must
+    /// be evaluated again; `max_recheck_days` caps `ChurnRules::next_due`.
+    pub fn refresh(
+        &self,
+        reads: &ReadModels,
+        customer: &str,
+        now: Timestamp,
+        max_recheck_days: i64,
+    ) -> Result<(CustomerFacts, ChurnView, Timestamp), ProjectorError> {
+        let as_of = AsOf::business(now);
+        let facts = reads.facts_in("churn", customer)?.unwrap_or_default();
+        let model = reads.model(as_of)?;
+        let rules = &self.rules.churn;
+        let view = rules.evaluate(&facts, model.as_ref(), as_of);
+        let next = rules.next_due(&facts, model.as_ref(), as_of, max_recheck_days);
+        let due = self.materialise(customer, &facts, view.clone(), now, next)?;
+        Ok((facts, view, due))
+    }
+
+    /// The customers to re-evaluate for `catchup` (see [`Current::open`]): every customer of
+    /// the churn projection, or those touched by the missing positions.
+    pub fn catchup_customers(
+        catchup: &Catchup,
+        reads: &ReadModels,
+        store: &dyn EventStore,
+    ) -> Result<Vec<String>, ProjectorError> {
+        match catchup {
+            Catchup::None => Ok(Vec::new()),
+            Catchup::Everyone { .. } => reads.customer_ids().collect(),
+            Catchup::Positions { from, to } => {
+                let mut ids = std::collections::BTreeSet::new();
+                for c in store.read(&ReadFilter {
+                    from_position: *from,
+                    to_position: Some(*to),
+                    ..Default::default()
+                }) {
+                    let id = c?.event.customer_id;
+                    if id != MODEL_CUSTOMER {
+                        ids.insert(id);
+                    }
+                }
+                Ok(ids.into_iter().collect())
+            }
+        }
+    }
+
+    /// A customer's materialised row.
+    pub fn row(&self, customer: &str) -> Result<Option<CurrentRow>, ProjectorError> {
+        match self.tree.get(customer)? {
+            None => Ok(None),
+            Some(b) => decode(customer, &b).map(Some),
+        }
+    }
+
+    /// Every materialised row, in customer order.
+    pub fn rows(&self) -> impl Iterator<Item = Result<(String, CurrentRow), ProjectorError>> + '_ {
+        self.tree.states().map(|r| {
+            let (k, v) = r?;
+            let row = decode(&k, &v)?;
+            Ok((k, row))
+        })
+    }
+
+    /// Customers with a row.
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    /// Whether no customer has a row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A customer's RFM quintiles and pyramid tier among the current buyers, O(log n).
+    pub fn ranks(&self, customer: &str) -> Option<Ranks> {
+        let ix = self.read();
+        let (id, e) = ix.entries.get_key_value(customer)?;
+        let b = e.buyer.as_ref()?;
+        let n = ix.recency.len();
+        let tier_pos = ix.pyramid.count_less(&(Reverse(b.value), id.clone()));
+        Some(Ranks {
+            recency: quintile_score(ix.recency.count_less(&b.last_day), n),
+            frequency: quintile_score(ix.frequency.count_less(&i64::from(b.days)), n),
+            monetary: quintile_score(ix.monetary.count_less(&b.value), n),
+            tier: tier_at(tier_pos, ix.pyramid.len()),
+        })
+    }
+
+    /// The customer pyramid of the current buyers (reporting currency, tiers, top-20 % share),
+    /// O(log n).
+    pub fn pyramid(&self) -> (String, Vec<Tier>, Option<f64>) {
+        let ix = self.read();
+        let p = &ix.pyramid;
+        let total = p.total_weight() as i64;
+        let share = |v: i64| {
+            if total > 0 {
+                100.0 * v as f64 / total as f64
+            } else {
+                0.0
+            }
+        };
+        let [vip, major, ordinary] = tier_cuts(p.len());
+        let bounds = [0, vip, major, ordinary, p.len()];
+        let tiers = ["vip", "major", "ordinary", "small"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let v = (p.prefix_weight(bounds[i + 1]) - p.prefix_weight(bounds[i])) as i64;
+                Tier {
+                    tier: t.to_owned(),
+                    customers: (bounds[i + 1] - bounds[i]) as u64,
+                    revenue_minor: v,
+                    revenue_share_pct: share(v),
+                }
+            })
+            .collect();
+        let top20 = (total > 0).then(|| share(p.prefix_weight(major) as i64));
+        (ix.currency.clone(), tiers, top20)
+    }
+
+    /// Customers per churn level (of the materialised views).
+    pub fn level_counts(&self) -> BTreeMap<ChurnLevel, u64> {
+        let ix = self.read();
+        LEVELS
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (*l, ix.counts[i].iter().map(|c| c[7]).sum()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// One page of the at-risk list: cost O(log n + rows visited), where the rows visited are
+    /// `offset + limit` without a cause or reason filter (more with one: the non-matching
+    /// rows in between are skipped one by one). `None` when the query names an unknown cause.
+    pub fn at_risk(&self, q: &AtRiskQuery) -> Result<AtRiskPage, ProjectorError> {
+        let cause = match &q.cause {
+            None => None,
+            Some(c) => match CAUSES.iter().position(|x| x == c) {
+                Some(i) => Some(i),
+                None => {
+                    return Ok(AtRiskPage {
+                        total: 0,
+                        items: Vec::new(),
+                    });
+                }
+            },
+        };
+        let reason = match &q.reason {
+            None => 7,
+            Some(r) => match REASON_CODES.iter().position(|x| x == r) {
+                Some(i) => i,
+                None => {
+                    return Ok(AtRiskPage {
+                        total: 0,
+                        items: Vec::new(),
+                    });
+                }
+            },
+        };
+        let levels: Vec<usize> = (0..5)
+            .filter(|&l| LEVELS[l] >= q.min_level && q.level.is_none_or(|want| LEVELS[l] == want))
+            .collect();
+        let ids: Vec<Arc<str>>;
+        let total;
+        {
+            let ix = self.read();
+            total = levels
+                .iter()
+                .map(|&l| {
+                    (0..5)
+                        .filter(|c| cause.is_none_or(|want| want == *c))
+                        .map(|c| ix.counts[l][c][reason])
+                        .sum::<u64>()
+                })
+                .sum();
+            let keep = |id: &Arc<str>| {
+                let Some(e) = ix.entries.get(id) else {
+                    return false;
+                };
+                cause.is_none_or(|c| e.cause == c)
+                    && (reason == 7 || e.reasons & (1 << reason) != 0)
+            };
+            let mut out = Vec::with_capacity(q.limit);
+            let skipped = std::cell::Cell::new(0usize);
+            let mut take = |id: &Arc<str>| -> bool {
+                if !keep(id) {
+                    return true;
+                }
+                if skipped.get() < q.offset {
+                    skipped.set(skipped.get() + 1);
+                    return true;
+                }
+                out.push(id.clone());
+                out.len() < q.limit
+            };
+            let filtered = cause.is_some() || reason != 7;
+            if q.limit > 0 {
+                if q.sort == AtRiskSort::Level {
+                    let mut order = levels.clone();
+                    if !q.ascending {
+                        order.reverse();
+                    }
+                    'levels: for l in order {
+                        let idx = ix.levels[l].get(AtRiskSort::Score);
+                        // Whole levels before the offset are skipped by count.
+                        if !filtered && skipped.get() + idx.len() <= q.offset {
+                            skipped.set(skipped.get() + idx.len());
+                            continue;
+                        }
+                        let it: Box<dyn Iterator<Item = &Keyed>> = if q.ascending {
+                            Box::new(idx.iter())
+                        } else {
+                            Box::new(idx.iter().rev())
+                        };
+                        for (_, id) in it {
+                            if !take(id) {
+                                break 'levels;
+                            }
+                        }
+                    }
+                } else {
+                    merge(&ix, &levels, q.sort, q.ascending, &mut take);
+                }
+            }
+            ids = out;
+        }
+        let mut items = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(row) = self.row(&id)? {
+                items.push((id.to_string(), row.churn));
+            }
+        }
+        Ok(AtRiskPage { total, items })
+    }
+}
+
+/// Visit the customers of `levels` in `sort` order (a k-way merge of the levels' indexes)
+/// until `take` returns false.
+fn merge(
+    ix: &Index,
+    levels: &[usize],
+    sort: AtRiskSort,
+    ascending: bool,
+    take: &mut dyn FnMut(&Arc<str>) -> bool,
+) {
+    type It<'a> = std::iter::Peekable<Box<dyn Iterator<Item = &'a Keyed> + 'a>>;
+    let mut streams: Vec<(usize, It<'_>)> = levels
+        .iter()
+        .map(|&l| {
+            let idx = ix.levels[l].get(sort);
+            let it: Box<dyn Iterator<Item = &Keyed>> = if ascending {
+                Box::new(idx.iter())
+            } else {
+                Box::new(idx.iter().rev())
+            };
+            (l, it.peekable())
+        })
+        .collect();
+    // Ties on the key: by level for the score order, then by customer id.
+    let key = |l: usize, k: &Keyed| {
+        let level = if sort == AtRiskSort::Score { l } else { 0 };
+        (k.0, level, k.1.clone())
+    };
+    loop {
+        let mut best: Option<(usize, MergeKey)> = None;
+        for (i, (l, s)) in streams.iter_mut().enumerate() {
+            if let Some(k) = s.peek() {
+                let kk = key(*l, k);
+                let better = match &best {
+                    None => true,
+                    Some((_, b)) => {
+                        if ascending {
+                            kk < *b
+                        } else {
+                            kk > *b
+                        }
+                    }
+                };
+                if better {
+                    best = Some((i, kk));
+                }
+            }
+        }
+        let Some((i, _)) = best else {
+            return;
+        };
+        let Some((_, id)) = streams[i].1.next() else {
+            return;
+        };
+        if !take(id) {
+            return;
+        }
+    }
+}
+
+impl Index {
+    /// Index `entries` all at once (start-up): O(n log n).
+    fn bulk(&mut self, entries: Vec<(Arc<str>, Entry)>, rules: &Rules) {
+        for (_, e) in &entries {
+            self.count(e, 1);
+            if let Some(b) = &e.buyer {
+                for (c, v) in &b.monetary {
+                    let t = self.totals.entry(c.clone()).or_default();
+                    t.0 += v;
+                    t.1 += 1;
+                }
+            }
+        }
+        let totals: BTreeMap<String, i64> = self
+            .totals
+            .iter()
+            .map(|(c, (v, _))| (c.clone(), *v))
+            .collect();
+        self.currency = reporting_currency(&rules.population, &totals);
+        let mut per_level: [[Vec<Keyed>; 4]; 5] = Default::default();
+        let (mut rec, mut freq, mut mon, mut pyr) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (id, mut e) in entries {
+            for (j, sort) in [
+                AtRiskSort::Score,
+                AtRiskSort::Value,
+                AtRiskSort::Since,
+                AtRiskSort::Customer,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                per_level[e.level][j].push((e.key(sort), id.clone()));
+            }
+            if let Some(b) = &mut e.buyer {
+                b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
+                rec.push(b.last_day);
+                freq.push(i64::from(b.days));
+                mon.push(b.value);
+                pyr.push((Reverse(b.value), id.clone()));
+            }
+            self.entries.insert(id, e);
+        }
+        for (l, lists) in per_level.into_iter().enumerate() {
+            let [score, value, since, customer] = lists;
+            self.levels[l] = LevelIndex {
+                score: OrderIndex::from_unsorted(score, |_| 0),
+                value: OrderIndex::from_unsorted(value, |_| 0),
+                since: OrderIndex::from_unsorted(since, |_| 0),
+                customer: OrderIndex::from_unsorted(customer, |_| 0),
+            };
+        }
+        self.recency = OrderIndex::from_unsorted(rec, |_| 0);
+        self.frequency = OrderIndex::from_unsorted(freq, |_| 0);
+        self.monetary = OrderIndex::from_unsorted(mon, |_| 0);
+        self.pyramid = OrderIndex::from_unsorted(pyr, pyramid_weight);
+    }
+}
