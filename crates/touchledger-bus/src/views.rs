@@ -13,6 +13,11 @@
 //! * A due-time index (`due.churn`, keyed by the next instant a verdict can change without a
 //!   new event, see `ChurnRules::next_due`) makes each sweep cost O(customers due). A new
 //!   model fit makes every customer due once.
+//! * Every evaluation of the assessor also refreshes the customer's **current view**
+//!   (`touchledger_projector::Current`, ADR 0006), and the due time includes the current view's
+//!   own (future-dated touchpoints, a one-day age cap), so the HTTP API's "now" reads are index
+//!   lookups. At start-up the current views are brought up to date first (every customer after
+//!   a rules change, the customers of the positions they missed after a crash).
 //! * Model refits run on a schedule, on demand over NATS (`<prefix>.model.fit`, what
 //!   `touchledger fit --remote` sends) and offline (`touchledger fit`), and are recorded as
 //!   `ModelFitted` events; a refit never rewrites earlier assessments.
