@@ -74,6 +74,11 @@ pub struct ViewConfig {
     /// The current materialisation to maintain (shared with the HTTP API); `None` = open it
     /// from the ledger's database.
     pub current: Option<Arc<Current>>,
+    /// While the projections are more than this many positions behind the log (a catch-up or
+    /// rebuild), intermediate views are not published and the churn work (assessment, current
+    /// views) is deferred until they are near the head, then done once per customer.
+    /// Default 10,000.
+    pub catch_up_lag: u64,
 }
 
 impl std::fmt::Debug for ViewConfig {
@@ -86,6 +91,7 @@ impl std::fmt::Debug for ViewConfig {
             .field("reassert_after", &self.reassert_after)
             .field("refit_every", &self.refit_every)
             .field("current_refresh", &self.current_refresh)
+            .field("catch_up_lag", &self.catch_up_lag)
             .finish_non_exhaustive()
     }
 }
@@ -105,6 +111,7 @@ impl Default for ViewConfig {
             clock: Arc::new(Timestamp::now),
             current_refresh: Duration::from_secs(86_400),
             current: None,
+            catch_up_lag: 10_000,
         }
     }
 }
@@ -641,6 +648,8 @@ pub async fn run_views(
     let mut refit =
         tokio::time::interval_at(tokio::time::Instant::now() + refit_every, refit_every);
     let mut result = Ok(());
+    // Customers whose churn work waits for the end of a catch-up (see `catch_up_lag`).
+    let deferred: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let mut startup: Option<Work> = {
         let (assessor, now) = (assessor.clone(), (cfg.clock)());
         Some(Box::new(move || assessor.catch_up_current(opened_at, now)))
@@ -666,10 +675,30 @@ pub async fn run_views(
                     if change.projection == "churn" {
                         churn_checkpoint.send_replace(change.checkpoint);
                     }
-                    let (reads, assessor, subjects, now, current) = (reads.clone(), assessor.clone(), cfg.subjects.clone(), (cfg.clock)(), current.clone());
+                    let (reads, assessor, subjects, now, current, deferred) = (reads.clone(), assessor.clone(), cfg.subjects.clone(), (cfg.clock)(), current.clone(), deferred.clone());
+                    let catching_up = lag > cfg.catch_up_lag;
                     Box::new(move || {
                         let mut out = Vec::new();
-                        for c in &change.customers {
+                        let mut customers = change.customers;
+                        if change.projection == "churn" {
+                            let mut d = deferred.lock().unwrap_or_else(|p| p.into_inner());
+                            if catching_up {
+                                // Far behind the head: each customer is assessed (and their
+                                // current view materialised) once, near the head. The current
+                                // views' checkpoint stays behind until then.
+                                d.extend(customers);
+                                return Ok(out);
+                            }
+                            if !d.is_empty() {
+                                let mut all = std::mem::take(&mut *d);
+                                tracing::info!(customers = all.len(), "catch-up done: assessing the customers it changed");
+                                all.extend(customers);
+                                customers = all.into_iter().collect();
+                            }
+                        } else if catching_up {
+                            return Ok(out);
+                        }
+                        for c in &customers {
                             out.extend(view_messages(&reads, &subjects, change.projection, c, now)?);
                             if change.projection == "churn" {
                                 if c == MODEL_CUSTOMER {

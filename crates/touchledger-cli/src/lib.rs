@@ -317,6 +317,10 @@ enum Command {
         /// Stop the live tail after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         duration_secs: Option<u64>,
+        /// Write the history straight into this data directory (through the store's append
+        /// path, no NATS, no live tail): grows a store of millions of events for benchmarks.
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
     /// Reset the read-model projections and fold the whole log again.
     Rebuild {
@@ -740,17 +744,29 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             history_days,
             rate,
             duration_secs,
-        } => demo::demo(
-            &nats,
-            &demo::DemoSpec {
+            data,
+        } => {
+            let spec = demo::DemoSpec {
                 customers: customers.max(1),
                 seed,
                 history_days,
                 rate,
                 duration: duration_secs.map(std::time::Duration::from_secs),
-            },
-            out,
-        ),
+            };
+            match data {
+                Some(dir) => demo::backfill_store(
+                    &open(&DataArgs {
+                        data: dir,
+                        checkpoint_interval: 1000,
+                        cache_mib: 256,
+                    })?,
+                    &spec,
+                    1000,
+                    out,
+                ),
+                None => demo::demo(&nats, &spec, out),
+            }
+        }
         Command::Rebuild { data } => {
             models::rebuild(&open(&data)?, out)?;
             Ok(EXIT_OK)
