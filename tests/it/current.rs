@@ -3,7 +3,8 @@
 //! restarts, and a crash between a projection commit and the materialisation's — every
 //! materialised row equals a read-time evaluation at its instant (JSON, byte for byte), its
 //! verdict (level, cause, fired rules) equals the evaluation at the service clock, and the
-//! ranks, pyramid, level counts and every at-risk page equal a full pass at the clock.
+//! ranks, the whole population read model (kept by difference) and every at-risk page equal a
+//! full pass at the clock.
 
 use std::time::Duration;
 
@@ -204,9 +205,7 @@ fn check(live: &Live, now: Timestamp) -> Result<(), TestCaseError> {
         prop_assert!(then <= now);
         let want = CurrentRow::of(
             &facts,
-            rules
-                .churn
-                .evaluate(&facts, model.as_ref(), AsOf::business(then)),
+            rules.customer(&facts, &facts, &facts, model.as_ref(), AsOf::business(then)),
             &rules,
             then,
         );
@@ -236,6 +235,13 @@ fn check(live: &Live, now: Timestamp) -> Result<(), TestCaseError> {
     prop_assert_eq!(json!(&tiers), json!(&pop.pyramid));
     prop_assert_eq!(json!(&top20), json!(&pop.top20_revenue_share_pct));
     prop_assert_eq!(&live.current.level_counts(), &pop.churn_levels);
+    // The whole population read model, kept by difference, equals the full pass.
+    prop_assert_eq!(
+        json!(&live.current.population(now)),
+        json!(&pop),
+        "population at {}",
+        now
+    );
     // Every sort, both orders, with and without filters, first and a later page.
     let sorts = [
         AtRiskSort::Score,

@@ -293,6 +293,9 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
     let o = json(&body);
     assert_eq!(o["customers"], 1);
     assert_eq!(o["churn_levels"]["warning"], 1);
+    // Served from the current materialisation, and equal to the full pass at the same instant.
+    let (_, full) = get(port, "/api/v1/overview?as_of=2026-05-20T12:00:00Z", tok).await;
+    assert_eq!(json(&full), o);
 
     // Readiness, OpenAPI, metrics, the dashboard page.
     let (code, body) = get(port, "/readyz", None).await;

@@ -255,7 +255,7 @@ impl LoyaltyRules {
 
     /// The stage after purchase days `days` (ascending, non-empty) with `silence` days since the
     /// last one, and the silence at which decline begins.
-    fn stage_of(&self, days: &[i64], silence: i64) -> (Stage, i64) {
+    pub(crate) fn stage_of(&self, days: &[i64], silence: i64) -> (Stage, i64) {
         let x = days.len().saturating_sub(1) as u32;
         if days.is_empty() {
             return (Stage::Prospect, i64::MAX);

@@ -73,8 +73,8 @@ pub struct MonthCounters {
     pub surveys: SurveyCounters,
     /// Number of C readings.
     pub c_readings: u64,
-    /// Sum of C readings.
-    pub c_sum: f64,
+    /// Sum of C readings (exact: see [`CSum`]).
+    pub c_sum: CSum,
     /// Complaints raised.
     pub complaints: u64,
     /// Distinct customers who complained.
@@ -97,21 +97,68 @@ impl MonthCounters {
             self.surveys.ces(v, 1);
         }
         if let (Some(a), Some(b)) = (s.expectation, s.performance)
-            && let Some(c) = c_index(a, b)
+            && c_index(a, b).is_some()
         {
             self.c_readings += 1;
-            self.c_sum += c;
+            self.c_sum.add(a, b);
         }
     }
 
-    fn merge(&mut self, o: &MonthCounters) {
-        self.surveys.merge(&o.surveys);
-        self.c_readings += o.c_readings;
-        self.c_sum += o.c_sum;
-        self.complaints += o.complaints;
-        self.complaining_customers += o.complaining_customers;
-        self.resolved += o.resolved;
-        self.recovered += o.recovered;
+    /// Add another month's (or customer's) counters.
+    pub fn merge(&mut self, o: &MonthCounters) {
+        self.merge_signed(o, 1);
+    }
+
+    fn merge_signed(&mut self, o: &MonthCounters, sign: i64) {
+        if sign >= 0 {
+            self.surveys.merge(&o.surveys);
+        } else {
+            self.surveys.unmerge(&o.surveys);
+        }
+        signed(&mut self.c_readings, o.c_readings, sign);
+        self.c_sum.0 += sign * o.c_sum.0;
+        signed(&mut self.complaints, o.complaints, sign);
+        signed(
+            &mut self.complaining_customers,
+            o.complaining_customers,
+            sign,
+        );
+        signed(&mut self.resolved, o.resolved, sign);
+        signed(&mut self.recovered, o.recovered, sign);
+    }
+}
+
+/// A sum of C readings, kept exactly in units of 1/2520 (the least common multiple of the
+/// expectation scale 1–10), so that it is the same whatever the order of additions and
+/// removals (the full pass adds customers in id order; the current materialisation adds and
+/// takes out customers as they change). Serialised as the plain number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CSum(i64);
+
+const C_UNIT: i64 = 2520;
+
+impl CSum {
+    fn add(&mut self, expectation: u32, performance: u32) {
+        let a = i64::from(expectation.max(1));
+        self.0 += (i64::from(performance) * C_UNIT + a / 2) / a;
+    }
+
+    /// The sum.
+    pub fn value(self) -> f64 {
+        self.0 as f64 / C_UNIT as f64
+    }
+}
+
+impl Serialize for CSum {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.value())
+    }
+}
+
+impl<'de> Deserialize<'de> for CSum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        Ok(CSum((v * C_UNIT as f64).round() as i64))
     }
 }
 
@@ -224,18 +271,399 @@ pub struct PopulationView {
     pub segments: BTreeMap<String, SegmentFigures>,
 }
 
-/// Per-customer inputs kept for the rank-based and monthly figures.
-#[derive(Clone, Debug)]
-struct Row {
-    customer: String,
-    days: Vec<i64>,
-    /// Days of stated natural / need-change reasons.
-    leave_days: Vec<i64>,
-    value: BTreeMap<String, i64>,
-    /// The customer's own counters over the reported months (for segments).
-    own: MonthCounters,
-    /// Segment keys known per customer: `stage:<s>`, `dick_basu:<c>`.
-    segments: [String; 2],
+/// One customer's part of the population figures at an instant ([`Contribution::of`]). The
+/// full pass adds every customer's ([`PopulationBuilder`]); the current materialisation keeps
+/// each customer's and updates the sums by difference ([`Aggregate`]: take out the old part,
+/// add the new), so both give the same figures by construction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    /// Survey and complaint counters per business month (reported months only).
+    pub months: BTreeMap<i32, MonthCounters>,
+    /// Churn accounting per reported month (months where the customer counts).
+    pub churn: BTreeMap<i32, MonthChurn>,
+    /// First purchase month and every month with a purchase-day (cohorts).
+    pub cohort: Option<(i32, Vec<i32>)>,
+    /// Active at `as_of` (bought, not lost).
+    pub active: bool,
+    /// A complaint in the satisfaction complaint window.
+    pub recent_complainer: bool,
+    /// Complaints resolved.
+    pub resolved: u64,
+    /// Resolutions rated as recovered.
+    pub recovered: u64,
+    /// Dick & Basu class.
+    pub dick_basu: DickBasu,
+    /// Lifecycle stage.
+    pub stage: Stage,
+    /// Churn level.
+    pub level: ChurnLevel,
+    /// Probable cause (`unknown` when none), at watch or worse only.
+    pub cause: Option<String>,
+    /// The customer's own counters over the reported months (segments).
+    pub own: MonthCounters,
+    /// Lifetime value per currency, minor units.
+    pub value: BTreeMap<String, i64>,
+    /// Purchase-days.
+    pub purchase_days: u32,
+    /// The last purchase-day.
+    pub last_purchase_day: Option<i64>,
+}
+
+/// Whether a customer with purchase-days `days` and natural / need-change leaving reasons
+/// stated on `leave_days` is active (has bought and is not lost) on day `t`.
+pub fn active_at(days: &[i64], leave_days: &[i64], t: i64, lost_after_days: i64) -> bool {
+    let last = match days.iter().rev().find(|d| **d <= t) {
+        Some(l) => *l,
+        None => return false,
+    };
+    if t - last >= lost_after_days {
+        return false;
+    }
+    !leave_days.iter().any(|d| *d >= last && *d <= t)
+}
+
+impl Contribution {
+    /// The contribution of a customer with these facts and views (evaluated at `as_of`).
+    pub fn of(
+        facts: &CustomerFacts,
+        views: &CustomerViews,
+        sat: &SatisfactionRules,
+        rules: &PopulationRules,
+        lost_after_days: i64,
+        as_of: AsOf,
+    ) -> Contribution {
+        let today = day_of(as_of.at);
+        let this_month = month_of(today);
+        let first_month = this_month - rules.months.saturating_sub(1) as i32;
+        let mut months: BTreeMap<i32, MonthCounters> = BTreeMap::new();
+        let mut own = MonthCounters::default();
+        for s in facts.surveys_at(as_of) {
+            let month = month_of(day_of(s.stamp.occurred_at));
+            if month >= first_month {
+                months.entry(month).or_default().count_survey(s);
+                own.count_survey(s);
+            }
+        }
+        let mut complained_in: Vec<i32> = Vec::new();
+        for c in facts.complaints_at(as_of) {
+            let month = month_of(day_of(c.stamp.occurred_at));
+            if month >= first_month {
+                own.complaints += 1;
+                own.complaining_customers = 1;
+                let m = months.entry(month).or_default();
+                m.complaints += 1;
+                if !complained_in.contains(&month) {
+                    complained_in.push(month);
+                    m.complaining_customers += 1;
+                }
+            }
+            if let Some(cb) = facts.resolution(&c.complaint_id, as_of) {
+                let rm = month_of(day_of(cb.stamp.occurred_at));
+                if rm >= first_month {
+                    let m = months.entry(rm).or_default();
+                    m.resolved += 1;
+                    if cb
+                        .resolution_satisfaction
+                        .is_some_and(|s| s >= sat.recovered_at)
+                    {
+                        m.recovered += 1;
+                    }
+                }
+            }
+        }
+        let days = facts.purchase_days(as_of);
+        let leave_days: Vec<i64> = facts
+            .stated_reasons(as_of)
+            .into_iter()
+            .filter(|(_, r)| matches!(r, LeavingReason::Natural | LeavingReason::NeedChange))
+            .map(|(t, _)| day_of(t))
+            .collect();
+        // Status at the end of the day before each month, and at the end of its last day (or
+        // `as_of`): every transition falls in exactly one month.
+        let active = |t: i64| active_at(&days, &leave_days, t, lost_after_days);
+        let mut churn = BTreeMap::new();
+        if !days.is_empty() {
+            for m in first_month..=this_month {
+                let start = month_start(m) - 1;
+                let end = (month_start(m + 1) - 1).min(today);
+                let mut c = MonthChurn::default();
+                let (a0, a1) = (active(start), active(end));
+                if a0 {
+                    c.at_start = 1;
+                    if a1 {
+                        c.retained = 1;
+                    } else {
+                        c.lost = 1;
+                    }
+                } else if a1 && days[0] <= start {
+                    c.won_back = 1;
+                }
+                if days[0] > start && days[0] <= end {
+                    c.new = 1;
+                }
+                if c != MonthChurn::default() {
+                    churn.insert(m, c);
+                }
+            }
+        }
+        let cohort = days.first().map(|f| {
+            let mut ms: Vec<i32> = days.iter().map(|d| month_of(*d)).collect();
+            ms.dedup();
+            (month_of(*f), ms)
+        });
+        let st = &views.satisfaction.complaints;
+        let cause = (views.churn.level >= ChurnLevel::Watch).then(|| {
+            views
+                .churn
+                .probable_cause
+                .map_or_else(|| "unknown".to_owned(), |c| cause_name(c).to_owned())
+        });
+        Contribution {
+            months,
+            churn,
+            cohort,
+            active: active(today),
+            recent_complainer: st.recent > 0,
+            resolved: st.resolved,
+            recovered: st.recovered,
+            dick_basu: views.loyalty.dick_basu,
+            stage: views.loyalty.stage,
+            level: views.churn.level,
+            cause,
+            own,
+            value: views.loyalty.behaviour.monetary.clone(),
+            purchase_days: days.len() as u32,
+            last_purchase_day: days.last().copied(),
+        }
+    }
+
+    /// Whether the customer has bought.
+    pub fn buyer(&self) -> bool {
+        self.purchase_days > 0
+    }
+}
+
+fn bump_map<K: Ord>(m: &mut BTreeMap<K, u64>, k: K, sign: i64) {
+    if sign > 0 {
+        *m.entry(k).or_default() += 1;
+    } else if let Some(n) = m.get_mut(&k) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            m.remove(&k);
+        }
+    }
+}
+
+fn signed(a: &mut u64, b: u64, sign: i64) {
+    *a = if sign >= 0 {
+        *a + b
+    } else {
+        a.saturating_sub(b)
+    };
+}
+
+impl MonthChurn {
+    fn merge_signed(&mut self, o: &MonthChurn, sign: i64) {
+        signed(&mut self.at_start, o.at_start, sign);
+        signed(&mut self.lost, o.lost, sign);
+        signed(&mut self.retained, o.retained, sign);
+        signed(&mut self.new, o.new, sign);
+        signed(&mut self.won_back, o.won_back, sign);
+    }
+}
+
+/// The rank-based figures, computed apart from the additive ones: by [`PopulationBuilder`]
+/// from one value per customer, by the current materialisation from its order indexes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ranked {
+    /// The reporting currency.
+    pub currency: String,
+    /// The pyramid.
+    pub pyramid: Vec<Tier>,
+    /// Revenue share of the top 20 %.
+    pub top20: Option<f64>,
+    /// Customers per RFM cell.
+    pub rfm_cells: BTreeMap<String, u64>,
+    /// `tier:<vip|major|ordinary|small>` → buyers in the tier and their own counters.
+    pub tier_segments: BTreeMap<String, (u64, MonthCounters)>,
+}
+
+/// The additive part of the population: the sum of customers' [`Contribution`]s, updated by
+/// difference. [`Aggregate::view`] turns it (with the [`Ranked`] figures) into the population
+/// read model; cost O(reported months + cohorts × months + segments).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Aggregate {
+    customers: u64,
+    buyers: u64,
+    active: u64,
+    months: BTreeMap<i32, MonthCounters>,
+    churn: BTreeMap<i32, MonthChurn>,
+    cohort_sizes: BTreeMap<i32, u64>,
+    cohort_active: BTreeMap<(i32, i32), u64>,
+    recent_complainers: u64,
+    resolved: u64,
+    recovered: u64,
+    dick_basu: BTreeMap<DickBasu, u64>,
+    lifecycle: BTreeMap<Stage, u64>,
+    levels: BTreeMap<ChurnLevel, u64>,
+    causes: BTreeMap<String, u64>,
+    /// `stage:<s>`, `dick_basu:<c>` and `tier:none`: customers and their counters.
+    segments: BTreeMap<String, (u64, MonthCounters)>,
+}
+
+impl Aggregate {
+    /// Add a customer's contribution.
+    pub fn add(&mut self, c: &Contribution) {
+        self.apply(c, 1);
+    }
+
+    /// Take a customer's (earlier) contribution out.
+    pub fn remove(&mut self, c: &Contribution) {
+        self.apply(c, -1);
+    }
+
+    /// Customers counted.
+    pub fn customers(&self) -> u64 {
+        self.customers
+    }
+
+    fn apply(&mut self, c: &Contribution, sign: i64) {
+        signed(&mut self.customers, 1, sign);
+        signed(&mut self.buyers, u64::from(c.buyer()), sign);
+        signed(&mut self.active, u64::from(c.active), sign);
+        for (m, k) in &c.months {
+            let e = self.months.entry(*m).or_default();
+            e.merge_signed(k, sign);
+            if *e == MonthCounters::default() {
+                self.months.remove(m);
+            }
+        }
+        for (m, k) in &c.churn {
+            let e = self.churn.entry(*m).or_default();
+            e.merge_signed(k, sign);
+            if *e == MonthChurn::default() {
+                self.churn.remove(m);
+            }
+        }
+        if let Some((first, months)) = &c.cohort {
+            bump_map(&mut self.cohort_sizes, *first, sign);
+            for k in months {
+                bump_map(&mut self.cohort_active, (*first, *k), sign);
+            }
+        }
+        signed(
+            &mut self.recent_complainers,
+            u64::from(c.recent_complainer),
+            sign,
+        );
+        signed(&mut self.resolved, c.resolved, sign);
+        signed(&mut self.recovered, c.recovered, sign);
+        bump_map(&mut self.dick_basu, c.dick_basu, sign);
+        bump_map(&mut self.lifecycle, c.stage, sign);
+        bump_map(&mut self.levels, c.level, sign);
+        if let Some(cause) = &c.cause {
+            bump_map(&mut self.causes, cause.clone(), sign);
+        }
+        let mut keys = vec![
+            format!("stage:{}", name(&c.stage)),
+            format!("dick_basu:{}", name(&c.dick_basu)),
+        ];
+        if !c.buyer() {
+            keys.push("tier:none".to_owned());
+        }
+        for key in keys {
+            let e = self.segments.entry(key.clone()).or_default();
+            signed(&mut e.0, 1, sign);
+            e.1.merge_signed(&c.own, sign);
+            if e.0 == 0 {
+                self.segments.remove(&key);
+            }
+        }
+    }
+
+    /// The population read model at `as_of` from these sums and the rank-based figures.
+    pub fn view(&self, as_of: AsOf, rules: &PopulationRules, ranked: Ranked) -> PopulationView {
+        let today = day_of(as_of.at);
+        let this_month = month_of(today);
+        let first_month = this_month - rules.months.saturating_sub(1) as i32;
+        let mut totals = MonthCounters::default();
+        let pct = |n: u64, d: u64| (d > 0).then(|| 100.0 * n as f64 / d as f64);
+        let mut months = Vec::new();
+        for m in first_month..=this_month {
+            let churn = self.churn.get(&m).cloned().unwrap_or_default();
+            let counters = self.months.get(&m).cloned().unwrap_or_default();
+            totals.merge(&counters);
+            months.push(MonthRow {
+                month: month_label(m),
+                churn_rate_pct: pct(churn.lost, churn.at_start),
+                retention_rate_pct: pct(churn.retained, churn.at_start),
+                complaint_rate_pct: pct(counters.complaining_customers, churn.at_start),
+                nps: counters.surveys.nps_score(),
+                csat_pct: counters.surveys.csat_pct(),
+                counters,
+                churn,
+            });
+        }
+        let cohorts = self
+            .cohort_sizes
+            .iter()
+            .map(|(m, size)| Cohort {
+                cohort: month_label(*m),
+                size: *size,
+                retention_pct: (*m..=this_month)
+                    .map(|k| {
+                        let n = self.cohort_active.get(&(*m, k)).copied().unwrap_or(0);
+                        100.0 * n as f64 / *size as f64
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut segments: BTreeMap<String, SegmentFigures> = BTreeMap::new();
+        for (key, (n, counters)) in self.segments.iter().chain(ranked.tier_segments.iter()) {
+            if *n == 0 {
+                continue;
+            }
+            let c = counters;
+            segments.insert(
+                key.clone(),
+                SegmentFigures {
+                    customers: *n,
+                    counters: c.clone(),
+                    nps: c.surveys.nps_score(),
+                    csat_pct: c.surveys.csat_pct(),
+                    mean_c: (c.c_readings > 0).then(|| c.c_sum.value() / c.c_readings as f64),
+                    complaint_rate_pct: (*n > 0)
+                        .then(|| 100.0 * c.complaining_customers as f64 / *n as f64),
+                },
+            );
+        }
+        PopulationView {
+            as_of,
+            customers: self.customers,
+            buyers: self.buyers,
+            active: self.active,
+            nps: totals.surveys.nps_score(),
+            csat_pct: totals.surveys.csat_pct(),
+            mean_ces: totals.surveys.mean_ces(),
+            mean_c: (totals.c_readings > 0)
+                .then(|| totals.c_sum.value() / totals.c_readings as f64),
+            complaint_rate_pct: (self.customers > 0)
+                .then(|| 100.0 * self.recent_complainers as f64 / self.customers as f64),
+            recovery_rate_pct: (self.resolved > 0)
+                .then(|| 100.0 * self.recovered as f64 / self.resolved as f64),
+            months,
+            cohorts,
+            currency: ranked.currency,
+            pyramid: ranked.pyramid,
+            top20_revenue_share_pct: ranked.top20,
+            rfm_cells: ranked.rfm_cells,
+            dick_basu: self.dick_basu.clone(),
+            lifecycle: self.lifecycle.clone(),
+            churn_levels: self.levels.clone(),
+            churn_causes: self.causes.clone(),
+            segments,
+        }
+    }
 }
 
 /// Satisfaction figures of one segment over the reported months.
@@ -256,29 +684,21 @@ pub struct SegmentFigures {
 }
 
 /// The stable (serde) name of a class.
-fn name<T: Serialize>(t: &T) -> String {
+pub fn name<T: Serialize>(t: &T) -> String {
     serde_json::to_value(t)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
 }
 
-/// Accumulates customers, then computes the population figures.
+/// Accumulates customers, then computes the population figures (the full pass).
 #[derive(Clone, Debug)]
 pub struct PopulationBuilder {
     as_of: AsOf,
     rules: PopulationRules,
     lost_after_days: i64,
-    month_counters: BTreeMap<i32, MonthCounters>,
-    customers: u64,
-    recent_complainers: u64,
-    resolved: u64,
-    recovered: u64,
-    dick_basu: BTreeMap<DickBasu, u64>,
-    lifecycle: BTreeMap<Stage, u64>,
-    levels: BTreeMap<ChurnLevel, u64>,
-    causes: BTreeMap<String, u64>,
-    rows: Vec<Row>,
+    aggregate: Aggregate,
+    rows: Vec<(String, Contribution)>,
 }
 
 /// The three per-customer views.
@@ -299,15 +719,7 @@ impl PopulationBuilder {
             as_of,
             rules,
             lost_after_days: churn.lost_after_days,
-            month_counters: BTreeMap::new(),
-            customers: 0,
-            recent_complainers: 0,
-            resolved: 0,
-            recovered: 0,
-            dick_basu: BTreeMap::new(),
-            lifecycle: BTreeMap::new(),
-            levels: BTreeMap::new(),
-            causes: BTreeMap::new(),
+            aggregate: Aggregate::default(),
             rows: Vec::new(),
         }
     }
@@ -322,102 +734,23 @@ impl PopulationBuilder {
         views: &CustomerViews,
         sat: &SatisfactionRules,
     ) {
-        let as_of = self.as_of;
-        self.customers += 1;
-        // Additive monthly counters, and the customer's own over the reported months.
-        let first_month = month_of(day_of(as_of.at)) - self.rules.months.saturating_sub(1) as i32;
-        let mut own = MonthCounters::default();
-        for s in facts.surveys_at(as_of) {
-            let month = month_of(day_of(s.stamp.occurred_at));
-            self.month_counters
-                .entry(month)
-                .or_default()
-                .count_survey(s);
-            if month >= first_month {
-                own.count_survey(s);
-            }
-        }
-        let mut complained_in: Vec<i32> = Vec::new();
-        for c in facts.complaints_at(as_of) {
-            let month = month_of(day_of(c.stamp.occurred_at));
-            if month >= first_month {
-                own.complaints += 1;
-                own.complaining_customers = 1;
-            }
-            self.month_counters.entry(month).or_default().complaints += 1;
-            if !complained_in.contains(&month) {
-                complained_in.push(month);
-                self.month_counters
-                    .entry(month)
-                    .or_default()
-                    .complaining_customers += 1;
-            }
-            if let Some(cb) = facts.resolution(&c.complaint_id, as_of) {
-                let m = self
-                    .month_counters
-                    .entry(month_of(day_of(cb.stamp.occurred_at)))
-                    .or_default();
-                m.resolved += 1;
-                if cb
-                    .resolution_satisfaction
-                    .is_some_and(|s| s >= sat.recovered_at)
-                {
-                    m.recovered += 1;
-                }
-            }
-        }
-        let st = &views.satisfaction.complaints;
-        if st.recent > 0 {
-            self.recent_complainers += 1;
-        }
-        self.resolved += st.resolved;
-        self.recovered += st.recovered;
-        *self.dick_basu.entry(views.loyalty.dick_basu).or_default() += 1;
-        *self.lifecycle.entry(views.loyalty.stage).or_default() += 1;
-        *self.levels.entry(views.churn.level).or_default() += 1;
-        if views.churn.level >= ChurnLevel::Watch {
-            let cause = views
-                .churn
-                .probable_cause
-                .map_or_else(|| "unknown".to_owned(), |c| cause_name(c).to_owned());
-            *self.causes.entry(cause).or_default() += 1;
-        }
-        let leave_days = facts
-            .stated_reasons(as_of)
-            .into_iter()
-            .filter(|(_, r)| matches!(r, LeavingReason::Natural | LeavingReason::NeedChange))
-            .map(|(t, _)| day_of(t))
-            .collect();
-        self.rows.push(Row {
-            customer: customer.to_owned(),
-            days: facts.purchase_days(as_of),
-            leave_days,
-            value: views.loyalty.behaviour.monetary.clone(),
-            own,
-            segments: [
-                format!("stage:{}", name(&views.loyalty.stage)),
-                format!("dick_basu:{}", name(&views.loyalty.dick_basu)),
-            ],
-        });
-    }
-
-    /// Whether a customer is active (has bought and is not lost) at day `t`.
-    fn active(&self, row: &Row, t: i64) -> bool {
-        let last = match row.days.iter().rev().find(|d| **d <= t) {
-            Some(l) => *l,
-            None => return false,
-        };
-        if t - last >= self.lost_after_days {
-            return false;
-        }
-        !row.leave_days.iter().any(|d| *d >= last && *d <= t)
+        let c = Contribution::of(
+            facts,
+            views,
+            sat,
+            &self.rules,
+            self.lost_after_days,
+            self.as_of,
+        );
+        self.aggregate.add(&c);
+        self.rows.push((customer.to_owned(), c));
     }
 
     /// The reporting currency: configured, or the one with the largest total.
     fn currency(&self) -> String {
         let mut totals: BTreeMap<String, i64> = BTreeMap::new();
         if self.rules.reporting_currency.is_none() {
-            for r in &self.rows {
+            for (_, r) in &self.rows {
                 for (c, v) in &r.value {
                     *totals.entry(c.clone()).or_default() += v;
                 }
@@ -432,13 +765,8 @@ impl PopulationBuilder {
         let mut ranked: Vec<(String, i64)> = self
             .rows
             .iter()
-            .filter(|r| !r.days.is_empty())
-            .map(|r| {
-                (
-                    r.customer.clone(),
-                    r.value.get(&currency).copied().unwrap_or(0),
-                )
-            })
+            .filter(|(_, r)| r.buyer())
+            .map(|(c, r)| (c.clone(), r.value.get(&currency).copied().unwrap_or(0)))
             .collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let n = ranked.len();
@@ -453,9 +781,9 @@ impl PopulationBuilder {
     /// fewer is better), frequency (purchase-days) and monetary (value in the reporting
     /// currency). Equal values share a score.
     pub fn rfm_scores(&self) -> BTreeMap<String, (u8, u8, u8)> {
-        let today = day_of(self.as_of.at);
         let currency = self.currency();
-        let buyers: Vec<&Row> = self.rows.iter().filter(|r| !r.days.is_empty()).collect();
+        let buyers: Vec<&(String, Contribution)> =
+            self.rows.iter().filter(|(_, r)| r.buyer()).collect();
         let quintiles = |keys: Vec<i64>| -> Vec<u8> {
             // score by the rank of the first equal key, ascending: higher key → higher score.
             let n = keys.len();
@@ -471,120 +799,42 @@ impl PopulationBuilder {
             }
             out
         };
+        // Recency ranks by the last purchase-day: the same order as "days since" on any day.
         let r = quintiles(
             buyers
                 .iter()
-                .map(|b| -(today - b.days.last().copied().unwrap_or(today)))
+                .map(|(_, b)| b.last_purchase_day.unwrap_or(i64::MIN))
                 .collect(),
         );
-        let f = quintiles(buyers.iter().map(|b| b.days.len() as i64).collect());
+        let f = quintiles(
+            buyers
+                .iter()
+                .map(|(_, b)| i64::from(b.purchase_days))
+                .collect(),
+        );
         let m = quintiles(
             buyers
                 .iter()
-                .map(|b| b.value.get(&currency).copied().unwrap_or(0))
+                .map(|(_, b)| b.value.get(&currency).copied().unwrap_or(0))
                 .collect(),
         );
         buyers
             .iter()
             .enumerate()
-            .map(|(i, b)| (b.customer.clone(), (r[i], f[i], m[i])))
+            .map(|(i, (c, _))| (c.clone(), (r[i], f[i], m[i])))
             .collect()
     }
 
     /// Merge another builder at the same `as_of` (a shard's partial).
     pub fn merge(&mut self, o: PopulationBuilder) {
-        for (m, c) in &o.month_counters {
-            self.month_counters.entry(*m).or_default().merge(c);
+        for (id, c) in o.rows {
+            self.aggregate.add(&c);
+            self.rows.push((id, c));
         }
-        self.customers += o.customers;
-        self.recent_complainers += o.recent_complainers;
-        self.resolved += o.resolved;
-        self.recovered += o.recovered;
-        for (k, v) in o.dick_basu {
-            *self.dick_basu.entry(k).or_default() += v;
-        }
-        for (k, v) in o.lifecycle {
-            *self.lifecycle.entry(k).or_default() += v;
-        }
-        for (k, v) in o.levels {
-            *self.levels.entry(k).or_default() += v;
-        }
-        for (k, v) in o.causes {
-            *self.causes.entry(k).or_default() += v;
-        }
-        self.rows.extend(o.rows);
     }
 
-    /// Compute the population figures.
-    pub fn finish(mut self) -> PopulationView {
-        self.rows.sort_by(|a, b| a.customer.cmp(&b.customer));
-        let today = day_of(self.as_of.at);
-        let this_month = month_of(today);
-        let first_month = this_month - self.rules.months.saturating_sub(1) as i32;
-        let mut totals = MonthCounters::default();
-        let mut months = Vec::new();
-        for m in first_month..=this_month {
-            // Status at the end of the day before the month, and at the end of its last day
-            // (or `as_of`): every transition falls in exactly one month.
-            let start = month_start(m) - 1;
-            let end = (month_start(m + 1) - 1).min(today);
-            let mut churn = MonthChurn::default();
-            for r in &self.rows {
-                let (a0, a1) = (self.active(r, start), self.active(r, end));
-                if a0 {
-                    churn.at_start += 1;
-                    if a1 {
-                        churn.retained += 1;
-                    } else {
-                        churn.lost += 1;
-                    }
-                } else if a1 && r.days.first().is_some_and(|f| *f <= start) {
-                    churn.won_back += 1;
-                }
-                if r.days.first().is_some_and(|f| *f > start && *f <= end) {
-                    churn.new += 1;
-                }
-            }
-            let counters = self.month_counters.get(&m).cloned().unwrap_or_default();
-            totals.merge(&counters);
-            let pct = |n: u64, d: u64| (d > 0).then(|| 100.0 * n as f64 / d as f64);
-            months.push(MonthRow {
-                month: month_label(m),
-                churn_rate_pct: pct(churn.lost, churn.at_start),
-                retention_rate_pct: pct(churn.retained, churn.at_start),
-                complaint_rate_pct: pct(counters.complaining_customers, churn.at_start),
-                nps: counters.surveys.nps_score(),
-                csat_pct: counters.surveys.csat_pct(),
-                counters,
-                churn,
-            });
-        }
-        // Cohorts.
-        let mut cohort_rows: BTreeMap<i32, Vec<&Row>> = BTreeMap::new();
-        for r in self.rows.iter().filter(|r| !r.days.is_empty()) {
-            cohort_rows.entry(month_of(r.days[0])).or_default().push(r);
-        }
-        let cohorts = cohort_rows
-            .into_iter()
-            .map(|(m, rows)| {
-                let size = rows.len() as u64;
-                let retention_pct = (m..=this_month)
-                    .map(|k| {
-                        let active = rows
-                            .iter()
-                            .filter(|r| r.days.iter().any(|d| month_of(*d) == k))
-                            .count();
-                        100.0 * active as f64 / size as f64
-                    })
-                    .collect();
-                Cohort {
-                    cohort: month_label(m),
-                    size,
-                    retention_pct,
-                }
-            })
-            .collect();
-        // Pyramid.
+    /// The rank-based figures of the customers added.
+    pub fn ranked(&self) -> Ranked {
         let ranking = self.pyramid_ranking();
         let total: i64 = ranking.iter().map(|r| r.1).sum();
         let share = |v: i64| {
@@ -620,57 +870,31 @@ impl PopulationBuilder {
         });
         let tiers: BTreeMap<&str, &str> =
             ranking.iter().map(|(c, _, t)| (c.as_str(), *t)).collect();
-        let mut segments: BTreeMap<String, SegmentFigures> = BTreeMap::new();
-        for r in &self.rows {
-            let tier = format!(
-                "tier:{}",
-                tiers.get(r.customer.as_str()).copied().unwrap_or("none")
-            );
-            for key in [tier, r.segments[0].clone(), r.segments[1].clone()] {
-                let seg = segments.entry(key).or_default();
-                seg.customers += 1;
-                seg.counters.merge(&r.own);
+        let mut tier_segments: BTreeMap<String, (u64, MonthCounters)> = BTreeMap::new();
+        for (id, r) in &self.rows {
+            if let Some(t) = tiers.get(id.as_str()) {
+                let e = tier_segments.entry(format!("tier:{t}")).or_default();
+                e.0 += 1;
+                e.1.merge(&r.own);
             }
-        }
-        for seg in segments.values_mut() {
-            let c = &seg.counters;
-            seg.nps = c.surveys.nps_score();
-            seg.csat_pct = c.surveys.csat_pct();
-            seg.mean_c = (c.c_readings > 0).then(|| c.c_sum / c.c_readings as f64);
-            seg.complaint_rate_pct = (seg.customers > 0)
-                .then(|| 100.0 * c.complaining_customers as f64 / seg.customers as f64);
         }
         let mut rfm_cells = BTreeMap::new();
         for (r, f, m) in self.rfm_scores().into_values() {
             *rfm_cells.entry(format!("{r}{f}{m}")).or_default() += 1;
         }
-        let buyers = self.rows.iter().filter(|r| !r.days.is_empty()).count() as u64;
-        let active = self.rows.iter().filter(|r| self.active(r, today)).count() as u64;
-        PopulationView {
-            as_of: self.as_of,
-            customers: self.customers,
-            buyers,
-            active,
-            nps: totals.surveys.nps_score(),
-            csat_pct: totals.surveys.csat_pct(),
-            mean_ces: totals.surveys.mean_ces(),
-            mean_c: (totals.c_readings > 0).then(|| totals.c_sum / totals.c_readings as f64),
-            complaint_rate_pct: (self.customers > 0)
-                .then(|| 100.0 * self.recent_complainers as f64 / self.customers as f64),
-            recovery_rate_pct: (self.resolved > 0)
-                .then(|| 100.0 * self.recovered as f64 / self.resolved as f64),
-            months,
-            cohorts,
+        Ranked {
             currency: self.currency(),
             pyramid,
-            top20_revenue_share_pct: top20,
+            top20,
             rfm_cells,
-            dick_basu: self.dick_basu,
-            lifecycle: self.lifecycle,
-            churn_levels: self.levels,
-            churn_causes: self.causes,
-            segments,
+            tier_segments,
         }
+    }
+
+    /// Compute the population figures.
+    pub fn finish(self) -> PopulationView {
+        let ranked = self.ranked();
+        self.aggregate.view(self.as_of, &self.rules, ranked)
     }
 }
 
@@ -740,6 +964,49 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The next instant after `as_of` at which a customer's views or population
+    /// [`Contribution`] can change without a new event: the churn rules' next change
+    /// ([`ChurnRules::next_due`], capped at `max_recheck_days`), a complaint leaving the
+    /// satisfaction complaint window, a purchase-day leaving the loyalty window, the lifecycle's
+    /// decline, and the first instant of the next month (the reported months move).
+    pub fn next_due(
+        &self,
+        facts: &CustomerFacts,
+        model: Option<&crate::event::ModelFitted>,
+        as_of: AsOf,
+        max_recheck_days: i64,
+    ) -> crate::time::Timestamp {
+        use crate::facts::{NANOS_PER_DAY, day_start};
+        use crate::time::Timestamp;
+        let mut best = self.churn.next_due(facts, model, as_of, max_recheck_days);
+        let now = as_of.at.unix_nanos();
+        let mut consider = |t: Timestamp| {
+            if t.unix_nanos() > now && t < best {
+                best = t;
+            }
+        };
+        let today = day_of(as_of.at);
+        consider(day_start(month_start(month_of(today) + 1)));
+        for c in facts.complaints_at(as_of) {
+            consider(Timestamp::from_unix_nanos(
+                c.stamp.occurred_at.unix_nanos().saturating_add(
+                    self.satisfaction
+                        .complaint_window_days
+                        .saturating_mul(NANOS_PER_DAY),
+                ),
+            ));
+        }
+        let days = facts.purchase_days(as_of);
+        for d in &days {
+            consider(day_start(d + self.loyalty.window_days));
+        }
+        if let Some(&last) = days.last() {
+            let (_, decline_after) = self.loyalty.stage_of(&days, 0);
+            consider(day_start(last.saturating_add(decline_after)));
+        }
+        best
+    }
+
     /// Evaluate one customer's three views from the projections' facts.
     pub fn customer(
         &self,

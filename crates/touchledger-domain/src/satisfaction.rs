@@ -283,7 +283,18 @@ impl SurveyCounters {
         }
     }
 
-    /// Add another set of counters (shards, periods).
+    /// Take out counters added before (the reverse of [`SurveyCounters::merge`]).
+    pub fn unmerge(&mut self, o: &SurveyCounters) {
+        self.promoters = self.promoters.saturating_sub(o.promoters);
+        self.passives = self.passives.saturating_sub(o.passives);
+        self.detractors = self.detractors.saturating_sub(o.detractors);
+        self.csat_answers = self.csat_answers.saturating_sub(o.csat_answers);
+        self.csat_satisfied = self.csat_satisfied.saturating_sub(o.csat_satisfied);
+        self.ces_answers = self.ces_answers.saturating_sub(o.ces_answers);
+        self.ces_sum = self.ces_sum.saturating_sub(o.ces_sum);
+    }
+
+    /// Add another set of counters.
     pub fn merge(&mut self, o: &SurveyCounters) {
         self.promoters += o.promoters;
         self.passives += o.passives;

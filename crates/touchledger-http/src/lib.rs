@@ -435,13 +435,25 @@ async fn at_risk(
 async fn overview(
     State(s): State<Arc<AppState>>,
     Query(q): Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let at = as_of(&q, (s.cfg.clock)())?;
-    blocking(move || {
-        let p = s.reads.population(at).map_err(internal)?;
+    // "Now": the current materialisation's sums (O(months), plus a pass over the in-memory
+    // rank keys after a change); an explicit as_of: a pass over every customer.
+    let current = current_now(&s, &q);
+    let source = if current.is_some() {
+        "current"
+    } else {
+        "full_pass"
+    };
+    let body = blocking(move || {
+        let p = match current {
+            Some(c) => c.population(at.at),
+            None => s.reads.population(at).map_err(internal)?,
+        };
         serde_json::to_value(&p).map(Json).map_err(internal)
     })
-    .await
+    .await?;
+    Ok(([("x-touchledger-source", source)], body))
 }
 
 /// `GET /healthz`: the process is up.

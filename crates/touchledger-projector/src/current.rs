@@ -33,9 +33,9 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 use touchledger_domain::churn::{ChurnView, codes};
 use touchledger_domain::facts::{AsOf, CustomerFacts};
-use touchledger_domain::loyalty::Behaviour;
 use touchledger_domain::population::{
-    Rules, Tier, quintile_score, reporting_currency, tier_at, tier_cuts,
+    Aggregate, Contribution, CustomerViews, MonthCounters, PopulationView, Ranked, Rules, Tier,
+    quintile_score, reporting_currency, tier_at, tier_cuts,
 };
 use touchledger_domain::{ChurnLevel, LeavingReason, MODEL_CUSTOMER, Timestamp};
 use touchledger_store::{EventStore, ProjectionMeta, ProjectionTree, ReadFilter};
@@ -48,7 +48,7 @@ use crate::{ProjectorError, ReadModels};
 pub const TREE: &str = "current";
 
 /// Bump when [`CurrentRow`] or its encoding changes.
-const LAYOUT: u32 = 1;
+const LAYOUT: u32 = 2;
 
 /// The rule codes of the churn view, in the order of the reason bit mask.
 pub const REASON_CODES: [&str; 7] = [
@@ -109,24 +109,24 @@ fn ordered(x: f64) -> i64 {
 pub struct CurrentRow {
     /// The churn view at the materialisation instant (`churn.as_of`, business axis).
     pub churn: ChurnView,
-    /// Purchase-days visible then.
-    pub purchase_days: u32,
-    /// The last of them.
-    pub last_purchase_day: Option<i64>,
-    /// Lifetime value per currency, minor units.
-    pub monetary: BTreeMap<String, i64>,
+    /// The customer's part of the population figures then (rank keys included).
+    pub population: Contribution,
 }
 
 impl CurrentRow {
-    /// Evaluate the row of `facts` at `now` (business axis), given its churn view there.
-    pub fn of(facts: &CustomerFacts, churn: ChurnView, rules: &Rules, now: Timestamp) -> Self {
-        let as_of = AsOf::business(now);
-        let days = facts.purchase_days(as_of);
+    /// The row of a customer with these facts and views, evaluated at `now` (business axis).
+    pub fn of(facts: &CustomerFacts, views: CustomerViews, rules: &Rules, now: Timestamp) -> Self {
+        let population = Contribution::of(
+            facts,
+            &views,
+            &rules.satisfaction,
+            &rules.population,
+            rules.churn.lost_after_days,
+            AsOf::business(now),
+        );
         CurrentRow {
-            churn,
-            purchase_days: days.len() as u32,
-            last_purchase_day: days.last().copied(),
-            monetary: Behaviour::of(facts, as_of, rules.loyalty.window_days).monetary,
+            churn: views.churn,
+            population,
         }
     }
 }
@@ -181,6 +181,8 @@ struct Buyer {
     last_day: i64,
     days: u32,
     monetary: BTreeMap<String, i64>,
+    /// Own counters over the reported months (tier segments); `None` when all zero.
+    own: Option<Box<MonthCounters>>,
     /// Value in the index's reporting currency.
     value: i64,
 }
@@ -212,10 +214,12 @@ impl Entry {
             since: c.since.map_or(i64::MIN, |t| t.unix_nanos()),
             cause: cause_index(c.probable_cause),
             reasons,
-            buyer: row.last_purchase_day.map(|last_day| Buyer {
+            buyer: row.population.last_purchase_day.map(|last_day| Buyer {
                 last_day,
-                days: row.purchase_days,
-                monetary: row.monetary.clone(),
+                days: row.population.purchase_days,
+                monetary: row.population.value.clone(),
+                own: (row.population.own != MonthCounters::default())
+                    .then(|| Box::new(row.population.own.clone())),
                 value: 0,
             }),
         }
@@ -291,6 +295,10 @@ struct Index {
     levels: [LevelIndex; 5],
     /// Customers per level, cause and fired rule (index 7: any).
     counts: [[[u64; 8]; 5]; 5],
+    /// The additive population figures.
+    aggregate: Aggregate,
+    /// Bumped on every change (invalidates the memoised rank figures).
+    version: u64,
 }
 
 impl Index {
@@ -305,6 +313,8 @@ impl Index {
             pyramid: OrderIndex::weighted(pyramid_weight),
             levels: Default::default(),
             counts: [[[0; 8]; 5]; 5],
+            aggregate: Aggregate::default(),
+            version: 0,
         }
     }
 
@@ -380,7 +390,20 @@ impl Index {
         self.pyramid = OrderIndex::from_unsorted(pyramid, pyramid_weight);
     }
 
-    fn put(&mut self, customer: &str, row: Option<&CurrentRow>, rules: &Rules) {
+    fn put(
+        &mut self,
+        customer: &str,
+        old: Option<&CurrentRow>,
+        row: Option<&CurrentRow>,
+        rules: &Rules,
+    ) {
+        self.version += 1;
+        if let Some(o) = old {
+            self.aggregate.remove(&o.population);
+        }
+        if let Some(r) = row {
+            self.aggregate.add(&r.population);
+        }
         let id: Arc<str> = match self.entries.remove_entry(customer) {
             Some((id, old)) => {
                 self.unindex(&id, &old);
@@ -412,6 +435,8 @@ pub struct Current {
     ready: AtomicBool,
     /// What the start-up re-evaluation must cover (taken once).
     catchup: std::sync::Mutex<Option<Catchup>>,
+    /// The rank-based population figures and the index version they were computed at.
+    ranked: std::sync::Mutex<Option<(u64, Ranked)>>,
 }
 
 /// How the rows were found on open: what the caller must re-evaluate before the
@@ -500,6 +525,7 @@ impl Current {
         for r in tree.states() {
             let (k, v) = r?;
             let row = decode(&k, &v)?;
+            index.aggregate.add(&row.population);
             entries.push((Arc::<str>::from(k), Entry::of(&row)));
         }
         index.bulk(entries, &rules);
@@ -511,6 +537,7 @@ impl Current {
             checkpoint: AtomicU64::new(checkpoint),
             ready: AtomicBool::new(catchup == Catchup::None),
             catchup: std::sync::Mutex::new(Some(catchup.clone())),
+            ranked: std::sync::Mutex::new(None),
         };
         Ok((current, catchup))
     }
@@ -558,14 +585,14 @@ impl Current {
         Ok(())
     }
 
-    /// Materialise `customer` at `now` from their churn facts and churn view there
-    /// (`view.as_of` must be `AsOf::business(now)`); `next_due` is the rules' next change
-    /// point. Returns when the row must be evaluated again.
+    /// Materialise `customer` at `now` from their churn facts and their three views there
+    /// (`AsOf::business(now)`); `next_due` is the rules' next change point
+    /// ([`Rules::next_due`]). Returns when the row must be evaluated again.
     pub fn materialise(
         &self,
         customer: &str,
         facts: &CustomerFacts,
-        view: ChurnView,
+        views: CustomerViews,
         now: Timestamp,
         next_due: Timestamp,
     ) -> Result<Timestamp, ProjectorError> {
@@ -580,27 +607,30 @@ impl Current {
         if customer == MODEL_CUSTOMER {
             return Ok(due);
         }
+        let old = self.row(customer)?;
         let row = facts
             .has_touchpoints(AsOf::business(now))
-            .then(|| CurrentRow::of(facts, view, &self.rules, now));
+            .then(|| CurrentRow::of(facts, views, &self.rules, now));
         match &row {
             Some(r) => {
                 let bytes = encode(r);
                 self.tree
                     .apply([(customer, bytes.as_slice())], std::iter::empty(), None)?;
             }
-            None => self.tree.apply(std::iter::empty(), [customer], None)?,
+            None if old.is_some() => self.tree.apply(std::iter::empty(), [customer], None)?,
+            None => {}
         }
         self.index.write().unwrap_or_else(|p| p.into_inner()).put(
             customer,
+            old.as_ref(),
             row.as_ref(),
             &self.rules,
         );
         Ok(due)
     }
 
-    /// Evaluate `customer`'s churn view now from the churn projection (business axis, the
-    /// model in force) and materialise it. Returns their facts, the view and when the row must
+    /// Evaluate `customer`'s views now from the churn projection (business axis, the model in
+    /// force) and materialise them. Returns their facts, the view and when the row must
     /// be evaluated again; `max_recheck_days` caps `ChurnRules::next_due`.
     pub fn refresh(
         &self,
@@ -612,10 +642,15 @@ impl Current {
         let as_of = AsOf::business(now);
         let facts = reads.facts_in("churn", customer)?.unwrap_or_default();
         let model = reads.model(as_of)?;
-        let rules = &self.rules.churn;
-        let view = rules.evaluate(&facts, model.as_ref(), as_of);
-        let next = rules.next_due(&facts, model.as_ref(), as_of, max_recheck_days);
-        let due = self.materialise(customer, &facts, view.clone(), now, next)?;
+        // As the full pass does: all three views from the churn projection's facts.
+        let views = self
+            .rules
+            .customer(&facts, &facts, &facts, model.as_ref(), as_of);
+        let view = views.churn.clone();
+        let next = self
+            .rules
+            .next_due(&facts, model.as_ref(), as_of, max_recheck_days);
+        let due = self.materialise(customer, &facts, views, now, next)?;
         Ok((facts, view, due))
     }
 
@@ -722,6 +757,94 @@ impl Current {
             .collect();
         let top20 = (total > 0).then(|| share(p.prefix_weight(major) as i64));
         (ix.currency.clone(), tiers, top20)
+    }
+
+    /// The rank-based population figures (pyramid, RFM cells, tier segments), memoised until
+    /// the next change: recomputing them is one pass over the in-memory rank keys (no sled, no
+    /// evaluation), O(n).
+    fn ranked(&self) -> Ranked {
+        let version = self.read().version;
+        let mut memo = self.ranked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, r)) = memo.as_ref()
+            && *v == version
+        {
+            return r.clone();
+        }
+        let (currency, pyramid, top20) = self.pyramid();
+        let ix = self.read();
+        // RFM: a score is 1 + ⌊first rank × 5 / n⌋; score ≥ s exactly when the key is above
+        // the element at position ⌈(s − 1) n / 5⌉ − 1, so four thresholds per dimension.
+        let n = ix.recency.len();
+        let thresholds = |o: &OrderIndex<i64>| -> [Option<i64>; 4] {
+            let mut t = [None; 4];
+            for (i, slot) in t.iter_mut().enumerate() {
+                let j = (i + 1) * n;
+                let j = j.div_ceil(5);
+                *slot = if j == 0 { None } else { o.get(j - 1).copied() };
+            }
+            t
+        };
+        let score = |t: &[Option<i64>; 4], k: i64| -> u8 {
+            1 + t.iter().filter(|x| x.is_none_or(|x| k > x)).count() as u8
+        };
+        let (tr, tf, tm) = (
+            thresholds(&ix.recency),
+            thresholds(&ix.frequency),
+            thresholds(&ix.monetary),
+        );
+        let mut rfm_cells: BTreeMap<String, u64> = BTreeMap::new();
+        let mut cells = [0u64; 125];
+        for e in ix.entries.values() {
+            if let Some(b) = &e.buyer {
+                let (r, f, m) = (
+                    score(&tr, b.last_day),
+                    score(&tf, i64::from(b.days)),
+                    score(&tm, b.value),
+                );
+                cells[usize::from(r - 1) * 25 + usize::from(f - 1) * 5 + usize::from(m - 1)] += 1;
+            }
+        }
+        for (i, c) in cells.iter().enumerate() {
+            if *c > 0 {
+                rfm_cells.insert(format!("{}{}{}", i / 25 + 1, i / 5 % 5 + 1, i % 5 + 1), *c);
+            }
+        }
+        // Tier segments: the buyers' own counters summed along the pyramid order.
+        let total = ix.pyramid.len();
+        let mut tier_segments: BTreeMap<String, (u64, MonthCounters)> = BTreeMap::new();
+        for (i, (_, id)) in ix.pyramid.iter().enumerate() {
+            let e = tier_segments
+                .entry(format!("tier:{}", tier_at(i, total)))
+                .or_default();
+            e.0 += 1;
+            if let Some(own) = ix
+                .entries
+                .get(id)
+                .and_then(|x| x.buyer.as_ref())
+                .and_then(|b| b.own.as_ref())
+            {
+                e.1.merge(own);
+            }
+        }
+        let ranked = Ranked {
+            currency,
+            pyramid,
+            top20,
+            rfm_cells,
+            tier_segments,
+        };
+        *memo = Some((version, ranked.clone()));
+        ranked
+    }
+
+    /// The population figures of the current views at `now` (business axis): the additive part
+    /// kept by difference, O(reported months + cohorts × months + segments), plus the memoised
+    /// rank figures. Exact at `now` once every customer due by `now` has been swept.
+    pub fn population(&self, now: Timestamp) -> PopulationView {
+        let ranked = self.ranked();
+        self.read()
+            .aggregate
+            .view(AsOf::business(now), &self.rules.population, ranked)
     }
 
     /// Customers per churn level (of the materialised views).
@@ -902,6 +1025,7 @@ fn merge(
 impl Index {
     /// Index `entries` all at once (start-up): O(n log n).
     fn bulk(&mut self, entries: Vec<(Arc<str>, Entry)>, rules: &Rules) {
+        self.version += 1;
         for (_, e) in &entries {
             self.count(e, 1);
             if let Some(b) = &e.buyer {
