@@ -353,3 +353,86 @@ proptest! {
         );
     }
 }
+
+/// Month-end snapshots: a passed month end is a full pass the first time and a lookup after,
+/// on both axes; a late arrival that occurred by the month end invalidates the business-axis
+/// snapshot (recomputed, and equal to the new full pass) but not the knowledge-axis one; an
+/// event after the month end changes nothing.
+#[test]
+fn month_end_snapshots_equal_the_full_pass_and_follow_late_arrivals() {
+    use touchledger_domain::facts::Axis;
+    use touchledger_projector::monthend::{MonthEnds, is_month_end, last_month_end};
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut live = open(dir.path());
+    let events: Vec<_> = (0..120u16)
+        .map(|i| {
+            touchpoint(
+                &format!("e{i}"),
+                (i % 5) as u8,
+                (i % 9) as u8,
+                i * 3,
+                i as u8,
+                "none",
+            )
+        })
+        .collect();
+    live.append_and_fold(events);
+    let me = MonthEnds::open(
+        live.store
+            .projection(touchledger_projector::monthend::TREE)
+            .expect("tree"),
+        &Rules::default(),
+    )
+    .expect("month ends");
+    let now = day(400);
+    let end = last_month_end(day(200));
+    assert!(is_month_end(end) && !is_month_end(day(200)));
+    assert!(
+        me.population(&live.reads, &live.store, AsOf::business(day(200)), now)
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        me.population(
+            &live.reads,
+            &live.store,
+            AsOf::business(last_month_end(day(500))),
+            now
+        )
+        .expect("read")
+        .is_none(),
+        "a month end not passed yet is not a snapshot"
+    );
+    let read = |live: &Live, axis: Axis| {
+        let as_of = AsOf { at: end, axis };
+        let (v, hit) = me
+            .population(&live.reads, &live.store, as_of, now)
+            .expect("read")
+            .expect("a month end");
+        let full = live.reads.population(as_of).expect("full pass");
+        assert_eq!(json!(&v), json!(&full), "{axis:?}");
+        (v, hit)
+    };
+    for axis in [Axis::Business, Axis::Knowledge] {
+        assert!(!read(&live, axis).1, "first read is a full pass");
+        assert!(read(&live, axis).1, "second read is the snapshot");
+    }
+    // An event after the month end: both snapshots stay.
+    live.append_and_fold(vec![touchpoint("after", 0, 50, 300, 9, "none")]);
+    assert!(read(&live, Axis::Business).1);
+    assert!(read(&live, Axis::Knowledge).1);
+    // A late arrival that occurred before the month end (recorded now, after it).
+    let (before, _) = read(&live, Axis::Business);
+    live.append_and_fold(vec![touchpoint("late", 0, 51, 10, 9, "none")]);
+    let (after, hit) = read(&live, Axis::Business);
+    assert!(
+        !hit,
+        "the late arrival invalidates the business-axis snapshot"
+    );
+    assert_eq!(after.customers, before.customers + 1);
+    assert!(read(&live, Axis::Business).1);
+    assert!(
+        read(&live, Axis::Knowledge).1,
+        "the ledger did not know it at the month end"
+    );
+}

@@ -35,7 +35,7 @@ pub use feed::run_feed;
 pub use intake::run_intake;
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
-pub use views::{ViewConfig, open_current, run_views};
+pub use views::{ViewConfig, open_current, open_month_ends, run_views};
 
 /// Header names used on dead-letter and feed messages.
 pub mod headers {

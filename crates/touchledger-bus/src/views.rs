@@ -37,6 +37,7 @@ use touchledger_domain::{
     TimeUnit, Timestamp,
 };
 use touchledger_projector::current::Catchup;
+use touchledger_projector::monthend::{MonthEnds, last_month_end};
 use touchledger_projector::{Change, Current, ReadModels, RunConfig, run_in_process};
 use touchledger_proto::{v1, views};
 use touchledger_store::{AppendItem, AppendOutcome, DueIndex, EventStore, SledStore};
@@ -79,6 +80,9 @@ pub struct ViewConfig {
     /// views) is deferred until they are near the head, then done once per customer.
     /// Default 10,000.
     pub catch_up_lag: u64,
+    /// Month-end population snapshots to take when a month closes (shared with the HTTP API);
+    /// `None` = none.
+    pub month_ends: Option<Arc<MonthEnds>>,
 }
 
 impl std::fmt::Debug for ViewConfig {
@@ -92,6 +96,7 @@ impl std::fmt::Debug for ViewConfig {
             .field("refit_every", &self.refit_every)
             .field("current_refresh", &self.current_refresh)
             .field("catch_up_lag", &self.catch_up_lag)
+            .field("month_ends", &self.month_ends.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -112,8 +117,17 @@ impl Default for ViewConfig {
             current_refresh: Duration::from_secs(86_400),
             current: None,
             catch_up_lag: 10_000,
+            month_ends: None,
         }
     }
+}
+
+/// Open the month-end population snapshots in the ledger's database for `rules`.
+pub fn open_month_ends(store: &SledStore, rules: &Rules) -> Result<Arc<MonthEnds>, BusError> {
+    let tree = store.projection(touchledger_projector::monthend::TREE)?;
+    Ok(Arc::new(
+        MonthEnds::open(tree, rules).map_err(projector_err)?,
+    ))
 }
 
 /// Open the current materialisation in the ledger's database for `rules` (what `serve` shares
@@ -342,6 +356,7 @@ fn view_messages(
 /// Answer one query.
 fn answer(
     reads: &ReadModels,
+    current: Option<&Current>,
     model: &str,
     req: &v1::QueryRequest,
     now: Timestamp,
@@ -365,6 +380,16 @@ fn answer(
         axis: views::axis_from(req.axis),
     };
     if model == "population" {
+        // "Now" on the business axis: the current materialisation's sums (ADR 0006).
+        if let Some(c) = current.filter(|c| {
+            req.as_of.is_none()
+                && as_of.axis == touchledger_domain::facts::Axis::Business
+                && c.is_ready()
+        }) {
+            return v1::QueryReply {
+                result: Some(R::Population(views::population(&c.population(at)))),
+            };
+        }
         return match reads.population(as_of) {
             Ok(p) => v1::QueryReply {
                 result: Some(R::Population(views::population(&p))),
@@ -530,6 +555,7 @@ async fn serve_fits(
 async fn serve_queries(
     client: async_nats::Client,
     reads: Arc<ReadModels>,
+    current: Arc<Current>,
     cfg: ViewConfig,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
@@ -552,8 +578,9 @@ async fn serve_queries(
             .next()
             .unwrap_or_default()
             .to_owned();
-        let (reads, client, clock, limit) = (
+        let (reads, current, client, clock, limit) = (
             reads.clone(),
+            current.clone(),
             client.clone(),
             cfg.clock.clone(),
             limit.clone(),
@@ -564,7 +591,7 @@ async fn serve_queries(
             };
             let answer = tokio::task::spawn_blocking(move || {
                 match v1::QueryRequest::decode(msg.payload.as_ref()) {
-                    Ok(req) => answer(&reads, &model, &req, clock()),
+                    Ok(req) => answer(&reads, Some(current.as_ref()), &model, &req, clock()),
                     Err(e) => v1::QueryReply {
                         result: Some(v1::query_reply::Result::Error(v1::QueryError {
                             code: "BAD_REQUEST".into(),
@@ -627,6 +654,7 @@ pub async fn run_views(
     let queries = tokio::spawn(serve_queries(
         client.clone(),
         reads.clone(),
+        current.clone(),
         cfg.clone(),
         shutdown.clone(),
     ));
@@ -648,6 +676,9 @@ pub async fn run_views(
     let mut refit =
         tokio::time::interval_at(tokio::time::Instant::now() + refit_every, refit_every);
     let mut result = Ok(());
+    // The month end whose snapshots were last taken, and whether a snapshot task runs.
+    let mut closed_month: Option<Timestamp> = None;
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Customers whose churn work waits for the end of a catch-up (see `catch_up_lag`).
     let deferred: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let mut startup: Option<Work> = {
@@ -718,6 +749,23 @@ pub async fn run_views(
                 }
                 _ = sweep.tick() => {
                     let (assessor, now) = (assessor.clone(), (cfg.clock)());
+                    // A month has closed: its month-end snapshots are taken in the background
+                    // (a pass over every customer per axis), once per month and process.
+                    if let Some(me) = &cfg.month_ends {
+                        let end = last_month_end(now);
+                        if closed_month != Some(end) && !closing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                            closed_month = Some(end);
+                            let (me, reads, store, closing) = (me.clone(), reads.clone(), store.clone(), closing.clone());
+                            tokio::task::spawn_blocking(move || {
+                                match me.close_month(&reads, store.as_ref(), now) {
+                                    Ok(n) if n > 0 => tracing::info!(month_end = %end, snapshots = n, "month-end population snapshots taken"),
+                                    Ok(_) => {}
+                                    Err(e) => tracing::warn!(error = %e, "month-end snapshot failed"),
+                                }
+                                closing.store(false, std::sync::atomic::Ordering::Release);
+                            });
+                        }
+                    }
                     Box::new(move || assessor.sweep(now))
                 }
                 _ = refit.tick(), if cfg.refit_every.is_some() => {

@@ -198,6 +198,8 @@ pub fn serve(
         let current =
             touchledger_bus::open_current(&store, &view_cfg.rules, view_cfg.current_refresh)?;
         view_cfg.current = Some(current.clone());
+        let month_ends = touchledger_bus::open_month_ends(&store, &view_cfg.rules)?;
+        view_cfg.month_ends = Some(month_ends.clone());
         let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
         {
             Ok(handle) => {
@@ -218,6 +220,7 @@ pub fn serve(
             prefix: nats.prefix.clone(),
             metrics,
             current: Some(current),
+            month_ends: Some(month_ends),
             ..touchledger_http::HttpConfig::default()
         };
         let http = {

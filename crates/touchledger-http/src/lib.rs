@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use touchledger_domain::facts::{AsOf, Axis};
 use touchledger_domain::{ChurnLevel, Event, Timestamp};
 use touchledger_projector::current::{AtRiskQuery, AtRiskSort};
+use touchledger_projector::monthend::MonthEnds;
 use touchledger_projector::{Current, ReadModels};
 use touchledger_store::{EventStore, ReadFilter, SledStore};
 
@@ -60,6 +61,9 @@ pub struct HttpConfig {
     /// The current materialisation (maintained by the read-model service): "now" reads of ranks
     /// and the at-risk list use its indexes. `None` = every read is a full pass.
     pub current: Option<Arc<Current>>,
+    /// Month-end population snapshots: an overview at a passed month end (the first instant
+    /// of a month) is a lookup. `None` = a full pass.
+    pub month_ends: Option<Arc<MonthEnds>>,
 }
 
 impl Default for HttpConfig {
@@ -72,6 +76,7 @@ impl Default for HttpConfig {
             metrics: None,
             clock: Arc::new(Timestamp::now),
             current: None,
+            month_ends: None,
         }
     }
 }
@@ -438,19 +443,27 @@ async fn overview(
 ) -> Result<impl IntoResponse, ApiError> {
     let at = as_of(&q, (s.cfg.clock)())?;
     // "Now": the current materialisation's sums (O(months), plus a pass over the in-memory
-    // rank keys after a change); an explicit as_of: a pass over every customer.
+    // rank keys after a change); a passed month end: its snapshot if still valid; any other
+    // instant: a pass over every customer.
     let current = current_now(&s, &q);
-    let source = if current.is_some() {
-        "current"
-    } else {
-        "full_pass"
-    };
-    let body = blocking(move || {
-        let p = match current {
-            Some(c) => c.population(at.at),
-            None => s.reads.population(at).map_err(internal)?,
+    let now = (s.cfg.clock)();
+    let (source, body) = blocking(move || {
+        let (p, source) = match (current, &s.cfg.month_ends) {
+            (Some(c), _) => (c.population(at.at), "current"),
+            (None, Some(me)) => match me
+                .population(&s.reads, s.store.as_ref(), at, now)
+                .map_err(internal)?
+            {
+                Some((p, true)) => (p, "month_end"),
+                Some((p, false)) => (p, "full_pass"),
+                None => (s.reads.population(at).map_err(internal)?, "full_pass"),
+            },
+            (None, None) => (s.reads.population(at).map_err(internal)?, "full_pass"),
         };
-        serde_json::to_value(&p).map(Json).map_err(internal)
+        Ok((
+            source,
+            serde_json::to_value(&p).map(Json).map_err(internal)?,
+        ))
     })
     .await?;
     Ok(([("x-touchledger-source", source)], body))

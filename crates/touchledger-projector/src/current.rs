@@ -459,7 +459,8 @@ pub enum Catchup {
     },
 }
 
-fn version(rules: &Rules) -> u32 {
+/// The version of state evaluated with `rules`: the row layout and a digest of the rules.
+pub(crate) fn version(rules: &Rules) -> u32 {
     let json = serde_json::to_vec(rules).unwrap_or_default();
     let d = blake3::hash(&json);
     let b = d.as_bytes();

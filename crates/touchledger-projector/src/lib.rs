@@ -23,6 +23,7 @@ use touchledger_store::{Committed, ProjectionMeta, ProjectionTree, StoreError};
 
 pub mod current;
 pub mod model;
+pub mod monthend;
 pub mod order;
 pub mod read;
 mod runtime;
