@@ -91,12 +91,17 @@ for sort in score value since customer level; do
   run "at-risk sort=$sort, now (index)" "$B/api/v1/at-risk?per_page=50&sort=$sort"
 done
 run "at-risk cause=disappointment, now (index, filtered)" "$B/api/v1/at-risk?per_page=50&cause=disappointment"
+run "overview, now (sums kept by difference)" "$B/api/v1/overview"
 echo "serve max RSS during the index runs: $MAXRSS KiB"
+MONTH_END="$(date -u +%Y-%m-01)"
+once "overview at the month end $MONTH_END (snapshot: first read)" "$B/api/v1/overview?as_of=$MONTH_END"
+run "overview at the month end $MONTH_END (snapshot)" "$B/api/v1/overview?as_of=$MONTH_END"
 once "customer 360, as_of (full pass)" "$B/api/v1/customers/$CUSTOMER?as_of=$NOW"
 once "at-risk sort=score, as_of (full pass)" "$B/api/v1/at-risk?per_page=50&sort=score&as_of=$NOW"
-once "overview (full pass)" "$B/api/v1/overview"
+once "overview, as_of (full pass)" "$B/api/v1/overview?as_of=$NOW"
 if [ "$DATASET" = cdnow ]; then
   run "customer 360, as_of (full pass)" "$B/api/v1/customers/$CUSTOMER?as_of=$NOW"
   run "at-risk sort=score, as_of (full pass)" "$B/api/v1/at-risk?per_page=50&sort=score&as_of=$NOW"
+  run "overview, as_of (full pass)" "$B/api/v1/overview?as_of=$NOW"
 fi
 echo "serve RSS at the end: $(rss) KiB"

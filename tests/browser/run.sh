@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Browser tests of the dashboard (part of deploy/test.sh): starts a private nats-server (free
 # port, temp dir) and `touchledger serve` on a temp data directory, publishes seeded demo
-# traffic, then drives headless Chromium with playwright-core (tests/browser/dashboard.mjs).
+# traffic, then drives headless Chromium with playwright-core (tests/browser/dashboard.mjs); then
+# grows a store of 100,000 demo customers and checks that its pages load within a second
+# (tests/browser/scale.mjs).
 # Installs Debian's chromium and the npm package when missing. Screenshots are kept in
 # target/browser-artefacts/.
 set -euo pipefail
@@ -81,3 +83,30 @@ node -e '
   assert.deepStrictEqual(a, b);
   console.log(`dashboard API overview == touchledger query (customers ${a.customers}, NPS ${a.nps})`);
 ' "$work/api.json" "$work/cli.json"
+
+# At scale (issue 10): a store of 100,000 demo customers grown through the append path (no
+# NATS), served by a second serve on its own nats-server; the overview and a customer page must
+# each load within a second.
+scale_customers="${TOUCHLEDGER_SCALE_CUSTOMERS:-100000}"
+"$bin" demo --data "$work/big" --customers "$scale_customers" --history-days 120 --rate 0
+nats2_port="$(free_port)"
+http2_port="$(free_port)"
+"$nats_server" -js -a 127.0.0.1 -p "$nats2_port" -sd "$work/nats2" >"$work/nats2.log" 2>&1 &
+pids+=($!)
+"$bin" serve --data "$work/big" --nats-url "nats://127.0.0.1:$nats2_port" \
+  --http-addr "127.0.0.1:$http2_port" --refit-hours 0 >"$work/serve2.log" 2>&1 &
+serve2_pid=$!
+pids+=("$serve2_pid")
+base2="http://127.0.0.1:$http2_port"
+started=$SECONDS
+# Ready = projections folded and every current view materialised (up to 20 minutes).
+until curl -fsS "$base2/readyz" >/dev/null 2>&1; do
+  kill -0 "$serve2_pid" 2>/dev/null || { tail -n 40 "$work/serve2.log" >&2; exit 1; }
+  [ $((SECONDS - started)) -lt 1200 ] || { echo "serve did not become ready" >&2; tail -n 20 "$work/serve2.log" >&2; exit 1; }
+  sleep 1
+done
+echo "scale store ready after $((SECONDS - started)) s"
+if ! node tests/browser/scale.mjs "$base2" "$artefacts" "$scale_customers"; then
+  tail -n 40 "$work/serve2.log" >&2
+  exit 1
+fi
