@@ -861,7 +861,8 @@ impl Current {
 
     /// One page of the at-risk list: cost O(log n + rows visited), where the rows visited are
     /// `offset + limit` without a cause or reason filter (more with one: the non-matching
-    /// rows in between are skipped one by one). `None` when the query names an unknown cause.
+    /// rows in between are skipped one by one, up to the page's last row; an empty page is
+    /// known from the counts and costs nothing). `None` when the query names an unknown cause.
     pub fn at_risk(&self, q: &AtRiskQuery) -> Result<AtRiskPage, ProjectorError> {
         let cause = match &q.cause {
             None => None,
@@ -910,7 +911,13 @@ impl Current {
                 cause.is_none_or(|c| e.cause == c)
                     && (reason == 7 || e.reasons & (1 << reason) != 0)
             };
-            let mut out = Vec::with_capacity(q.limit);
+            // The counts say how many rows the page holds: the scan stops at the last one (and
+            // never starts for an empty page, however selective the filter).
+            let wanted = usize::try_from(total)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(q.offset)
+                .min(q.limit);
+            let mut out = Vec::with_capacity(wanted);
             let skipped = std::cell::Cell::new(0usize);
             let mut take = |id: &Arc<str>| -> bool {
                 if !keep(id) {
@@ -921,10 +928,10 @@ impl Current {
                     return true;
                 }
                 out.push(id.clone());
-                out.len() < q.limit
+                out.len() < wanted
             };
             let filtered = cause.is_some() || reason != 7;
-            if q.limit > 0 {
+            if wanted > 0 {
                 if q.sort == AtRiskSort::Level {
                     let mut order = levels.clone();
                     if !q.ascending {
