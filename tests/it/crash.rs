@@ -53,11 +53,49 @@ fn crash_child_helper() {
 
 #[test]
 fn kill_9_loses_nothing_acknowledged() {
+    // Kill at a random moment between 30 and 430 ms after start (the child opens the store and
+    // starts appending within the first few ms).
+    kill_loop(TRIALS, 30, 400, 0);
+}
+
+/// sled 0.34 writes its recovery snapshot while it opens a directory whose log has grown
+/// (`snap.<LSN>.generating`, then a rename). Kills in the first milliseconds of the child land
+/// in that write; a half-written snapshot made the store unopenable before the leftovers were
+/// quarantined (issue #16). Every reopen must succeed and lose nothing acknowledged.
+#[test]
+fn kill_9_during_open_and_its_snapshot_reopens_every_time() {
+    let quarantined = kill_loop(40, 0, 25, 20_000);
+    eprintln!(
+        "kills during open: {quarantined} half-written snapshot(s) quarantined over 40 reopens"
+    );
+}
+
+/// Kill the writer `trials` times, each `min_ms` + up to `spread_ms` after its start; returns
+/// how many sled leftovers the reopens quarantined.
+fn kill_loop(trials: u64, min_ms: u64, spread_ms: u64, prefill: u64) -> usize {
+    let mut quarantined = 0;
     let dir = tempfile::tempdir().expect("tempdir");
+    // A grown log makes the snapshot written at each open larger (and a kill inside it likelier).
+    let prefilled = {
+        let store = fixed_clock_store(dir.path());
+        for b in 0..prefill / 500 {
+            let items = (0..500)
+                .map(|i| {
+                    AppendItem::new(purchase(
+                        &format!("pre-{b}-{i}"),
+                        &format!("pre-{}", i % 97),
+                        100,
+                    ))
+                })
+                .collect();
+            store.append(items).expect("prefill");
+        }
+        store.head().position
+    };
     let exe = std::env::current_exe().expect("current exe");
-    let mut expected_total = 0u64;
+    let mut expected_total = prefilled;
     let mut seed = 0x5eed_u64;
-    for trial in 0..TRIALS {
+    for trial in 0..trials {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -85,9 +123,7 @@ fn kill_9_loses_nothing_acknowledged() {
             }
             committed
         });
-        // Kill at a random moment between 30 and 430 ms after start (the child opens the
-        // store and starts appending within the first few ms).
-        let delay = Duration::from_millis(30 + (seed >> 33) % 400);
+        let delay = Duration::from_millis(min_ms + (seed >> 33) % spread_ms);
         let start = Instant::now();
         while start.elapsed() < delay {
             if child.try_wait().expect("try_wait").is_some() {
@@ -100,6 +136,7 @@ fn kill_9_loses_nothing_acknowledged() {
         let committed = reader.join().expect("reader");
 
         let store = fixed_clock_store(dir.path());
+        quarantined += store.quarantined().len();
         // Group this trial's stored events by batch.
         let mut batches: BTreeMap<u64, u64> = BTreeMap::new();
         let prefix = format!("t{trial}-b");
@@ -150,7 +187,8 @@ fn kill_9_loses_nothing_acknowledged() {
         );
     }
     assert!(
-        expected_total > 0,
+        expected_total > prefilled,
         "the children never committed anything: the test proved nothing"
     );
+    quarantined
 }

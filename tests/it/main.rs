@@ -13,6 +13,7 @@ mod model;
 mod nats;
 mod projector;
 mod service_crash;
+mod storage;
 mod support;
 mod tamper;
 mod validation;

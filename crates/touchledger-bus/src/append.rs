@@ -40,6 +40,27 @@ pub async fn serve_append(
             Err(BusError::Store(touchledger_store::StoreError::NeedsReopen)) => {
                 return Err(BusError::Store(touchledger_store::StoreError::NeedsReopen));
             }
+            // Nothing was written: a typed answer, so the caller knows to retry later.
+            Err(BusError::Store(
+                ref e @ touchledger_store::StoreError::StorageFull {
+                    available, reserve, ..
+                },
+            )) => {
+                tracing::warn!(
+                    available,
+                    reserve,
+                    "synchronous append refused: storage full"
+                );
+                v1::AppendReply {
+                    outcomes: Vec::new(),
+                    unavailable: Some(v1::Unavailable {
+                        code: "STORAGE_FULL".into(),
+                        reason: e.to_string(),
+                        available_bytes: available,
+                        reserve_bytes: reserve,
+                    }),
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "append request failed; not answered");
                 continue;
@@ -104,6 +125,7 @@ async fn handle(
                 .map_err(|e| nats_err("append task", e))??;
             return Ok(v1::AppendReply {
                 outcomes: vec![to_wire(&AppendOutcome::Rejected(r))],
+                unavailable: None,
             });
         }
     };
@@ -163,5 +185,8 @@ async fn handle(
             Err(r) => to_wire(&AppendOutcome::Rejected(r)),
         })
         .collect();
-    Ok(v1::AppendReply { outcomes })
+    Ok(v1::AppendReply {
+        outcomes,
+        unavailable: None,
+    })
 }

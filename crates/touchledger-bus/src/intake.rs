@@ -227,7 +227,23 @@ async fn process(
         Ok(o) => o,
         Err(e) => {
             // Nothing of this batch is acknowledged: JetStream redelivers it later.
-            tracing::error!(error = %e, messages = messages.len(), "store failed; naking the batch");
+            if let touchledger_store::StoreError::StorageFull {
+                available, reserve, ..
+            } = &e
+            {
+                // Not an error of the store: intake pauses (the messages stay in JetStream)
+                // and resumes by itself once space is free again.
+                metrics::gauge!("touchledger_store_available_bytes").set(*available as f64);
+                metrics::counter!("touchledger_ingest_paused_storage_full_total").increment(1);
+                tracing::warn!(
+                    available,
+                    reserve,
+                    messages = messages.len(),
+                    "storage full: intake paused, batch naked; retrying"
+                );
+            } else {
+                tracing::error!(error = %e, messages = messages.len(), "store failed; naking the batch");
+            }
             for m in &messages {
                 let _ = m.ack_with(AckKind::Nak(Some(cfg.retry_delay))).await;
             }

@@ -16,7 +16,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 use touchledger_domain::{Event, Timestamp};
-use touchledger_store::{Committed, Hash};
+use touchledger_store::{Committed, EventStore, Hash, SledStore};
 
 use crate::Format;
 
@@ -88,29 +88,13 @@ pub enum ExportCheck {
     },
 }
 
-fn hash_of(s: &str) -> Option<Hash> {
-    hex::decode(s).ok().and_then(|b| Hash::from_slice(&b))
-}
-
-/// Recompute the hash chain of an exported history (it must start at position 1) and check it
-/// against `checkpoint`.
-pub fn check_export(
-    file: &Path,
+/// The rows of an export file (JSON lines or CSV as `export` writes them), each with its line
+/// number in the file.
+fn export_rows(
+    reader: BufReader<File>,
     format: Format,
-    checkpoint: Option<CheckpointArg>,
-) -> anyhow::Result<ExportCheck> {
-    let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let reader = BufReader::with_capacity(1 << 20, f);
-    let mut prev = Hash::ZERO;
-    let mut expected = 1u64;
-    let mut records = 0u64;
-    let mut at_checkpoint = None;
-    let fail = |line: u64, position: Option<u64>, problem: String| ExportCheck::Failed {
-        line,
-        position,
-        problem,
-    };
-    let mut rows: Box<dyn Iterator<Item = anyhow::Result<(u64, ExportLine)>>> = match format {
+) -> Box<dyn Iterator<Item = anyhow::Result<(u64, ExportLine)>>> {
+    match format {
         Format::Jsonl => Box::new(reader.lines().enumerate().filter_map(|(i, l)| {
             let n = i as u64 + 1;
             match l {
@@ -143,7 +127,32 @@ pub fn check_export(
                 ))
             }))
         }
+    }
+}
+
+fn hash_of(s: &str) -> Option<Hash> {
+    hex::decode(s).ok().and_then(|b| Hash::from_slice(&b))
+}
+
+/// Recompute the hash chain of an exported history (it must start at position 1) and check it
+/// against `checkpoint`.
+pub fn check_export(
+    file: &Path,
+    format: Format,
+    checkpoint: Option<CheckpointArg>,
+) -> anyhow::Result<ExportCheck> {
+    let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let reader = BufReader::with_capacity(1 << 20, f);
+    let mut prev = Hash::ZERO;
+    let mut expected = 1u64;
+    let mut records = 0u64;
+    let mut at_checkpoint = None;
+    let fail = |line: u64, position: Option<u64>, problem: String| ExportCheck::Failed {
+        line,
+        position,
+        problem,
     };
+    let mut rows = export_rows(reader, format);
     for row in &mut rows {
         let (n, r) = match row {
             Ok(x) => x,
@@ -258,4 +267,112 @@ pub fn report_export(
             Ok(crate::EXIT_VERIFY_FAILED)
         }
     }
+}
+
+/// Restore an export into `store` (normally an empty data directory): every record keeps its
+/// position, customer version, `recorded_at` and hash, and the chain is checked as it goes
+/// ([`SledStore::restore`]). With `checkpoint`, the restored record at its position must carry
+/// its hash. Prints a summary; returns the exit code (3 when the export is refused).
+pub fn restore(
+    store: &SledStore,
+    file: &Path,
+    format: Format,
+    checkpoint: Option<CheckpointArg>,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    const CHUNK: usize = 10_000;
+    let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let start = store.head();
+    let mut chunk: Vec<Committed> = Vec::with_capacity(CHUNK);
+    let refuse = |out: &mut dyn Write, at: String, problem: String| -> anyhow::Result<i32> {
+        let head = store.head();
+        writeln!(
+            out,
+            "REFUSED{at}: {problem}\nrestored before it: positions {}..={} (durable; head {} {})",
+            start.position + 1,
+            head.position,
+            head.position,
+            head.hash
+        )?;
+        Ok(crate::EXIT_VERIFY_FAILED)
+    };
+    let flush = |chunk: &mut Vec<Committed>| -> Result<(), touchledger_store::StoreError> {
+        store.restore(std::mem::take(chunk)).map(drop)
+    };
+    for row in export_rows(BufReader::with_capacity(1 << 20, f), format) {
+        let (n, r) = match row {
+            Ok(x) => x,
+            Err(e) => return refuse(out, String::new(), format!("unreadable record: {e:#}")),
+        };
+        let (Some(hash), Some(prev_hash)) = (hash_of(&r.hash), hash_of(&r.prev_hash)) else {
+            return refuse(
+                out,
+                format!(" (line {n}) at position {}", r.position),
+                "hash or prev_hash is not 64 hex digits".into(),
+            );
+        };
+        chunk.push(Committed {
+            position: r.position,
+            customer_version: r.customer_version,
+            recorded_at: r.recorded_at,
+            prev_hash,
+            hash,
+            event: r.event,
+        });
+        if chunk.len() >= CHUNK {
+            match flush(&mut chunk) {
+                Ok(()) => {}
+                Err(touchledger_store::StoreError::RestoreMismatch { position, detail }) => {
+                    return refuse(out, format!(" at position {position}"), detail);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    match flush(&mut chunk) {
+        Ok(()) => {}
+        Err(touchledger_store::StoreError::RestoreMismatch { position, detail }) => {
+            return refuse(out, format!(" at position {position}"), detail);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    store.flush()?;
+    let head = store.head();
+    if let Some(c) = checkpoint {
+        let stored = store.get(c.position)?;
+        match stored {
+            Some(r) if r.hash == c.hash => {}
+            Some(r) => {
+                return refuse(
+                    out,
+                    format!(" at position {}", c.position),
+                    format!("hash {} differs from the checkpoint's {}", r.hash, c.hash),
+                );
+            }
+            None => {
+                return refuse(
+                    out,
+                    String::new(),
+                    format!(
+                        "the restored ledger ends at position {} before the checkpoint at {}",
+                        head.position, c.position
+                    ),
+                );
+            }
+        }
+    }
+    write!(
+        out,
+        "restored positions {}..={} from {}: head {} {}",
+        start.position + 1,
+        head.position,
+        file.display(),
+        head.position,
+        head.hash
+    )?;
+    if let Some(c) = checkpoint {
+        write!(out, "; matches checkpoint {}:{}", c.position, c.hash)?;
+    }
+    writeln!(out)?;
+    Ok(crate::EXIT_OK)
 }

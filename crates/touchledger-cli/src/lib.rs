@@ -11,9 +11,10 @@
 //! | 0 | success |
 //! | 1 | failure: I/O error, storage error, unreadable input file |
 //! | 2 | usage error (bad flags or arguments) |
-//! | 3 | `verify` found the ledger damaged |
+//! | 3 | damage: `verify` found the ledger damaged, sled found damaged data on open, or `restore` refused an export |
 //! | 4 | `append` finished, but some input was rejected (see the summary and `rejections`) |
-//! | 5 | the data directory cannot be used: locked, other format version, not a ledger |
+//! | 5 | the data directory cannot be used: locked, other format version, not a ledger, a storage format this build cannot read |
+//! | 6 | storage full: the store's free-space reserve was reached; every batch before it is durable |
 
 pub mod audit;
 pub mod demo;
@@ -50,6 +51,8 @@ pub const EXIT_VERIFY_FAILED: i32 = 3;
 pub const EXIT_REJECTED: i32 = 4;
 /// Exit code: the data directory cannot be used.
 pub const EXIT_DATA_DIR: i32 = 5;
+/// Exit code: the store's free-space reserve was reached.
+pub const EXIT_STORAGE_FULL: i32 = 6;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -165,6 +168,10 @@ enum Command {
         /// Require `Authorization: Bearer <token>` on the HTTP API, dashboard and metrics.
         #[arg(long, env = "TOUCHLEDGER_HTTP_TOKEN", hide_env_values = true)]
         http_token: Option<String>,
+        /// Seconds the service waits for its tasks to stop after SIGTERM/SIGINT or a fatal
+        /// store error before it exits anyway (non-zero when the shutdown was not clean).
+        #[arg(long, env = "TOUCHLEDGER_SHUTDOWN_SECS", default_value_t = 15)]
+        shutdown_secs: u64,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -267,6 +274,24 @@ enum Command {
         remote: bool,
         #[command(flatten)]
         nats: serve::NatsArgs,
+    },
+    /// Rebuild a data directory from an export (`export`, or `export --remote` of a running
+    /// ledger): the same positions, customer versions, recorded_at and hashes, the chain checked
+    /// as it goes. Normally into a new, empty directory; a store that already holds the
+    /// export's first part is continued. The rejections record is not part of an export.
+    Restore {
+        #[command(flatten)]
+        data: DataArgs,
+        /// The export file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Format of the export file.
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// A published checkpoint, `POSITION:HASH`, that the restored record at POSITION must
+        /// match.
+        #[arg(long)]
+        checkpoint: Option<audit::CheckpointArg>,
     },
     /// Counts: events by kind, customers, checkpoints, rejections, disk size.
     Stats {
@@ -430,6 +455,14 @@ struct DataArgs {
     /// Sled cache size in MiB (bounds memory).
     #[arg(long, env = "TOUCHLEDGER_CACHE_MIB", default_value_t = 256)]
     cache_mib: u64,
+    /// Free space the store keeps on its filesystem, at least this many MiB (plus twice the
+    /// newest sled snapshot): below it, writes are refused (`STORAGE_FULL`) before sled meets
+    /// a full disk. 0 together with `--reserve-percent 0` switches the check off.
+    #[arg(long, env = "TOUCHLEDGER_RESERVE_MIB", default_value_t = 256)]
+    reserve_mib: u64,
+    /// ... and at least this share of the filesystem, in percent.
+    #[arg(long, env = "TOUCHLEDGER_RESERVE_PERCENT", default_value_t = 5.0)]
+    reserve_percent: f64,
 }
 
 /// Replay filters.
@@ -499,8 +532,11 @@ where
                 Some(
                     StoreError::Locked { .. }
                     | StoreError::FormatMismatch { .. }
-                    | StoreError::NotALedger { .. },
+                    | StoreError::NotALedger { .. }
+                    | StoreError::Unsupported { .. },
                 ) => EXIT_DATA_DIR,
+                Some(StoreError::Damaged { .. } | StoreError::Corrupt { .. }) => EXIT_VERIFY_FAILED,
+                Some(StoreError::StorageFull { .. }) => EXIT_STORAGE_FULL,
                 _ => EXIT_FAILURE,
             }
         }
@@ -511,6 +547,15 @@ fn open(d: &DataArgs) -> anyhow::Result<SledStore> {
     let mut cfg = StoreConfig::new(&d.data);
     cfg.checkpoint_interval = d.checkpoint_interval;
     cfg.cache_capacity = d.cache_mib * 1024 * 1024;
+    cfg.space_reserve = if d.reserve_mib == 0 && d.reserve_percent <= 0.0 {
+        touchledger_store::SpaceReserve::NONE
+    } else {
+        touchledger_store::SpaceReserve {
+            min_bytes: d.reserve_mib.saturating_mul(1024 * 1024),
+            percent: d.reserve_percent,
+            ..touchledger_store::SpaceReserve::default()
+        }
+    };
     Ok(SledStore::open(cfg)?)
 }
 
@@ -526,6 +571,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             refit_hours,
             http_addr,
             http_token,
+            shutdown_secs,
         } => {
             let store = open(&data)?;
             let timing = serve::Timing {
@@ -538,6 +584,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                     .then(|| std::time::Duration::from_secs(refit_hours * 3600)),
                 http_addr,
                 http_token,
+                shutdown: std::time::Duration::from_secs(shutdown_secs.max(1)),
             };
             serve::serve(store, &nats, batch, timing, views)?;
             Ok(EXIT_OK)
@@ -548,6 +595,15 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             batch,
             json,
         } => append(&data, &file, batch.max(1), json, out),
+        Command::Restore {
+            data,
+            from,
+            format,
+            checkpoint,
+        } => {
+            let store = open(&data)?;
+            audit::restore(&store, &from, format, checkpoint, out)
+        }
         Command::Replay {
             data,
             filter,
@@ -759,6 +815,8 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                         data: dir,
                         checkpoint_interval: 1000,
                         cache_mib: 256,
+                        reserve_mib: 256,
+                        reserve_percent: 5.0,
                     })?,
                     &spec,
                     1000,
@@ -932,14 +990,16 @@ fn append(
      -> anyhow::Result<()> {
         // Keep input order in the rejections record: undecodable lines of this chunk first is
         // fine, each carries its line number in `origin`.
-        for r in undecodable.iter() {
-            *summary
-                .rejected_by_code
-                .entry(r.rejection.code.as_str().to_owned())
-                .or_default() += 1;
+        let codes: Vec<&'static str> = undecodable
+            .iter()
+            .map(|r| r.rejection.code.as_str())
+            .collect();
+        // Counted only once durable, so that a stopped run reports exactly what was written.
+        store.record_rejections(std::mem::take(undecodable))?;
+        for code in codes {
+            *summary.rejected_by_code.entry(code.to_owned()).or_default() += 1;
             summary.rejected += 1;
         }
-        store.record_rejections(std::mem::take(undecodable))?;
         for o in store.append(std::mem::take(items))? {
             match o {
                 AppendOutcome::Appended { .. } => summary.appended += 1,
@@ -988,14 +1048,53 @@ fn append(
                 undecodable.push(rec);
             }
         }
-        if items.len() + undecodable.len() >= batch {
-            flush(&mut items, &mut undecodable, &mut summary)?;
+        if items.len() + undecodable.len() >= batch
+            && let Err(e) = flush(&mut items, &mut undecodable, &mut summary)
+        {
+            return stopped(&store, e, &name, lineno, summary, json, out);
         }
     }
-    flush(&mut items, &mut undecodable, &mut summary)?;
+    if let Err(e) = flush(&mut items, &mut undecodable, &mut summary) {
+        return stopped(&store, e, &name, lineno, summary, json, out);
+    }
     let head = store.head();
     summary.head_position = head.position;
     summary.head_hash = head.hash.to_hex();
+    print_summary(&summary, &name, json, out)?;
+    Ok(if summary.rejected > 0 {
+        EXIT_REJECTED
+    } else {
+        EXIT_OK
+    })
+}
+
+/// An append that stopped on a store error: report what is durable (every batch before the
+/// failed one), then the error.
+fn stopped(
+    store: &SledStore,
+    e: anyhow::Error,
+    name: &str,
+    lineno: u64,
+    mut summary: AppendSummary,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let head = store.head();
+    summary.head_position = head.position;
+    summary.head_hash = head.hash.to_hex();
+    print_summary(&summary, name, json, out)?;
+    Err(e.context(format!(
+        "append stopped at or before line {lineno} of {name}; everything counted above is durable (head {}), the rest was not written",
+        head.position
+    )))
+}
+
+fn print_summary(
+    summary: &AppendSummary,
+    name: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
     } else {
@@ -1013,11 +1112,7 @@ fn append(
             summary.head_position, summary.head_hash
         )?;
     }
-    Ok(if summary.rejected > 0 {
-        EXIT_REJECTED
-    } else {
-        EXIT_OK
-    })
+    Ok(())
 }
 
 #[derive(Serialize)]

@@ -159,6 +159,8 @@ pub struct ViewTiming {
     pub http_addr: std::net::SocketAddr,
     /// HTTP bearer token.
     pub http_token: Option<String>,
+    /// How long tasks get to stop after shutdown was requested (signal or fatal error).
+    pub shutdown: Duration,
 }
 
 /// Run the service until SIGINT/SIGTERM: the ledger (intake, synchronous append, feed,
@@ -173,7 +175,7 @@ pub fn serve(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let shutdown = shutdown_on_signal();
         let client = tokio::select! {
             c = nats.connect() => c?,
@@ -210,6 +212,9 @@ pub fn serve(
                 None
             }
         };
+        for q in store.quarantined() {
+            metrics_quarantined(q);
+        }
         let reads = Arc::new(touchledger_projector::ReadModels::open(
             &store,
             view_cfg.rules.clone(),
@@ -236,16 +241,39 @@ pub fn serve(
                 r
             }
         };
-        let (ledger, read_models, http) = tokio::join!(
-            touchledger_bus::run_ledger(client.clone(), store.clone(), cfg, shutdown.clone()),
-            touchledger_bus::run_views(client, store, view_cfg, shutdown.clone()),
-            http,
-        );
-        ledger?;
-        read_models?;
-        http?;
-        Ok(())
-    })
+        let work = async {
+            let (ledger, read_models, http) = tokio::join!(
+                touchledger_bus::run_ledger(client.clone(), store.clone(), cfg, shutdown.clone()),
+                touchledger_bus::run_views(client, store, view_cfg, shutdown.clone()),
+                http,
+            );
+            ledger?;
+            read_models?;
+            http?;
+            anyhow::Ok(())
+        };
+        // A fatal error in any task cancels `shutdown` as a signal does; either way the
+        // process is gone within the bound, never half alive (a supervisor restarts it).
+        let bound = views.shutdown;
+        tokio::select! {
+            r = work => r,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(bound).await } => {
+                tracing::error!(seconds = bound.as_secs(), "tasks did not stop in time after shutdown; exiting");
+                Err(anyhow::anyhow!(
+                    "shutdown did not finish within {} s (a task is blocked, e.g. on a failing disk); exiting without waiting for it",
+                    bound.as_secs()
+                ))
+            }
+        }
+    });
+    // Blocking tasks still stuck in the store must not keep the process alive.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+fn metrics_quarantined(q: &touchledger_store::Quarantined) {
+    metrics::counter!("touchledger_store_quarantined_files_total").increment(1);
+    tracing::warn!(from = %q.from.display(), to = %q.to.display(), why = q.why, "sled leftover was quarantined at open");
 }
 
 /// Run the three projectors apart from the ledger: follow the committed-event stream into a

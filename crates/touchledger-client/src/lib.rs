@@ -84,6 +84,15 @@ pub enum ClientError {
     /// The ledger refused a replay request.
     #[error("replay refused: {0}")]
     Replay(Rejection),
+    /// The ledger could not take a synchronous append (nothing of it was written; retry
+    /// later). `code` is stable, e.g. `STORAGE_FULL`.
+    #[error("ledger unavailable ({code}): {reason}")]
+    Unavailable {
+        /// Stable code.
+        code: String,
+        /// Explanation.
+        reason: String,
+    },
 }
 
 /// The outcome of one synchronously appended event (all are final and durable).
@@ -349,6 +358,12 @@ impl Ledger {
         })?;
         let reply = v1::AppendReply::decode(reply.payload.as_ref())
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let Some(u) = reply.unavailable {
+            return Err(ClientError::Unavailable {
+                code: u.code,
+                reason: u.reason,
+            });
+        }
         reply.outcomes.into_iter().map(outcome).collect()
     }
 

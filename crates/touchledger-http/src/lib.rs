@@ -490,10 +490,35 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
                 lag = lag.max(head.saturating_sub(c.checkpoint()));
                 json!({ "ready": c.is_ready(), "checkpoint": c.checkpoint(), "customers": c.len() })
             });
-            let ready =
-                lag <= s.cfg.ready_max_lag && s.cfg.current.as_ref().is_none_or(|c| c.is_ready());
+            // Free space against the store's reserve: below it the ledger takes no input.
+            let storage = match s.store.space() {
+                Ok((free, reserve)) => {
+                    metrics::gauge!("touchledger_store_available_bytes").set(free.available as f64);
+                    metrics::gauge!("touchledger_store_reserve_bytes").set(reserve as f64);
+                    let full =
+                        !s.store.config().space_reserve.is_none() && free.available < reserve;
+                    json!({ "available_bytes": free.available, "reserve_bytes": reserve, "full": full })
+                }
+                Err(e) => json!({ "error": e.to_string(), "full": false }),
+            };
+            let full = storage["full"].as_bool().unwrap_or(false);
+            let ready = !full
+                && lag <= s.cfg.ready_max_lag
+                && s.cfg.current.as_ref().is_none_or(|c| c.is_ready());
+            let reason = if full {
+                Some(format!(
+                    "storage full: {} bytes free, the store keeps {} in reserve; intake is paused and resumes by itself when space is freed",
+                    storage["available_bytes"], storage["reserve_bytes"]
+                ))
+            } else if !ready {
+                Some("read models are catching up with the ledger".to_owned())
+            } else {
+                None
+            };
             let body = json!({
                 "ready": ready,
+                "reason": reason,
+                "storage": storage,
                 "head": head,
                 "checkpoints": { "satisfaction": cps[0], "loyalty": cps[1], "churn": cps[2] },
                 "current": current,

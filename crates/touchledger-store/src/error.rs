@@ -56,6 +56,64 @@ pub enum StoreError {
     #[error("an earlier write failed; reopen the store before appending again")]
     NeedsReopen,
 
+    /// The filesystem of the data directory has less free space than the store's reserve
+    /// ([`crate::SpaceReserve`]). Nothing of the batch was written and the store stays usable:
+    /// retry when space has been freed (or the reserve lowered).
+    #[error(
+        "storage full: {available} bytes free on the filesystem of {path}, the store keeps {reserve} in reserve; nothing of this batch was written"
+    )]
+    StorageFull {
+        /// The data directory.
+        path: PathBuf,
+        /// Bytes free.
+        available: u64,
+        /// Bytes the store keeps free.
+        reserve: u64,
+    },
+
+    /// sled found damaged data while opening the directory (its log `db`, a snapshot it could
+    /// not set aside, or its settings). Nothing was changed. Restore the ledger into a new
+    /// directory from an export (`touchledger restore`) or from a copy of the directory.
+    #[error(
+        "data directory {path} is damaged ({detail}); nothing was changed. Restore it into a new directory from an export (`touchledger restore --from FILE --data NEW_DIR`) or from a backup copy; see docs/operations.md"
+    )]
+    Damaged {
+        /// The directory.
+        path: PathBuf,
+        /// What sled reported.
+        detail: String,
+    },
+
+    /// sled cannot read this directory's storage format or settings (written by another sled
+    /// version, or settings that differ). Use the touchledger build that wrote it.
+    #[error(
+        "data directory {path} was written in a storage format this build cannot read: {detail}"
+    )]
+    Unsupported {
+        /// The directory.
+        path: PathBuf,
+        /// What sled reported.
+        detail: String,
+    },
+
+    /// Preparing the data directory failed (listing it, moving a leftover into quarantine).
+    #[error("cannot prepare data directory {path}: {source}")]
+    Prepare {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+
+    /// A restore input does not continue the chain (see `SledStore::restore`).
+    #[error("restore refused at position {position}: {detail}")]
+    RestoreMismatch {
+        /// The first position that does not match.
+        position: u64,
+        /// What does not match.
+        detail: String,
+    },
+
     /// The configuration is invalid (e.g. checkpoint interval 0).
     #[error("invalid store configuration: {0}")]
     Config(String),

@@ -20,7 +20,9 @@
 mod error;
 pub mod layout;
 mod projection;
+mod recover;
 mod sled_store;
+mod space;
 mod verify;
 
 use std::fmt;
@@ -29,7 +31,9 @@ use std::sync::Arc;
 
 pub use error::StoreError;
 pub use projection::{DueIndex, ProjectionDb, ProjectionMeta, ProjectionTree};
-pub use sled_store::SledStore;
+pub use recover::{QUARANTINE_DIR, Quarantined, quarantine_leftovers};
+pub use sled_store::{LEDGER_MARKER, SledStore};
+pub use space::{FreeSpace, SpaceReserve, free_space};
 pub use tokio::sync::watch;
 use touchledger_domain::{Event, EventKind, RejectCode, Rejection, Timestamp, ValidationPolicy};
 pub use verify::{VerifyProblem, VerifyReport};
@@ -290,6 +294,10 @@ pub struct StoreConfig {
     /// The ledger's clock (for `recorded_at` and the future-skew rule). Default: wall clock.
     /// Tests substitute a fixed clock.
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// Free space the store keeps on its filesystem: a commit that would go below it is
+    /// refused with [`StoreError::StorageFull`] before anything is written. Default: the larger
+    /// of 256 MiB and 5 % of the filesystem, plus twice the newest sled snapshot.
+    pub space_reserve: SpaceReserve,
 }
 
 impl StoreConfig {
@@ -304,6 +312,7 @@ impl StoreConfig {
             customer_cache_capacity: 100_000,
             customer_index_batch: 32_768,
             clock: Arc::new(Timestamp::now),
+            space_reserve: SpaceReserve::default(),
         }
     }
 }
@@ -318,6 +327,7 @@ impl fmt::Debug for StoreConfig {
             .field("lock_timeout", &self.lock_timeout)
             .field("customer_cache_capacity", &self.customer_cache_capacity)
             .field("customer_index_batch", &self.customer_index_batch)
+            .field("space_reserve", &self.space_reserve)
             .finish_non_exhaustive()
     }
 }

@@ -41,6 +41,8 @@ pub struct SledStore {
     /// `writer`), read by anyone; held only for in-memory work, never across I/O.
     tail: RwLock<CustomerTail>,
     head_tx: watch::Sender<Head>,
+    /// sled leftovers moved aside by this open.
+    quarantined: Vec<crate::Quarantined>,
 }
 
 struct Writer {
@@ -356,6 +358,47 @@ impl SledStore {
                 "customer_index_batch must be >= 1".into(),
             ));
         }
+        let quarantined = crate::recover::quarantine_leftovers(&config.path).map_err(|source| {
+            StoreError::Prepare {
+                path: config.path.clone(),
+                source,
+            }
+        })?;
+        let path = config.path.clone();
+        // sled 0.34 panics on some damage to its log instead of returning an error.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_prepared(config, quarantined)
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            Err(StoreError::Damaged {
+                path: path.clone(),
+                detail: format!("sled panicked while reading its log `db`: {what}"),
+            })
+        });
+        opened.map_err(|e| match e {
+            StoreError::Engine(sled::Error::Corruption { at, .. }) => StoreError::Damaged {
+                path,
+                detail: match at {
+                    Some(at) => format!("sled read corrupted data in its log `db` at {at:?}"),
+                    None => "sled read corrupted data in its log `db` or a snapshot".into(),
+                },
+            },
+            StoreError::Engine(sled::Error::Unsupported(detail)) => {
+                StoreError::Unsupported { path, detail }
+            }
+            e => e,
+        })
+    }
+
+    fn open_prepared(
+        config: StoreConfig,
+        quarantined: Vec<crate::Quarantined>,
+    ) -> Result<SledStore, StoreError> {
         let db = open_db(&config)?;
         let tree = db.open_tree(layout::TREE)?;
         match tree.get(layout::META_FORMAT)? {
@@ -373,6 +416,16 @@ impl SledStore {
                     });
                 }
             }
+            // sled shows a log it cannot read at all as an empty database: the marker file
+            // says a ledger was created here, so this is damage, never a new ledger.
+            None if tree.is_empty() && config.path.join(LEDGER_MARKER).exists() => {
+                return Err(StoreError::Damaged {
+                    path: config.path.clone(),
+                    detail: format!(
+                        "{LEDGER_MARKER} says a ledger was created here, but sled finds no data in its log `db`"
+                    ),
+                });
+            }
             None if tree.is_empty() => {
                 tree.insert(layout::META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
                 db.flush()?;
@@ -383,6 +436,10 @@ impl SledStore {
                 });
             }
         }
+        write_marker(&config.path).map_err(|source| StoreError::Prepare {
+            path: config.path.clone(),
+            source,
+        })?;
         let head = load_head(&tree)?;
         let next_rejection = match tree.get_lt(layout::rejection_key(u64::MAX))? {
             Some((k, _)) if k.first() == Some(&layout::REJECTION) => {
@@ -405,7 +462,40 @@ impl SledStore {
             }),
             tail: RwLock::new(tail),
             head_tx,
+            quarantined,
         })
+    }
+
+    /// The sled leftovers this open moved into `quarantine/` (see ADR 0007).
+    pub fn quarantined(&self) -> &[crate::Quarantined] {
+        &self.quarantined
+    }
+
+    /// The free space of the store's filesystem and the reserve the store keeps on it.
+    pub fn space(&self) -> Result<(crate::FreeSpace, u64), StoreError> {
+        let free =
+            crate::space::free_space(&self.config.path).map_err(|source| StoreError::Prepare {
+                path: self.config.path.clone(),
+                source,
+            })?;
+        let snapshot = crate::space::newest_snapshot_bytes(&self.config.path);
+        Ok((free, self.config.space_reserve.bytes(free.total, snapshot)))
+    }
+
+    /// Refuse to write `bytes` more when that would leave less than the reserve free.
+    fn check_space(&self, bytes: u64) -> Result<(), StoreError> {
+        if self.config.space_reserve.is_none() {
+            return Ok(());
+        }
+        let (free, reserve) = self.space()?;
+        if free.available < reserve.saturating_add(bytes) {
+            return Err(StoreError::StorageFull {
+                path: self.config.path.clone(),
+                available: free.available,
+                reserve,
+            });
+        }
+        Ok(())
     }
 
     /// The state tree of projection `name`, in the ledger's database (so that the ledger's
@@ -439,7 +529,9 @@ impl SledStore {
 
     /// Apply a batch atomically and flush it. On failure the writer is marked failed: sled's
     /// memory may now be ahead of the disk, so no further append is safe until a reopen.
-    fn commit(&self, w: &mut Writer, sb: sled::Batch) -> Result<(), StoreError> {
+    fn commit(&self, w: &mut Writer, sb: sled::Batch, bytes: u64) -> Result<(), StoreError> {
+        // Before anything reaches sled: a refusal here leaves the writer usable.
+        self.check_space(bytes)?;
         let r = self
             .tree
             .apply_batch(sb)
@@ -592,6 +684,27 @@ impl SledStore {
     }
 }
 
+/// A file beside sled's own, written once the ledger exists: it lets an open tell a new
+/// directory from one whose log sled can no longer read (which sled shows as empty).
+pub const LEDGER_MARKER: &str = "LEDGER";
+
+fn write_marker(dir: &std::path::Path) -> std::io::Result<()> {
+    let path = dir.join(LEDGER_MARKER);
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = dir.join(format!("{LEDGER_MARKER}.tmp"));
+    std::fs::write(
+        &tmp,
+        format!(
+            "touchledger ledger, on-disk format {FORMAT_VERSION}.\nsled's files beside this one hold it; see docs/operations.md before touching any of them.\n"
+        ),
+    )?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Open the sled database, waiting up to `lock_timeout` for the directory lock: sled releases
 /// it only when its background flusher has stopped, which can lag a drop (an in-process reopen)
 /// or a previous process's exit by a few hundred milliseconds.
@@ -600,6 +713,7 @@ fn open_db(config: &StoreConfig) -> Result<sled::Db, StoreError> {
         .path(&config.path)
         .cache_capacity(config.cache_capacity)
         .mode(sled::Mode::HighThroughput);
+
     open_locked(&sled_config, &config.path, config.lock_timeout)
 }
 
@@ -802,212 +916,58 @@ fn decode_rejection(seq: u64, v: &[u8]) -> Result<RejectionRecord, StoreError> {
     })
 }
 
-impl EventStore for SledStore {
-    fn append(&self, batch: Vec<AppendItem>) -> Result<Vec<AppendOutcome>, StoreError> {
-        let mut w = self.lock_writer();
-        if w.failed {
-            return Err(StoreError::NeedsReopen);
-        }
-        // Knowledge time never goes backwards along positions, even if the wall clock does.
-        let now = (self.config.clock)().max(w.head.recorded_at);
-        let mut head = w.head;
-        let mut next_rejection = w.next_rejection;
-        let mut sb = sled::Batch::default();
-        let mut staged: HashMap<String, Staged> = HashMap::new();
-        // customer → (first version in this batch, positions), in first-appearance order.
-        let mut runs: HashMap<String, (u64, Vec<u64>)> = HashMap::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut kinds: [Vec<u64>; EventKind::ALL.len()] = Default::default();
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut dirty = false;
-
-        // Only this writer changes the tail, so one read guard serves the whole batch; it is
-        // released before the commit, after which the tail is updated.
-        let tail = self.read_tail();
-        for item in batch {
-            let outcome = self.decide(&item, now, &mut staged, &runs, &w.versions, &tail)?;
-            match outcome {
-                Decision::Outcome(o) => {
-                    if let AppendOutcome::Rejected(r) = &o {
-                        let raw = item.raw.unwrap_or_else(|| encode_event(&item.event));
-                        let rec = RejectionRecord {
-                            sequence: next_rejection,
-                            rejection: r.clone(),
-                            raw,
-                            received_at: now,
-                            origin: item.origin,
-                            event_id: item.event.event_id,
-                            customer_id: item.event.customer_id,
-                        };
-                        sb.insert(
-                            &layout::rejection_key(next_rejection),
-                            encode_rejection(&rec),
-                        );
-                        next_rejection += 1;
-                        dirty = true;
-                    }
-                    outcomes.push(o);
-                }
-                Decision::Append {
-                    envelope,
-                    digest,
-                    customer_version,
-                } => {
-                    let position = head.position + 1;
-                    let e = item.event;
-                    let record =
-                        encode_record(position, customer_version, &head.hash, now, &envelope);
-                    let hash = chain_hash(&head.hash, &record);
-                    let mut idv = Vec::with_capacity(40);
-                    idv.extend_from_slice(&position.to_be_bytes());
-                    idv.extend_from_slice(&digest);
-                    sb.insert(layout::event_id_key(&e.event_id), idv);
-                    if position.is_multiple_of(self.config.checkpoint_interval) {
-                        let cp = v1::Checkpoint {
-                            position,
-                            hash: hash.0.to_vec(),
-                            recorded_at: Some(to_pb_time(now)),
-                        };
-                        sb.insert(&layout::checkpoint_key(position), cp.encode_to_vec());
-                    }
-                    let kind = e.kind();
-                    if let Some(k) = EventKind::ALL.iter().position(|k| *k == kind) {
-                        kinds[k].push(position);
-                    }
-                    match runs.get_mut(&e.customer_id) {
-                        Some((_, ps)) => ps.push(position),
-                        None => {
-                            runs.insert(e.customer_id.clone(), (customer_version, vec![position]));
-                        }
-                    }
-                    pending.push(Pending {
-                        position,
-                        hash: hash.0,
-                        record,
-                        occurred_at: e.occurred_at,
-                    });
-                    staged.insert(
-                        e.event_id,
-                        Staged {
-                            position,
-                            digest,
-                            customer_id: e.customer_id,
-                            kind,
-                        },
-                    );
-                    head = Head {
-                        position,
-                        hash,
-                        recorded_at: now,
-                    };
-                    dirty = true;
-                    outcomes.push(AppendOutcome::Appended {
-                        position,
-                        customer_version,
-                        hash,
-                    });
-                }
-            }
-        }
-        if !dirty {
-            return Ok(outcomes);
-        }
-        let tail_entries = tail.entries;
-
-        // Records → blocks of consecutive positions.
+impl SledStore {
+    /// Restore exported records into this store, continuing its chain: each record must be the
+    /// next position, its customer's next version, recorded no earlier than the head, and its
+    /// recomputed hash (from the event's canonical encoding, the position, the version, the
+    /// `recorded_at` and the head's hash) must equal the exported hash. Records with the same
+    /// `recorded_at` are committed together, as the original append did; nothing of a group is
+    /// written unless every record of it matches. Returns the new head.
+    ///
+    /// The result holds the same records (same bytes, positions, versions and hashes) as the
+    /// ledger that was exported, provided it uses the same checkpoint interval; the rejections
+    /// record is not part of an export and is not restored.
+    pub fn restore(&self, records: Vec<Committed>) -> Result<Head, StoreError> {
         let mut start = 0;
-        while start < pending.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < pending.len()
-                && end - start < layout::BLOCK_MAX_RECORDS
-                && (end == start || bytes < layout::BLOCK_MAX_BYTES)
-            {
-                bytes += HASH_LEN + pending[end].record.len();
+        while start < records.len() {
+            let at = records[start].recorded_at;
+            let mut end = start + 1;
+            while end < records.len() && records[end].recorded_at == at && end - start < 4096 {
                 end += 1;
             }
-            let slice = &pending[start..end];
-            let zone = slice.iter().fold(
-                (
-                    Timestamp::from_unix_nanos(i64::MAX),
-                    Timestamp::from_unix_nanos(i64::MIN),
-                ),
-                |(lo, hi), p| (lo.min(p.occurred_at), hi.max(p.occurred_at)),
-            );
-            let entries: Vec<(&[u8], &[u8])> = slice
+            let group = &records[start..end];
+            let mut prev = self.head().hash;
+            for c in group {
+                if c.prev_hash != prev {
+                    return Err(StoreError::RestoreMismatch {
+                        position: c.position,
+                        detail: format!(
+                            "prev_hash {} is not the hash of the record before it ({prev})",
+                            c.prev_hash
+                        ),
+                    });
+                }
+                prev = c.hash;
+            }
+            let items = group
                 .iter()
-                .map(|p| (&p.hash[..], p.record.as_slice()))
+                .map(|c| AppendItem {
+                    event: c.event.clone(),
+                    expected_customer_version: Some(c.customer_version.saturating_sub(1)),
+                    raw: None,
+                    origin: format!("restore:{}", c.position),
+                })
                 .collect();
-            let block = layout::encode_block(&entries, zone);
-            sb.insert(&layout::block_key(pending[start].position), block);
+            self.append_inner(items, Some((at, group)))?;
             start = end;
         }
-        for (kind, positions) in EventKind::ALL.iter().zip(&kinds) {
-            if let Some(first) = positions.first() {
-                sb.insert(
-                    &layout::kind_key(*kind, *first),
-                    layout::encode_positions(positions),
-                );
-            }
-        }
-        // Customer index: every `customer_index_batch` events, the tail and this batch go to
-        // disk as one run per customer, with the new watermark, atomically with the batch.
-        let appended: usize = pending.len();
-        let flush_index = {
-            if tail_entries + appended >= self.config.customer_index_batch {
-                for (customer, (first, positions)) in &tail.runs {
-                    let mut all = positions.clone();
-                    if let Some((_, more)) = runs.get(customer) {
-                        all.extend_from_slice(more);
-                    }
-                    sb.insert(
-                        layout::customer_key(customer, *first),
-                        layout::encode_positions(&all),
-                    );
-                }
-                for (customer, (first, positions)) in &runs {
-                    if !tail.runs.contains_key(customer) {
-                        sb.insert(
-                            layout::customer_key(customer, *first),
-                            layout::encode_positions(positions),
-                        );
-                    }
-                }
-                sb.insert(layout::META_CUSTOMER_INDEX, &head.position.to_be_bytes());
-                true
-            } else {
-                false
-            }
-        };
-        drop(tail);
+        Ok(self.head())
+    }
+}
 
-        self.commit(&mut w, sb)?;
-        {
-            let mut tail = self.write_tail();
-            if flush_index {
-                *tail = CustomerTail {
-                    upto: head.position,
-                    ..CustomerTail::default()
-                };
-            } else {
-                for (customer, (first, positions)) in &runs {
-                    for (i, p) in positions.iter().enumerate() {
-                        tail.push(customer, first + i as u64, *p);
-                    }
-                }
-            }
-        }
-        let advanced = head.position != w.head.position;
-        w.head = head;
-        w.next_rejection = next_rejection;
-        for (customer, (first, positions)) in runs {
-            w.versions
-                .insert(customer, first + positions.len() as u64 - 1);
-        }
-        if advanced {
-            self.head_tx.send_replace(head);
-        }
-        Ok(outcomes)
+impl EventStore for SledStore {
+    fn append(&self, batch: Vec<AppendItem>) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.append_inner(batch, None)
     }
 
     fn record_rejections(&self, records: Vec<RejectionRecord>) -> Result<Vec<u64>, StoreError> {
@@ -1022,16 +982,19 @@ impl EventStore for SledStore {
         let mut sb = sled::Batch::default();
         let mut seqs = Vec::with_capacity(records.len());
         let mut next = w.next_rejection;
+        let mut bytes = 0u64;
         for mut r in records {
             r.sequence = next;
             if r.received_at == Timestamp::EPOCH {
                 r.received_at = now;
             }
-            sb.insert(&layout::rejection_key(next), encode_rejection(&r));
+            let v = encode_rejection(&r);
+            bytes += v.len() as u64 + 16;
+            sb.insert(&layout::rejection_key(next), v);
             seqs.push(next);
             next += 1;
         }
-        self.commit(&mut w, sb)?;
+        self.commit(&mut w, sb, bytes)?;
         w.next_rejection = next;
         Ok(seqs)
     }
@@ -1307,5 +1270,281 @@ impl SledStore {
             digest,
             customer_version: current + 1,
         })
+    }
+}
+
+impl SledStore {
+    /// The append. `restore`: the `recorded_at` to use and the records the outcomes must equal
+    /// (checked before anything is written).
+    fn append_inner(
+        &self,
+        batch: Vec<AppendItem>,
+        restore: Option<(Timestamp, &[Committed])>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let mut w = self.lock_writer();
+        if w.failed {
+            return Err(StoreError::NeedsReopen);
+        }
+        // Knowledge time never goes backwards along positions, even if the wall clock does.
+        let now = match restore {
+            Some((at, _)) if at < w.head.recorded_at => {
+                return Err(StoreError::RestoreMismatch {
+                    position: w.head.position + 1,
+                    detail: format!(
+                        "recorded_at {at} is before the head's {}",
+                        w.head.recorded_at
+                    ),
+                });
+            }
+            Some((at, _)) => at,
+            None => (self.config.clock)().max(w.head.recorded_at),
+        };
+        let mut head = w.head;
+        let mut next_rejection = w.next_rejection;
+        let mut sb = sled::Batch::default();
+        let mut staged: HashMap<String, Staged> = HashMap::new();
+        // customer → (first version in this batch, positions), in first-appearance order.
+        let mut runs: HashMap<String, (u64, Vec<u64>)> = HashMap::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut kinds: [Vec<u64>; EventKind::ALL.len()] = Default::default();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut dirty = false;
+
+        // Only this writer changes the tail, so one read guard serves the whole batch; it is
+        // released before the commit, after which the tail is updated.
+        let tail = self.read_tail();
+        for item in batch {
+            let outcome = self.decide(&item, now, &mut staged, &runs, &w.versions, &tail)?;
+            match outcome {
+                Decision::Outcome(o) => {
+                    if let AppendOutcome::Rejected(r) = &o {
+                        let raw = item.raw.unwrap_or_else(|| encode_event(&item.event));
+                        let rec = RejectionRecord {
+                            sequence: next_rejection,
+                            rejection: r.clone(),
+                            raw,
+                            received_at: now,
+                            origin: item.origin,
+                            event_id: item.event.event_id,
+                            customer_id: item.event.customer_id,
+                        };
+                        sb.insert(
+                            &layout::rejection_key(next_rejection),
+                            encode_rejection(&rec),
+                        );
+                        next_rejection += 1;
+                        dirty = true;
+                    }
+                    outcomes.push(o);
+                }
+                Decision::Append {
+                    envelope,
+                    digest,
+                    customer_version,
+                } => {
+                    let position = head.position + 1;
+                    let e = item.event;
+                    let record =
+                        encode_record(position, customer_version, &head.hash, now, &envelope);
+                    let hash = chain_hash(&head.hash, &record);
+                    let mut idv = Vec::with_capacity(40);
+                    idv.extend_from_slice(&position.to_be_bytes());
+                    idv.extend_from_slice(&digest);
+                    sb.insert(layout::event_id_key(&e.event_id), idv);
+                    if position.is_multiple_of(self.config.checkpoint_interval) {
+                        let cp = v1::Checkpoint {
+                            position,
+                            hash: hash.0.to_vec(),
+                            recorded_at: Some(to_pb_time(now)),
+                        };
+                        sb.insert(&layout::checkpoint_key(position), cp.encode_to_vec());
+                    }
+                    let kind = e.kind();
+                    if let Some(k) = EventKind::ALL.iter().position(|k| *k == kind) {
+                        kinds[k].push(position);
+                    }
+                    match runs.get_mut(&e.customer_id) {
+                        Some((_, ps)) => ps.push(position),
+                        None => {
+                            runs.insert(e.customer_id.clone(), (customer_version, vec![position]));
+                        }
+                    }
+                    pending.push(Pending {
+                        position,
+                        hash: hash.0,
+                        record,
+                        occurred_at: e.occurred_at,
+                    });
+                    staged.insert(
+                        e.event_id,
+                        Staged {
+                            position,
+                            digest,
+                            customer_id: e.customer_id,
+                            kind,
+                        },
+                    );
+                    head = Head {
+                        position,
+                        hash,
+                        recorded_at: now,
+                    };
+                    dirty = true;
+                    outcomes.push(AppendOutcome::Appended {
+                        position,
+                        customer_version,
+                        hash,
+                    });
+                }
+            }
+        }
+        if let Some((_, expected)) = restore {
+            for (o, c) in outcomes.iter().zip(expected) {
+                let detail = match o {
+                    AppendOutcome::Appended {
+                        position,
+                        customer_version,
+                        hash,
+                    } => {
+                        if *position != c.position {
+                            Some(format!("the store's next position is {position}"))
+                        } else if *customer_version != c.customer_version {
+                            Some(format!(
+                                "customer {:?} is at version {} here, the record says {}",
+                                c.event.customer_id,
+                                customer_version - 1,
+                                c.customer_version
+                            ))
+                        } else if *hash != c.hash {
+                            Some(format!(
+                                "the recomputed hash {hash} differs from the recorded {} (the record or an earlier one was changed)",
+                                c.hash
+                            ))
+                        } else {
+                            None
+                        }
+                    }
+                    AppendOutcome::Duplicate { position } => Some(format!(
+                        "event_id {:?} is already stored at position {position}",
+                        c.event.event_id
+                    )),
+                    AppendOutcome::VersionConflict { actual, .. } => Some(format!(
+                        "customer {:?} is at version {actual} here, the record says {}",
+                        c.event.customer_id, c.customer_version
+                    )),
+                    AppendOutcome::Rejected(r) => Some(format!("the event is rejected: {r}")),
+                };
+                if let Some(detail) = detail {
+                    return Err(StoreError::RestoreMismatch {
+                        position: c.position,
+                        detail,
+                    });
+                }
+            }
+        }
+        if !dirty {
+            return Ok(outcomes);
+        }
+        let tail_entries = tail.entries;
+
+        // Records → blocks of consecutive positions.
+        let mut start = 0;
+        while start < pending.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < pending.len()
+                && end - start < layout::BLOCK_MAX_RECORDS
+                && (end == start || bytes < layout::BLOCK_MAX_BYTES)
+            {
+                bytes += HASH_LEN + pending[end].record.len();
+                end += 1;
+            }
+            let slice = &pending[start..end];
+            let zone = slice.iter().fold(
+                (
+                    Timestamp::from_unix_nanos(i64::MAX),
+                    Timestamp::from_unix_nanos(i64::MIN),
+                ),
+                |(lo, hi), p| (lo.min(p.occurred_at), hi.max(p.occurred_at)),
+            );
+            let entries: Vec<(&[u8], &[u8])> = slice
+                .iter()
+                .map(|p| (&p.hash[..], p.record.as_slice()))
+                .collect();
+            let block = layout::encode_block(&entries, zone);
+            sb.insert(&layout::block_key(pending[start].position), block);
+            start = end;
+        }
+        for (kind, positions) in EventKind::ALL.iter().zip(&kinds) {
+            if let Some(first) = positions.first() {
+                sb.insert(
+                    &layout::kind_key(*kind, *first),
+                    layout::encode_positions(positions),
+                );
+            }
+        }
+        // Customer index: every `customer_index_batch` events, the tail and this batch go to
+        // disk as one run per customer, with the new watermark, atomically with the batch.
+        let appended: usize = pending.len();
+        let flush_index = {
+            if tail_entries + appended >= self.config.customer_index_batch {
+                for (customer, (first, positions)) in &tail.runs {
+                    let mut all = positions.clone();
+                    if let Some((_, more)) = runs.get(customer) {
+                        all.extend_from_slice(more);
+                    }
+                    sb.insert(
+                        layout::customer_key(customer, *first),
+                        layout::encode_positions(&all),
+                    );
+                }
+                for (customer, (first, positions)) in &runs {
+                    if !tail.runs.contains_key(customer) {
+                        sb.insert(
+                            layout::customer_key(customer, *first),
+                            layout::encode_positions(positions),
+                        );
+                    }
+                }
+                sb.insert(layout::META_CUSTOMER_INDEX, &head.position.to_be_bytes());
+                true
+            } else {
+                false
+            }
+        };
+        drop(tail);
+
+        // What the batch adds, roughly: records, their hashes and per-event index entries.
+        let bytes = pending
+            .iter()
+            .map(|p| (p.record.len() + HASH_LEN + 64) as u64)
+            .sum::<u64>();
+        self.commit(&mut w, sb, bytes)?;
+        {
+            let mut tail = self.write_tail();
+            if flush_index {
+                *tail = CustomerTail {
+                    upto: head.position,
+                    ..CustomerTail::default()
+                };
+            } else {
+                for (customer, (first, positions)) in &runs {
+                    for (i, p) in positions.iter().enumerate() {
+                        tail.push(customer, first + i as u64, *p);
+                    }
+                }
+            }
+        }
+        let advanced = head.position != w.head.position;
+        w.head = head;
+        w.next_rejection = next_rejection;
+        for (customer, (first, positions)) in runs {
+            w.versions
+                .insert(customer, first + positions.len() as u64 - 1);
+        }
+        if advanced {
+            self.head_tx.send_replace(head);
+        }
+        Ok(outcomes)
     }
 }
