@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod current;
 mod follow;
+mod full_disk;
 mod fuzz;
 mod http;
 mod model;

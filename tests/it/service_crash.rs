@@ -16,7 +16,7 @@ use touchledger_testkit::NatsServer;
 
 use crate::support::{fixed_clock_store, purchase};
 
-const CHILD_ENV: &str = "TOUCHLEDGER_SERVE_CHILD_ARGS";
+pub(crate) const CHILD_ENV: &str = "TOUCHLEDGER_SERVE_CHILD_ARGS";
 
 /// Not a test on its own: runs `touchledger serve` with the arguments in the environment (the
 /// child side of `serve_killed_mid_ingest_loses_nothing`). Returns at once without them.
@@ -59,7 +59,7 @@ fn spawn_serve(data: &std::path::Path, url: &str) -> Child {
         .expect("spawn serve")
 }
 
-async fn publish_all(js: &jetstream::Context, range: std::ops::Range<u64>) {
+pub(crate) async fn publish_all(js: &jetstream::Context, range: std::ops::Range<u64>) {
     let mut acks = Vec::new();
     for i in range {
         let id = format!("ev-{i}");
@@ -86,7 +86,7 @@ async fn publish_all(js: &jetstream::Context, range: std::ops::Range<u64>) {
 }
 
 /// Wait until the intake consumer has nothing pending or unacked, and the feed holds `n`.
-async fn wait_drained(js: &jetstream::Context, n: u64, timeout: Duration) {
+pub(crate) async fn wait_drained(js: &jetstream::Context, n: u64, timeout: Duration) {
     let r = tokio::time::timeout(timeout, async {
         loop {
             let mut feed = js.get_stream("CRM_LEDGER_EVENTS").await.expect("feed");
@@ -110,7 +110,7 @@ async fn wait_drained(js: &jetstream::Context, n: u64, timeout: Duration) {
     assert!(r.is_ok(), "ledger did not drain within {timeout:?}");
 }
 
-fn check_store(dir: &std::path::Path, n: u64) {
+pub(crate) fn check_store(dir: &std::path::Path, n: u64) {
     let store = fixed_clock_store(dir);
     assert_eq!(store.head().position, n);
     let mut ids = HashSet::new();
@@ -128,7 +128,7 @@ fn check_store(dir: &std::path::Path, n: u64) {
     assert!(report.is_ok(), "{report:?}");
 }
 
-async fn check_feed(js: &jetstream::Context, n: u64) {
+pub(crate) async fn check_feed(js: &jetstream::Context, n: u64) {
     let mut feed = js.get_stream("CRM_LEDGER_EVENTS").await.expect("feed");
     let state = feed.info().await.expect("info").state.clone();
     assert_eq!(
