@@ -146,12 +146,38 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
     assert_eq!(get(port, "/healthz", None).await.0, 200);
     assert_eq!(get(port, "/api/v1/overview", None).await.0, 401);
     assert_eq!(get(port, "/api/v1/overview", Some("wrong")).await.0, 401);
+    // The query token is taken only where a browser cannot send a header (the page, the live
+    // feed); the API wants the header, whose scheme is case-insensitive.
     assert_eq!(
         get(port, "/api/v1/overview?access_token=s3cret", None)
             .await
             .0,
-        200
+        401
     );
+    let raw_get = |auth: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        s.write_all(
+            format!("GET /api/v1/overview HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.expect("read");
+        String::from_utf8_lossy(&raw)
+            .split(' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(raw_get("bearer s3cret").await, "200");
+    assert_eq!(raw_get("BEARER  s3cret").await, "200");
+    assert_eq!(raw_get("Basic s3cret").await, "401");
+    assert_eq!(raw_get("Bearer s3cre").await, "401");
+    // Percent-decoded on the page: `%73` is `s`.
+    assert_eq!(get(port, "/?access_token=%73%33cret", None).await.0, 200);
 
     // The live feed, opened before anything is published.
     let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -266,6 +292,18 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
     .await;
     assert!(json(&now_body)["ranks"].is_object(), "{now_body}");
     assert_eq!(json(&now_body)["ranks"], json(&then_body)["ranks"]);
+    // A path that does not decode gets the JSON error, not plain text.
+    let (code, body) = get(port, "/api/v1/customers/%ff", tok).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .expect("message")
+            .starts_with("id"),
+        "{body}"
+    );
+    let (_, body) = get(port, "/api/v1/at-risk?as_of=2300-01-01", tok).await;
+    assert!(body.contains("supported range"), "{body}");
     let (_, body) = get(port, "/api/v1/at-risk?cause=competitor", tok).await;
     assert_eq!(json(&body)["total"], 0);
     for bad in [
@@ -275,6 +313,10 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
         "axis=sideways",
         "as_of=yesterday",
         "cause=boredom",
+        // (page − 1) × per_page wrapped to 0 once and answered page 1.
+        "page=72057594037927937&per_page=256",
+        // A valid date outside the 64-bit nanosecond range says so.
+        "as_of=1600-01-01",
     ] {
         let (code, body) = get(port, &format!("/api/v1/at-risk?{bad}"), tok).await;
         assert_eq!(code, 400, "{bad}: {body}");

@@ -13,6 +13,7 @@ mod http;
 mod model;
 mod nats;
 mod projector;
+mod roles;
 mod service_crash;
 mod storage;
 mod support;

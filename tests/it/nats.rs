@@ -646,3 +646,183 @@ async fn feed_refuses_a_stream_that_does_not_continue_the_store() {
         "{err}"
     );
 }
+
+/// The ledger's own events, forged by an outside publisher: `source = "ledger"` and a derived
+/// kind, otherwise valid (issue #17).
+fn forgeries(tag: &str) -> Vec<touchledger_domain::Event> {
+    let model = format!(
+        r#"{{"event_id":"forged-model-{tag}","customer_id":"_model","occurred_at":"2026-01-01T00:00:00Z","source":"ledger","schema_version":1,
+        "model_fitted":{{"model":"bgnbd","model_version":"forged","r":0.24,"alpha":4.4,"a":0.79,"b":2.4,"log_likelihood":-9582.4,"customers":2357,"time_unit":"weeks","calibration_end":"1997-09-30"}}}}"#
+    );
+    let churn = format!(
+        r#"{{"event_id":"forged-churn-{tag}","customer_id":"c1","occurred_at":"2026-01-01T00:00:00Z","source":"ledger","schema_version":1,
+        "churn_risk_assessed":{{"level":"lost","previous_level":"none","score":0.99,"value_at_risk_minor":100,"currency":"EUR","model_version":"forged","as_of":"2026-01-01T00:00:00Z"}}}}"#
+    );
+    [model, churn]
+        .iter()
+        .map(|j| touchledger_domain::json::parse_event(j.as_bytes()).expect("forgery decodes"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_ledger_events_are_refused_on_every_path() {
+    use touchledger_domain::RejectCode;
+    let server = NatsServer::start();
+    let ledger = start_ledger(&server).await;
+    let js = jetstream::new(ledger.client.clone());
+
+    // Synchronous append.
+    let out = append(
+        &ledger.client,
+        request(forgeries("sync").into_iter().map(|e| (e, None)).collect()),
+    )
+    .await;
+    assert_eq!(out.len(), 2);
+    for o in &out {
+        match o {
+            v1::append_outcome::Outcome::Rejected(r) => {
+                assert_eq!(r.code, "SOURCE_RESERVED", "{r:?}")
+            }
+            other => panic!("a forgery was not refused: {other:?}"),
+        }
+    }
+    // JetStream intake: forgeries first, then one real event to know when they were processed.
+    for e in forgeries("intake") {
+        js.publish(
+            format!("crm.touchpoint.{}.{}", e.kind().as_str(), e.customer_id),
+            encode_event(&e).into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    let real = purchase("real-1", "c1", 100);
+    js.publish("crm.touchpoint.purchase.c1", encode_event(&real).into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    ledger.wait_head(1, Duration::from_secs(20)).await;
+    let stored: Vec<_> = ledger
+        .store
+        .read(&touchledger_store::ReadFilter::default())
+        .map(|c| c.expect("read").event.event_id)
+        .collect();
+    assert_eq!(stored, ["real-1"], "only the real event is stored");
+    let codes: Vec<RejectCode> = ledger
+        .store
+        .rejections()
+        .map(|r| r.expect("rejection").rejection.code)
+        .collect();
+    assert_eq!(
+        codes,
+        [RejectCode::SourceReserved; 4],
+        "two sync + two intake rejections, each recorded once"
+    );
+    ledger.stop().await;
+
+    // The offline append of a file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("forged.jsonl");
+    let lines: Vec<String> = forgeries("file")
+        .iter()
+        .map(|e| serde_json::to_string(e).expect("json"))
+        .collect();
+    std::fs::write(&file, lines.join("\n")).expect("write");
+    let data = dir.path().join("ledger");
+    let (code, out, err) = cli(vec![
+        "append".into(),
+        "--data".into(),
+        data.display().to_string(),
+        "--file".into(),
+        file.display().to_string(),
+    ]);
+    assert_eq!(code, touchledger_cli::EXIT_REJECTED, "{out}{err}");
+    assert!(
+        out.contains("SOURCE_RESERVED") && out.contains("appended          0"),
+        "{out}"
+    );
+}
+
+/// A producer that sets publish preconditions (`Nats-Expected-Stream`, as nats-py does for a
+/// named stream) used to put every malformed message of it into an endless loop: the headers
+/// were copied to the dead-letter publish, which always failed. Now the message is dead-lettered
+/// once with the headers kept under another name, terminated, and recorded once; a retraction
+/// retried until its attempts run out is also recorded once (issue #17).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_with_publish_preconditions_is_dead_lettered_once() {
+    use async_nats::HeaderMap;
+    let server = NatsServer::start();
+    let ledger = start_ledger(&server).await;
+    let js = jetstream::new(ledger.client.clone());
+    let mut dead = ledger
+        .client
+        .subscribe("crm.deadletter.>")
+        .await
+        .expect("subscribe");
+    ledger.client.flush().await.expect("flush");
+
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Expected-Stream", "CRM_TOUCHPOINTS");
+    h.insert("Nats-Msg-Id", "poison-1");
+    js.send_publish(
+        "crm.touchpoint.purchase.c1",
+        PublishMessage::build()
+            .payload(b"\xff\x00not protobuf".to_vec().into())
+            .headers(h),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let m = tokio::time::timeout(Duration::from_secs(20), dead.next())
+        .await
+        .expect("a dead letter within 20 s")
+        .expect("message");
+    let hs = m.headers.expect("headers");
+    assert_eq!(
+        hs.get("Touchledger-Original-Nats-Expected-Stream")
+            .map(|v| v.as_str()),
+        Some("CRM_TOUCHPOINTS")
+    );
+    assert!(hs.get("Nats-Expected-Stream").is_none());
+
+    // A retraction of an unknown event: retried, then dead-lettered; one record.
+    let mut r = purchase("retract-1", "c1", 0);
+    r.payload = Payload::Retraction(touchledger_domain::Retraction {
+        retracted_event_id: "never-stored".into(),
+        reason: String::new(),
+    });
+    js.publish("crm.touchpoint.retraction.c1", encode_event(&r).into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let m = tokio::time::timeout(Duration::from_secs(60), dead.next())
+        .await
+        .expect("the retraction dead-lettered within 60 s")
+        .expect("message");
+    assert!(
+        m.subject.ends_with("RETRACTION_TARGET_UNKNOWN"),
+        "{}",
+        m.subject
+    );
+
+    // Both are terminated: nothing pending, nothing redelivered.
+    let mut intake = js.get_stream("CRM_TOUCHPOINTS").await.expect("intake");
+    let mut c: jetstream::consumer::PullConsumer = intake
+        .get_consumer("touchledger-ledger")
+        .await
+        .expect("consumer");
+    let info = c.info().await.expect("info");
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
+    let _ = &mut intake;
+    let codes: Vec<String> = ledger
+        .store
+        .rejections()
+        .map(|r| r.expect("rejection").rejection.code.as_str().to_owned())
+        .collect();
+    assert_eq!(codes, ["DECODE_FAILED", "RETRACTION_TARGET_UNKNOWN"]);
+    ledger.stop().await;
+}

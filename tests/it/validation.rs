@@ -172,6 +172,24 @@ fn rows() -> Vec<(&'static str, String, Option<RejectCode>)> {
             Some(AmountNegative),
         ),
         (
+            "amount of i64::MAX",
+            with(|v| v["purchase"]["amount_minor"] = json!(i64::MAX)),
+            Some(AmountTooLarge),
+        ),
+        (
+            "amount just above the ceiling",
+            with(|v| v["purchase"]["amount_minor"] = json!(1_000_000_000_001_i64)),
+            Some(AmountTooLarge),
+        ),
+        (
+            "amount at the ceiling",
+            with(|v| {
+                v["purchase"]["amount_minor"] = json!(1_000_000_000_000_i64);
+                v["event_id"] = json!("ok-ceiling")
+            }),
+            None,
+        ),
+        (
             "zero amount",
             with(|v| {
                 v["purchase"]["amount_minor"] = json!(0);

@@ -123,6 +123,10 @@ pub async fn run_intake(
     Ok(())
 }
 
+/// Deliveries of a rejected message after which it is terminated even if it could not be
+/// dead-lettered (its rejection is already in the store's record).
+pub const DEAD_LETTER_ATTEMPTS: i64 = 5;
+
 /// Expiry of each pull request of the intake's continuous pull.
 const INTAKE_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(30);
 /// Idle heartbeat of the continuous pull: a silent server is noticed after two of them.
@@ -185,7 +189,12 @@ async fn process(
     let mut undecodable = Vec::new();
     let mut slots: Vec<Result<usize, Rejection>> = Vec::with_capacity(messages.len());
     for m in &messages {
-        let origin = format!("nats:{}", m.subject);
+        // The stream sequence identifies the message across redeliveries (one rejection
+        // record per message, however often it is delivered).
+        let origin = match m.info() {
+            Ok(i) => format!("nats:{}#{}", m.subject, i.stream_sequence),
+            Err(_) => format!("nats:{}", m.subject),
+        };
         match touchledger_proto::decode_event(&m.payload) {
             Ok(event) => {
                 slots.push(Ok(items.len()));
@@ -291,10 +300,22 @@ async fn process(
             }
             Verdict::DeadLetter(r) => {
                 if let Err(e) = dead_letter(js, cfg, m, &r).await {
-                    // The rejection is durable in the store's record; without a durable dead
-                    // letter the message is not terminated, so it comes back rather than vanish.
-                    tracing::warn!(error = %e, "dead-letter publish failed; leaving the message for redelivery");
-                    continue;
+                    // The rejection is durable in the store's record (once per distinct input);
+                    // without a durable dead letter the message comes back rather than vanish,
+                    // but only a bounded number of times: never an endless loop.
+                    let delivered = m.info().map(|i| i.delivered).unwrap_or(i64::MAX);
+                    if delivered < DEAD_LETTER_ATTEMPTS {
+                        tracing::warn!(error = %e, delivered, "dead-letter publish failed; leaving the message for redelivery");
+                        continue;
+                    }
+                    metrics::counter!("touchledger_dead_letter_failures_total").increment(1);
+                    tracing::error!(
+                        error = %e,
+                        delivered,
+                        subject = %m.subject,
+                        code = r.code.as_str(),
+                        "dead-letter publish failed on every attempt; terminating the message (its rejection is in the store's record)"
+                    );
                 }
                 if let Err(e) = m.ack_with(AckKind::Term).await {
                     tracing::warn!(error = %e, "term failed; the message will be redelivered");
@@ -317,8 +338,17 @@ async fn dead_letter(
     let mut h = HeaderMap::new();
     if let Some(orig) = &m.headers {
         for (k, vs) in orig.iter() {
-            // The original id would make the dead-letter stream drop repeats of it.
-            if AsRef::<str>::as_ref(k) == "Nats-Msg-Id" {
+            let name: &str = k.as_ref();
+            // Headers in the `Nats-` namespace are instructions to the server for the original
+            // publish: `Nats-Msg-Id` would make the dead-letter stream drop repeats, and the
+            // publish preconditions (`Nats-Expected-Stream`, `-Last-Sequence`, …) would make
+            // the dead-letter publish fail every time (JetStream error 10060), a poison loop.
+            // They are kept for diagnosis under another name.
+            if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") {
+                let kept = format!("{}{name}", headers::ORIGINAL_HEADER_PREFIX);
+                for v in vs {
+                    h.append(kept.as_str(), v.as_str());
+                }
                 continue;
             }
             for v in vs {

@@ -47,6 +47,9 @@ pub mod headers {
     pub const REJECT_REASON: &str = "Touchledger-Reject-Reason";
     /// Subject the rejected message arrived on (dead letters).
     pub const ORIGINAL_SUBJECT: &str = "Touchledger-Original-Subject";
+    /// Prefix under which a dead letter keeps the original's `Nats-*` headers (which must not
+    /// reach the server again: `Touchledger-Original-Nats-Expected-Stream`, …).
+    pub const ORIGINAL_HEADER_PREFIX: &str = "Touchledger-Original-";
     /// Position of a committed record (feed).
     pub const POSITION: &str = "Touchledger-Position";
     /// Chain hash of a committed record, hex (feed).

@@ -244,7 +244,11 @@ impl Assessor {
             }),
         };
         let bytes = touchledger_proto::encode_event(&event);
-        let position = match self.store.append(vec![AppendItem::new(event)])?.pop() {
+        let position = match self
+            .store
+            .append_ledger_events(vec![AppendItem::new(event)])?
+            .pop()
+        {
             Some(
                 AppendOutcome::Appended { position, .. }
                 | AppendOutcome::Duplicate { position, .. },
@@ -457,7 +461,7 @@ fn fit_now(
             ..Default::default()
         };
     }
-    match store.append(vec![AppendItem::new(event)]) {
+    match store.append_ledger_events(vec![AppendItem::new(event)]) {
         Ok(mut o) => match o.pop() {
             Some(AppendOutcome::Appended { position, .. }) => {
                 tracing::info!(version = %m.model_version, position, "churn model refitted on demand");
@@ -773,7 +777,7 @@ pub async fn run_views(
                     Box::new(move || {
                         match touchledger_projector::model::fit_event(&reads, now, unit) {
                             Ok((m, e)) => {
-                                store.append(vec![AppendItem::new(e)])?;
+                                store.append_ledger_events(vec![AppendItem::new(e)])?;
                                 tracing::info!(version = %m.model_version, customers = m.customers, "churn model refitted");
                             }
                             Err(e) => tracing::warn!(error = %e, "scheduled refit skipped"),

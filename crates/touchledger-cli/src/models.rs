@@ -337,7 +337,10 @@ pub fn fit(
     if dry_run {
         return Ok(crate::EXIT_OK);
     }
-    match store.append(vec![AppendItem::new(event)])?.pop() {
+    match store
+        .append_ledger_events(vec![AppendItem::new(event)])?
+        .pop()
+    {
         Some(AppendOutcome::Appended { position, .. }) => {
             writeln!(out, "recorded as ModelFitted at position {position}")?;
         }
@@ -379,6 +382,28 @@ pub struct ImportSummary {
     pub rejected: u64,
     /// Distinct customers.
     pub customers: u64,
+}
+
+/// An import that stopped on a store error (e.g. the free-space reserve): report what is
+/// durable (every batch before the failed one), then the error.
+fn import_stopped(
+    store: &SledStore,
+    e: anyhow::Error,
+    s: &ImportSummary,
+    line: u64,
+    file: &Path,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let head = touchledger_store::EventStore::head(store);
+    writeln!(
+        out,
+        "stopped: appended {}, duplicate {}, rejected {} (durable; head {} {})",
+        s.appended, s.duplicate, s.rejected, head.position, head.hash
+    )?;
+    Err(e.context(format!(
+        "import stopped at or before line {line} of {}; everything counted above is durable, run the same import again when the cause is fixed",
+        file.display()
+    )))
 }
 
 /// `touchledger import cdnow`: the CDNOW log (master: `customer_id date cds dollars` with a
@@ -455,11 +480,15 @@ pub fn import_cdnow(
                 category: "music".into(),
             }),
         }));
-        if items.len() >= batch {
-            flush(&mut items, &mut s)?;
+        if items.len() >= batch
+            && let Err(e) = flush(&mut items, &mut s)
+        {
+            return import_stopped(store, e, &s, i as u64 + 1, file, out);
         }
     }
-    flush(&mut items, &mut s)?;
+    if let Err(e) = flush(&mut items, &mut s) {
+        return import_stopped(store, e, &s, s.rows, file, out);
+    }
     s.customers = customers.len() as u64;
     writeln!(
         out,

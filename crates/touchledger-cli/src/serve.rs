@@ -58,7 +58,7 @@ impl std::fmt::Debug for NatsArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redact = |o: &Option<String>| o.as_ref().map(|_| "<redacted>");
         f.debug_struct("NatsArgs")
-            .field("nats_url", &self.nats_url)
+            .field("nats_url", &redact_url(&self.nats_url))
             .field("prefix", &self.prefix)
             .field("user", &self.user)
             .field("password", &redact(&self.password))
@@ -93,6 +93,19 @@ impl NatsArgs {
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             });
+        // Credentials inside the URL (`nats://user:password@host`, `nats://token@host`) are
+        // taken out of it and used like the flags; the URL shown anywhere is redacted.
+        let (urls, in_url) = split_url_credentials(&self.nats_url)?;
+        let flags = self.user.is_some() || self.token.is_some() || self.nkey.is_some();
+        match in_url {
+            Some(_) if flags || self.creds.is_some() => anyhow::bail!(
+                "credentials are given both in --nats-url ({}) and as flags: use one",
+                redact_url(&self.nats_url)
+            ),
+            Some(UrlCredentials::UserPassword(u, p)) => o = o.user_and_password(u, p),
+            Some(UrlCredentials::Token(t)) => o = o.token(t),
+            None => {}
+        }
         match (&self.user, &self.password) {
             (Some(u), Some(p)) => o = o.user_and_password(u.clone(), p.clone()),
             (None, None) => {}
@@ -121,7 +134,6 @@ impl NatsArgs {
         if self.tls {
             o = o.require_tls(true);
         }
-        let urls = self.nats_url.clone();
         // retry_on_initial_connect makes connect return at once; wait for the first connection
         // so that a wrong URL is reported rather than retried silently forever.
         let client = o
@@ -131,12 +143,84 @@ impl NatsArgs {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while client.connection_state() != async_nats::connection::State::Connected {
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("no connection to {urls} after 10 s");
+                anyhow::bail!(
+                    "no connection to {urls} after 10 s (wrong address, refused credentials or TLS settings; the server's log says which)"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(client)
     }
+}
+
+/// Credentials found in a NATS URL's userinfo.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UrlCredentials {
+    /// `user:password@`.
+    UserPassword(String, String),
+    /// `token@` (no password).
+    Token(String),
+}
+
+impl std::fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UrlCredentials::UserPassword(u, _) => write!(f, "UserPassword({u:?}, <redacted>)"),
+            UrlCredentials::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
+}
+
+/// The userinfo part of one URL: (start, end) of `userinfo@` within it, if any.
+fn userinfo(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let host_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let at = url[start..host_end].rfind('@')? + start;
+    Some((start, at + 1))
+}
+
+/// Split comma-separated NATS URLs into the URLs without userinfo and the credentials they
+/// carried (percent-decoded). Different credentials in two URLs are an error.
+pub fn split_url_credentials(urls: &str) -> anyhow::Result<(String, Option<UrlCredentials>)> {
+    let mut clean = Vec::new();
+    let mut found: Option<UrlCredentials> = None;
+    for url in urls.split(',').map(str::trim) {
+        let Some((start, end)) = userinfo(url) else {
+            clean.push(url.to_owned());
+            continue;
+        };
+        let info = &url[start..end - 1];
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| anyhow::anyhow!("the credentials in --nats-url are not UTF-8"))
+        };
+        let creds = match info.split_once(':') {
+            Some((u, p)) => UrlCredentials::UserPassword(decode(u)?, decode(p)?),
+            None => UrlCredentials::Token(decode(info)?),
+        };
+        if found.as_ref().is_some_and(|f| *f != creds) {
+            anyhow::bail!("the URLs in --nats-url carry different credentials");
+        }
+        found = Some(creds);
+        clean.push(format!("{}{}", &url[..start], &url[end..]));
+    }
+    Ok((clean.join(","), found))
+}
+
+/// A NATS URL list for messages and logs: userinfo replaced by `***`.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match userinfo(url.trim()) {
+            Some((start, end)) => {
+                let url = url.trim();
+                format!("{}***@{}", &url[..start], &url[end..])
+            }
+            None => url.trim().to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Intake timing settings.
@@ -343,5 +427,48 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_are_taken_out_and_redacted() {
+        let (clean, c) = split_url_credentials(
+            "nats://alice:p%40ss@10.0.0.5:4222, nats://alice:p%40ss@10.0.0.6:4222",
+        )
+        .expect("split");
+        assert_eq!(clean, "nats://10.0.0.5:4222,nats://10.0.0.6:4222");
+        assert_eq!(
+            c,
+            Some(UrlCredentials::UserPassword("alice".into(), "p@ss".into()))
+        );
+        let (clean, c) = split_url_credentials("tls://s3cret@host:4222").expect("split");
+        assert_eq!(clean, "tls://host:4222");
+        assert_eq!(c, Some(UrlCredentials::Token("s3cret".into())));
+        let (clean, c) = split_url_credentials("nats://127.0.0.1:4222").expect("split");
+        assert_eq!((clean.as_str(), c), ("nats://127.0.0.1:4222", None));
+        assert!(split_url_credentials("nats://a:b@h1,nats://a:c@h2").is_err());
+        assert_eq!(
+            redact_url("nats://alice:secret@h:4222,nats://h2"),
+            "nats://***@h:4222,nats://h2"
+        );
+        let args = NatsArgs {
+            nats_url: "nats://alice:secret@h:4222".into(),
+            prefix: "crm".into(),
+            user: None,
+            password: None,
+            token: None,
+            nkey: None,
+            creds: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls: false,
+        };
+        assert!(!format!("{args:?}").contains("secret"));
+        assert!(!format!("{c:?}", c = UrlCredentials::Token("secret".into())).contains("secret"));
     }
 }

@@ -149,13 +149,19 @@ impl Behaviour {
         let mut first = None;
         for p in facts.purchases_at(as_of) {
             let d = day_of(p.stamp.occurred_at);
-            *b.monetary
+            // Amounts are at most `max_amount_minor` each (validation); the sums saturate
+            // instead of wrapping, so no history can turn a customer's value negative.
+            let m = b
+                .monetary
                 .entry(p.currency.as_str().to_owned())
-                .or_default() += p.amount_minor;
+                .or_default();
+            *m = m.saturating_add(p.amount_minor);
             if d > today - window_days {
-                *b.monetary_window
+                let w = b
+                    .monetary_window
                     .entry(p.currency.as_str().to_owned())
-                    .or_default() += p.amount_minor;
+                    .or_default();
+                *w = w.saturating_add(p.amount_minor);
             }
             if prev_day == Some(d) {
                 continue;

@@ -748,11 +748,12 @@ impl PopulationBuilder {
 
     /// The reporting currency: configured, or the one with the largest total.
     fn currency(&self) -> String {
-        let mut totals: BTreeMap<String, i64> = BTreeMap::new();
+        // 128 bits: a sum over every customer cannot overflow.
+        let mut totals: BTreeMap<String, i128> = BTreeMap::new();
         if self.rules.reporting_currency.is_none() {
             for (_, r) in &self.rows {
                 for (c, v) in &r.value {
-                    *totals.entry(c.clone()).or_default() += v;
+                    *totals.entry(c.clone()).or_default() += i128::from(*v);
                 }
             }
         }
@@ -836,7 +837,7 @@ impl PopulationBuilder {
     /// The rank-based figures of the customers added.
     pub fn ranked(&self) -> Ranked {
         let ranking = self.pyramid_ranking();
-        let total: i64 = ranking.iter().map(|r| r.1).sum();
+        let total: i64 = ranking.iter().fold(0i64, |t, r| t.saturating_add(r.1));
         let share = |v: i64| {
             if total > 0 {
                 100.0 * v as f64 / total as f64
@@ -850,7 +851,7 @@ impl PopulationBuilder {
                 let (n, v) = ranking
                     .iter()
                     .filter(|r| r.2 == t)
-                    .fold((0u64, 0i64), |(n, v), r| (n + 1, v + r.1));
+                    .fold((0u64, 0i64), |(n, v), r| (n + 1, v.saturating_add(r.1)));
                 Tier {
                     tier: t.to_owned(),
                     customers: n,
@@ -864,8 +865,7 @@ impl PopulationBuilder {
                 ranking
                     .iter()
                     .filter(|r| r.2 == "vip" || r.2 == "major")
-                    .map(|r| r.1)
-                    .sum(),
+                    .fold(0i64, |t, r| t.saturating_add(r.1)),
             )
         });
         let tiers: BTreeMap<&str, &str> =
@@ -901,7 +901,7 @@ impl PopulationBuilder {
 /// The reporting currency of value rankings: the configured one, or the currency with the
 /// largest total over all customers (ties: alphabetical first); empty without purchases.
 /// `totals` is only read when none is configured.
-pub fn reporting_currency(rules: &PopulationRules, totals: &BTreeMap<String, i64>) -> String {
+pub fn reporting_currency(rules: &PopulationRules, totals: &BTreeMap<String, i128>) -> String {
     if let Some(c) = &rules.reporting_currency {
         return c.clone();
     }

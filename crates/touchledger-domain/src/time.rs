@@ -99,8 +99,16 @@ impl fmt::Display for Timestamp {
 
 /// Why a text could not be read as an instant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not an RFC 3339 instant or YYYY-MM-DD date: {0:?}")]
-pub struct ParseTimestampError(pub String);
+pub enum ParseTimestampError {
+    /// Not a date or instant at all.
+    #[error("not an RFC 3339 instant or YYYY-MM-DD date: {0:?}")]
+    Invalid(String),
+    /// A valid date or instant outside what 64-bit nanoseconds since 1970 can hold.
+    #[error(
+        "not an RFC 3339 instant in the supported range 1677-09-21T00:12:44Z..=2262-04-11T23:47:16Z (nanoseconds in 64 bits): {0:?}"
+    )]
+    OutOfRange(String),
+}
 
 impl FromStr for Timestamp {
     type Err = ParseTimestampError;
@@ -108,15 +116,16 @@ impl FromStr for Timestamp {
     /// Accepts RFC 3339 (`2026-03-03T12:00:00Z`, any offset) or a bare date (`2026-03-03`,
     /// meaning midnight UTC).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseTimestampError(s.to_owned());
+        let range = || ParseTimestampError::OutOfRange(s.to_owned());
         if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
-            return dt.timestamp_nanos_opt().map(Timestamp).ok_or_else(err);
+            return dt.timestamp_nanos_opt().map(Timestamp).ok_or_else(range);
         }
-        let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| err())?;
+        let date = NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map_err(|_| ParseTimestampError::Invalid(s.to_owned()))?;
         date.and_hms_opt(0, 0, 0)
             .and_then(|dt| dt.and_utc().timestamp_nanos_opt())
             .map(Timestamp)
-            .ok_or_else(err)
+            .ok_or_else(range)
     }
 }
 
@@ -146,6 +155,23 @@ impl<'de> Deserialize<'de> for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_dates_say_so() {
+        for s in ["1600-01-01", "2300-01-01T00:00:00Z"] {
+            assert!(
+                matches!(
+                    s.parse::<Timestamp>(),
+                    Err(ParseTimestampError::OutOfRange(_))
+                ),
+                "{s}"
+            );
+        }
+        assert!(matches!(
+            "yesterday".parse::<Timestamp>(),
+            Err(ParseTimestampError::Invalid(_))
+        ));
+    }
 
     #[test]
     fn rfc3339_round_trip_keeps_nanoseconds() {

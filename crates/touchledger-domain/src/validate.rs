@@ -52,6 +52,8 @@ pub enum RejectCode {
     SchemaVersionUnsupported,
     /// A negative money amount.
     AmountNegative,
+    /// A money amount above the policy's ceiling (`max_amount_minor`).
+    AmountTooLarge,
     /// A currency that is not three upper-case letters.
     CurrencyInvalid,
     /// A count out of range (e.g. `item_count` 0).
@@ -78,7 +80,7 @@ pub enum RejectCode {
 
 impl RejectCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [RejectCode; 27] = [
+    pub const ALL: [RejectCode; 28] = [
         RejectCode::DecodeFailed,
         RejectCode::FieldUnknown,
         RejectCode::FieldMissing,
@@ -95,6 +97,7 @@ impl RejectCode {
         RejectCode::SourceReserved,
         RejectCode::SchemaVersionUnsupported,
         RejectCode::AmountNegative,
+        RejectCode::AmountTooLarge,
         RejectCode::CurrencyInvalid,
         RejectCode::CountInvalid,
         RejectCode::ScoreOutOfRange,
@@ -127,6 +130,7 @@ impl RejectCode {
             RejectCode::SourceReserved => "SOURCE_RESERVED",
             RejectCode::SchemaVersionUnsupported => "SCHEMA_VERSION_UNSUPPORTED",
             RejectCode::AmountNegative => "AMOUNT_NEGATIVE",
+            RejectCode::AmountTooLarge => "AMOUNT_TOO_LARGE",
             RejectCode::CurrencyInvalid => "CURRENCY_INVALID",
             RejectCode::CountInvalid => "COUNT_INVALID",
             RejectCode::ScoreOutOfRange => "SCORE_OUT_OF_RANGE",
@@ -201,6 +205,10 @@ pub struct ValidationPolicy {
     pub max_source_len: usize,
     /// Maximum byte length of free-text fields. Default 4096.
     pub max_text_len: usize,
+    /// Largest money amount of one event, in minor units. Default 10^12 (ten billion of a
+    /// currency with cents): far above any real purchase, and low enough that the sums the
+    /// read models keep in 64 bits hold millions of such amounts per customer.
+    pub max_amount_minor: i64,
 }
 
 impl Default for ValidationPolicy {
@@ -210,6 +218,7 @@ impl Default for ValidationPolicy {
             max_id_len: 128,
             max_source_len: 64,
             max_text_len: 4096,
+            max_amount_minor: 1_000_000_000_000,
         }
     }
 }
@@ -449,6 +458,16 @@ fn purchase(policy: &ValidationPolicy, p: &Purchase) -> Check {
             RejectCode::AmountNegative,
             "purchase.amount_minor",
             format!("amount_minor {} is negative", p.amount_minor),
+        );
+    }
+    if p.amount_minor > policy.max_amount_minor {
+        return fail(
+            RejectCode::AmountTooLarge,
+            "purchase.amount_minor",
+            format!(
+                "amount_minor {} is above the ceiling {}",
+                p.amount_minor, policy.max_amount_minor
+            ),
         );
     }
     currency("purchase.currency", &p.currency)?;

@@ -20,6 +20,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -134,7 +135,13 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-type Params = Query<HashMap<String, String>>;
+/// The query parameters; a query string that does not decode is a JSON 400, like every error.
+type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+fn params(q: Params) -> Result<HashMap<String, String>, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| bad(format!("query: {}", e.body_text())))
+}
 
 fn as_of(q: &HashMap<String, String>, now: Timestamp) -> Result<AsOf, ApiError> {
     let at = match q.get("as_of").map(String::as_str) {
@@ -186,9 +193,12 @@ async fn blocking<T: Send + 'static>(
 /// `GET /api/v1/customers/{id}`: the three read models, ranks and the timeline.
 async fn customer(
     State(s): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(q): Params,
+    id: Result<Path<String>, PathRejection>,
+    q: Params,
 ) -> Result<Json<Value>, ApiError> {
+    // A path that does not decode (`%ff`) gets the JSON error too, not axum's plain text.
+    let Path(id) = id.map_err(|e| bad(format!("id: {}", e.body_text())))?;
+    let q = params(q)?;
     let at = as_of(&q, (s.cfg.clock)())?;
     let limit = number(&q, "limit", 200, 10_000)? as usize;
     let current = current_now(&s, &q);
@@ -290,58 +300,124 @@ fn level_of(s: &str) -> Option<ChurnLevel> {
     })
 }
 
+/// The parameters of `GET /api/v1/at-risk`, checked.
+struct AtRiskParams {
+    at: AsOf,
+    min_level: ChurnLevel,
+    level: Option<ChurnLevel>,
+    cause: Option<String>,
+    reason: Option<String>,
+    sort: String,
+    ascending: bool,
+    page: u64,
+    per_page: u64,
+    offset: usize,
+}
+
+impl AtRiskParams {
+    fn parse(q: &HashMap<String, String>, now: Timestamp) -> Result<AtRiskParams, ApiError> {
+        let at = as_of(q, now)?;
+        let min_level = match q.get("min_level") {
+            None => ChurnLevel::Watch,
+            Some(l) => level_of(l).ok_or_else(|| {
+                bad(format!(
+                    "min_level: {l:?} is not none, watch, warning, critical or lost"
+                ))
+            })?,
+        };
+        let level = match q.get("level") {
+            None => None,
+            Some(l) => Some(level_of(l).ok_or_else(|| {
+                bad(format!(
+                    "level: {l:?} is not none, watch, warning, critical or lost"
+                ))
+            })?),
+        };
+        let cause = q.get("cause").cloned();
+        if let Some(c) = &cause
+            && ![
+                "natural",
+                "need_change",
+                "competitor",
+                "disappointment",
+                "unknown",
+            ]
+            .contains(&c.as_str())
+        {
+            return Err(bad(format!(
+                "cause: {c:?} is not natural, need_change, competitor, disappointment or unknown"
+            )));
+        }
+        let reason = q.get("reason").cloned();
+        let sort = q.get("sort").cloned().unwrap_or_else(|| "score".into());
+        if !["score", "value", "since", "customer", "level"].contains(&sort.as_str()) {
+            return Err(bad(format!(
+                "sort: {sort:?} is not score, value, since, customer or level"
+            )));
+        }
+        let ascending = match q.get("order").map(String::as_str) {
+            None | Some("desc") => false,
+            Some("asc") => true,
+            Some(o) => return Err(bad(format!("order: {o:?} is not asc or desc"))),
+        };
+        let page = number(q, "page", 1, u64::MAX)?;
+        let per_page = number(q, "per_page", 50, 500)?;
+        // (page − 1) × per_page must not wrap (it once answered page 1 for a huge page).
+        let offset = (page - 1)
+            .checked_mul(per_page)
+            .and_then(|o| usize::try_from(o).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "page: {page} × per_page {per_page} is beyond any list (too large)"
+                ))
+            })?;
+        Ok(AtRiskParams {
+            at,
+            min_level,
+            level,
+            cause,
+            reason,
+            sort,
+            ascending,
+            page,
+            per_page,
+            offset,
+        })
+    }
+}
+
+/// Check a query string as the API would (decoding, then the parameters of `endpoint`:
+/// `customer`, `at-risk` or `overview`), without a store: for the fuzzer (`fuzz/`). Never
+/// panics; an `Err` is the 400 message.
+#[doc(hidden)]
+pub fn check_query(endpoint: &str, query: &str) -> Result<(), String> {
+    let q: HashMap<String, String> =
+        serde_urlencoded::from_str(query).map_err(|e| format!("query: {e}"))?;
+    let now = Timestamp::from_unix_nanos(1_780_000_000_000_000_000);
+    let r = match endpoint {
+        "customer" => as_of(&q, now).and_then(|_| number(&q, "limit", 200, 10_000).map(drop)),
+        "at-risk" => AtRiskParams::parse(&q, now).map(drop),
+        _ => as_of(&q, now).map(drop),
+    };
+    r.map_err(|ApiError(_, m)| m)
+}
+
 /// `GET /api/v1/at-risk`: customers at or above `min_level` (default watch), optionally only
 /// `level`, `cause` and `reason`, sorted and paginated.
-async fn at_risk(
-    State(s): State<Arc<AppState>>,
-    Query(q): Params,
-) -> Result<Json<Value>, ApiError> {
-    let at = as_of(&q, (s.cfg.clock)())?;
-    let min_level = match q.get("min_level") {
-        None => ChurnLevel::Watch,
-        Some(l) => level_of(l).ok_or_else(|| {
-            bad(format!(
-                "min_level: {l:?} is not none, watch, warning, critical or lost"
-            ))
-        })?,
-    };
-    let level = match q.get("level") {
-        None => None,
-        Some(l) => Some(level_of(l).ok_or_else(|| {
-            bad(format!(
-                "level: {l:?} is not none, watch, warning, critical or lost"
-            ))
-        })?),
-    };
-    let cause = q.get("cause").cloned();
-    if let Some(c) = &cause
-        && ![
-            "natural",
-            "need_change",
-            "competitor",
-            "disappointment",
-            "unknown",
-        ]
-        .contains(&c.as_str())
-    {
-        return Err(bad(format!(
-            "cause: {c:?} is not natural, need_change, competitor, disappointment or unknown"
-        )));
-    }
-    let reason = q.get("reason").cloned();
-    let sort = q.get("sort").cloned().unwrap_or_else(|| "score".into());
-    if !["score", "value", "since", "customer", "level"].contains(&sort.as_str()) {
-        return Err(bad(format!(
-            "sort: {sort:?} is not score, value, since, customer or level"
-        )));
-    }
-    let ascending = match q.get("order").map(String::as_str) {
-        None | Some("desc") => false,
-        Some("asc") => true,
-        Some(o) => return Err(bad(format!("order: {o:?} is not asc or desc"))),
-    };
-    let page = number(&q, "page", 1, u64::MAX)?;
-    let per_page = number(&q, "per_page", 50, 500)?;
+async fn at_risk(State(s): State<Arc<AppState>>, q: Params) -> Result<Json<Value>, ApiError> {
+    let q = params(q)?;
+    let AtRiskParams {
+        at,
+        min_level,
+        level,
+        cause,
+        reason,
+        sort,
+        ascending,
+        page,
+        per_page,
+        offset,
+    } = AtRiskParams::parse(&q, (s.cfg.clock)())?;
     if let Some(current) = current_now(&s, &q) {
         let query = AtRiskQuery {
             min_level,
@@ -356,7 +432,7 @@ async fn at_risk(
                 _ => AtRiskSort::Score,
             },
             ascending,
-            offset: usize::try_from((page - 1).saturating_mul(per_page)).unwrap_or(usize::MAX),
+            offset,
             limit: per_page as usize,
         };
         return blocking(move || {
@@ -417,7 +493,7 @@ async fn at_risk(
             if ascending { o } else { o.reverse() }
         });
         let total = rows.len();
-        let start = ((page - 1) * per_page) as usize;
+        let start = offset;
         let items: Vec<AtRiskRow> = rows
             .into_iter()
             .skip(start)
@@ -439,8 +515,9 @@ async fn at_risk(
 /// `GET /api/v1/overview`: the population read model.
 async fn overview(
     State(s): State<Arc<AppState>>,
-    Query(q): Params,
+    q: Params,
 ) -> Result<impl IntoResponse, ApiError> {
+    let q = params(q)?;
     let at = as_of(&q, (s.cfg.clock)())?;
     // "Now": the current materialisation's sums (O(months), plus a pass over the in-memory
     // rank keys after a change); a passed month end: its snapshot if still valid; any other
@@ -610,16 +687,31 @@ async fn auth(
     if path == "/healthz" || path == "/readyz" {
         return next.run(req).await;
     }
+    // `Authorization: Bearer <token>`, the scheme case-insensitive (RFC 9110 §11.1).
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let query_token = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("access_token="))
-            .map(str::to_owned)
-    });
-    let ok = bearer == Some(token.as_str()) || query_token.as_deref() == Some(token.as_str());
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_owned());
+    // `?access_token=` only where a browser cannot send a header: the dashboard page (opened
+    // from a link) and the live feed (EventSource). Percent-decoded.
+    let query_token = (path == "/" || path == "/api/v1/events")
+        .then(|| req.uri().query())
+        .flatten()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("access_token="))
+                .map(|t| {
+                    percent_encoding::percent_decode_str(&t.replace('+', " "))
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+        });
+    let ok = [bearer, query_token]
+        .iter()
+        .flatten()
+        .any(|given| same_token(given, token));
     if ok {
         next.run(req).await
     } else {
@@ -632,6 +724,17 @@ async fn auth(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         r
     }
+}
+
+/// Compare a presented token with the configured one in constant time: both are hashed first,
+/// so neither the position of the first differing byte nor the length is timed.
+fn same_token(given: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let (a, b) = (
+        blake3::hash(given.as_bytes()),
+        blake3::hash(token.as_bytes()),
+    );
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 /// The router (exposed for tests).

@@ -285,7 +285,7 @@ fn pyramid_weight(x: &(Reverse<i64>, Arc<str>)) -> i64 {
 struct Index {
     entries: HashMap<Arc<str>, Entry>,
     /// Per currency: total value and how many customers have it.
-    totals: BTreeMap<String, (i64, u64)>,
+    totals: BTreeMap<String, (i128, u64)>,
     /// The reporting currency the value indexes use.
     currency: String,
     recency: OrderIndex<i64>,
@@ -338,7 +338,7 @@ impl Index {
             self.pyramid.remove(&(Reverse(b.value), id.clone()));
             for (c, v) in &b.monetary {
                 if let Some(t) = self.totals.get_mut(c) {
-                    t.0 -= v;
+                    t.0 -= i128::from(*v);
                     t.1 -= 1;
                     if t.1 == 0 {
                         self.totals.remove(c);
@@ -354,7 +354,7 @@ impl Index {
         if let Some(b) = &mut e.buyer {
             for (c, v) in &b.monetary {
                 let t = self.totals.entry(c.clone()).or_default();
-                t.0 += v;
+                t.0 += i128::from(*v);
                 t.1 += 1;
             }
             b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
@@ -367,7 +367,7 @@ impl Index {
 
     /// Re-rank every buyer's value when the reporting currency changed.
     fn follow_currency(&mut self, rules: &Rules) {
-        let totals: BTreeMap<String, i64> = self
+        let totals: BTreeMap<String, i128> = self
             .totals
             .iter()
             .map(|(c, (v, _))| (c.clone(), *v))
@@ -1039,12 +1039,12 @@ impl Index {
             if let Some(b) = &e.buyer {
                 for (c, v) in &b.monetary {
                     let t = self.totals.entry(c.clone()).or_default();
-                    t.0 += v;
+                    t.0 += i128::from(*v);
                     t.1 += 1;
                 }
             }
         }
-        let totals: BTreeMap<String, i64> = self
+        let totals: BTreeMap<String, i128> = self
             .totals
             .iter()
             .map(|(c, (v, _))| (c.clone(), *v))

@@ -27,6 +27,13 @@
 //! | `k` | `k` ‖ kind code u8 ‖ first position u64 | ascending positions u64 × n of that kind |
 //! | `p` | `p` ‖ position u64 | `Checkpoint` protobuf bytes |
 //! | `r` | `r` ‖ sequence u64 | `RejectionRecord` protobuf bytes |
+//! | `x` | `x` ‖ BLAKE3(code ‖ 0 ‖ origin ‖ 0 ‖ raw bytes) | sequence u64 of the first rejection of that input |
+//!
+//! The `x` keyspace (added within format 2; a store without it just has no history of earlier
+//! rejections) keeps the rejections record to one record per distinct input: the same bytes
+//! from the same origin (a JetStream message by its stream sequence, a file line, the
+//! synchronous-append subject) rejected with the same code are recorded once, however often
+//! they are redelivered or re-sent.
 //!
 //! The customer-index watermark `W` says: every record at a position ≤ `W` has its entry in
 //! the `c` keyspace, and no record above `W` has one.
@@ -88,6 +95,23 @@ pub fn checkpoint_key(position: u64) -> [u8; 9] {
 /// `r` ‖ sequence.
 pub fn rejection_key(seq: u64) -> [u8; 9] {
     prefixed_u64(REJECTION, seq)
+}
+
+/// Prefix of the rejection-digest keyspace.
+pub const REJECTION_DIGEST: u8 = b'x';
+
+/// `x` ‖ BLAKE3(code ‖ 0 ‖ origin ‖ 0 ‖ raw): one key per distinct rejected input.
+pub fn rejection_digest_key(code: &str, origin: &str, raw: &[u8]) -> [u8; 33] {
+    let mut h = blake3::Hasher::new();
+    h.update(code.as_bytes());
+    h.update(&[0]);
+    h.update(origin.as_bytes());
+    h.update(&[0]);
+    h.update(raw);
+    let mut k = [0u8; 33];
+    k[0] = REJECTION_DIGEST;
+    k[1..].copy_from_slice(h.finalize().as_bytes());
+    k
 }
 
 fn prefixed_u64(prefix: u8, n: u64) -> [u8; 9] {

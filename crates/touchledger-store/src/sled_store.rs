@@ -19,7 +19,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 
 use prost::Message;
-use touchledger_domain::{Event, EventKind, Payload, RejectCode, Rejection, Timestamp};
+use touchledger_domain::{
+    Event, EventKind, LEDGER_SOURCE, Payload, RejectCode, Rejection, Timestamp,
+};
 use touchledger_proto::{encode_event, from_pb_time, to_pb_time, v1};
 
 use crate::layout::{self, FORMAT_VERSION, HASH_LEN};
@@ -480,6 +482,16 @@ impl SledStore {
             })?;
         let snapshot = crate::space::newest_snapshot_bytes(&self.config.path);
         Ok((free, self.config.space_reserve.bytes(free.total, snapshot)))
+    }
+
+    /// Whether a rejection with this digest key is the first of its input (not in this batch,
+    /// not stored before).
+    fn first_rejection(
+        &self,
+        digest: &[u8; 33],
+        batch: &std::collections::HashSet<[u8; 33]>,
+    ) -> Result<bool, StoreError> {
+        Ok(!batch.contains(digest) && self.tree.get(digest)?.is_none())
     }
 
     /// Refuse to write `bytes` more when that would leave less than the reserve free.
@@ -958,16 +970,30 @@ impl SledStore {
                     origin: format!("restore:{}", c.position),
                 })
                 .collect();
-            self.append_inner(items, Some((at, group)))?;
+            self.append_inner(items, true, Some((at, group)))?;
             start = end;
         }
         Ok(self.head())
     }
 }
 
+impl SledStore {
+    /// Append events the ledger derives itself (`model_fitted`, `churn_risk_assessed`, source
+    /// `ledger`). Only the ledger's own code calls this; no NATS subject, file or HTTP route
+    /// reaches it: every outside path goes through [`EventStore::append`], which refuses them
+    /// with `SOURCE_RESERVED`. Otherwise the same as `append`.
+    pub fn append_ledger_events(
+        &self,
+        batch: Vec<AppendItem>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.append_inner(batch, true, None)
+    }
+}
+
 impl EventStore for SledStore {
+    /// The outside path: derived kinds and source `ledger` are refused (`SOURCE_RESERVED`).
     fn append(&self, batch: Vec<AppendItem>) -> Result<Vec<AppendOutcome>, StoreError> {
-        self.append_inner(batch, None)
+        self.append_inner(batch, false, None)
     }
 
     fn record_rejections(&self, records: Vec<RejectionRecord>) -> Result<Vec<u64>, StoreError> {
@@ -983,16 +1009,34 @@ impl EventStore for SledStore {
         let mut seqs = Vec::with_capacity(records.len());
         let mut next = w.next_rejection;
         let mut bytes = 0u64;
+        let mut seen = HashMap::new();
         for mut r in records {
+            // One record per distinct input: a redelivery gets the first record's sequence.
+            let digest = layout::rejection_digest_key(r.rejection.code.as_str(), &r.origin, &r.raw);
+            if let Some(seq) = seen.get(&digest) {
+                seqs.push(*seq);
+                continue;
+            }
+            if let Some(v) = self.tree.get(digest)? {
+                let seq = layout::read_u64(&v).unwrap_or(0);
+                seen.insert(digest, seq);
+                seqs.push(seq);
+                continue;
+            }
             r.sequence = next;
             if r.received_at == Timestamp::EPOCH {
                 r.received_at = now;
             }
             let v = encode_rejection(&r);
-            bytes += v.len() as u64 + 16;
+            bytes += v.len() as u64 + 16 + 41;
             sb.insert(&layout::rejection_key(next), v);
+            sb.insert(&digest[..], &next.to_be_bytes());
+            seen.insert(digest, next);
             seqs.push(next);
             next += 1;
+        }
+        if next == w.next_rejection {
+            return Ok(seqs);
         }
         self.commit(&mut w, sb, bytes)?;
         w.next_rejection = next;
@@ -1175,9 +1219,14 @@ enum Decision {
 
 impl SledStore {
     /// Decide one item's fate given the store and what this batch already staged.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the writer's batch state, passed apart so that each borrow stays narrow"
+    )]
     fn decide(
         &self,
         item: &AppendItem,
+        from_ledger: bool,
         now: Timestamp,
         staged: &mut HashMap<String, Staged>,
         runs: &HashMap<String, (u64, Vec<u64>)>,
@@ -1188,6 +1237,18 @@ impl SledStore {
         let reject = |r: Rejection| Ok(Decision::Outcome(AppendOutcome::Rejected(r)));
         if let Err(r) = e.validate(&self.config.validation, now) {
             return reject(r);
+        }
+        // The ledger's own events come only from the ledger (and from a restore, which checks
+        // them against the chain), whatever their fields say.
+        if !from_ledger && (e.kind().is_derived() || e.source == LEDGER_SOURCE) {
+            return reject(Rejection::new(
+                RejectCode::SourceReserved,
+                "source",
+                format!(
+                    "{} events with source \"{LEDGER_SOURCE}\" are written only by the ledger itself and cannot be appended from outside",
+                    e.kind()
+                ),
+            ));
         }
         let envelope = encode_event(e);
         let digest = *blake3::hash(&envelope).as_bytes();
@@ -1279,6 +1340,7 @@ impl SledStore {
     fn append_inner(
         &self,
         batch: Vec<AppendItem>,
+        from_ledger: bool,
         restore: Option<(Timestamp, &[Committed])>,
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         let mut w = self.lock_writer();
@@ -1309,16 +1371,38 @@ impl SledStore {
         let mut kinds: [Vec<u64>; EventKind::ALL.len()] = Default::default();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut dirty = false;
+        let mut seen_rejections: std::collections::HashSet<[u8; 33]> =
+            std::collections::HashSet::new();
 
         // Only this writer changes the tail, so one read guard serves the whole batch; it is
         // released before the commit, after which the tail is updated.
         let tail = self.read_tail();
         for item in batch {
-            let outcome = self.decide(&item, now, &mut staged, &runs, &w.versions, &tail)?;
+            let outcome = self.decide(
+                &item,
+                from_ledger,
+                now,
+                &mut staged,
+                &runs,
+                &w.versions,
+                &tail,
+            )?;
             match outcome {
                 Decision::Outcome(o) => {
-                    if let AppendOutcome::Rejected(r) = &o {
-                        let raw = item.raw.unwrap_or_else(|| encode_event(&item.event));
+                    let rejected = match &o {
+                        AppendOutcome::Rejected(r) => {
+                            let raw = item.raw.unwrap_or_else(|| encode_event(&item.event));
+                            let digest =
+                                layout::rejection_digest_key(r.code.as_str(), &item.origin, &raw);
+                            // One record per distinct input: a redelivery is not recorded again.
+                            self.first_rejection(&digest, &seen_rejections)?
+                                .then_some((r, raw, digest))
+                        }
+                        _ => None,
+                    };
+                    if let Some((r, raw, digest)) = rejected {
+                        seen_rejections.insert(digest);
+                        sb.insert(&digest[..], &next_rejection.to_be_bytes());
                         let rec = RejectionRecord {
                             sequence: next_rejection,
                             rejection: r.clone(),

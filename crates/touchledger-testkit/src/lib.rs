@@ -20,6 +20,8 @@ pub struct NatsServer {
     dir: TempDir,
     child: Option<Child>,
     binary: PathBuf,
+    /// A configuration file (`-c`) and the environment it expands (`$NAME`), if any.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 /// Why a server could not be started.
@@ -66,8 +68,27 @@ impl NatsServer {
         Self::try_start().unwrap_or_else(|e| panic!("cannot start nats-server for the test: {e}"))
     }
 
+    /// Start a server with a configuration file (e.g. `deploy/nats/roles.conf`) whose `$NAME`
+    /// variables come from `env`; the listen address, port and JetStream store are still the
+    /// test's own.
+    pub fn start_with_config(config: &Path, env: &[(&str, &str)]) -> NatsServer {
+        Self::try_start_with(Some((
+            config.to_path_buf(),
+            env.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )))
+        .unwrap_or_else(|e| panic!("cannot start nats-server for the test: {e}"))
+    }
+
     /// Start a server, returning an error instead of panicking.
     pub fn try_start() -> Result<NatsServer, StartError> {
+        Self::try_start_with(None)
+    }
+
+    fn try_start_with(
+        config: Option<(PathBuf, Vec<(String, String)>)>,
+    ) -> Result<NatsServer, StartError> {
         let binary = nats_server_binary().ok_or_else(|| {
             StartError("nats-server not found (install Debian's nats-server, or set TOUCHLEDGER_NATS_SERVER)".into())
         })?;
@@ -80,6 +101,7 @@ impl NatsServer {
             dir,
             child: None,
             binary,
+            config,
         };
         s.spawn()?;
         Ok(s)
@@ -87,7 +109,12 @@ impl NatsServer {
 
     fn spawn(&mut self) -> Result<(), StartError> {
         let store = self.dir.path().join("jetstream");
-        let child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        if let Some((path, env)) = &self.config {
+            cmd.arg("-c").arg(path);
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        let child = cmd
             .args([
                 "-a",
                 "127.0.0.1",

@@ -1,0 +1,226 @@
+//! NATS roles (issue #17): a real nats-server with `deploy/nats/roles.conf` exactly as shipped,
+//! `touchledger serve` as the `ledger` user, and each other role doing its job and being
+//! refused the rest. A refusal is the server's "Permissions Violation" error, awaited on the
+//! client's event channel (no sleeps); the ledger itself must cause none.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use prost::Message;
+use tokio::sync::mpsc;
+use touchledger_client::{Ledger, ReplayFilter};
+use touchledger_proto::{encode_event, v1};
+use touchledger_testkit::{NatsServer, free_port};
+
+use crate::service_crash::CHILD_ENV;
+use crate::support::purchase;
+
+const PASSWORDS: [(&str, &str); 4] = [
+    ("TOUCHLEDGER_LEDGER_PASSWORD", "l-pw"),
+    ("TOUCHLEDGER_PUBLISHER_PASSWORD", "p-pw"),
+    ("TOUCHLEDGER_DASHBOARD_PASSWORD", "d-pw"),
+    ("TOUCHLEDGER_AUDITOR_PASSWORD", "a-pw"),
+];
+
+/// A connection as `user`, with the server's errors (permission violations) on a channel.
+async fn connect_as(
+    server: &NatsServer,
+    user: &str,
+    password: &str,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = e {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(server.url())
+        .await
+        .expect("connect");
+    (client, rx)
+}
+
+/// The next server error must be a permissions violation naming `subject`.
+async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, subject: &str) {
+    let e = tokio::time::timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{subject}: no refusal within 10 s"))
+        .expect("error channel");
+    assert!(
+        e.to_lowercase().contains("permissions violation") && e.contains(subject),
+        "{subject}: {e}"
+    );
+}
+
+fn spawn_serve(data: &std::path::Path, url: &str) -> Child {
+    let http = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "--data",
+        data.to_str().expect("utf8"),
+        "--nats-url",
+        url,
+        "--user",
+        "ledger",
+        "--password",
+        "l-pw",
+        "--fetch-wait-ms",
+        "20",
+        "--http-addr",
+        &http,
+    ]
+    .join("\u{1f}");
+    Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "service_crash::serve_child_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn serve")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_does_its_job_and_is_refused_the_rest() {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/roles.conf");
+    let server = NatsServer::start_with_config(&conf, &PASSWORDS);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serve = spawn_serve(&dir.path().join("ledger"), &server.url());
+
+    // Publisher: a touchpoint through JetStream (waiting until the ledger made its streams),
+    // then a synchronous append.
+    let (publisher, mut publisher_errors) = connect_as(&server, "publisher", "p-pw").await;
+    let js = jetstream::new(publisher.clone());
+    let e = purchase("roles-1", "c1", 1299);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent = js
+            .publish("crm.touchpoint.purchase.c1", encode_event(&e).into())
+            .await
+            .expect("publish");
+        match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            Ok(Ok(_)) => break,
+            _ if tokio::time::Instant::now() < deadline => {}
+            other => panic!("the touchpoint was never acknowledged: {other:?}"),
+        }
+    }
+    let ledger = Ledger::new(publisher.clone(), "crm");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let appended = loop {
+        match ledger
+            .append(vec![(purchase("roles-2", "c1", 500), None)])
+            .await
+        {
+            Ok(o) => break o,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("synchronous append as publisher: {e}"),
+        }
+    };
+    assert!(
+        matches!(
+            appended[0],
+            touchledger_client::AppendOutcome::Appended { .. }
+                | touchledger_client::AppendOutcome::Duplicate { .. }
+        ),
+        "{appended:?}"
+    );
+    for subject in [
+        "crm.ledger.event.purchase.c1",
+        "crm.view.churn.c1",
+        "crm.alert.churn.c1",
+    ] {
+        publisher
+            .publish(subject, "forged".into())
+            .await
+            .expect("publish");
+        publisher.flush().await.expect("flush");
+        refused(&mut publisher_errors, subject).await;
+    }
+    let _sub = publisher.subscribe("crm.view.>").await.expect("subscribe");
+    refused(&mut publisher_errors, "crm.view.>").await;
+
+    // Auditor: replays the history (both events, once the intake stored the first).
+    let (auditor, mut auditor_errors) = connect_as(&server, "auditor", "a-pw").await;
+    let audit = Ledger::new(auditor.clone(), "crm");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut ids = Vec::new();
+        audit
+            .replay(&ReplayFilter::default(), |r| {
+                ids.push(r.event.event_id.clone());
+                Ok(())
+            })
+            .await
+            .expect("replay as auditor");
+        if ids.len() == 2 {
+            ids.sort();
+            assert_eq!(ids, ["roles-1", "roles-2"]);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "replay saw {ids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    auditor
+        .publish("crm.touchpoint.purchase.c9", "x".into())
+        .await
+        .expect("publish");
+    auditor.flush().await.expect("flush");
+    refused(&mut auditor_errors, "crm.touchpoint.purchase.c9").await;
+    auditor
+        .publish("crm.ledger.append", "x".into())
+        .await
+        .expect("publish");
+    auditor.flush().await.expect("flush");
+    refused(&mut auditor_errors, "crm.ledger.append").await;
+
+    // Dashboard: a query, alerts and views; no touchpoints, no appends.
+    let (dashboard, mut dashboard_errors) = connect_as(&server, "dashboard", "d-pw").await;
+    let _views = dashboard.subscribe("crm.view.>").await.expect("subscribe");
+    let _alerts = dashboard.subscribe("crm.alert.>").await.expect("subscribe");
+    let req = v1::QueryRequest {
+        customer_id: "c1".into(),
+        ..Default::default()
+    };
+    let reply = dashboard
+        .request("crm.query.loyalty", req.encode_to_vec().into())
+        .await
+        .expect("query as dashboard");
+    let reply = v1::QueryReply::decode(reply.payload.as_ref()).expect("reply");
+    assert!(
+        matches!(reply.result, Some(v1::query_reply::Result::Loyalty(_))),
+        "{reply:?}"
+    );
+    dashboard
+        .publish("crm.touchpoint.purchase.c1", "x".into())
+        .await
+        .expect("publish");
+    dashboard.flush().await.expect("flush");
+    refused(&mut dashboard_errors, "crm.touchpoint.purchase.c1").await;
+    let _sub = dashboard
+        .subscribe("crm.ledger.event.>")
+        .await
+        .expect("subscribe");
+    refused(&mut dashboard_errors, "crm.ledger.event.>").await;
+
+    // The ledger itself ran on its grants alone: the server logged no violation for it.
+    let pid = serve.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let exit = serve.wait().expect("wait");
+    assert!(exit.success(), "serve as the ledger user: {exit}");
+    let log = server.log();
+    let ledger_violations: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Violation") && l.contains("\"ledger\""))
+        .collect();
+    assert!(ledger_violations.is_empty(), "{ledger_violations:#?}");
+}
