@@ -3,7 +3,8 @@
 # Integration tests use real sled directories in temp dirs and real nats-server processes that the
 # test kit starts on free ports (never the machine's shared server); nats-server is installed from
 # the distribution's packages if it is missing. Then the browser tests of the dashboard
-# (tests/browser/run.sh; screenshots in target/browser-artefacts/).
+# (tests/browser/run.sh; screenshots in target/browser-artefacts/), and the HTTP API under
+# schemathesis (tests/api/schemathesis.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,3 +17,5 @@ export TOUCHLEDGER_NATS_SERVER
 cargo test --workspace --locked "$@"
 # The dashboard in headless Chromium (installs chromium and playwright-core when missing).
 bash tests/browser/run.sh
+# The HTTP API fuzzed against its OpenAPI document (schemathesis, pinned, in a venv under target/).
+bash tests/api/schemathesis.sh

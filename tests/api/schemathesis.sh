@@ -53,12 +53,16 @@ done
 mkdir -p "$root/target/schemathesis"
 status=0
 # The live feed (/api/v1/events) is an endless stream: excluded. Everything else, in positive
-# and negative mode, with the token.
+# and negative mode, with the token. Every check but negative_data_rejection: the `as_of`
+# pattern states a guaranteed part of the accepted instants (a regular expression cannot state
+# the calendar and the 64-bit range exactly), so some pattern-violating dates are rightly
+# accepted; schema-valid data must be accepted (positive_data_acceptance).
 "$venv/bin/st" run "$base/api/v1/openapi.json" \
   --url "$base" \
   -H "Authorization: Bearer $token" \
   --exclude-path "/api/v1/events" \
   --checks all \
+  --exclude-checks negative_data_rejection \
   --max-examples "$EXAMPLES" \
   --seed 20261204 \
   --workers 2 \

@@ -18,5 +18,6 @@ mod service_crash;
 mod storage;
 mod support;
 mod tamper;
+mod tls;
 mod validation;
 mod views;
