@@ -496,6 +496,39 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+
+        /// Money sums at the validation ceiling are exact; beyond anything validation lets
+        /// through they saturate, never wrap (two purchases of i64::MAX once showed as −2).
+        #[test]
+        fn money_sums_are_exact_at_the_ceiling_and_never_wrap(
+            at_ceiling in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(0i64),
+                    proptest::strategy::Just(crate::ValidationPolicy::default().max_amount_minor),
+                    0..=crate::ValidationPolicy::default().max_amount_minor,
+                ],
+                1..300,
+            ),
+            huge in proptest::collection::vec(0..=i64::MAX, 1..8),
+        ) {
+            for (amounts, tag) in [(&at_ceiling, "c"), (&huge, "h")] {
+                let mut l = Log::default();
+                for (i, a) in amounts.iter().enumerate() {
+                    l.purchase(&format!("{tag}{i}"), 1 + (i % 50) as i64, *a);
+                }
+                let b = Behaviour::of(&l.facts, AsOf::business(day(100)), 365);
+                let exact: i128 = amounts.iter().map(|a| i128::from(*a)).sum();
+                let got = b.monetary.get("USD").copied().unwrap_or(0);
+                proptest::prop_assert!(got >= 0);
+                proptest::prop_assert_eq!(i128::from(got), exact.min(i128::from(i64::MAX)));
+                let window = b.monetary_window.get("USD").copied().unwrap_or(0);
+                proptest::prop_assert_eq!(i128::from(window), exact.min(i128::from(i64::MAX)));
+            }
+        }
+    }
+
     #[test]
     fn behaviour_counts_purchase_days_and_money() {
         let mut l = Log::default();
