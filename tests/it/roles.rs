@@ -57,17 +57,15 @@ async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, subject: &str) {
     );
 }
 
+/// serve as the `ledger` user, its credentials inside the URL (`nats://ledger:l-pw@…`).
 fn spawn_serve(data: &std::path::Path, url: &str) -> Child {
     let http = format!("127.0.0.1:{}", free_port());
+    let url = url.replacen("nats://", "nats://ledger:l-pw@", 1);
     let args = [
         "--data",
         data.to_str().expect("utf8"),
         "--nats-url",
-        url,
-        "--user",
-        "ledger",
-        "--password",
-        "l-pw",
+        &url,
         "--fetch-wait-ms",
         "20",
         "--http-addr",
@@ -211,6 +209,39 @@ async fn each_role_does_its_job_and_is_refused_the_rest() {
         .await
         .expect("subscribe");
     refused(&mut dashboard_errors, "crm.ledger.event.>").await;
+
+    // A wrong password in the URL fails with an error that never shows it.
+    let wrong = server
+        .url()
+        .replacen("nats://", "nats://auditor:wr0ng-s3cret@", 1);
+    let (code, out, err) = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let code = touchledger_cli::run(
+            [
+                "touchledger",
+                "replay",
+                "--remote",
+                "--nats-url",
+                wrong.as_str(),
+            ],
+            &mut out,
+            &mut err,
+        );
+        (
+            code,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        )
+    })
+    .join()
+    .expect("cli thread");
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        !err.contains("wr0ng-s3cret") && !out.contains("wr0ng-s3cret"),
+        "{err}"
+    );
+    assert!(err.contains("***@"), "the URL is shown redacted: {err}");
 
     // The ledger itself ran on its grants alone: the server logged no violation for it.
     let pid = serve.id().to_string();

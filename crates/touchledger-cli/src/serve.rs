@@ -136,15 +136,17 @@ impl NatsArgs {
         }
         // retry_on_initial_connect makes connect return at once; wait for the first connection
         // so that a wrong URL is reported rather than retried silently forever.
+        // Messages show the URL as given, with any credentials in it redacted.
+        let shown = redact_url(&self.nats_url);
         let client = o
             .connect(urls.as_str())
             .await
-            .with_context(|| format!("connecting to {urls}"))?;
+            .with_context(|| format!("connecting to {shown}"))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while client.connection_state() != async_nats::connection::State::Connected {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "no connection to {urls} after 10 s (wrong address, refused credentials or TLS settings; the server's log says which)"
+                    "no connection to {shown} after 10 s (wrong address, refused credentials or TLS settings; the server's log says which)"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
