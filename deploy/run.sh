@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main command: build touchledger, make sure a NATS server with JetStream is
 # reachable (start a local one on the given port with its data in ./data/nats if none answers,
-# installing Debian's nats-server package if missing), run `touchledger serve` on the embedded
+# with a nats-server >= 2.12 from deploy/ensure-nats-server.sh, which installs the pinned release
+# when the machine has none), run `touchledger serve` on the embedded
 # sled store in ./data/ledger (ledger, read models, HTTP API and dashboard), start the seeded demo
 # traffic, and print the dashboard's URL. Ctrl-C stops everything cleanly (and the NATS server
 # this script started).
@@ -22,14 +23,32 @@ cargo build --release --locked -p touchledger-cli
 BIN=./target/release/touchledger
 
 reachable() { (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; }
+# The version in the server's INFO greeting (empty when it cannot be read).
+greeting_version() {
+  ( exec 3<>"/dev/tcp/$HOST/$PORT" && read -r -t 2 line <&3 && echo "$line" ) 2>/dev/null \
+    | sed -n 's/.*"version":"\([0-9][0-9.]*\)".*/\1/p' || true
+}
+MIN="$(sed -n 's/^MIN=//p' deploy/ensure-nats-server.sh)"
 
 NATS_PID=""
+start_own=1
 if reachable; then
-  echo "using the NATS server at $URL"
-else
+  found="$(greeting_version)"
+  if [ -n "$found" ] && printf '%s\n%s\n' "$MIN" "$found" | sort -V -C; then
+    echo "using the NATS server at $URL (nats-server $found)"
+    start_own=0
+  else
+    # A server is there but too old for the ledger (e.g. Debian's 2.9): leave it alone and start
+    # a current one on the next free port.
+    echo "the NATS server at $HOST:$PORT is ${found:-of unknown version}; touchledger needs $MIN or newer" >&2
+    while reachable; do PORT=$((PORT + 1)); done
+    URL="nats://$HOST:$PORT"
+  fi
+fi
+if [ "$start_own" = 1 ]; then
   SERVER="$(bash deploy/ensure-nats-server.sh)"
   mkdir -p ./data/nats
-  echo "no NATS server at $URL; starting $SERVER with JetStream (data in ./data/nats)"
+  echo "starting $SERVER with JetStream on $HOST:$PORT (data in ./data/nats)"
   "$SERVER" -c deploy/nats/single.conf -a "$HOST" -p "$PORT" -sd ./data/nats -l ./data/nats/server.log &
   NATS_PID=$!
   trap '[ -n "$NATS_PID" ] && kill "$NATS_PID" 2>/dev/null || true' EXIT

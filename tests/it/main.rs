@@ -14,6 +14,7 @@ mod model;
 mod nats;
 mod projector;
 mod roles;
+mod server;
 mod service_crash;
 mod storage;
 mod support;

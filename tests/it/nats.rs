@@ -364,6 +364,21 @@ async fn client_replay_equals_offline_replay_and_follow_sees_commits() {
     let ledger = start_ledger(&server).await;
     let client = Client::new(ledger.client.clone(), "crm");
 
+    // A replay nobody serves (a wrong prefix, a ledger still starting) fails at once with a
+    // clear error rather than after the request timeout.
+    let nobody = Client::new(ledger.client.clone(), "nobody");
+    let started = std::time::Instant::now();
+    let err = nobody
+        .replay(&ReplayFilter::default(), |_| Ok(()))
+        .await
+        .expect_err("no ledger serves the prefix");
+    assert!(err.to_string().contains("no responders"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
     // 3,000 generated events appended through the client in batches of 250.
     let mut buf = Vec::new();
     let spec = touchledger_cli::generate::GenSpec {

@@ -308,17 +308,37 @@ pub(crate) fn count_outcomes(path: &'static str, outcomes: &[touchledger_store::
     }
 }
 
-/// Check that the connected server is ≥ 2.9 (what this build is tested against).
+/// The oldest nats-server this build runs against. 2.12 brought what the ledger uses: stream
+/// subject transforms with `partition()` (2.10), per-message TTL for leases (2.11) and atomic
+/// batch publish (2.12), with the clustered expected-sequence fixes of the 2.9.21+ line.
+/// `deploy/ensure-nats-server.sh` (`MIN`) and the test kit require the same (a test checks).
+pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 12, 0);
+
+/// Check that the connected server is at least [`MIN_SERVER_VERSION`]; the error names the
+/// version found.
 pub fn check_server(client: &async_nats::Client) -> Result<String, BusError> {
     let version = client.server_info().version;
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if (major, minor) < (2, 9) {
+    if parse_server_version(&version) < MIN_SERVER_VERSION {
+        let (a, b, c) = MIN_SERVER_VERSION;
         return Err(BusError::UnsupportedServer(format!(
-            "nats-server {version}; 2.9 or newer is required"
+            "nats-server {version}; {a}.{b}.{c} or newer is required \
+             (deploy/ensure-nats-server.sh installs a current one)"
         )));
     }
     Ok(version)
+}
+
+/// `2.15.1`, `2.12.0-RC.1` → (major, minor, patch); unparsable parts count as 0.
+pub fn parse_server_version(version: &str) -> (u32, u32, u32) {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
 }
 
 /// Create or update the intake and feed streams (idempotent).

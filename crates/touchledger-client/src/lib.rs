@@ -442,6 +442,14 @@ impl Ledger {
                 .await
                 .map_err(|_| err("timed out waiting for the next chunk".into()))?
                 .ok_or_else(|| err("subscription closed".into()))?;
+            // The server answers a request nobody is subscribed to with a status, not silence:
+            // say so at once instead of waiting for the timeout (a ledger still starting, or
+            // the wrong prefix).
+            if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Err(err(
+                    "no responders: no ledger serves replay on this subject (yet)".into(),
+                ));
+            }
             let chunk = v1::ReplayChunk::decode(m.payload.as_ref())
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
             if let Some(r) = chunk.error {

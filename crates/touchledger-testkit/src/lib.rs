@@ -2,9 +2,11 @@
 //! JetStream store in a temp directory, that tests can kill (SIGKILL) and restart on the same
 //! port and store; the process is killed and the directory removed on drop.
 //!
-//! Key decision: no mocks. The server binary is found from `TOUCHLEDGER_NATS_SERVER`, then
-//! `PATH`, then `/usr/sbin/nats-server` (Debian's package); `deploy/test.sh` installs the package
-//! when it is missing. The machine's shared server on 4222 is never touched.
+//! Key decision: no mocks. The server binary is found from `TOUCHLEDGER_NATS_SERVER`, then the
+//! pinned release that `deploy/ensure-nats-server.sh` installs under `target/tools/`, then `PATH`,
+//! then `/usr/sbin/nats-server`; a server older than [`MIN_SERVER_VERSION`] is refused with its
+//! version named (`deploy/test.sh` always sets `TOUCHLEDGER_NATS_SERVER` to a usable one). The
+//! machine's shared server on 4222 is never touched.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
@@ -36,10 +38,27 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// The oldest nats-server the tests accept: the same as the ledger's own start-up check
+/// (`touchledger_bus::MIN_SERVER_VERSION`) and `MIN` in `deploy/ensure-nats-server.sh`.
+pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 12, 0);
+
 /// Locate the `nats-server` binary.
 pub fn nats_server_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TOUCHLEDGER_NATS_SERVER") {
         return Some(PathBuf::from(p));
+    }
+    // The pinned release installed by deploy/ensure-nats-server.sh (newest first).
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools");
+    if let Ok(dirs) = std::fs::read_dir(&tools) {
+        let mut found: Vec<PathBuf> = dirs
+            .filter_map(|d| d.ok())
+            .map(|d| d.path().join("bin/nats-server"))
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        if let Some(p) = found.pop() {
+            return Some(p);
+        }
     }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
@@ -51,6 +70,32 @@ pub fn nats_server_binary() -> Option<PathBuf> {
     }
     let debian = Path::new("/usr/sbin/nats-server");
     debian.is_file().then(|| debian.to_path_buf())
+}
+
+/// The version a `nats-server` binary reports (`nats-server: v2.15.1`).
+pub fn server_version(binary: &Path) -> Result<(u32, u32, u32), StartError> {
+    let out = Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|e| StartError(format!("running {} --version: {e}", binary.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_version(&text).ok_or_else(|| {
+        StartError(format!(
+            "{} --version printed {:?}, not a version",
+            binary.display(),
+            text.trim()
+        ))
+    })
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let v = text.trim().rsplit(' ').next()?.trim_start_matches('v');
+    let mut parts = v.split(['.', '-']).map(|p| p.parse::<u32>());
+    Some((
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next().and_then(|p| p.ok()).unwrap_or(0),
+    ))
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the race window is tiny).
@@ -90,8 +135,22 @@ impl NatsServer {
         config: Option<(PathBuf, Vec<(String, String)>)>,
     ) -> Result<NatsServer, StartError> {
         let binary = nats_server_binary().ok_or_else(|| {
-            StartError("nats-server not found (install Debian's nats-server, or set TOUCHLEDGER_NATS_SERVER)".into())
+            StartError(
+                "nats-server not found (run `bash deploy/ensure-nats-server.sh`, or set TOUCHLEDGER_NATS_SERVER)"
+                    .into(),
+            )
         })?;
+        let version = server_version(&binary)?;
+        if version < MIN_SERVER_VERSION {
+            let (a, b, c) = version;
+            let (x, y, z) = MIN_SERVER_VERSION;
+            return Err(StartError(format!(
+                "{} is nats-server {a}.{b}.{c}; the tests need {x}.{y}.{z} or newer \
+                 (`bash deploy/ensure-nats-server.sh` installs the pinned release and prints its path \
+                 for TOUCHLEDGER_NATS_SERVER)",
+                binary.display()
+            )));
+        }
         let dir = tempfile::Builder::new()
             .prefix("touchledger-nats-")
             .tempdir()
@@ -210,6 +269,14 @@ impl Drop for NatsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(parse_version("nats-server: v2.15.1\n"), Some((2, 15, 1)));
+        assert_eq!(parse_version("nats-server: v2.9.10"), Some((2, 9, 10)));
+        assert_eq!(parse_version("nats-server: v2.12.0-RC.1"), Some((2, 12, 0)));
+        assert_eq!(parse_version("nonsense"), None);
+    }
 
     #[test]
     fn starts_kills_and_restarts_on_the_same_port() {
