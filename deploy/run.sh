@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: build touchledger, make sure a NATS server with JetStream is
 # reachable (start a local one on the given port with its data in ./data/nats if none answers,
-# with a nats-server >= 2.12 from deploy/ensure-nats-server.sh, which installs the pinned release
+# with a nats-server >= 2.10 from deploy/ensure-nats-server.sh, which installs the pinned release
 # when the machine has none), run `touchledger serve` on the embedded
 # sled store in ./data/ledger (ledger, read models, HTTP API and dashboard), start the seeded demo
 # traffic, and print the dashboard's URL. Ctrl-C stops everything cleanly (and the NATS server

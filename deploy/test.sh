@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: runs every unit and integration test of the workspace.
 # Integration tests use real sled directories in temp dirs and real nats-server processes that the
-# test kit starts on free ports (never the machine's shared server); a nats-server >= 2.12 is found
+# test kit starts on free ports (never the machine's shared server); a nats-server >= 2.10 is found
 # or the pinned release installed by deploy/ensure-nats-server.sh (ADR 0008). Then the browser tests of the dashboard
 # (tests/browser/run.sh; screenshots in target/browser-artefacts/), and the HTTP API under
 # schemathesis (tests/api/schemathesis.sh).

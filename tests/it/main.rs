@@ -12,6 +12,7 @@ mod fuzz;
 mod http;
 mod model;
 mod nats;
+mod partition;
 mod projector;
 mod roles;
 mod server;

@@ -42,11 +42,22 @@ pub async fn run_intake(
         .get_stream(cfg.subjects.intake_stream())
         .await
         .map_err(|e| js_err("get intake stream")(&e))?;
+    // A partitioned ledger's partitions each have their own durable consumer on their own
+    // subjects; one partition (P = 1) keeps the plain name and takes everything.
+    let (name, filter) = if cfg.partition.count > 1 {
+        (
+            format!("{}-p{}", cfg.consumer, cfg.partition.index),
+            cfg.subjects.partition_touchpoints(cfg.partition.index),
+        )
+    } else {
+        (cfg.consumer.clone(), String::new())
+    };
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
-            &cfg.consumer,
+            &name,
             pull::Config {
-                durable_name: Some(cfg.consumer.clone()),
+                durable_name: Some(name.clone()),
+                filter_subject: filter,
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: cfg.ack_wait,
                 max_ack_pending: (cfg.batch as i64 * 4).max(1000),
@@ -55,7 +66,7 @@ pub async fn run_intake(
         )
         .await
         .map_err(|e| js_err("intake consumer")(&e))?;
-    tracing::info!(stream = %cfg.subjects.intake_stream(), consumer = %cfg.consumer, "intake started");
+    tracing::info!(stream = %cfg.subjects.intake_stream(), consumer = %name, partition = %cfg.partition, "intake started");
 
     // One continuous pull: the client keeps about a batch requested ahead, so JetStream
     // delivers the next batch while this one is being stored (the store's fsync and the
@@ -195,7 +206,22 @@ async fn process(
             Ok(i) => format!("nats:{}#{}", m.subject, i.stream_sequence),
             Err(_) => format!("nats:{}", m.subject),
         };
-        match touchledger_proto::decode_event(&m.payload) {
+        // The subject must name the event's own kind and customer. An event that is invalid in
+        // itself goes on to the store and gets its own code (a customer id that cannot be a
+        // subject token is CUSTOMER_ID_INVALID, not a mismatch).
+        let decoded = touchledger_proto::decode_event(&m.payload).and_then(|event| {
+            let store_cfg = store.config();
+            if event
+                .validate(&store_cfg.validation, (store_cfg.clock)())
+                .is_err()
+            {
+                return Ok(event);
+            }
+            cfg.subjects
+                .check_touchpoint_subject(cfg.partition, &m.subject, &event)
+                .map(|()| event)
+        });
+        match decoded {
             Ok(event) => {
                 slots.push(Ok(items.len()));
                 items.push(AppendItem {

@@ -28,6 +28,7 @@ pub use async_nats;
 use async_nats::jetstream::{self, stream};
 use tokio_util::sync::CancellationToken;
 use touchledger_domain::EventKind;
+use touchledger_domain::partition::PartitionId;
 use touchledger_store::SledStore;
 
 pub use append::serve_append;
@@ -85,6 +86,80 @@ impl Subjects {
     /// `<prefix>.touchpoint.>`: the intake stream's subjects.
     pub fn touchpoints(&self) -> String {
         format!("{}.touchpoint.>", self.prefix)
+    }
+
+    /// `<prefix>.touchpoint.*.*`: the intake stream's subjects in a partitioned ledger (P > 1):
+    /// exactly `<kind>.<customer>`, which the stream's subject transform routes.
+    pub fn partitioned_touchpoints(&self) -> String {
+        format!("{}.touchpoint.*.*", self.prefix)
+    }
+
+    /// The intake stream's subject transform in a ledger of `partitions` partitions: the server
+    /// stores `<prefix>.touchpoint.<kind>.<customer>` as
+    /// `<prefix>.touchpoint.<partition>.<kind>.<customer>`, where `<partition>` is
+    /// [`touchledger_domain::partition::partition_of`] of the customer token (the same FNV-1a,
+    /// computed by the server).
+    pub fn partition_transform(&self, partitions: u32) -> stream::SubjectTransform {
+        stream::SubjectTransform {
+            source: self.partitioned_touchpoints(),
+            destination: format!(
+                "{}.touchpoint.{{{{partition({partitions},2)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+                self.prefix
+            ),
+        }
+    }
+
+    /// `<prefix>.touchpoint.<n>.*.*`: the stored touchpoints of partition `n` (what its intake
+    /// consumer filters on).
+    pub fn partition_touchpoints(&self, n: u32) -> String {
+        format!("{}.touchpoint.{n}.*.*", self.prefix)
+    }
+
+    /// Check that a stored touchpoint's subject names the event's own kind and customer (and,
+    /// when partitioned, the customer's partition). NATS routes by the subject, so a
+    /// disagreement would file the event under another customer's partition.
+    pub fn check_touchpoint_subject(
+        &self,
+        partition: PartitionId,
+        subject: &str,
+        event: &touchledger_domain::Event,
+    ) -> Result<(), touchledger_domain::Rejection> {
+        let mismatch = |reason: String| touchledger_domain::Rejection {
+            code: touchledger_domain::RejectCode::SubjectMismatch,
+            field: "subject".into(),
+            reason,
+        };
+        let rest = subject
+            .strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix(".touchpoint."))
+            .ok_or_else(|| mismatch(format!("{subject} is not a touchpoint subject")))?;
+        let tokens: Vec<&str> = rest.split('.').collect();
+        let (kind, customer) = match (partition.count, tokens.as_slice()) {
+            (1, [kind, customer]) => (*kind, *customer),
+            (p, [n, kind, customer]) if p > 1 => {
+                let expected = touchledger_domain::partition::partition_of(&event.customer_id, p);
+                if n.parse::<u32>().ok() != Some(expected) {
+                    return Err(mismatch(format!(
+                        "{subject} was routed to partition {n}; customer {} belongs to partition {expected} of {p}",
+                        event.customer_id
+                    )));
+                }
+                (*kind, *customer)
+            }
+            _ => {
+                return Err(mismatch(format!(
+                    "{subject} is not <prefix>.touchpoint.<kind>.<customer>"
+                )));
+            }
+        };
+        if customer != event.customer_id || kind != event.kind().as_str() {
+            return Err(mismatch(format!(
+                "published on {subject}, but the event is a {} of customer {}",
+                event.kind().as_str(),
+                event.customer_id
+            )));
+        }
+        Ok(())
     }
 
     /// `<prefix>.ledger.append`: synchronous append requests.
@@ -215,6 +290,11 @@ pub struct BusConfig {
     pub dead_letter_max_bytes: usize,
     /// Replays served at the same time; further requests wait. Default 4.
     pub max_concurrent_replays: usize,
+    /// The partition this ledger's store holds, and the ledger's partition count. Default
+    /// [`PartitionId::SINGLE`]: one partition, the intake stream unchanged. With P > 1 the intake
+    /// stream routes each touchpoint to its customer's partition (a subject transform) and this
+    /// ledger's intake consumer (`<consumer>-p<n>`) takes only its own partition.
+    pub partition: PartitionId,
 }
 
 impl Default for BusConfig {
@@ -232,6 +312,7 @@ impl Default for BusConfig {
             deadletter_max_age: Duration::from_secs(30 * 24 * 3600),
             dead_letter_max_bytes: 64 * 1024,
             max_concurrent_replays: 4,
+            partition: PartitionId::SINGLE,
         }
     }
 }
@@ -308,11 +389,12 @@ pub(crate) fn count_outcomes(path: &'static str, outcomes: &[touchledger_store::
     }
 }
 
-/// The oldest nats-server this build runs against. 2.12 brought what the ledger uses: stream
-/// subject transforms with `partition()` (2.10), per-message TTL for leases (2.11) and atomic
-/// batch publish (2.12), with the clustered expected-sequence fixes of the 2.9.21+ line.
+/// The oldest nats-server this build runs against: 2.10, the first with stream subject
+/// transforms and `partition()`, which route touchpoints to their partition (ADR 0008). The
+/// tests run against the pinned 2.15.1 (and were run against 2.10.26). Raise this when the ledger
+/// uses a newer feature (per-message TTL 2.11, atomic batch publish 2.12).
 /// `deploy/ensure-nats-server.sh` (`MIN`) and the test kit require the same (a test checks).
-pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 12, 0);
+pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 10, 0);
 
 /// Check that the connected server is at least [`MIN_SERVER_VERSION`]; the error names the
 /// version found.
@@ -341,16 +423,29 @@ pub fn parse_server_version(version: &str) -> (u32, u32, u32) {
     )
 }
 
-/// Create or update the intake and feed streams (idempotent).
-pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
-    let intake = stream::Config {
+/// The intake stream: every touchpoint, kept `intake_max_age`; with P > 1 the server routes
+/// each one to its customer's partition on the way in
+/// ([`Subjects::partition_transform`]).
+pub fn intake_stream_config(cfg: &BusConfig) -> stream::Config {
+    let p = cfg.partition.count;
+    stream::Config {
         name: cfg.subjects.intake_stream(),
-        subjects: vec![cfg.subjects.touchpoints()],
+        subjects: vec![if p > 1 {
+            cfg.subjects.partitioned_touchpoints()
+        } else {
+            cfg.subjects.touchpoints()
+        }],
+        subject_transform: (p > 1).then(|| cfg.subjects.partition_transform(p)),
         storage: stream::StorageType::File,
         duplicate_window: cfg.duplicate_window,
         max_age: cfg.intake_max_age.max(cfg.duplicate_window * 2),
         ..Default::default()
-    };
+    }
+}
+
+/// Create or update the intake and feed streams (idempotent).
+pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
+    let intake = intake_stream_config(cfg);
     let deadletter = stream::Config {
         name: cfg.subjects.deadletter_stream(),
         subjects: vec![cfg.subjects.deadletters()],

@@ -532,6 +532,7 @@ where
                 Some(
                     StoreError::Locked { .. }
                     | StoreError::FormatMismatch { .. }
+                    | StoreError::PartitionMismatch { .. }
                     | StoreError::NotALedger { .. }
                     | StoreError::Unsupported { .. },
                 ) => EXIT_DATA_DIR,

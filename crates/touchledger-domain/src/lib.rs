@@ -11,6 +11,7 @@ pub mod event;
 pub mod facts;
 pub mod json;
 pub mod loyalty;
+pub mod partition;
 pub mod population;
 pub mod satisfaction;
 pub mod time;

@@ -76,11 +76,19 @@ pub enum RejectCode {
     RetractionTargetInvalid,
     /// The `event_id` was already stored with different content.
     EventIdConflict,
+    /// A touchpoint published on a subject that names another customer or kind than the event
+    /// (`<prefix>.touchpoint.<kind>.<customer>`): NATS routes by the subject, so the event would
+    /// land in the wrong customer's partition.
+    SubjectMismatch,
+    /// The event's customer belongs to another partition of a partitioned ledger than the store
+    /// it was sent to (a routing error of the caller: the partition is a function of
+    /// `customer_id`).
+    WrongPartition,
 }
 
 impl RejectCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [RejectCode; 28] = [
+    pub const ALL: [RejectCode; 30] = [
         RejectCode::DecodeFailed,
         RejectCode::FieldUnknown,
         RejectCode::FieldMissing,
@@ -109,6 +117,8 @@ impl RejectCode {
         RejectCode::RetractionTargetUnknown,
         RejectCode::RetractionTargetInvalid,
         RejectCode::EventIdConflict,
+        RejectCode::SubjectMismatch,
+        RejectCode::WrongPartition,
     ];
 
     /// The stable name.
@@ -142,6 +152,8 @@ impl RejectCode {
             RejectCode::RetractionTargetUnknown => "RETRACTION_TARGET_UNKNOWN",
             RejectCode::RetractionTargetInvalid => "RETRACTION_TARGET_INVALID",
             RejectCode::EventIdConflict => "EVENT_ID_CONFLICT",
+            RejectCode::SubjectMismatch => "SUBJECT_MISMATCH",
+            RejectCode::WrongPartition => "WRONG_PARTITION",
         }
     }
 

@@ -96,6 +96,19 @@ pub enum StoreError {
         detail: String,
     },
 
+    /// The directory holds another partition of a partitioned ledger than the one asked for, or
+    /// a ledger of another partition count. A ledger's partition count is fixed when it is
+    /// created; changing it is a migration (export, then re-append into a new ledger).
+    #[error("data directory {path} holds {found} of the ledger, not {expected}")]
+    PartitionMismatch {
+        /// The directory.
+        path: PathBuf,
+        /// What the directory holds.
+        found: touchledger_domain::partition::PartitionId,
+        /// What was asked for.
+        expected: touchledger_domain::partition::PartitionId,
+    },
+
     /// Preparing the data directory failed (listing it, moving a leftover into quarantine).
     #[error("cannot prepare data directory {path}: {source}")]
     Prepare {

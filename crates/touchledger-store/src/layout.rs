@@ -49,6 +49,10 @@ pub const TREE: &str = "ledger.v1";
 /// Meta key of the format version.
 pub const META_FORMAT: &[u8] = b"mformat";
 
+/// Meta key of the store's partition: `index` u32 BE ‖ `count` u32 BE. Absent in stores made
+/// before partitions existed, which are partition 0 of 1.
+pub const META_PARTITION: &[u8] = b"mpartition";
+
 /// Meta key of the customer-index watermark (u64 position).
 pub const META_CUSTOMER_INDEX: &[u8] = b"mcindex";
 

@@ -298,6 +298,11 @@ pub struct StoreConfig {
     /// refused with [`StoreError::StorageFull`] before anything is written. Default: the larger
     /// of 256 MiB and 5 % of the filesystem, plus twice the newest sled snapshot.
     pub space_reserve: SpaceReserve,
+    /// Which partition of the ledger this store holds, and the ledger's partition count. Stored
+    /// when the store is created and checked on every open
+    /// ([`StoreError::PartitionMismatch`]); an event of a customer of another partition is
+    /// rejected (`WRONG_PARTITION`). Default [`PartitionId::SINGLE`] (an unpartitioned ledger).
+    pub partition: touchledger_domain::partition::PartitionId,
 }
 
 impl StoreConfig {
@@ -313,6 +318,7 @@ impl StoreConfig {
             customer_index_batch: 32_768,
             clock: Arc::new(Timestamp::now),
             space_reserve: SpaceReserve::default(),
+            partition: touchledger_domain::partition::PartitionId::SINGLE,
         }
     }
 }

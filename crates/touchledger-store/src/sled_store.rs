@@ -397,6 +397,11 @@ impl SledStore {
         })
     }
 
+    /// The partition this store holds.
+    pub fn partition(&self) -> touchledger_domain::partition::PartitionId {
+        self.config.partition
+    }
+
     fn open_prepared(
         config: StoreConfig,
         quarantined: Vec<crate::Quarantined>,
@@ -438,6 +443,7 @@ impl SledStore {
                 });
             }
         }
+        check_partition(&db, &tree, &config)?;
         write_marker(&config.path).map_err(|source| StoreError::Prepare {
             path: config.path.clone(),
             source,
@@ -1250,6 +1256,22 @@ impl SledStore {
                 ),
             ));
         }
+        if !from_ledger && !self.config.partition.owns(&e.customer_id) {
+            return reject(Rejection::new(
+                RejectCode::WrongPartition,
+                "customer_id",
+                format!(
+                    "customer {} belongs to partition {} of {}; this store holds {}",
+                    e.customer_id,
+                    touchledger_domain::partition::partition_of(
+                        &e.customer_id,
+                        self.config.partition.count
+                    ),
+                    self.config.partition.count,
+                    self.config.partition
+                ),
+            ));
+        }
         let envelope = encode_event(e);
         let digest = *blake3::hash(&envelope).as_bytes();
         let existing = match staged.get(&e.event_id) {
@@ -1631,4 +1653,41 @@ impl SledStore {
         }
         Ok(outcomes)
     }
+}
+
+/// Record the store's partition when it is new; refuse an open that asks for another one. A
+/// store without the record predates partitions and is partition 0 of 1.
+fn check_partition(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    config: &StoreConfig,
+) -> Result<(), StoreError> {
+    use touchledger_domain::partition::PartitionId;
+    let wanted = config.partition;
+    let found = match tree.get(layout::META_PARTITION)? {
+        Some(v) if v.len() == 8 => {
+            let index = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
+            let count = u32::from_be_bytes(v[4..].try_into().expect("4 bytes"));
+            PartitionId::new(index, count)
+                .map_err(|e| StoreError::corrupt("partition record", e))?
+        }
+        Some(_) => return Err(StoreError::corrupt("partition record", "not 8 bytes")),
+        None if load_head(tree)?.position == 0 => {
+            let mut v = [0u8; 8];
+            v[..4].copy_from_slice(&wanted.index.to_be_bytes());
+            v[4..].copy_from_slice(&wanted.count.to_be_bytes());
+            tree.insert(layout::META_PARTITION, &v)?;
+            db.flush()?;
+            wanted
+        }
+        None => PartitionId::SINGLE,
+    };
+    if found != wanted {
+        return Err(StoreError::PartitionMismatch {
+            path: config.path.clone(),
+            found,
+            expected: wanted,
+        });
+    }
+    Ok(())
 }

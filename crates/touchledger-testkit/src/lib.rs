@@ -40,7 +40,7 @@ impl std::error::Error for StartError {}
 
 /// The oldest nats-server the tests accept: the same as the ledger's own start-up check
 /// (`touchledger_bus::MIN_SERVER_VERSION`) and `MIN` in `deploy/ensure-nats-server.sh`.
-pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 12, 0);
+pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 10, 0);
 
 /// Locate the `nats-server` binary.
 pub fn nats_server_binary() -> Option<PathBuf> {
