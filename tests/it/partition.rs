@@ -283,3 +283,245 @@ fn an_unpartitioned_store_stays_partition_0_of_1() {
     let store = crate::support::fixed_clock_store(dir.path());
     assert_eq!(store.partition(), PartitionId::SINGLE);
 }
+
+/// `touchledger serve --partitions 4 --own …` as a child process.
+fn spawn_partition_serve(data: &std::path::Path, url: &str, own: &str) -> std::process::Child {
+    let args = [
+        "--data",
+        data.to_str().expect("utf8"),
+        "--nats-url",
+        url,
+        "--partitions",
+        "4",
+        "--own",
+        own,
+        "--batch",
+        "200",
+        "--fetch-wait-ms",
+        "20",
+    ]
+    .join("\u{1f}");
+    std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "service_crash::serve_child_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(crate::service_crash::CHILD_ENV, args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(data.with_extension(format!("{own}.log"))).expect("log file"))
+        .spawn()
+        .expect("spawn serve")
+}
+
+/// Until every partition's feed stream holds `want[n]` records and the partition's intake
+/// consumer has nothing pending or unacked (the ledgers run in other processes: their progress
+/// can only be observed through NATS).
+async fn wait_partitions_drained(js: &jetstream::Context, want: &[u64], timeout: Duration) {
+    let r = tokio::time::timeout(timeout, async {
+        'poll: loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for (n, &w) in want.iter().enumerate() {
+                let Ok(mut feed) = js.get_stream(format!("CRM_LEDGER_EVENTS_P{n}")).await else {
+                    continue 'poll;
+                };
+                let last = feed.info().await.expect("info").state.last_sequence;
+                let intake = js.get_stream("CRM_TOUCHPOINTS").await.expect("intake");
+                let Ok(mut c) = intake
+                    .get_consumer::<consumer::pull::Config>(&format!("touchledger-ledger-p{n}"))
+                    .await
+                else {
+                    continue 'poll;
+                };
+                let info = c.info().await.expect("consumer info");
+                if last != w || info.num_pending != 0 || info.num_ack_pending != 0 {
+                    continue 'poll;
+                }
+            }
+            return;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "partitions did not drain within {timeout:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_share_a_ledger_of_4_partitions_and_store_everything_once() {
+    const P: u32 = 4;
+    const PUBLISHERS: u32 = 4;
+    const PER: u32 = 2_500;
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("ledger");
+    let mut first = spawn_partition_serve(&data, &server.url(), "0-1");
+    let mut second = spawn_partition_serve(&data, &server.url(), "2,3");
+
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while js.get_stream("CRM_TOUCHPOINTS").await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no intake stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Four publishers: unique valid events of 240 customers, 10 % re-sent under a new message
+    // id (only the ledger can tell), 2 % undecodable.
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        // A context of its own per publisher: a context bounds the acks in flight (5,000).
+        let js = jetstream::new(client.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut unique: Vec<(String, String)> = Vec::new();
+            let mut bad = 0u64;
+            let mut acks = Vec::new();
+            for i in 0..PER {
+                let (subject, msg_id, bytes) = if i % 10 == 9 && !unique.is_empty() {
+                    let (id, customer) = unique[(i as usize * 7) % unique.len()].clone();
+                    let e = purchase(&id, &customer, 100);
+                    (
+                        format!("crm.touchpoint.purchase.{customer}"),
+                        format!("{id}-again-{i}"),
+                        encode_event(&e),
+                    )
+                } else if i % 50 == 25 {
+                    bad += 1;
+                    (
+                        format!("crm.touchpoint.purchase.{}", customer_id(i % 240)),
+                        format!("p{p}-bad-{i}"),
+                        b"\xff\x00not protobuf".to_vec(),
+                    )
+                } else {
+                    let id = format!("p{p}-e{i}");
+                    let customer = customer_id((p * 61 + i) % 240);
+                    unique.push((id.clone(), customer.clone()));
+                    (
+                        format!("crm.touchpoint.purchase.{customer}"),
+                        id.clone(),
+                        encode_event(&purchase(&id, &customer, 100)),
+                    )
+                };
+                let ack = js
+                    .send_publish(
+                        subject,
+                        async_nats::jetstream::message::PublishMessage::build()
+                            .payload(bytes.into())
+                            .message_id(msg_id),
+                    )
+                    .await
+                    .expect("publish");
+                acks.push(ack);
+                if acks.len() >= 1000 {
+                    for a in acks.drain(..) {
+                        a.await.expect("publish ack");
+                    }
+                }
+            }
+            for a in acks {
+                a.await.expect("publish ack");
+            }
+            (unique, bad)
+        }));
+    }
+    let mut unique = Vec::new();
+    let mut bad = 0;
+    for t in tasks {
+        let (u, b) = t.await.expect("publisher");
+        unique.extend(u);
+        bad += b;
+    }
+    let mut want = vec![0u64; P as usize];
+    for (_, customer) in &unique {
+        want[partition_of(customer, P) as usize] += 1;
+    }
+    wait_partitions_drained(&js, &want, Duration::from_secs(180)).await;
+
+    // Each partition's synchronous append and replay answer on its own subjects.
+    let ledger = touchledger_client::Ledger::new(client.clone(), "crm");
+    for n in 0..P {
+        let customer = (0..240)
+            .map(customer_id)
+            .find(|c| partition_of(c, P) == n)
+            .expect("a customer of the partition");
+        let part = ledger.in_partition(n);
+        let out = part
+            .append(vec![(purchase(&format!("sync-{n}"), &customer, 5), None)])
+            .await
+            .expect("append");
+        assert!(
+            matches!(
+                out[0],
+                touchledger_client::AppendOutcome::Appended { position, .. } if position == want[n as usize] + 1
+            ),
+            "partition {n}: {out:?}"
+        );
+        want[n as usize] += 1;
+        let mut count = 0u64;
+        let summary = part
+            .replay(&touchledger_client::ReplayFilter::default(), |r| {
+                assert_eq!(partition_of(&r.event.customer_id, P), n);
+                count += 1;
+                Ok(())
+            })
+            .await
+            .expect("replay");
+        assert_eq!(
+            (count, summary.head_position),
+            (want[n as usize], want[n as usize])
+        );
+    }
+
+    for child in [&mut first, &mut second] {
+        let pid = child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let exit = child.wait().expect("wait");
+        if !exit.success() {
+            let logs: Vec<String> = ["0-1", "2,3"]
+                .iter()
+                .map(|own| {
+                    std::fs::read_to_string(data.with_extension(format!("{own}.log")))
+                        .unwrap_or_default()
+                })
+                .collect();
+            panic!("serve: {exit}\n{}", logs.join("\n---\n"));
+        }
+    }
+
+    // Every unique valid event exactly once, in its customer's partition; every undecodable
+    // message in the rejections record of the partition its subject routed it to.
+    let mut stored = std::collections::HashSet::new();
+    let mut rejected = 0;
+    for n in 0..P {
+        let mut cfg = StoreConfig::new(data.join(format!("p{n}")));
+        cfg.partition = PartitionId::new(n, P).expect("layout");
+        let store = SledStore::open(cfg).expect("open partition");
+        assert_eq!(store.head().position, want[n as usize], "partition {n}");
+        for r in store.read(&Default::default()) {
+            let r = r.expect("record");
+            assert_eq!(partition_of(&r.event.customer_id, P), n);
+            assert!(
+                stored.insert(r.event.event_id.clone()),
+                "{} twice",
+                r.event.event_id
+            );
+        }
+        rejected += store.rejections().count() as u64;
+    }
+    assert_eq!(stored.len(), unique.len() + P as usize);
+    for (id, _) in &unique {
+        assert!(stored.contains(id), "{id} lost");
+    }
+    assert_eq!(rejected, bad);
+
+    // `verify` checks every partition's chain.
+    let d = data.to_str().expect("utf8");
+    let (code, out, err) = crate::cli::cli(&["verify", "--data", d, "--partitions", "4"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches(": OK: ").count(), 4, "{out}");
+    // The directory is a partitioned ledger: opening it as an unpartitioned one is refused.
+    let (code, _, err) = crate::cli::cli(&["verify", "--data", d]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("partitioned ledger"), "{err}");
+}

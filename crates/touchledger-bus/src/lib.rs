@@ -60,22 +60,50 @@ pub mod headers {
 }
 
 /// Subject layout under a prefix (default `crm`).
+///
+/// The ledger's own subjects and its feed stream belong to one partition's log. In an
+/// unpartitioned ledger they are `<prefix>.ledger.*` and `<PREFIX>_LEDGER_EVENTS`; in partition
+/// `n` of a partitioned ledger ([`Subjects::in_partition`]) they are `<prefix>.ledger.p<n>.*` and
+/// `<PREFIX>_LEDGER_EVENTS_P<n>`. Intake, dead letters, views, queries and alerts are shared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subjects {
     prefix: String,
+    partition: Option<u32>,
 }
 
 impl Subjects {
-    /// Subjects under `prefix`.
+    /// Subjects under `prefix` (an unpartitioned ledger).
     pub fn new(prefix: impl Into<String>) -> Self {
         Subjects {
             prefix: prefix.into(),
+            partition: None,
         }
+    }
+
+    /// The same layout for partition `n` of a partitioned ledger.
+    pub fn in_partition(&self, n: u32) -> Self {
+        Subjects {
+            prefix: self.prefix.clone(),
+            partition: Some(n),
+        }
+    }
+
+    /// The partition whose log these subjects address (`None`: an unpartitioned ledger).
+    pub fn partition(&self) -> Option<u32> {
+        self.partition
     }
 
     /// The prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// `<prefix>.ledger` or `<prefix>.ledger.p<n>`.
+    fn ledger(&self) -> String {
+        match self.partition {
+            None => format!("{}.ledger", self.prefix),
+            Some(n) => format!("{}.ledger.p{n}", self.prefix),
+        }
     }
 
     /// `<prefix>.touchpoint.<kind>.<customer>`: where producers publish.
@@ -162,34 +190,29 @@ impl Subjects {
         Ok(())
     }
 
-    /// `<prefix>.ledger.append`: synchronous append requests.
+    /// `<prefix>.ledger[.p<n>].append`: synchronous append requests.
     pub fn append(&self) -> String {
-        format!("{}.ledger.append", self.prefix)
+        format!("{}.append", self.ledger())
     }
 
-    /// `<prefix>.ledger.event.<kind>.<customer>`: committed events.
+    /// `<prefix>.ledger[.p<n>].event.<kind>.<customer>`: committed events.
     pub fn event(&self, kind: EventKind, customer: &str) -> String {
-        format!(
-            "{}.ledger.event.{}.{}",
-            self.prefix,
-            kind.as_str(),
-            customer
-        )
+        format!("{}.event.{}.{}", self.ledger(), kind.as_str(), customer)
     }
 
-    /// `<prefix>.ledger.event.>`: the feed stream's subjects.
+    /// `<prefix>.ledger[.p<n>].event.>`: the feed stream's subjects.
     pub fn events(&self) -> String {
-        format!("{}.ledger.event.>", self.prefix)
+        format!("{}.event.>", self.ledger())
     }
 
-    /// `<prefix>.ledger.replay`: replay requests.
+    /// `<prefix>.ledger[.p<n>].replay`: replay requests.
     pub fn replay(&self) -> String {
-        format!("{}.ledger.replay", self.prefix)
+        format!("{}.replay", self.ledger())
     }
 
-    /// `<prefix>.ledger.checkpoint`: published checkpoints.
+    /// `<prefix>.ledger[.p<n>].checkpoint`: published checkpoints.
     pub fn checkpoint(&self) -> String {
-        format!("{}.ledger.checkpoint", self.prefix)
+        format!("{}.checkpoint", self.ledger())
     }
 
     /// `<prefix>.deadletter.<code>`: rejected input.
@@ -243,9 +266,12 @@ impl Subjects {
         self.stream_name("TOUCHPOINTS")
     }
 
-    /// The feed stream, e.g. `CRM_LEDGER_EVENTS`.
+    /// The feed stream, e.g. `CRM_LEDGER_EVENTS` (`CRM_LEDGER_EVENTS_P3` in partition 3).
     pub fn feed_stream(&self) -> String {
-        self.stream_name("LEDGER_EVENTS")
+        match self.partition {
+            None => self.stream_name("LEDGER_EVENTS"),
+            Some(n) => self.stream_name(&format!("LEDGER_EVENTS_P{n}")),
+        }
     }
 
     /// The dead-letter stream, e.g. `CRM_DEADLETTER`.
@@ -295,6 +321,17 @@ pub struct BusConfig {
     /// stream routes each touchpoint to its customer's partition (a subject transform) and this
     /// ledger's intake consumer (`<consumer>-p<n>`) takes only its own partition.
     pub partition: PartitionId,
+}
+
+impl BusConfig {
+    /// The settings with the subjects scoped to this ledger's partition (unchanged when the
+    /// ledger is not partitioned).
+    pub fn scoped(mut self) -> Self {
+        if self.partition.count > 1 {
+            self.subjects = self.subjects.in_partition(self.partition.index);
+        }
+        self
+    }
 }
 
 impl Default for BusConfig {
@@ -488,6 +525,7 @@ pub async fn run_ledger(
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     check_server(&client)?;
+    let cfg = cfg.scoped();
     let js = jetstream::new(client.clone());
     ensure_streams(&js, &cfg).await?;
     let mut tasks = tokio::task::JoinSet::new();

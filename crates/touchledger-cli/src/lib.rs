@@ -33,6 +33,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
+use touchledger_domain::partition::PartitionId;
 use touchledger_domain::{EventKind, Timestamp};
 use touchledger_store::{
     AppendItem, AppendOutcome, Committed, EventStore, ReadFilter, SledStore, StoreConfig,
@@ -172,6 +173,11 @@ enum Command {
         /// store error before it exits anyway (non-zero when the shutdown was not clean).
         #[arg(long, env = "TOUCHLEDGER_SHUTDOWN_SECS", default_value_t = 15)]
         shutdown_secs: u64,
+        /// With `--partitions` > 1: the partitions this process owns, e.g. `0-3`, `1,5,7` or
+        /// `all`. Each owned partition runs its own intake consumer, store, feed, synchronous
+        /// append and replay (docs/partitions.md).
+        #[arg(long, env = "TOUCHLEDGER_OWN", default_value = "all")]
+        own: String,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -463,6 +469,53 @@ struct DataArgs {
     /// ... and at least this share of the filesystem, in percent.
     #[arg(long, env = "TOUCHLEDGER_RESERVE_PERCENT", default_value_t = 5.0)]
     reserve_percent: f64,
+    /// Partition count P of the ledger in `--data` (fixed when it is created; 1 = an
+    /// unpartitioned ledger in `--data` itself; P > 1 keeps partition n in `--data`/p<n>).
+    #[arg(long, env = "TOUCHLEDGER_PARTITIONS", default_value_t = 1)]
+    partitions: u32,
+    /// Which partition a command on one store addresses (with `--partitions` > 1).
+    #[arg(long)]
+    partition: Option<u32>,
+}
+
+impl DataArgs {
+    /// The store directory of partition `n` (the data directory itself when P = 1), after
+    /// checking that the directory's layout is the one asked for.
+    fn partition_dir(&self, n: u32) -> anyhow::Result<(PathBuf, PartitionId)> {
+        let id = PartitionId::new(n, self.partitions).map_err(|e| anyhow::anyhow!(e))?;
+        let root_is_ledger = self.data.join(touchledger_store::LEDGER_MARKER).exists();
+        let has_partitions = self
+            .data
+            .join("p0")
+            .join(touchledger_store::LEDGER_MARKER)
+            .exists();
+        if self.partitions == 1 {
+            if has_partitions && !root_is_ledger {
+                anyhow::bail!(
+                    "{} holds a partitioned ledger (p0, p1, …): give --partitions P and --partition N",
+                    self.data.display()
+                );
+            }
+            return Ok((self.data.clone(), id));
+        }
+        if root_is_ledger {
+            anyhow::bail!(
+                "{} holds an unpartitioned ledger; its partition count cannot be changed in place (export, then re-append into a new ledger: docs/partitions.md)",
+                self.data.display()
+            );
+        }
+        Ok((self.data.join(format!("p{n}")), id))
+    }
+
+    /// The one partition a single-store command addresses.
+    fn single_partition(&self) -> anyhow::Result<u32> {
+        match (self.partitions, self.partition) {
+            (1, None | Some(0)) => Ok(0),
+            (1, Some(n)) => anyhow::bail!("--partition {n} without --partitions"),
+            (p, None) => anyhow::bail!("the ledger has {p} partitions: say which with --partition"),
+            (_, Some(n)) => Ok(n),
+        }
+    }
 }
 
 /// Replay filters.
@@ -545,7 +598,14 @@ where
 }
 
 fn open(d: &DataArgs) -> anyhow::Result<SledStore> {
-    let mut cfg = StoreConfig::new(&d.data);
+    open_partition(d, d.single_partition()?)
+}
+
+/// Open partition `n`'s store (the ledger's only store when P = 1).
+fn open_partition(d: &DataArgs, n: u32) -> anyhow::Result<SledStore> {
+    let (dir, id) = d.partition_dir(n)?;
+    let mut cfg = StoreConfig::new(dir);
+    cfg.partition = id;
     cfg.checkpoint_interval = d.checkpoint_interval;
     cfg.cache_capacity = d.cache_mib * 1024 * 1024;
     cfg.space_reserve = if d.reserve_mib == 0 && d.reserve_percent <= 0.0 {
@@ -558,6 +618,118 @@ fn open(d: &DataArgs) -> anyhow::Result<SledStore> {
         }
     };
     Ok(SledStore::open(cfg)?)
+}
+
+/// `all`, `3`, `0-3`, `1,5,7`, `0-1,6`: the partitions a process owns (sorted, distinct).
+fn parse_own(spec: &str, partitions: u32) -> anyhow::Result<Vec<u32>> {
+    if spec.trim() == "all" {
+        return Ok((0..partitions).collect());
+    }
+    let mut owned = std::collections::BTreeSet::new();
+    for part in spec.split(',').map(str::trim) {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--own {spec:?}: {t:?} is not a partition number"))
+        };
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if a > b || b >= partitions {
+            anyhow::bail!(
+                "--own {spec:?}: {part} is not within partitions 0-{}",
+                partitions - 1
+            );
+        }
+        owned.extend(a..=b);
+    }
+    Ok(owned.into_iter().collect())
+}
+
+/// Verify one store (one partition's when `label` names it) and print the verdict.
+fn verify_store(
+    store: &SledStore,
+    checkpoint: Option<audit::CheckpointArg>,
+    label: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    if let Some(c) = checkpoint {
+        match store.get(c.position)? {
+            None => {
+                writeln!(
+                    out,
+                    "{label}FAILED at position {}: the ledger ends at {}, before the checkpoint",
+                    c.position,
+                    store.head().position
+                )?;
+                return Ok(EXIT_VERIFY_FAILED);
+            }
+            Some(r) if r.hash != c.hash => {
+                writeln!(
+                    out,
+                    "{label}FAILED at position {}: hash {} differs from the checkpoint's {}",
+                    c.position, r.hash, c.hash
+                )?;
+                return Ok(EXIT_VERIFY_FAILED);
+            }
+            Some(_) => {}
+        }
+    }
+    match store.verify()? {
+        VerifyReport::Ok {
+            events,
+            head,
+            checkpoints,
+            customers,
+        } => {
+            writeln!(
+                out,
+                "{label}OK: {events} events, {customers} customers, {checkpoints} checkpoints; head position {} hash {}",
+                head.position, head.hash
+            )?;
+            if let Some(c) = checkpoint {
+                writeln!(
+                    out,
+                    "checkpoint {}:{} matches: the history up to it is unchanged",
+                    c.position, c.hash
+                )?;
+            }
+            Ok(EXIT_OK)
+        }
+        VerifyReport::Failed { position, problem } => {
+            writeln!(out, "{label}FAILED at position {position}: {problem}")?;
+            Ok(EXIT_VERIFY_FAILED)
+        }
+    }
+}
+
+/// `verify` of a partitioned ledger: every partition whose store is in the data directory,
+/// each checked on its own chain; partitions kept on other machines are listed as absent.
+fn verify_partitions(data: &DataArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let mut code = EXIT_OK;
+    let mut present = 0;
+    for n in 0..data.partitions {
+        let (dir, _) = data.partition_dir(n)?;
+        if !dir.join(touchledger_store::LEDGER_MARKER).exists() {
+            writeln!(out, "partition {n}: no store in {}", dir.display())?;
+            continue;
+        }
+        present += 1;
+        let label = format!("partition {n}: ");
+        let c = verify_store(&open_partition(data, n)?, None, &label, out)?;
+        if code == EXIT_OK {
+            code = c;
+        }
+    }
+    if present == 0 {
+        anyhow::bail!(
+            "{} holds no partition of a ledger of {} partitions",
+            data.data.display(),
+            data.partitions
+        );
+    }
+    Ok(code)
 }
 
 fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
@@ -573,8 +745,8 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             http_addr,
             http_token,
             shutdown_secs,
+            own,
         } => {
-            let store = open(&data)?;
             let timing = serve::Timing {
                 fetch_wait: std::time::Duration::from_millis(fetch_wait_ms),
                 ack_wait: std::time::Duration::from_secs(ack_wait_secs.max(1)),
@@ -587,7 +759,17 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 http_token,
                 shutdown: std::time::Duration::from_secs(shutdown_secs.max(1)),
             };
-            serve::serve(store, &nats, batch, timing, views)?;
+            if data.partitions > 1 {
+                let owned = parse_own(&own, data.partitions)?;
+                let stores = owned
+                    .iter()
+                    .map(|&n| open_partition(&data, n))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                serve::serve_partitions(stores, &nats, batch, timing, views.shutdown)?;
+            } else {
+                let store = open(&data)?;
+                serve::serve(store, &nats, batch, timing, views)?;
+            }
             Ok(EXIT_OK)
         }
         Command::Append {
@@ -642,55 +824,13 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 let check = audit::check_export(&file, format, checkpoint)?;
                 return audit::report_export(&check, checkpoint, out);
             }
-            let store = open(&data)?;
-            if let Some(c) = checkpoint {
-                match store.get(c.position)? {
-                    None => {
-                        writeln!(
-                            out,
-                            "FAILED at position {}: the ledger ends at {}, before the checkpoint",
-                            c.position,
-                            store.head().position
-                        )?;
-                        return Ok(EXIT_VERIFY_FAILED);
-                    }
-                    Some(r) if r.hash != c.hash => {
-                        writeln!(
-                            out,
-                            "FAILED at position {}: hash {} differs from the checkpoint's {}",
-                            c.position, r.hash, c.hash
-                        )?;
-                        return Ok(EXIT_VERIFY_FAILED);
-                    }
-                    Some(_) => {}
+            if data.partitions > 1 && data.partition.is_none() {
+                if checkpoint.is_some() {
+                    anyhow::bail!("--checkpoint names one partition's position: add --partition");
                 }
+                return verify_partitions(&data, out);
             }
-            match store.verify()? {
-                VerifyReport::Ok {
-                    events,
-                    head,
-                    checkpoints,
-                    customers,
-                } => {
-                    writeln!(
-                        out,
-                        "OK: {events} events, {customers} customers, {checkpoints} checkpoints; head position {} hash {}",
-                        head.position, head.hash
-                    )?;
-                    if let Some(c) = checkpoint {
-                        writeln!(
-                            out,
-                            "checkpoint {}:{} matches: the history up to it is unchanged",
-                            c.position, c.hash
-                        )?;
-                    }
-                    Ok(EXIT_OK)
-                }
-                VerifyReport::Failed { position, problem } => {
-                    writeln!(out, "FAILED at position {position}: {problem}")?;
-                    Ok(EXIT_VERIFY_FAILED)
-                }
-            }
+            verify_store(&open(&data)?, checkpoint, "", out)
         }
         Command::Stats { data, json } => {
             let s = open(&data)?.stats()?;
@@ -818,6 +958,8 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                         cache_mib: 256,
                         reserve_mib: 256,
                         reserve_percent: 5.0,
+                        partitions: 1,
+                        partition: None,
                     })?,
                     &spec,
                     1000,
@@ -1252,6 +1394,17 @@ fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owned_partitions_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_own("all", 4).expect("all"), vec![0, 1, 2, 3]);
+        assert_eq!(parse_own("2", 4).expect("one"), vec![2]);
+        assert_eq!(parse_own("0-1, 3", 4).expect("mixed"), vec![0, 1, 3]);
+        assert_eq!(parse_own("3,1-2,1", 8).expect("dupes"), vec![1, 2, 3]);
+        for bad in ["4", "2-1", "x", "0-9", "", "1,"] {
+            assert!(parse_own(bad, 4).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn config_file_fills_in_what_flags_do_not_set() {

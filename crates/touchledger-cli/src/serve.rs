@@ -357,6 +357,91 @@ pub fn serve(
     result
 }
 
+/// Run the owned partitions of a partitioned ledger until SIGINT/SIGTERM: for each, its intake
+/// consumer (the server routes touchpoints by customer), synchronous append, replay and
+/// committed-event feed on its own store (docs/partitions.md). The read models, HTTP API and
+/// dashboard are not served for partitioned ledgers yet (they need population reads merged
+/// across partitions); this is said at start-up.
+pub fn serve_partitions(
+    stores: Vec<SledStore>,
+    nats: &NatsArgs,
+    batch: usize,
+    timing: Timing,
+    shutdown_bound: Duration,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let shutdown = shutdown_on_signal();
+        let client = tokio::select! {
+            c = nats.connect() => c?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let owned: Vec<String> = stores.iter().map(|s| s.partition().to_string()).collect();
+        tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, partitions = ?owned, "connected");
+        tracing::warn!(
+            "partitioned ledger: read models, the HTTP API and the dashboard are not served yet (docs/partitions.md)"
+        );
+        for store in &stores {
+            for q in store.quarantined() {
+                metrics_quarantined(q);
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for store in stores {
+            let cfg = BusConfig {
+                subjects: Subjects::new(nats.prefix.clone()),
+                batch: batch.max(1),
+                fetch_wait: timing.fetch_wait,
+                ack_wait: timing.ack_wait,
+                partition: store.partition(),
+                ..BusConfig::default()
+            };
+            // A connection per partition: each ledger drains its own at shutdown, and a slow
+            // partition does not hold up another's traffic.
+            let client = if tasks.is_empty() {
+                client.clone()
+            } else {
+                nats.connect().await?
+            };
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let partition = store.partition();
+                let r = touchledger_bus::run_ledger(client, Arc::new(store), cfg, shutdown.clone())
+                    .await
+                    .with_context(|| partition.to_string());
+                if r.is_err() {
+                    // One partition failing stops the process (a supervisor restarts it).
+                    shutdown.cancel();
+                }
+                r
+            });
+        }
+        let work = async {
+            let mut result = Ok(());
+            while let Some(r) = tasks.join_next().await {
+                let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        };
+        tokio::select! {
+            r = work => r,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(shutdown_bound).await } => {
+                Err(anyhow::anyhow!(
+                    "shutdown did not finish within {} s; exiting without waiting for it",
+                    shutdown_bound.as_secs()
+                ))
+            }
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
 fn metrics_quarantined(q: &touchledger_store::Quarantined) {
     metrics::counter!("touchledger_store_quarantined_files_total").increment(1);
     tracing::warn!(from = %q.from.display(), to = %q.to.display(), why = q.why, "sled leftover was quarantined at open");

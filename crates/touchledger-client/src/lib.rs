@@ -225,6 +225,8 @@ pub struct Ledger {
     client: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
+    /// `<prefix>.ledger`, or `<prefix>.ledger.p<n>` for partition `n` of a partitioned ledger.
+    ledger: String,
     /// Publish attempts before giving up. Default 5.
     pub publish_attempts: u32,
     /// Timeout of synchronous requests. Default 10 s.
@@ -235,12 +237,26 @@ impl Ledger {
     /// A ledger under `prefix` (default deployments use `crm`).
     pub fn new(client: async_nats::Client, prefix: impl Into<String>) -> Self {
         let js = jetstream::new(client.clone());
+        let prefix = prefix.into();
         Ledger {
             client,
             js,
-            prefix: prefix.into(),
+            ledger: format!("{prefix}.ledger"),
+            prefix,
             publish_attempts: 5,
             request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The same ledger's partition `n` (a partitioned ledger: docs/partitions.md). Publishing is
+    /// unchanged (NATS routes each touchpoint by its customer); synchronous appends, replay and
+    /// follow address that partition's log, whose positions and chain are its own. Events sent
+    /// to a partition must be of its customers
+    /// (`touchledger_domain::partition::partition_of`), or they are rejected `WRONG_PARTITION`.
+    pub fn in_partition(&self, n: u32) -> Self {
+        Ledger {
+            ledger: format!("{}.ledger.p{n}", self.prefix),
+            ..self.clone()
         }
     }
 
@@ -341,7 +357,7 @@ impl Ledger {
                 })
                 .collect(),
         };
-        let subject = format!("{}.ledger.append", self.prefix);
+        let subject = format!("{}.append", self.ledger);
         let reply = tokio::time::timeout(
             self.request_timeout,
             self.client
@@ -375,8 +391,8 @@ impl Ledger {
         customer: Option<&str>,
     ) -> Result<impl Stream<Item = Result<Record, ClientError>> + use<>, ClientError> {
         let subject = format!(
-            "{}.ledger.event.{}.{}",
-            self.prefix,
+            "{}.event.{}.{}",
+            self.ledger,
             kind.map_or("*", |k| k.as_str()),
             customer.unwrap_or("*")
         );
@@ -410,7 +426,7 @@ impl Ledger {
         filter: &ReplayFilter,
         mut on_record: impl FnMut(Record) -> Result<(), ClientError>,
     ) -> Result<ReplaySummary, ClientError> {
-        let subject = format!("{}.ledger.replay", self.prefix);
+        let subject = format!("{}.replay", self.ledger);
         let req = v1::ReplayRequest {
             from_position: filter.from_position,
             to_position: filter.to_position.unwrap_or(0),
