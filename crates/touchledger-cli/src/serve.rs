@@ -258,15 +258,7 @@ pub fn serve(
     timing: Timing,
     views: ViewTiming,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let result = rt.block_on(async {
-        let shutdown = shutdown_on_signal();
-        let client = tokio::select! {
-            c = nats.connect() => c?,
-            _ = shutdown.cancelled() => return Ok(()),
-        };
+    run_service(nats, views.shutdown, |client, shutdown| async move {
         tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, "connected");
         let cfg = BusConfig {
             subjects: Subjects::new(nats.prefix.clone()),
@@ -327,22 +319,38 @@ pub fn serve(
                 r
             }
         };
-        let work = async {
-            let (ledger, read_models, http) = tokio::join!(
-                touchledger_bus::run_ledger(client.clone(), store.clone(), cfg, shutdown.clone()),
-                touchledger_bus::run_views(client, store, view_cfg, shutdown.clone()),
-                http,
-            );
-            ledger?;
-            read_models?;
-            http?;
-            anyhow::Ok(())
+        let (ledger, read_models, http) = tokio::join!(
+            touchledger_bus::run_ledger(client.clone(), store.clone(), cfg, shutdown.clone()),
+            touchledger_bus::run_views(client, store, view_cfg, shutdown.clone()),
+            http,
+        );
+        ledger?;
+        read_models?;
+        http?;
+        anyhow::Ok(())
+    })
+}
+
+/// The frame both services run in: a runtime, SIGINT/SIGTERM caught from the start, the NATS
+/// connection, then `body` until it ends. A fatal error in any task cancels `shutdown` as a
+/// signal does; either way the process is gone within `bound` after it, never half alive (a
+/// supervisor restarts it), and blocking tasks still stuck in the store do not keep it alive.
+fn run_service<F, Fut>(nats: &NatsArgs, bound: Duration, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(async_nats::Client, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let shutdown = shutdown_on_signal();
+        let client = tokio::select! {
+            c = nats.connect() => c?,
+            _ = shutdown.cancelled() => return Ok(()),
         };
-        // A fatal error in any task cancels `shutdown` as a signal does; either way the
-        // process is gone within the bound, never half alive (a supervisor restarts it).
-        let bound = views.shutdown;
         tokio::select! {
-            r = work => r,
+            r = body(client, shutdown.clone()) => r,
             _ = async { shutdown.cancelled().await; tokio::time::sleep(bound).await } => {
                 tracing::error!(seconds = bound.as_secs(), "tasks did not stop in time after shutdown; exiting");
                 Err(anyhow::anyhow!(
@@ -352,7 +360,6 @@ pub fn serve(
             }
         }
     });
-    // Blocking tasks still stuck in the store must not keep the process alive.
     rt.shutdown_timeout(Duration::from_secs(1));
     result
 }
@@ -369,15 +376,7 @@ pub fn serve_partitions(
     timing: Timing,
     shutdown_bound: Duration,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let result = rt.block_on(async {
-        let shutdown = shutdown_on_signal();
-        let client = tokio::select! {
-            c = nats.connect() => c?,
-            _ = shutdown.cancelled() => return Ok(()),
-        };
+    run_service(nats, shutdown_bound, |client, shutdown| async move {
         let owned: Vec<String> = stores.iter().map(|s| s.partition().to_string()).collect();
         tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, partitions = ?owned, "connected");
         tracing::warn!(
@@ -418,28 +417,15 @@ pub fn serve_partitions(
                 r
             });
         }
-        let work = async {
-            let mut result = Ok(());
-            while let Some(r) = tasks.join_next().await {
-                let r = r.map_err(anyhow::Error::from).and_then(|r| r);
-                if result.is_ok() {
-                    result = r;
-                }
-            }
-            result
-        };
-        tokio::select! {
-            r = work => r,
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(shutdown_bound).await } => {
-                Err(anyhow::anyhow!(
-                    "shutdown did not finish within {} s; exiting without waiting for it",
-                    shutdown_bound.as_secs()
-                ))
+        let mut result = Ok(());
+        while let Some(r) = tasks.join_next().await {
+            let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+            if result.is_ok() {
+                result = r;
             }
         }
-    });
-    rt.shutdown_timeout(Duration::from_secs(1));
-    result
+        result
+    })
 }
 
 fn metrics_quarantined(q: &touchledger_store::Quarantined) {
