@@ -299,6 +299,8 @@ fn spawn_partition_serve(data: &std::path::Path, url: &str, own: &str) -> std::p
         "200",
         "--fetch-wait-ms",
         "20",
+        "--global-checkpoint-secs",
+        "1",
     ]
     .join("\u{1f}");
     std::process::Command::new(std::env::current_exe().expect("exe"))
@@ -471,6 +473,28 @@ async fn two_serve_processes_share_a_ledger_of_4_partitions_and_store_everything
         );
     }
 
+    // The owner of partition 0 publishes a global checkpoint once the heads moved: wait for the
+    // one that pins every partition's head.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let global_text = loop {
+        if let Ok(stream) = js.get_stream("CRM_GLOBAL_CHECKPOINTS").await
+            && let Ok(m) = stream
+                .get_last_raw_message_by_subject("crm.ledger.global_checkpoint")
+                .await
+        {
+            let text = String::from_utf8(m.payload.to_vec()).expect("utf-8");
+            let g = touchledger_store::GlobalCheckpoint::parse(&text).expect("well-formed");
+            if g.heads.iter().map(|(p, _)| *p).collect::<Vec<_>>() == want {
+                break text;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no global checkpoint at the heads {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
     for child in [&mut first, &mut second] {
         let pid = child.id().to_string();
         let _ = std::process::Command::new("kill")
@@ -520,6 +544,33 @@ async fn two_serve_processes_share_a_ledger_of_4_partitions_and_store_everything
     let (code, out, err) = crate::cli::cli(&["verify", "--data", d, "--partitions", "4"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.matches(": OK: ").count(), 4, "{out}");
+    // The global checkpoint pins all four; a forged one (heads changed, hash recomputed) or a
+    // tampered one (hash line no longer matching) is refused.
+    let file = dir.path().join("global.txt");
+    std::fs::write(&file, &global_text).expect("write");
+    let f = file.to_str().expect("utf8");
+    let (code, out, err) =
+        crate::cli::cli(&["verify", "--data", d, "--partitions", "4", "--global", f]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("matches every partition here"), "{out}");
+    let mut forged = touchledger_store::GlobalCheckpoint::parse(&global_text).expect("parse");
+    forged.heads[2].1 = forged.heads[1].1;
+    std::fs::write(&file, forged.to_text()).expect("write");
+    let (code, out, _) =
+        crate::cli::cli(&["verify", "--data", d, "--partitions", "4", "--global", f]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("partition 2: FAILED"), "{out}");
+    let tampered = global_text.replacen(
+        &format!("\n3 {} ", want[3]),
+        &format!("\n3 {} ", want[3] - 1),
+        1,
+    );
+    assert_ne!(tampered, global_text);
+    std::fs::write(&file, tampered).expect("write");
+    let (code, out, _) =
+        crate::cli::cli(&["verify", "--data", d, "--partitions", "4", "--global", f]);
+    assert_eq!(code, 3, "{out}");
+
     // The directory is a partitioned ledger: opening it as an unpartitioned one is refused.
     let (code, _, err) = crate::cli::cli(&["verify", "--data", d]);
     assert_eq!(code, 1, "{err}");

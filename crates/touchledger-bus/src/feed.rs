@@ -84,27 +84,18 @@ async fn resync(
     store: &Arc<SledStore>,
     cfg: &BusConfig,
 ) -> Result<u64, BusError> {
-    let last = stream
-        .info()
-        .await
-        .map_err(|e| js_err("feed stream info")(&e))?
-        .state
-        .last_sequence;
-    if last == 0 {
+    let Some(head) = last_message(stream).await? else {
         return Ok(0);
-    }
+    };
+    let last = head.sequence;
     let mismatch = |detail: String| BusError::FeedMismatch {
         stream: cfg.subjects.feed_stream(),
         detail,
     };
-    let msg = stream
-        .get_raw_message(last)
-        .await
-        .map_err(|e| js_err("feed last message")(&e))?;
-    let position = msg.headers.get(headers::POSITION).map(|v| v.to_string());
-    if position.as_deref() != Some(last.to_string().as_str()) {
+    if head.position != Some(last) {
         return Err(mismatch(format!(
-            "message {last} carries position {position:?}"
+            "message {last} carries position {:?}",
+            head.position
         )));
     }
     let s = store.clone();
@@ -117,18 +108,48 @@ async fn resync(
             store.head().position
         )));
     };
-    let hash = msg
-        .headers
-        .get(headers::HASH)
-        .map(|v| v.to_string())
-        .unwrap_or_default();
-    if hash != stored.hash.to_hex() {
+    if head.hash != stored.hash.to_hex() {
         return Err(mismatch(format!(
-            "position {last} has hash {hash} in the stream, {} in the store",
-            stored.hash
+            "position {last} has hash {} in the stream, {} in the store",
+            head.hash, stored.hash
         )));
     }
     Ok(last)
+}
+
+/// The last message of a feed stream: its sequence and the position and hash it carries.
+pub(crate) struct FeedHead {
+    /// The stream's last sequence.
+    pub sequence: u64,
+    /// Its position header, if it parses.
+    pub position: Option<u64>,
+    /// Its hash header (hex; empty when absent).
+    pub hash: String,
+}
+
+/// The feed stream's last message (`None` while the stream is empty).
+pub(crate) async fn last_message(
+    stream: &mut jetstream::stream::Stream,
+) -> Result<Option<FeedHead>, BusError> {
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| js_err("feed stream info")(&e))?
+        .state
+        .last_sequence;
+    if last == 0 {
+        return Ok(None);
+    }
+    let msg = stream
+        .get_raw_message(last)
+        .await
+        .map_err(|e| js_err("feed last message")(&e))?;
+    let get = |name: &str| msg.headers.get(name).map(|v| v.to_string());
+    Ok(Some(FeedHead {
+        sequence: last,
+        position: get(headers::POSITION).and_then(|p| p.parse().ok()),
+        hash: get(headers::HASH).unwrap_or_default(),
+    }))
 }
 
 fn corrupt(position: u64, detail: impl ToString) -> BusError {

@@ -16,6 +16,7 @@
 
 mod append;
 mod feed;
+mod global;
 mod intake;
 mod remote;
 mod replay;
@@ -33,6 +34,9 @@ use touchledger_store::SledStore;
 
 pub use append::serve_append;
 pub use feed::run_feed;
+pub use global::{
+    feed_heads, global_checkpoint_stream, global_checkpoint_subject, run_global_checkpoints,
+};
 pub use intake::run_intake;
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;

@@ -178,6 +178,11 @@ enum Command {
         /// append and replay (docs/partitions.md).
         #[arg(long, env = "TOUCHLEDGER_OWN", default_value = "all")]
         own: String,
+        /// With `--partitions` > 1: seconds between global checkpoints (every partition's head
+        /// and one hash over them, on `<prefix>.ledger.global_checkpoint`), published by the
+        /// owner of partition 0 when a head moved.
+        #[arg(long, env = "TOUCHLEDGER_GLOBAL_CHECKPOINT_SECS", default_value_t = 60)]
+        global_checkpoint_secs: u64,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -257,6 +262,10 @@ enum Command {
         /// Verify this exported file (from position 1) instead of the data directory.
         #[arg(long)]
         export: Option<PathBuf>,
+        /// With `--partitions` > 1: a global checkpoint (the text published on
+        /// `<prefix>.ledger.global_checkpoint`) to check every partition here against.
+        #[arg(long)]
+        global: Option<PathBuf>,
         /// Format of the exported file.
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
         format: Format,
@@ -691,7 +700,7 @@ fn verify_store(
             if let Some(c) = checkpoint {
                 writeln!(
                     out,
-                    "checkpoint {}:{} matches: the history up to it is unchanged",
+                    "{label}checkpoint {}:{} matches: the history up to it is unchanged",
                     c.position, c.hash
                 )?;
             }
@@ -706,7 +715,34 @@ fn verify_store(
 
 /// `verify` of a partitioned ledger: every partition whose store is in the data directory,
 /// each checked on its own chain; partitions kept on other machines are listed as absent.
-fn verify_partitions(data: &DataArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+fn verify_partitions(
+    data: &DataArgs,
+    global: Option<&std::path::Path>,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let global = match global {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            match touchledger_store::GlobalCheckpoint::parse(&text) {
+                Ok(g) if g.heads.len() == data.partitions as usize => Some(g),
+                Ok(g) => {
+                    writeln!(
+                        out,
+                        "FAILED: the global checkpoint has {} partitions, the ledger {}",
+                        g.heads.len(),
+                        data.partitions
+                    )?;
+                    return Ok(EXIT_VERIFY_FAILED);
+                }
+                Err(e) => {
+                    writeln!(out, "FAILED: {}: {e}", path.display())?;
+                    return Ok(EXIT_VERIFY_FAILED);
+                }
+            }
+        }
+    };
     let mut code = EXIT_OK;
     let mut present = 0;
     for n in 0..data.partitions {
@@ -717,10 +753,23 @@ fn verify_partitions(data: &DataArgs, out: &mut dyn Write) -> anyhow::Result<i32
         }
         present += 1;
         let label = format!("partition {n}: ");
-        let c = verify_store(&open_partition(data, n)?, None, &label, out)?;
+        let checkpoint = global.as_ref().and_then(|g| {
+            let (position, hash) = g.heads[n as usize];
+            (position > 0).then_some(audit::CheckpointArg { position, hash })
+        });
+        let c = verify_store(&open_partition(data, n)?, checkpoint, &label, out)?;
         if code == EXIT_OK {
             code = c;
         }
+    }
+    if let Some(g) = &global
+        && code == EXIT_OK
+    {
+        writeln!(
+            out,
+            "global checkpoint {} matches every partition here",
+            g.hash()
+        )?;
     }
     if present == 0 {
         anyhow::bail!(
@@ -746,6 +795,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             http_token,
             shutdown_secs,
             own,
+            global_checkpoint_secs,
         } => {
             let timing = serve::Timing {
                 fetch_wait: std::time::Duration::from_millis(fetch_wait_ms),
@@ -765,7 +815,14 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                     .iter()
                     .map(|&n| open_partition(&data, n))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                serve::serve_partitions(stores, &nats, batch, timing, views.shutdown)?;
+                serve::serve_partitions(
+                    stores,
+                    &nats,
+                    batch,
+                    timing,
+                    views.shutdown,
+                    std::time::Duration::from_secs(global_checkpoint_secs.max(1)),
+                )?;
             } else {
                 let store = open(&data)?;
                 serve::serve(store, &nats, batch, timing, views)?;
@@ -819,6 +876,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             checkpoint,
             export,
             format,
+            global,
         } => {
             if let Some(file) = export {
                 let check = audit::check_export(&file, format, checkpoint)?;
@@ -828,7 +886,12 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 if checkpoint.is_some() {
                     anyhow::bail!("--checkpoint names one partition's position: add --partition");
                 }
-                return verify_partitions(&data, out);
+                return verify_partitions(&data, global.as_deref(), out);
+            }
+            if global.is_some() {
+                anyhow::bail!(
+                    "--global checks a partitioned ledger: give --partitions (and no --partition)"
+                );
             }
             verify_store(&open(&data)?, checkpoint, "", out)
         }

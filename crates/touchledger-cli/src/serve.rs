@@ -375,6 +375,7 @@ pub fn serve_partitions(
     batch: usize,
     timing: Timing,
     shutdown_bound: Duration,
+    global_every: Duration,
 ) -> anyhow::Result<()> {
     run_service(nats, shutdown_bound, |client, shutdown| async move {
         let owned: Vec<String> = stores.iter().map(|s| s.partition().to_string()).collect();
@@ -388,6 +389,24 @@ pub fn serve_partitions(
             }
         }
         let mut tasks = tokio::task::JoinSet::new();
+        // The owner of partition 0 publishes the global checkpoints.
+        if let Some(first) = stores.first().filter(|s| s.partition().index == 0) {
+            let partitions = first.partition().count;
+            let js = async_nats::jetstream::new(client.clone());
+            let subjects = Subjects::new(nats.prefix.clone());
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                touchledger_bus::run_global_checkpoints(
+                    js,
+                    subjects,
+                    partitions,
+                    global_every,
+                    shutdown,
+                )
+                .await
+                .context("global checkpoints")
+            });
+        }
         for store in stores {
             let cfg = BusConfig {
                 subjects: Subjects::new(nats.prefix.clone()),
@@ -399,7 +418,7 @@ pub fn serve_partitions(
             };
             // A connection per partition: each ledger drains its own at shutdown, and a slow
             // partition does not hold up another's traffic.
-            let client = if tasks.is_empty() {
+            let client = if store.partition().index == 0 {
                 client.clone()
             } else {
                 nats.connect().await?

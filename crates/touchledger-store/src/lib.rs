@@ -18,6 +18,7 @@
 //!   failing is a [`StoreError`].
 
 mod error;
+mod global;
 pub mod layout;
 mod projection;
 mod recover;
@@ -30,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::StoreError;
+pub use global::GlobalCheckpoint;
 pub use projection::{DueIndex, ProjectionDb, ProjectionMeta, ProjectionTree};
 pub use recover::{QUARANTINE_DIR, Quarantined, quarantine_leftovers};
 pub use sled_store::{LEDGER_MARKER, SledStore};
