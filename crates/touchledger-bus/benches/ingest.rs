@@ -14,88 +14,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, message::PublishMessage, stream};
+use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use touchledger_bus::{BusConfig, Subjects};
-use touchledger_domain::{Channel, Event, Payload, Purchase, Timestamp};
 use touchledger_proto::encode_event;
 use touchledger_store::{EventStore, SledStore, StoreConfig};
 
-fn event(n: u64) -> Event {
-    Event {
-        event_id: format!("bench-{n:012}"),
-        customer_id: format!("cust-{:05}", n % 5000),
-        occurred_at: Timestamp::from_unix_nanos(1_700_000_000_000_000_000 + n as i64 * 1_000_000),
-        source: "bench".into(),
-        schema_version: 1,
-        correlation_id: None,
-        causation_id: None,
-        payload: Payload::Purchase(Purchase {
-            order_id: format!("o-{n}"),
-            amount_minor: 1000 + (n % 500) as i64,
-            currency: "EUR".into(),
-            item_count: 1,
-            channel: Some(Channel::Web),
-            category: "music".into(),
-        }),
-    }
-}
-
-async fn publish_all(js: &jetstream::Context, prefix: &str, events: &[(String, String, Vec<u8>)]) {
-    let mut acks = Vec::with_capacity(1024);
-    for (customer, id, bytes) in events {
-        let subject = format!("{prefix}.touchpoint.purchase.{customer}");
-        let msg = PublishMessage::build()
-            .payload(bytes.clone().into())
-            .message_id(touchledger_client::nats_msg_id(id, bytes));
-        acks.push(js.send_publish(subject, msg).await.expect("publish"));
-        if acks.len() == 1024 {
-            for a in acks.drain(..) {
-                a.await.expect("ack");
-            }
-        }
-    }
-    for a in acks {
-        a.await.expect("ack");
-    }
-}
-
-/// A file stream configured like the intake stream.
-async fn plain_stream(js: &jetstream::Context, name: &str, subjects: &str) {
-    js.create_stream(stream::Config {
-        name: name.into(),
-        subjects: vec![subjects.into()],
-        storage: stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-}
-
-/// Such a stream with a durable pull consumer on it.
-async fn plain_consumer(
-    js: &jetstream::Context,
-    name: &str,
-    subjects: &str,
-    durable: &str,
-) -> jetstream::consumer::PullConsumer {
-    plain_stream(js, name, subjects).await;
-    js.get_stream(name)
-        .await
-        .expect("stream")
-        .get_or_create_consumer(
-            durable,
-            pull::Config {
-                durable_name: Some(durable.into()),
-                max_ack_pending: 2000,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("consumer")
-}
+mod common;
+use common::{event, plain_baseline, plain_consumer, plain_stream, publish_all};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -118,7 +45,7 @@ fn main() {
     rt.block_on(async {
         let events: Vec<(String, String, Vec<u8>)> = (0..n)
             .map(|i| {
-                let e = event(i);
+                let e = event(i, 5000);
                 (e.customer_id.clone(), e.event_id.clone(), encode_event(&e))
             })
             .collect();
@@ -126,27 +53,7 @@ fn main() {
         let js = jetstream::new(client.clone());
 
         // Baseline: plain pull consumer, fetch 500 + ack each, on a stream configured like intake.
-        let consumer = plain_consumer(&js, "PLAIN_TOUCHPOINTS", "plain.touchpoint.>", "plain").await;
-        let start = Instant::now();
-        let consume = tokio::spawn(async move {
-            let mut acked = 0u64;
-            while acked < n {
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(500)
-                    .expires(Duration::from_millis(50))
-                    .messages()
-                    .await
-                    .expect("fetch");
-                while let Some(m) = batch.next().await {
-                    m.expect("msg").ack().await.expect("ack");
-                    acked += 1;
-                }
-            }
-        });
-        publish_all(&js, "plain", &events).await;
-        consume.await.expect("consumer task");
-        let plain = start.elapsed();
+        let plain = plain_baseline(&js, &events).await;
 
         // Reference (not the ratio's baseline): the same plain consumer that also republishes
         // every message into a second stream the way the ledger's feed does (the same four
@@ -270,7 +177,7 @@ fn main() {
         let ledger_client = touchledger_client::Ledger::new(client.clone(), "crm");
         let mut lat = Vec::with_capacity(2000);
         for i in 0..2000 {
-            let e = event(10_000_000 + i);
+            let e = event(10_000_000 + i, 5000);
             let t = Instant::now();
             ledger_client.append(vec![(e, None)]).await.expect("append");
             lat.push(t.elapsed());
@@ -286,7 +193,7 @@ fn main() {
             }
         });
         let mut echo_lat = Vec::with_capacity(2000);
-        let body = encode_event(&event(1));
+        let body = encode_event(&event(1, 5000));
         for _ in 0..2000 {
             let t = Instant::now();
             client

@@ -1,0 +1,160 @@
+//! Ingest with P = 1, 2, 4 partitions, one ledger process owning all of them (what
+//! `touchledger serve --partitions P` runs), against a real nats-server started on a free port:
+//! N purchase events of 20,000 customers published with async publish; timed from the first
+//! publish until every partition's store holds its events and its intake consumer has nothing
+//! pending or unacked. The baseline, measured first in the same run against the same server: a
+//! plain durable pull consumer on an identically configured stream, fetching 500 and acking
+//! each message with no processing (the broker's limit).
+//!
+//! Run: `cargo bench -p touchledger-bus --bench partitions` (env BENCH_EVENTS, default 100000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull};
+use tokio_util::sync::CancellationToken;
+use touchledger_bus::{BusConfig, Subjects};
+use touchledger_domain::partition::{PartitionId, partition_of};
+use touchledger_proto::encode_event;
+use touchledger_store::{EventStore, SledStore, StoreConfig};
+
+mod common;
+use common::{event, plain_baseline, publish_all};
+
+const CUSTOMERS: u64 = 20_000;
+
+/// One process owning all `p` partitions: returns the time to store and ack everything.
+async fn partitioned(
+    url: &str,
+    p: u32,
+    events: &[(String, String, Vec<u8>)],
+    want: &[u64],
+) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shutdown = CancellationToken::new();
+    let mut stores = Vec::new();
+    let mut tasks = Vec::new();
+    for n in 0..p {
+        let mut sc = StoreConfig::new(dir.path().join(format!("p{n}")));
+        sc.partition = PartitionId::new(n, p).expect("layout");
+        let store = Arc::new(SledStore::open(sc).expect("store"));
+        let client = async_nats::connect(url).await.expect("connect");
+        let cfg = BusConfig {
+            subjects: Subjects::new("crm"),
+            partition: PartitionId::new(n, p).expect("layout"),
+            ..BusConfig::default()
+        };
+        tasks.push(tokio::spawn(touchledger_bus::run_ledger(
+            client,
+            store.clone(),
+            cfg,
+            shutdown.clone(),
+        )));
+        stores.push(store);
+    }
+    let client = async_nats::connect(url).await.expect("connect");
+    let js = jetstream::new(client);
+    let intake_ready = |js: jetstream::Context| async move {
+        loop {
+            if let Ok(s) = js.get_stream("CRM_TOUCHPOINTS").await {
+                let mut all = true;
+                for n in 0..p {
+                    let name = if p > 1 {
+                        format!("touchledger-ledger-p{n}")
+                    } else {
+                        "touchledger-ledger".into()
+                    };
+                    all &= s.get_consumer::<pull::Config>(&name).await.is_ok();
+                }
+                if all {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    intake_ready(js.clone()).await;
+    let start = Instant::now();
+    let publisher = tokio::spawn({
+        let js = js.clone();
+        let events = events.to_vec();
+        async move { publish_all(&js, "crm", &events).await }
+    });
+    for (store, &w) in stores.iter().zip(want) {
+        let mut head = store.subscribe();
+        while head.borrow_and_update().position < w {
+            head.changed().await.expect("store");
+        }
+    }
+    let intake = js.get_stream("CRM_TOUCHPOINTS").await.expect("intake");
+    for n in 0..p {
+        let name = if p > 1 {
+            format!("touchledger-ledger-p{n}")
+        } else {
+            "touchledger-ledger".into()
+        };
+        loop {
+            let mut c: jetstream::consumer::PullConsumer =
+                intake.get_consumer(&name).await.expect("consumer");
+            let info = c.info().await.expect("info");
+            if info.num_ack_pending == 0 && info.num_pending == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let took = start.elapsed();
+    publisher.await.expect("publisher");
+    shutdown.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    took
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: u64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let events: Vec<(String, String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let e = event(i, CUSTOMERS);
+            (e.customer_id.clone(), e.event_id.clone(), encode_event(&e))
+        })
+        .collect();
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!(
+        "ingest of {n} events of {CUSTOMERS} customers (publish with async ack -> stored, flushed and acked)"
+    );
+    for p in [1u32, 2, 4] {
+        // A fresh server per P: each run starts from empty streams.
+        let server = touchledger_testkit::NatsServer::start();
+        let (plain, ours) = rt.block_on(async {
+            let client = async_nats::connect(server.url()).await.expect("connect");
+            let js = jetstream::new(client);
+            let plain = plain_baseline(&js, &events).await;
+            let mut want = vec![0u64; p as usize];
+            for (customer, _, _) in &events {
+                want[partition_of(customer, p) as usize] += 1;
+            }
+            let ours = partitioned(&server.url(), p, &events, &want).await;
+            (plain, ours)
+        });
+        println!(
+            "  P = {p}: touchledger {:>8.0} events/s ({:.2} s)   plain fetch+ack {:>8.0} events/s   ratio {:.2}",
+            rate(ours),
+            ours.as_secs_f64(),
+            rate(plain),
+            rate(ours) / rate(plain)
+        );
+    }
+}
