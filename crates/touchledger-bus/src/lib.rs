@@ -67,7 +67,7 @@ pub mod headers {
 ///
 /// The ledger's own subjects and its feed stream belong to one partition's log. In an
 /// unpartitioned ledger they are `<prefix>.ledger.*` and `<PREFIX>_LEDGER_EVENTS`; in partition
-/// `n` of a partitioned ledger ([`Subjects::in_partition`]) they are `<prefix>.ledger.p<n>.*` and
+/// `n` of a partitioned ledger ([`Subjects::in_partition`]) they are `<prefix>.partition.<n>.*` and
 /// `<PREFIX>_LEDGER_EVENTS_P<n>`. Intake, dead letters, views, queries and alerts are shared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subjects {
@@ -102,11 +102,12 @@ impl Subjects {
         &self.prefix
     }
 
-    /// `<prefix>.ledger` or `<prefix>.ledger.p<n>`.
+    /// `<prefix>.ledger` or `<prefix>.partition.<n>` (its own namespace, so that a permission
+    /// `<prefix>.partition.*.append` can never match a feed subject).
     fn ledger(&self) -> String {
         match self.partition {
             None => format!("{}.ledger", self.prefix),
-            Some(n) => format!("{}.ledger.p{n}", self.prefix),
+            Some(n) => format!("{}.partition.{n}", self.prefix),
         }
     }
 
@@ -194,27 +195,27 @@ impl Subjects {
         Ok(())
     }
 
-    /// `<prefix>.ledger[.p<n>].append`: synchronous append requests.
+    /// `<prefix>.ledger.append` (`<prefix>.partition.<n>.append` in a partition): synchronous append requests.
     pub fn append(&self) -> String {
         format!("{}.append", self.ledger())
     }
 
-    /// `<prefix>.ledger[.p<n>].event.<kind>.<customer>`: committed events.
+    /// `<prefix>.ledger.event.<kind>.<customer>` (`<prefix>.partition.<n>.event.<kind>.<customer>` in a partition): committed events.
     pub fn event(&self, kind: EventKind, customer: &str) -> String {
         format!("{}.event.{}.{}", self.ledger(), kind.as_str(), customer)
     }
 
-    /// `<prefix>.ledger[.p<n>].event.>`: the feed stream's subjects.
+    /// `<prefix>.ledger.event.>` (`<prefix>.partition.<n>.event.>` in a partition): the feed stream's subjects.
     pub fn events(&self) -> String {
         format!("{}.event.>", self.ledger())
     }
 
-    /// `<prefix>.ledger[.p<n>].replay`: replay requests.
+    /// `<prefix>.ledger.replay` (`<prefix>.partition.<n>.replay` in a partition): replay requests.
     pub fn replay(&self) -> String {
         format!("{}.replay", self.ledger())
     }
 
-    /// `<prefix>.ledger[.p<n>].checkpoint`: published checkpoints.
+    /// `<prefix>.ledger.checkpoint` (`<prefix>.partition.<n>.checkpoint` in a partition): published checkpoints.
     pub fn checkpoint(&self) -> String {
         format!("{}.checkpoint", self.ledger())
     }

@@ -225,7 +225,7 @@ pub struct Ledger {
     client: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
-    /// `<prefix>.ledger`, or `<prefix>.ledger.p<n>` for partition `n` of a partitioned ledger.
+    /// `<prefix>.ledger`, or `<prefix>.partition.<n>` for partition `n` of a partitioned ledger.
     ledger: String,
     /// Publish attempts before giving up. Default 5.
     pub publish_attempts: u32,
@@ -255,7 +255,7 @@ impl Ledger {
     /// (`touchledger_domain::partition::partition_of`), or they are rejected `WRONG_PARTITION`.
     pub fn in_partition(&self, n: u32) -> Self {
         Ledger {
-            ledger: format!("{}.ledger.p{n}", self.prefix),
+            ledger: format!("{}.partition.{n}", self.prefix),
             ..self.clone()
         }
     }
