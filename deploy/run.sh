@@ -34,13 +34,21 @@ NATS_PID=""
 start_own=1
 if reachable; then
   found="$(greeting_version)"
-  if [ -n "$found" ] && printf '%s\n%s\n' "$MIN" "$found" | sort -V -C; then
-    echo "using the NATS server at $URL (nats-server $found)"
+  if [ -z "$found" ] || printf '%s\n%s\n' "$MIN" "$found" | sort -V -C; then
+    # New enough, or a version this script cannot read (TLS first, a slow greeting): use it;
+    # `touchledger serve` checks the version itself and names it if it is too old.
+    echo "using the NATS server at $URL${found:+ (nats-server $found)}"
     start_own=0
   else
-    # A server is there but too old for the ledger (e.g. Debian's 2.9): leave it alone and start
-    # a current one on the next free port.
-    echo "the NATS server at $HOST:$PORT is ${found:-of unknown version}; touchledger needs $MIN or newer" >&2
+    case "$HOST" in
+      127.*|localhost|::1) ;;
+      *)
+        echo "the NATS server at $HOST:$PORT is $found; touchledger needs $MIN or newer: upgrade it, or unset TOUCHLEDGER_NATS_URL to run a local one" >&2
+        exit 1 ;;
+    esac
+    # A local server too old for the ledger (e.g. Debian's 2.9): leave it alone and start a
+    # current one on the next free port.
+    echo "the NATS server at $HOST:$PORT is $found; touchledger needs $MIN or newer: starting a current one beside it" >&2
     while reachable; do PORT=$((PORT + 1)); done
     URL="nats://$HOST:$PORT"
   fi

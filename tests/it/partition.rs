@@ -237,6 +237,14 @@ fn a_store_keeps_its_partition_and_refuses_another() {
         AppendOutcome::Rejected(r) => assert_eq!(r.code, RejectCode::WrongPartition, "{r:?}"),
         other => panic!("{other:?}"),
     }
+    // The ledger's own path (derived events, restore) is held to the same rule.
+    let out = store
+        .append_ledger_events(vec![AppendItem::new(purchase("e-there-2", there, 100))])
+        .expect("append");
+    match &out[0] {
+        AppendOutcome::Rejected(r) => assert_eq!(r.code, RejectCode::WrongPartition, "{r:?}"),
+        other => panic!("{other:?}"),
+    }
     drop(store);
 
     for other in [
@@ -575,4 +583,43 @@ async fn two_serve_processes_share_a_ledger_of_4_partitions_and_store_everything
     let (code, _, err) = crate::cli::cli(&["verify", "--data", d]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("partitioned ledger"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_of_another_partition_count_does_not_reroute_the_intake() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client);
+    touchledger_bus::ensure_streams(&js, &partitioned(0, 4).scoped())
+        .await
+        .expect("the first ledger makes the streams");
+    // The same layout again is fine (an update of the same routing).
+    touchledger_bus::ensure_streams(&js, &partitioned(3, 4).scoped())
+        .await
+        .expect("same layout");
+    for other in [BusConfig::default(), partitioned(0, 8)] {
+        let p = other.partition.count;
+        match touchledger_bus::ensure_streams(&js, &other.scoped()).await {
+            Err(touchledger_bus::BusError::PartitionLayout(detail)) => {
+                assert!(detail.contains("CRM_TOUCHPOINTS"), "{detail}");
+            }
+            r => panic!("P = {p} against a ledger of 4: {r:?}"),
+        }
+    }
+    // Nothing was changed on the server: still routed for 4.
+    let info = js
+        .get_stream("CRM_TOUCHPOINTS")
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info");
+    assert_eq!(info.config.subjects, ["crm.touchpoint.*.*"]);
+    assert!(
+        info.config
+            .subject_transform
+            .expect("routed")
+            .destination
+            .contains("partition(4,2)")
+    );
 }

@@ -388,6 +388,11 @@ pub enum BusError {
     /// positions it was given).
     #[error("projection failed: {0}")]
     Projection(String),
+    /// The intake stream on the server routes for another partition count than this ledger's
+    /// (another `serve` with a different `--partitions` on the same NATS, or a ledger whose
+    /// count was changed in place). Nothing was changed on the server.
+    #[error("partition layout mismatch: {0}")]
+    PartitionLayout(String),
     /// The feed stream does not continue this store's log (another writer on the feed subjects,
     /// or a store restored from an older backup). Investigate before restarting: the feed would
     /// otherwise skip or contradict positions.
@@ -503,10 +508,37 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<
         duplicate_window: cfg.duplicate_window,
         ..Default::default()
     };
+    let intake_name = intake.name.clone();
     for config in [intake, feed, deadletter] {
         let name = config.name.clone();
         match js.get_stream(&name).await {
-            Ok(_) => {
+            Ok(existing) => {
+                // The intake stream is shared by every partition's ledger: its routing says how
+                // many partitions the ledger has. A process configured for another count must
+                // not re-route it (touchpoints would be stored under subjects nobody reads).
+                if name == intake_name {
+                    let have = &existing.cached_info().config;
+                    if have.subjects != config.subjects
+                        || have.subject_transform != config.subject_transform
+                    {
+                        return Err(BusError::PartitionLayout(format!(
+                            "the intake stream {name} takes {:?}{}, this ledger (P = {}) needs {:?}{}; \
+                             a ledger's partition count is fixed (changing it is a migration: docs/partitions.md)",
+                            have.subjects,
+                            have.subject_transform
+                                .as_ref()
+                                .map(|t| format!(" routed to {}", t.destination))
+                                .unwrap_or_default(),
+                            cfg.partition.count,
+                            config.subjects,
+                            config
+                                .subject_transform
+                                .as_ref()
+                                .map(|t| format!(" routed to {}", t.destination))
+                                .unwrap_or_default(),
+                        )));
+                    }
+                }
                 js.update_stream(config)
                     .await
                     .map_err(|e| js_err("stream update")(&e))?;

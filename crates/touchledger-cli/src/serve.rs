@@ -436,9 +436,15 @@ pub fn serve_partitions(
                 r
             });
         }
+        // Any task failing (an error or a panic; a partition or the global checkpoints) stops
+        // the process, as a signal does; a supervisor restarts it.
         let mut result = Ok(());
         while let Some(r) = tasks.join_next().await {
             let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = &r {
+                tracing::error!(error = format!("{e:#}"), "a task failed; shutting down");
+                shutdown.cancel();
+            }
             if result.is_ok() {
                 result = r;
             }

@@ -92,17 +92,12 @@ mod tests {
     }
 
     #[test]
-    fn every_customer_has_exactly_one_partition_and_the_spread_is_even() {
+    fn the_spread_over_partitions_is_even() {
         let p = 8;
         let mut counts = [0u32; 8];
         for i in 0..80_000 {
-            let id = format!("cust-{i:06}");
-            let n = partition_of(&id, p);
+            let n = partition_of(&format!("cust-{i:06}"), p);
             assert!(n < p);
-            let owners = (0..p)
-                .filter(|&k| PartitionId::new(k, p).expect("layout").owns(&id))
-                .count();
-            assert_eq!(owners, 1);
             counts[n as usize] += 1;
         }
         // 10,000 expected per partition; a uniform hash stays well within ±5 %.

@@ -69,6 +69,10 @@ impl GlobalCheckpoint {
             .and_then(|l| l.strip_prefix("partitions "))
             .and_then(|n| n.parse().ok())
             .ok_or("no `partitions N` line")?;
+        let max = touchledger_domain::partition::MAX_PARTITIONS as usize;
+        if count == 0 || count > max {
+            return Err(format!("{count} partitions: a ledger has 1 to {max}"));
+        }
         let mut heads = Vec::with_capacity(count);
         for n in 0..count {
             let line = lines.next().ok_or(format!("no line for partition {n}"))?;
@@ -126,5 +130,7 @@ mod tests {
         };
         assert_ne!(two.hash(), g.hash());
         assert!(GlobalCheckpoint::parse("hello").is_err());
+        let huge = "touchledger global checkpoint v1\npartitions 99999999999\n";
+        assert!(GlobalCheckpoint::parse(huge).is_err());
     }
 }

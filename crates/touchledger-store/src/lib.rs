@@ -303,7 +303,7 @@ pub struct StoreConfig {
     /// Which partition of the ledger this store holds, and the ledger's partition count. Stored
     /// when the store is created and checked on every open
     /// ([`StoreError::PartitionMismatch`]); an event of a customer of another partition is
-    /// rejected (`WRONG_PARTITION`). Default [`PartitionId::SINGLE`] (an unpartitioned ledger).
+    /// rejected (`WRONG_PARTITION`). Default [`touchledger_domain::partition::PartitionId::SINGLE`] (an unpartitioned ledger).
     pub partition: touchledger_domain::partition::PartitionId,
 }
 

@@ -1256,7 +1256,10 @@ impl SledStore {
                 ),
             ));
         }
-        if !from_ledger && !self.config.partition.owns(&e.customer_id) {
+        // Every customer's event belongs to its partition, whatever the path (a restore too);
+        // only the ledger's own model events (reserved `_` customers) belong to every partition.
+        let ledger_own = from_ledger && e.customer_id.starts_with('_');
+        if !ledger_own && !self.config.partition.owns(&e.customer_id) {
             return reject(Rejection::new(
                 RejectCode::WrongPartition,
                 "customer_id",

@@ -50,13 +50,17 @@ pub fn nats_server_binary() -> Option<PathBuf> {
     // The pinned release installed by deploy/ensure-nats-server.sh (newest first).
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools");
     if let Ok(dirs) = std::fs::read_dir(&tools) {
-        let mut found: Vec<PathBuf> = dirs
+        // `nats-server-<version>`: the newest by version number, not by name.
+        let found = dirs
             .filter_map(|d| d.ok())
-            .map(|d| d.path().join("bin/nats-server"))
-            .filter(|p| p.is_file())
-            .collect();
-        found.sort();
-        if let Some(p) = found.pop() {
+            .filter_map(|d| {
+                let name = d.file_name().to_string_lossy().into_owned();
+                let version = parse_version(name.strip_prefix("nats-server-")?)?;
+                let binary = d.path().join("bin/nats-server");
+                binary.is_file().then_some((version, binary))
+            })
+            .max();
+        if let Some((_, p)) = found {
             return Some(p);
         }
     }
@@ -276,6 +280,7 @@ mod tests {
         assert_eq!(parse_version("nats-server: v2.9.10"), Some((2, 9, 10)));
         assert_eq!(parse_version("nats-server: v2.12.0-RC.1"), Some((2, 12, 0)));
         assert_eq!(parse_version("nonsense"), None);
+        assert_eq!(parse_version("2.9.10"), Some((2, 9, 10)));
     }
 
     #[test]
