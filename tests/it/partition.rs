@@ -503,6 +503,25 @@ async fn two_serve_processes_share_a_ledger_of_4_partitions_and_store_everything
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
+    // An auditor replays one partition remotely through the CLI.
+    let url = server.url();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        crate::cli::cli(&[
+            "replay",
+            "--remote",
+            "--nats-url",
+            &url,
+            "--partitions",
+            "4",
+            "--partition",
+            "2",
+        ])
+    })
+    .await
+    .expect("cli");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count() as u64, want[2], "{err}");
+
     for child in [&mut first, &mut second] {
         let pid = child.id().to_string();
         let _ = std::process::Command::new("kill")

@@ -516,6 +516,17 @@ impl DataArgs {
         Ok((self.data.join(format!("p{n}")), id))
     }
 
+    /// The partition a `--remote` replay or export addresses (`None`: an unpartitioned ledger).
+    fn remote_partition(&self) -> anyhow::Result<Option<u32>> {
+        if self.partitions == 1 {
+            self.single_partition()?;
+            return Ok(None);
+        }
+        let n = self.single_partition()?;
+        PartitionId::new(n, self.partitions).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Some(n))
+    }
+
     /// The one partition a single-store command addresses.
     fn single_partition(&self) -> anyhow::Result<u32> {
         match (self.partitions, self.partition) {
@@ -852,7 +863,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             nats,
         } => {
             if remote {
-                remote::replay(&nats, &filter, format, out)
+                remote::replay(&nats, &filter, format, data.remote_partition()?, out)
             } else {
                 replay(&data, &filter, format, out)
             }
@@ -986,7 +997,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 )
             };
             let code = if remote {
-                remote::replay(&nats, &filter, format, &mut *file)?
+                remote::replay(&nats, &filter, format, data.remote_partition()?, &mut *file)?
             } else {
                 replay(&data, &filter, format, &mut *file)?
             };

@@ -221,15 +221,21 @@ pub fn tail(
 }
 
 /// `touchledger replay --remote`.
+/// `partition`: which partition's log of a partitioned ledger (`None`: an unpartitioned one).
 pub fn replay(
     nats: &NatsArgs,
     f: &FilterArgs,
     format: Format,
+    partition: Option<u32>,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     let filter = f.to_filter();
     runtime()?.block_on(async {
         let ledger = Ledger::new(nats.connect().await?, nats.prefix.clone());
+        let ledger = match partition {
+            Some(n) => ledger.in_partition(n),
+            None => ledger,
+        };
         let mut w = ReplayWriter::new(format, out)?;
         let mut failure = None;
         let rf = ReplayFilter {
