@@ -30,9 +30,16 @@ pub(crate) fn snapshot(tree: &ProjectionTree) -> (u64, Vec<(String, Vec<u8>)>) {
 
 /// Fold the store's log into fresh projectors in a separate database, up to `to`.
 pub(crate) fn fresh_rebuild(store: &SledStore, to: u64) -> (tempfile::TempDir, Vec<Projector>) {
+    let (dir, mut ps) = empty_projectors();
+    fold_to(store, &mut ps, to, 97);
+    (dir, ps)
+}
+
+/// The three projectors, empty, in a database of their own.
+fn empty_projectors() -> (tempfile::TempDir, Vec<Projector>) {
     let dir = tempfile::tempdir().expect("tmp");
     let db = ProjectionDb::open(dir.path()).expect("db");
-    let mut ps: Vec<Projector> = ALL
+    let ps = ALL
         .iter()
         .map(|s| {
             Projector::open(*s, db.projection(s.name).expect("tree"))
@@ -40,7 +47,6 @@ pub(crate) fn fresh_rebuild(store: &SledStore, to: u64) -> (tempfile::TempDir, V
                 .0
         })
         .collect();
-    fold_to(store, &mut ps, to, 97);
     (dir, ps)
 }
 
@@ -245,6 +251,54 @@ fn two_rebuilds_are_byte_identical_and_a_version_change_rebuilds() {
     assert_eq!(p.tree().states().count(), 0);
     catch_up(&store, std::slice::from_mut(&mut p), 333).expect("rebuild");
     assert_eq!(snapshot(p.tree()), before);
+}
+
+#[test]
+fn a_rebuild_in_passes_equals_the_incremental_fold_and_a_half_rebuilt_tree_is_rebuilt() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = populated_store(dir.path(), 3000);
+    let head = store.head().position;
+    let (_a, incremental) = fresh_rebuild(&store, head);
+    for pass_events in [head, 700, 97] {
+        let (_p, mut ps) = empty_projectors();
+        let mut refs: Vec<&mut Projector> = ps.iter_mut().collect();
+        let done = touchledger_projector::bulk::rebuild(&store, &mut refs, pass_events)
+            .expect("bulk rebuild");
+        assert_eq!(done.head, head);
+        assert_eq!(done.passes, head.div_ceil(pass_events), "{pass_events}");
+        for (a, b) in ps.iter().zip(&incremental) {
+            assert_eq!(a.checkpoint(), head);
+            assert_eq!(
+                snapshot(a.tree()),
+                snapshot(b.tree()),
+                "{} in passes of {pass_events}",
+                a.spec().name
+            );
+        }
+        // Only an empty projection is rebuilt in passes.
+        let mut refs: Vec<&mut Projector> = ps.iter_mut().collect();
+        assert!(touchledger_projector::bulk::rebuild(&store, &mut refs, pass_events).is_err());
+    }
+    // A rebuild that stopped between its passes leaves states without a checkpoint: the
+    // projector rebuilds from scratch on open instead of resuming from a partial state.
+    let tree = store.projection("loyalty").expect("tree");
+    let mut live: Vec<Projector> = open_all(&store)
+        .expect("open")
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    catch_up(&store, &mut live, 1000).expect("fold");
+    drop(live);
+    assert!(tree.states().count() > 0);
+    tree.clear_checkpoint().expect("clear");
+    let (p, opened) = Projector::open(touchledger_projector::LOYALTY, tree).expect("open");
+    assert_eq!(
+        opened,
+        Opened::Reset {
+            reason: "new".into()
+        }
+    );
+    assert_eq!(p.tree().states().count(), 0);
 }
 
 const CHILD_ENV: &str = "TOUCHLEDGER_PROJECTOR_CRASH_DIR";

@@ -192,9 +192,10 @@ impl Assessor {
         })
     }
 
-    /// Assess `customer` now: append `ChurnRiskAssessed` on a level change (or when an at-risk
-    /// verdict is due for re-assertion), reschedule, and return the alert to publish.
-    fn assess(&self, customer: &str, now: Timestamp) -> Result<Option<Outgoing>, BusError> {
+    /// Assess `customer` now: materialise its current view, reschedule it, and return the
+    /// `ChurnRiskAssessed` event to record if its level changed (or an at-risk verdict is due
+    /// for re-assertion), with whether the level changed.
+    fn decide(&self, customer: &str, now: Timestamp) -> Result<Option<(Event, bool)>, BusError> {
         if customer == MODEL_CUSTOMER {
             return Ok(None);
         }
@@ -243,40 +244,83 @@ impl Assessor {
                 as_of: now,
             }),
         };
-        let bytes = touchledger_proto::encode_event(&event);
-        let position = match self
-            .store
-            .append_ledger_events(vec![AppendItem::new(event)])?
-            .pop()
-        {
-            Some(
-                AppendOutcome::Appended { position, .. }
-                | AppendOutcome::Duplicate { position, .. },
-            ) => position,
-            other => {
-                tracing::error!(customer, outcome = ?other, "assessment not recorded");
-                return Ok(None);
-            }
-        };
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(customer.to_owned(), (view.level, position, now));
-        tracing::info!(customer, from = ?previous, to = ?view.level, position, "churn level assessed");
-        metrics::counter!("touchledger_assessments_recorded_total", "changed" => if changed { "true" } else { "false" }).increment(1);
-        Ok(changed.then(|| (self.cfg.subjects.alert(customer), bytes)))
+        Ok(Some((event, changed)))
     }
 
-    /// Assess every customer due by `now`. Returns the alerts.
+    /// Assess `customers` now (see [`Assessor::decide`]; each once, the model customer never)
+    /// and record their `ChurnRiskAssessed` events in **one** append: one atomic batch and one
+    /// flush for all of them, not one per customer (at start-up on a million customers, that is
+    /// the difference between minutes and hours). Returns the alerts of the level changes.
+    fn assess_many(&self, customers: &[String], now: Timestamp) -> Result<Vec<Outgoing>, BusError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut decided = Vec::new();
+        for c in customers {
+            if !seen.insert(c.as_str()) {
+                continue;
+            }
+            if let Some(d) = self.decide(c, now)? {
+                decided.push(d);
+            }
+        }
+        if decided.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut items = Vec::with_capacity(decided.len());
+        let mut notes = Vec::with_capacity(decided.len());
+        for (event, changed) in decided {
+            let level = match &event.payload {
+                Payload::ChurnRiskAssessed(a) => (a.previous_level, a.level),
+                _ => unreachable!("decide returns assessments"),
+            };
+            let bytes = touchledger_proto::encode_event(&event);
+            notes.push((event.customer_id.clone(), level, changed, bytes));
+            items.push(AppendItem::new(event));
+        }
+        let outcomes = self.store.append_ledger_events(items)?;
+        let quiet = notes.len() > 10;
+        let mut alerts = Vec::new();
+        let (mut recorded, mut changes) = (0u64, 0u64);
+        for ((customer, (from, to), changed, bytes), outcome) in notes.into_iter().zip(outcomes) {
+            let position = match outcome {
+                AppendOutcome::Appended { position, .. }
+                | AppendOutcome::Duplicate { position, .. } => position,
+                other => {
+                    tracing::error!(customer, outcome = ?other, "assessment not recorded");
+                    continue;
+                }
+            };
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(customer.clone(), (to, position, now));
+            if quiet {
+                tracing::debug!(customer, ?from, ?to, position, "churn level assessed");
+            } else {
+                tracing::info!(customer, ?from, ?to, position, "churn level assessed");
+            }
+            metrics::counter!("touchledger_assessments_recorded_total", "changed" => if changed { "true" } else { "false" }).increment(1);
+            recorded += 1;
+            if changed {
+                changes += 1;
+                alerts.push((self.cfg.subjects.alert(&customer), bytes));
+            }
+        }
+        if quiet {
+            tracing::info!(recorded, changes, "churn levels assessed");
+        }
+        Ok(alerts)
+    }
+
+    /// Assess every customer due by `now`, a thousand (one append) at a time. Returns the
+    /// alerts.
     fn sweep(&self, now: Timestamp) -> Result<Vec<Outgoing>, BusError> {
         metrics::counter!("touchledger_assessor_sweeps_total").increment(1);
         let mut alerts = Vec::new();
         loop {
             let due = self.due.due(now, 1000)?;
             let n = due.len();
-            for (_, customer) in due {
-                alerts.extend(self.assess(&customer, now)?);
-            }
+            let ids: Vec<String> = due.into_iter().map(|(_, c)| c).collect();
+            alerts.extend(self.assess_many(&ids, now)?);
             if n < 1000 {
                 break;
             }
@@ -295,9 +339,9 @@ impl Assessor {
         }
         let ids = Current::catchup_customers(&catchup, &self.reads, self.store.as_ref())
             .map_err(projector_err)?;
-        for id in ids {
-            out.extend(self.assess(&id, now)?);
-            n += 1;
+        for chunk in ids.chunks(1000) {
+            out.extend(self.assess_many(chunk, now)?);
+            n += chunk.len() as u64;
         }
         self.current.commit(checkpoint).map_err(projector_err)?;
         self.current.set_ready();
@@ -637,6 +681,35 @@ pub async fn run_views(
         Some(c) => c.clone(),
         None => open_current(&store, &cfg.rules, cfg.current_refresh)?,
     };
+    // Far behind the head (a new or reset projection on a grown store, a long downtime): fold
+    // synchronously first, in passes for empty projections (`touchledger_projector::catch_up`),
+    // instead of 1,000-event batches that each load and write every customer they touch.
+    let head = store.head().position;
+    if projectors
+        .iter()
+        .any(|p| head.saturating_sub(p.checkpoint()) > cfg.catch_up_lag)
+    {
+        tracing::info!(
+            head,
+            "projections far behind: catching up before following the log"
+        );
+        let started = std::time::Instant::now();
+        let s = store.clone();
+        let (back, folded) = tokio::task::spawn_blocking(move || {
+            let r = touchledger_projector::catch_up(s.as_ref(), &mut projectors, 10_000);
+            (projectors, r)
+        })
+        .await
+        .map_err(|e| nats_err("projector catch-up task", e))?;
+        projectors = back;
+        let folded = folded.map_err(projector_err)?;
+        current.projection_advanced(reads.checkpoints().map_err(projector_err)?[2]);
+        tracing::info!(
+            events = folded,
+            secs = started.elapsed().as_secs_f64(),
+            "projections caught up"
+        );
+    }
     // The churn checkpoint the start-up re-evaluation covers (the projectors start below).
     let opened_at = reads.checkpoints().map_err(projector_err)?[2];
     let assessor = Arc::new(Assessor {
@@ -735,14 +808,15 @@ pub async fn run_views(
                         }
                         for c in &customers {
                             out.extend(view_messages(&reads, &subjects, change.projection, c, now)?);
-                            if change.projection == "churn" {
-                                if c == MODEL_CUSTOMER {
-                                    let n = assessor.everyone_due(now)?;
-                                    tracing::info!(customers = n, "new churn model: everyone due");
-                                    out.extend(assessor.sweep(now)?);
-                                } else {
-                                    out.extend(assessor.assess(c, now)?);
-                                }
+                        }
+                        if change.projection == "churn" {
+                            if customers.iter().any(|c| c == MODEL_CUSTOMER) {
+                                let n = assessor.everyone_due(now)?;
+                                tracing::info!(customers = n, "new churn model: everyone due");
+                                out.extend(assessor.sweep(now)?);
+                            }
+                            for chunk in customers.chunks(1000) {
+                                out.extend(assessor.assess_many(chunk, now)?);
                             }
                         }
                         if change.projection == "churn" {

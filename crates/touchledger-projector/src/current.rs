@@ -552,6 +552,34 @@ impl Current {
             .unwrap_or(Catchup::None)
     }
 
+    /// The churn projection was folded to `churn_checkpoint` without its changes passing
+    /// through [`Current::refresh`] (a synchronous catch-up at start-up, before the
+    /// re-evaluation ran): widen what the start-up re-evaluation must cover, and count as not
+    /// ready until it has run.
+    pub fn projection_advanced(&self, churn_checkpoint: u64) {
+        let mut catchup = self.catchup.lock().unwrap_or_else(|p| p.into_inner());
+        let from = self.checkpoint.load(Ordering::Acquire) + 1;
+        let widened = match catchup.take() {
+            Some(Catchup::Everyone { reason }) => Catchup::Everyone { reason },
+            _ if churn_checkpoint < from => Catchup::None,
+            Some(Catchup::Positions { from, .. }) => Catchup::Positions {
+                from,
+                to: churn_checkpoint,
+            },
+            _ if from == 1 => Catchup::Everyone {
+                reason: "the churn projection was rebuilt at start-up".into(),
+            },
+            _ => Catchup::Positions {
+                from,
+                to: churn_checkpoint,
+            },
+        };
+        if widened != Catchup::None {
+            self.ready.store(false, Ordering::Release);
+        }
+        *catchup = Some(widened);
+    }
+
     /// The rules the rows were evaluated with.
     pub fn rules(&self) -> &Rules {
         &self.rules

@@ -21,6 +21,7 @@ use touchledger_domain::EventKind;
 use touchledger_domain::facts::{Applied, CustomerFacts, KindSet};
 use touchledger_store::{Committed, ProjectionMeta, ProjectionTree, StoreError};
 
+pub mod bulk;
 pub mod current;
 pub mod model;
 pub mod monthend;
@@ -328,16 +329,25 @@ pub fn open_all(
         .collect()
 }
 
-/// Fold the whole log (from the projectors' positions to the head) synchronously, reading
-/// `batch` events at a time and committing whenever [`CATCH_UP_COMMIT_CUSTOMERS`] states are
-/// held, and at the end (then flushed). Returns the number of events read.
+/// Fold the whole log (from the projectors' positions to the head) synchronously. Empty
+/// projectors (new or reset) are rebuilt in passes ([`bulk::rebuild`]); the others read `batch`
+/// events at a time and commit whenever [`CATCH_UP_COMMIT_CUSTOMERS`] states are held, and at
+/// the end (then flushed). Returns the number of events folded (per position, not per
+/// projection).
 pub fn catch_up(
     store: &dyn touchledger_store::EventStore,
     projectors: &mut [Projector],
     batch: u64,
 ) -> Result<u64, ProjectorError> {
+    let start = projectors.iter().map(|p| p.folded).min().unwrap_or(0);
+    let mut empty: Vec<&mut Projector> = projectors
+        .iter_mut()
+        .filter(|p| p.checkpoint == 0 && p.folded == 0)
+        .collect();
+    if !empty.is_empty() {
+        bulk::rebuild(store, &mut empty, bulk::PASS_EVENTS)?;
+    }
     let head = store.head().position;
-    let mut read = 0;
     loop {
         let from = projectors
             .iter()
@@ -350,7 +360,6 @@ pub fn catch_up(
         }
         let to = head.min(from + batch.max(1) - 1);
         let events = read_range(store, from, to)?;
-        read += events.len() as u64;
         for p in projectors.iter_mut() {
             p.fold(&events)?;
             if p.pending() >= CATCH_UP_COMMIT_CUSTOMERS {
@@ -362,7 +371,7 @@ pub fn catch_up(
         p.commit()?;
         p.tree().flush()?;
     }
-    Ok(read)
+    Ok(head.saturating_sub(start))
 }
 
 /// Committed events at positions `from..=to`.

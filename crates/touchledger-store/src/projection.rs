@@ -150,6 +150,16 @@ impl ProjectionTree {
         Ok(())
     }
 
+    /// Remove the checkpoint (flushed) and keep the states: the tree then counts as "rebuild
+    /// from scratch" on open until [`ProjectionTree::commit`] writes a checkpoint again. A bulk
+    /// rebuild writes its states in several batches between the two, so a crash in between
+    /// can never leave a checkpoint beside a partial state.
+    pub fn clear_checkpoint(&self) -> Result<(), StoreError> {
+        self.tree.remove(META)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Every state, in key order, lazily.
     pub fn states(
         &self,

@@ -1,0 +1,171 @@
+//! Rebuilding projections from position 1 in passes over the log (what a reset projection, a new
+//! ledger opened on a grown store, or `touchledger rebuild` runs).
+//!
+//! Key decisions:
+//! * The incremental fold loads a customer's state from its tree, folds a batch and writes it
+//!   back. On a store of millions of events and a million customers that is a load and a write
+//!   per customer and commit, against trees far larger than sled's cache: the rebuild of issue
+//!   #10's 10.9 M-event store did not finish in 30 minutes. A rebuild from scratch needs neither:
+//!   every state starts empty, so it is folded entirely in memory and written **once**.
+//! * Memory is bounded by splitting the customers into `passes` shards by a hash of their id
+//!   (about [`PASS_EVENTS`] events' facts per pass): each pass reads the whole log and folds only
+//!   its shard's customers. Reading the log again is cheap next to a write per customer per
+//!   commit (format 2 reads and decodes about 2 M events/s).
+//! * A shard's states are written sorted by key, in batches, **without** a checkpoint: the
+//!   checkpoint is removed first ([`ProjectionTree::clear_checkpoint`]) and written last, so a
+//!   crash half-way leaves a tree without a checkpoint, which the projector treats as "rebuild
+//!   from scratch" on open, never as a partial state beside a checkpoint.
+//! * The states are exactly those of the incremental fold (the same `CustomerFacts::apply` per
+//!   event, per customer in position order, and only changed states are written): a test
+//!   compares both byte for byte.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+
+use touchledger_domain::EventKind;
+use touchledger_domain::facts::{Applied, CustomerFacts};
+use touchledger_store::{EventStore, ProjectionMeta};
+
+use crate::{Projector, ProjectorError, encode, read_range};
+
+/// Events' worth of facts folded in memory per pass (all projections together hold roughly
+/// 250 bytes per event: a pass of this size stays near 250 MiB).
+pub const PASS_EVENTS: u64 = 1_000_000;
+
+/// Events read per read of the log.
+const READ_BATCH: u64 = 10_000;
+
+/// States written per sled batch.
+const WRITE_BATCH: usize = 10_000;
+
+/// The shard of `customer` among `passes` (a hash independent of the partition function, so
+/// that a partition's customers spread evenly over the passes).
+fn shard(customer: &str, passes: u64) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(customer) % passes
+}
+
+/// What a rebuild did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The position every projector reached (the head when the rebuild started).
+    pub head: u64,
+    /// Passes over the log.
+    pub passes: u64,
+    /// States written, over all projectors.
+    pub states: u64,
+}
+
+/// Fold positions `1..=head` into `projectors`, which must be empty (checkpoint 0: new or
+/// reset), in passes of about `pass_events` events, and commit them at the head.
+pub fn rebuild(
+    store: &dyn EventStore,
+    projectors: &mut [&mut Projector],
+    pass_events: u64,
+) -> Result<Rebuilt, ProjectorError> {
+    let head = store.head().position;
+    if let Some(p) = projectors
+        .iter()
+        .find(|p| p.checkpoint != 0 || p.folded != 0)
+    {
+        return Err(ProjectorError::Task(format!(
+            "bulk rebuild of projection {} at checkpoint {}: only an empty projection can be rebuilt in passes",
+            p.spec.name, p.checkpoint
+        )));
+    }
+    let passes = head.div_ceil(pass_events.max(1)).max(1);
+    let mut states = 0u64;
+    if projectors.is_empty() || head == 0 {
+        return Ok(Rebuilt {
+            head,
+            passes: 0,
+            states,
+        });
+    }
+    for p in projectors.iter() {
+        p.tree.clear_checkpoint()?;
+    }
+    for pass in 0..passes {
+        let mut folded: Vec<HashMap<String, (CustomerFacts, bool)>> =
+            projectors.iter().map(|_| HashMap::new()).collect();
+        let mut expected = 1;
+        while expected <= head {
+            let to = head.min(expected + READ_BATCH - 1);
+            let events = read_range(store, expected, to)?;
+            for c in &events {
+                if c.position != expected {
+                    return Err(ProjectorError::Gap {
+                        projection: projectors[0].spec.name,
+                        expected,
+                        got: c.position,
+                    });
+                }
+                expected += 1;
+                let id = c.event.customer_id.as_str();
+                if passes > 1 && shard(id, passes) != pass {
+                    continue;
+                }
+                let kind = c.event.kind();
+                for (p, map) in projectors.iter().zip(folded.iter_mut()) {
+                    if !p.spec.kinds.contains(kind) && kind != EventKind::Retraction {
+                        continue;
+                    }
+                    let entry = match map.get_mut(id) {
+                        Some(e) => e,
+                        None => map.entry(id.to_owned()).or_default(),
+                    };
+                    if entry
+                        .0
+                        .apply(&c.event, c.position, c.recorded_at, p.spec.kinds)
+                        != Applied::Ignored
+                    {
+                        entry.1 = true;
+                    }
+                }
+            }
+            if expected <= to {
+                // The store returned fewer events than positions: a gap at its end.
+                return Err(ProjectorError::Gap {
+                    projection: projectors[0].spec.name,
+                    expected,
+                    got: to + 1,
+                });
+            }
+        }
+        for (p, map) in projectors.iter().zip(folded) {
+            let mut changed: Vec<(String, CustomerFacts)> = map
+                .into_iter()
+                .filter(|(_, (_, changed))| *changed)
+                .map(|(k, (f, _))| (k, f))
+                .collect();
+            changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for chunk in changed.chunks(WRITE_BATCH) {
+                let encoded: Vec<(&str, Vec<u8>)> =
+                    chunk.iter().map(|(k, f)| (k.as_str(), encode(f))).collect();
+                p.tree.apply(
+                    encoded.iter().map(|(k, v)| (*k, v.as_slice())),
+                    std::iter::empty(),
+                    None,
+                )?;
+            }
+            states += changed.len() as u64;
+        }
+        tracing::debug!(pass, passes, "bulk rebuild pass done");
+    }
+    for p in projectors.iter_mut() {
+        p.tree.commit(
+            std::iter::empty(),
+            ProjectionMeta {
+                version: p.spec.version,
+                checkpoint: head,
+            },
+        )?;
+        p.tree.flush()?;
+        p.checkpoint = head;
+        p.folded = head;
+    }
+    Ok(Rebuilt {
+        head,
+        passes,
+        states,
+    })
+}
