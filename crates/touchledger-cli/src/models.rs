@@ -46,9 +46,10 @@ pub fn caught_up(
 
 /// `touchledger rebuild`: reset the projections and fold the whole log again.
 pub fn rebuild(store: &SledStore, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (mut projectors, _) = caught_up(store, None)?;
-    for p in projectors.iter_mut() {
+    let mut projectors = Vec::new();
+    for (mut p, _) in touchledger_projector::open_all(store)? {
         p.reset()?;
+        projectors.push(p);
     }
     let t = Instant::now();
     let n = touchledger_projector::catch_up(store, &mut projectors, 10_000)?;

@@ -10,7 +10,8 @@
 //! * Memory is bounded by splitting the customers into `passes` shards by a hash of their id
 //!   (about [`PASS_EVENTS`] events' facts per pass): each pass reads the whole log and folds only
 //!   its shard's customers. Reading the log again is cheap next to a write per customer per
-//!   commit (format 2 reads and decodes about 2 M events/s).
+//!   commit: a pass reads raw records (format 2: about 20 M/s), peeks each one's kind and
+//!   customer without decoding, and decodes only its own shard's.
 //! * A shard's states are written sorted by key, in batches, **without** a checkpoint: the
 //!   checkpoint is removed first ([`ProjectionTree::clear_checkpoint`]) and written last, so a
 //!   crash half-way leaves a tree without a checkpoint, which the projector treats as "rebuild
@@ -26,14 +27,11 @@ use touchledger_domain::EventKind;
 use touchledger_domain::facts::{Applied, CustomerFacts};
 use touchledger_store::{EventStore, ProjectionMeta};
 
-use crate::{Projector, ProjectorError, encode, read_range};
+use crate::{Projector, ProjectorError, encode};
 
 /// Events' worth of facts folded in memory per pass (all projections together hold roughly
 /// 250 bytes per event: a pass of this size stays near 250 MiB).
 pub const PASS_EVENTS: u64 = 1_000_000;
-
-/// Events read per read of the log.
-const READ_BATCH: u64 = 10_000;
 
 /// States written per sled batch.
 const WRITE_BATCH: usize = 10_000;
@@ -88,48 +86,56 @@ pub fn rebuild(
         let mut folded: Vec<HashMap<String, (CustomerFacts, bool)>> =
             projectors.iter().map(|_| HashMap::new()).collect();
         let mut expected = 1;
-        while expected <= head {
-            let to = head.min(expected + READ_BATCH - 1);
-            let events = read_range(store, expected, to)?;
-            for c in &events {
-                if c.position != expected {
-                    return Err(ProjectorError::Gap {
-                        projection: projectors[0].spec.name,
-                        expected,
-                        got: c.position,
-                    });
-                }
-                expected += 1;
-                let id = c.event.customer_id.as_str();
-                if passes > 1 && shard(id, passes) != pass {
-                    continue;
-                }
-                let kind = c.event.kind();
-                for (p, map) in projectors.iter().zip(folded.iter_mut()) {
-                    if !p.spec.kinds.contains(kind) && kind != EventKind::Retraction {
-                        continue;
-                    }
-                    let entry = match map.get_mut(id) {
-                        Some(e) => e,
-                        None => map.entry(id.to_owned()).or_default(),
-                    };
-                    if entry
-                        .0
-                        .apply(&c.event, c.position, c.recorded_at, p.spec.kinds)
-                        != Applied::Ignored
-                    {
-                        entry.1 = true;
-                    }
-                }
-            }
-            if expected <= to {
-                // The store returned fewer events than positions: a gap at its end.
+        for raw in store.read_raw(1, Some(head)) {
+            let raw = raw?;
+            if raw.position != expected {
                 return Err(ProjectorError::Gap {
                     projection: projectors[0].spec.name,
                     expected,
-                    got: to + 1,
+                    got: raw.position,
                 });
             }
+            expected += 1;
+            // Kind and customer without decoding: a pass decodes only its shard's records
+            // and those some projection keeps. A record that cannot be peeked is decoded, so
+            // that its corruption is reported, never skipped.
+            if let Some((kind, id)) = raw.peek() {
+                let wanted = kind == EventKind::Retraction
+                    || projectors.iter().any(|p| p.spec.kinds.contains(kind));
+                if !wanted || (passes > 1 && shard(id, passes) != pass) {
+                    continue;
+                }
+            }
+            let c = raw.decode()?;
+            let id = c.event.customer_id.as_str();
+            if passes > 1 && shard(id, passes) != pass {
+                continue;
+            }
+            let kind = c.event.kind();
+            for (p, map) in projectors.iter().zip(folded.iter_mut()) {
+                if !p.spec.kinds.contains(kind) && kind != EventKind::Retraction {
+                    continue;
+                }
+                let entry = match map.get_mut(id) {
+                    Some(e) => e,
+                    None => map.entry(id.to_owned()).or_default(),
+                };
+                if entry
+                    .0
+                    .apply(&c.event, c.position, c.recorded_at, p.spec.kinds)
+                    != Applied::Ignored
+                {
+                    entry.1 = true;
+                }
+            }
+        }
+        if expected <= head {
+            // The store returned fewer records than positions: a gap at its end.
+            return Err(ProjectorError::Gap {
+                projection: projectors[0].spec.name,
+                expected,
+                got: head + 1,
+            });
         }
         for (p, map) in projectors.iter().zip(folded) {
             let mut changed: Vec<(String, CustomerFacts)> = map
@@ -149,7 +155,7 @@ pub fn rebuild(
             }
             states += changed.len() as u64;
         }
-        tracing::debug!(pass, passes, "bulk rebuild pass done");
+        tracing::info!(pass = pass + 1, passes, states, "bulk rebuild pass done");
     }
     for p in projectors.iter_mut() {
         p.tree.commit(

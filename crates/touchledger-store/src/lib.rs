@@ -189,6 +189,20 @@ pub struct RawRecord {
 /// A stream of raw records in position order.
 pub type RawRecords<'a> = Box<dyn Iterator<Item = Result<RawRecord, StoreError>> + Send + 'a>;
 
+impl RawRecord {
+    /// The event's kind and customer, read without decoding the record (no allocation);
+    /// `None` if the bytes are not a well-formed record ([`RawRecord::decode`] then says why).
+    pub fn peek(&self) -> Option<(EventKind, &str)> {
+        touchledger_proto::peek_record(&self.record)
+    }
+
+    /// Decode the record (what [`EventStore::read`] returns for its position): a reader that
+    /// needs only some records can skip the others after a [`RawRecord::peek`].
+    pub fn decode(&self) -> Result<Committed, StoreError> {
+        sled_store::decode_record(self.position, &self.hash.0, &self.record)
+    }
+}
+
 impl Committed {
     /// The exact stored `StoredRecord` bytes of this event (the bytes its hash covers). Encoding
     /// is canonical, so re-encoding a read event reproduces what was stored.

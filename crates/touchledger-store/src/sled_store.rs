@@ -842,6 +842,16 @@ pub(crate) fn decode_committed(position: u64, value: &[u8]) -> Result<Committed,
         return Err(StoreError::corrupt(what(), "record shorter than its hash"));
     }
     let (hash, bytes) = value.split_at(HASH_LEN);
+    decode_record(position, hash, bytes)
+}
+
+/// Decode `StoredRecord` bytes stored at `position` with their chain hash.
+pub(crate) fn decode_record(
+    position: u64,
+    hash: &[u8],
+    bytes: &[u8],
+) -> Result<Committed, StoreError> {
+    let what = || format!("position {position}");
     let rec = v1::StoredRecord::decode(bytes)
         .map_err(|e| StoreError::corrupt(what(), format!("undecodable record: {e}")))?;
     let env = rec
