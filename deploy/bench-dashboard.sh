@@ -72,6 +72,12 @@ echo "serve ready after $(echo "$(date +%s.%N) - $START" | bc) s (projections an
 curl -s "http://127.0.0.1:$HPORT/readyz"; echo
 grep -E "catch-up done|current views ready|current views opened" "$TMP/serve.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220 || true
 
+# A fresh nats-server gets the whole log on the committed-event feed first: wait for it, so
+# that wrk does not share the two cores with the feed's catch-up.
+HEAD="$(curl -s "http://127.0.0.1:$HPORT/readyz" | python3 -c 'import json,sys; print(json.load(sys.stdin)["head"])')"
+until [ "$(curl -s "http://127.0.0.1:$HPORT/metrics" | awk '/^touchledger_feed_published_position/ {print int($2)}')" -ge "$HEAD" ] 2>/dev/null; do sleep 2; done
+echo "feed caught up (position $HEAD) after $(echo "$(date +%s.%N) - $START" | bc) s"
+
 NOW="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 B="http://127.0.0.1:$HPORT"
 CUSTOMER="$(curl -s "$B/api/v1/at-risk?per_page=1&sort=value" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["customer_id"])')"

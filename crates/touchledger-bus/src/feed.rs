@@ -36,6 +36,7 @@ pub async fn run_feed(
     let mut published = resync(&mut stream, &store, &cfg).await?;
     let mut head = store.subscribe();
     tracing::info!(published, "feed started");
+    metrics::gauge!("touchledger_feed_published_position").set(published as f64);
     loop {
         let target = head.borrow_and_update().position;
         if let Err(e) = publish_range(
@@ -236,6 +237,8 @@ async fn publish_range(
                 .map_err(|e| nats_err("checkpoint publish", e))?;
         }
         *published = to;
+        // How far the feed has caught up (compare with the store's head: the feed's lag).
+        metrics::gauge!("touchledger_feed_published_position").set(to as f64);
     }
     Ok(())
 }
