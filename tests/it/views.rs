@@ -419,10 +419,23 @@ async fn on_demand_refit_over_nats_is_recorded_and_used() {
         .await
         .expect("join");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("r     = 0.2426") && out.contains("b     = 2.4259"),
-        "{out}"
-    );
+    // The published values (FHL 2005): r = 0.2426, b = 2.4258; the optimiser stops within
+    // 1e-4 of them.
+    let param = |name: &str| -> f64 {
+        out.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(name)?
+                    .trim()
+                    .strip_prefix('=')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    };
+    assert!((param("r") - 0.2426).abs() <= 1e-4, "{out}");
+    assert!((param("b") - 2.4258).abs() <= 1e-4, "{out}");
     let position: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("recorded as ModelFitted at position "))
