@@ -168,6 +168,14 @@ struct Assessor {
 /// A message to publish.
 type Outgoing = (String, Vec<u8>);
 
+/// What assessing one customer decided.
+struct Decision {
+    /// When the customer must be assessed again.
+    next: Timestamp,
+    /// The assessment to record, and whether the level changed.
+    record: Option<(Event, bool)>,
+}
+
 /// A unit of blocking read-model work, returning what to publish.
 type Work = Box<dyn FnOnce() -> Result<Vec<Outgoing>, BusError> + Send>;
 
@@ -192,10 +200,11 @@ impl Assessor {
         })
     }
 
-    /// Assess `customer` now: materialise its current view, reschedule it, and return the
-    /// `ChurnRiskAssessed` event to record if its level changed (or an at-risk verdict is due
-    /// for re-assertion), with whether the level changed.
-    fn decide(&self, customer: &str, now: Timestamp) -> Result<Option<(Event, bool)>, BusError> {
+    /// Assess `customer` now: materialise its current view and return when it is due again,
+    /// and the `ChurnRiskAssessed` event to record if its level changed (or an at-risk verdict
+    /// is due for re-assertion), with whether the level changed. `None` for the model customer.
+    /// Rescheduling is the caller's, after the event is recorded.
+    fn decide(&self, customer: &str, now: Timestamp) -> Result<Option<Decision>, BusError> {
         if customer == MODEL_CUSTOMER {
             return Ok(None);
         }
@@ -204,7 +213,6 @@ impl Assessor {
             .current
             .refresh(&self.reads, customer, now, self.cfg.max_recheck_days)
             .map_err(projector_err)?;
-        self.due.schedule(customer, next)?;
         let (previous, last_at) = self.previous(customer, &facts);
         let stale = last_at.is_none_or(|t| {
             now.unix_nanos() - t.unix_nanos() >= self.cfg.reassert_after.as_nanos() as i64
@@ -213,7 +221,7 @@ impl Assessor {
         let changed = view.level != previous;
         let reassert = view.level >= ChurnLevel::Watch && stale;
         if !(changed || reassert) {
-            return Ok(None);
+            return Ok(Some(Decision { next, record: None }));
         }
         let event = Event {
             // Unique per (customer, instant, transition): a retry of the same assessment is a
@@ -244,24 +252,46 @@ impl Assessor {
                 as_of: now,
             }),
         };
-        Ok(Some((event, changed)))
+        Ok(Some(Decision {
+            next,
+            record: Some((event, changed)),
+        }))
     }
 
     /// Assess `customers` now (see [`Assessor::decide`]; each once, the model customer never)
     /// and record their `ChurnRiskAssessed` events in **one** append: one atomic batch and one
     /// flush for all of them, not one per customer (at start-up on a million customers, that is
-    /// the difference between minutes and hours). Returns the alerts of the level changes.
+    /// the difference between minutes and hours). The customers are rescheduled only after
+    /// the append: if an evaluation or the append fails, a customer that was due stays due and
+    /// the next sweep (or the restart's re-evaluation) takes it again. Returns the alerts of
+    /// the level changes.
     fn assess_many(&self, customers: &[String], now: Timestamp) -> Result<Vec<Outgoing>, BusError> {
         let mut seen = std::collections::HashSet::new();
         let mut decided = Vec::new();
+        let mut schedule = Vec::new();
         for c in customers {
             if !seen.insert(c.as_str()) {
                 continue;
             }
             if let Some(d) = self.decide(c, now)? {
-                decided.push(d);
+                schedule.push((c.as_str(), d.next));
+                decided.extend(d.record);
             }
         }
+        let alerts = self.record(decided, now)?;
+        for (c, next) in schedule {
+            self.due.schedule(c, next)?;
+        }
+        Ok(alerts)
+    }
+
+    /// Append the decided assessments in one batch; note them as pending and return the alerts
+    /// of the level changes.
+    fn record(
+        &self,
+        decided: Vec<(Event, bool)>,
+        now: Timestamp,
+    ) -> Result<Vec<Outgoing>, BusError> {
         if decided.is_empty() {
             return Ok(Vec::new());
         }

@@ -16,6 +16,11 @@
 //!   checkpoint is removed first ([`touchledger_store::ProjectionTree::clear_checkpoint`]) and written last, so a
 //!   crash half-way leaves a tree without a checkpoint, which the projector treats as "rebuild
 //!   from scratch" on open, never as a partial state beside a checkpoint.
+//! * While a rebuild runs, readers of the trees see the shards written so far and no
+//!   checkpoint (`serve` runs it at start-up with `/readyz` not ready, and its reads fall back
+//!   to full passes over what is there): a customer of a later shard is "not found" until its
+//!   pass is written. The incremental catch-up showed a consistent prefix of the log instead, at
+//!   a cost that did not finish at a million customers.
 //! * The states are exactly those of the incremental fold (the same `CustomerFacts::apply` per
 //!   event, per customer in position order, and only changed states are written): a test
 //!   compares both byte for byte.

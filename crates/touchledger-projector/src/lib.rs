@@ -339,7 +339,9 @@ pub fn catch_up(
     projectors: &mut [Projector],
     batch: u64,
 ) -> Result<u64, ProjectorError> {
-    let start = projectors.iter().map(|p| p.folded).min().unwrap_or(0);
+    let Some(start) = projectors.iter().map(|p| p.folded).min() else {
+        return Ok(0);
+    };
     let mut empty: Vec<&mut Projector> = projectors
         .iter_mut()
         .filter(|p| p.checkpoint == 0 && p.folded == 0)
