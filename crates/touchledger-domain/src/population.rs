@@ -109,6 +109,11 @@ impl MonthCounters {
         self.merge_signed(o, 1);
     }
 
+    /// Take out counters added before with [`MonthCounters::merge`].
+    pub fn unmerge(&mut self, o: &MonthCounters) {
+        self.merge_signed(o, -1);
+    }
+
     fn merge_signed(&mut self, o: &MonthCounters, sign: i64) {
         if sign >= 0 {
             self.surveys.merge(&o.surveys);

@@ -185,6 +185,81 @@ struct Buyer {
     own: Option<Box<MonthCounters>>,
     /// Value in the index's reporting currency.
     value: i64,
+    /// RFM cell (0–124: (R − 1)·25 + (F − 1)·5 + M − 1) under the index's thresholds;
+    /// [`UNSET`] until placed.
+    cell: u8,
+    /// Pyramid tier (index into [`TIERS`]); [`UNSET`] until placed.
+    tier: u8,
+}
+
+/// A buyer not yet counted in the rank figures.
+const UNSET: u8 = u8::MAX;
+
+/// The pyramid tiers, best first, as [`tier_at`] names them.
+const TIERS: [&str; 4] = ["vip", "major", "ordinary", "small"];
+
+fn tier_index(p: usize, n: usize) -> u8 {
+    let t = tier_at(p, n);
+    TIERS.iter().position(|x| *x == t).unwrap_or(3) as u8
+}
+
+/// Quintile thresholds per RFM dimension (recency, frequency, monetary).
+type Thresholds = [[Option<i64>; 4]; 3];
+
+/// An RFM score: 1 + the thresholds the key is above (`None`: no buyer, every key above).
+fn score(t: &[Option<i64>; 4], k: i64) -> u8 {
+    1 + t.iter().filter(|x| x.is_none_or(|x| k > x)).count() as u8
+}
+
+impl Buyer {
+    /// The rank key in RFM dimension `d`.
+    fn key(&self, d: usize) -> i64 {
+        match d {
+            0 => self.last_day,
+            1 => i64::from(self.days),
+            _ => self.value,
+        }
+    }
+
+    fn cell_under(&self, t: &Thresholds) -> u8 {
+        let [r, f, m] = [0, 1, 2].map(|d| score(&t[d], self.key(d)) - 1);
+        r * 25 + f * 5 + m
+    }
+}
+
+/// The rank-based population figures, kept by difference (see [`Index::repair`]).
+#[derive(Clone, Debug, PartialEq)]
+struct RankFigures {
+    thresholds: Thresholds,
+    /// Buyers per RFM cell.
+    cells: [u64; 125],
+    /// Per tier: buyers and the sum of their own counters.
+    tiers: [(u64, MonthCounters); 4],
+}
+
+impl RankFigures {
+    fn new() -> RankFigures {
+        RankFigures {
+            thresholds: [[None; 4]; 3],
+            cells: [0; 125],
+            tiers: Default::default(),
+        }
+    }
+
+    fn count_tier(&mut self, tier: u8, own: Option<&MonthCounters>, add: bool) {
+        let t = &mut self.tiers[usize::from(tier)];
+        if add {
+            t.0 += 1;
+            if let Some(o) = own {
+                t.1.merge(o);
+            }
+        } else {
+            t.0 -= 1;
+            if let Some(o) = own {
+                t.1.unmerge(o);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -221,6 +296,8 @@ impl Entry {
                 own: (row.population.own != MonthCounters::default())
                     .then(|| Box::new(row.population.own.clone())),
                 value: 0,
+                cell: UNSET,
+                tier: UNSET,
             }),
         }
     }
@@ -281,24 +358,26 @@ fn pyramid_weight(x: &(Reverse<i64>, Arc<str>)) -> i64 {
 }
 
 /// The in-memory indexes.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Index {
     entries: HashMap<Arc<str>, Entry>,
     /// Per currency: total value and how many customers have it.
     totals: BTreeMap<String, (i128, u64)>,
     /// The reporting currency the value indexes use.
     currency: String,
-    recency: OrderIndex<i64>,
-    frequency: OrderIndex<i64>,
-    monetary: OrderIndex<i64>,
+    /// Buyers by (last purchase-day, id).
+    recency: OrderIndex<Keyed>,
+    /// Buyers by (purchase-days, id).
+    frequency: OrderIndex<Keyed>,
+    /// Buyers by value (descending), then id: the pyramid and the monetary dimension.
     pyramid: OrderIndex<(Reverse<i64>, Arc<str>)>,
     levels: [LevelIndex; 5],
     /// Customers per level, cause and fired rule (index 7: any).
     counts: [[[u64; 8]; 5]; 5],
     /// The additive population figures.
     aggregate: Aggregate,
-    /// Bumped on every change (invalidates the memoised rank figures).
-    version: u64,
+    /// The rank-based ones.
+    ranks: RankFigures,
 }
 
 impl Index {
@@ -309,12 +388,11 @@ impl Index {
             currency: String::new(),
             recency: OrderIndex::new(),
             frequency: OrderIndex::new(),
-            monetary: OrderIndex::new(),
             pyramid: OrderIndex::weighted(pyramid_weight),
             levels: Default::default(),
             counts: [[[0; 8]; 5]; 5],
             aggregate: Aggregate::default(),
-            version: 0,
+            ranks: RankFigures::new(),
         }
     }
 
@@ -332,9 +410,14 @@ impl Index {
         self.levels[e.level].each(e, id, false);
         self.count(e, -1);
         if let Some(b) = &e.buyer {
-            self.recency.remove(&b.last_day);
-            self.frequency.remove(&i64::from(b.days));
-            self.monetary.remove(&b.value);
+            if b.cell != UNSET {
+                self.ranks.cells[usize::from(b.cell)] -= 1;
+            }
+            if b.tier != UNSET {
+                self.ranks.count_tier(b.tier, b.own.as_deref(), false);
+            }
+            self.recency.remove(&(b.last_day, id.clone()));
+            self.frequency.remove(&(i64::from(b.days), id.clone()));
             self.pyramid.remove(&(Reverse(b.value), id.clone()));
             for (c, v) in &b.monetary {
                 if let Some(t) = self.totals.get_mut(c) {
@@ -358,15 +441,16 @@ impl Index {
                 t.1 += 1;
             }
             b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
-            self.recency.insert(b.last_day);
-            self.frequency.insert(i64::from(b.days));
-            self.monetary.insert(b.value);
+            b.cell = UNSET;
+            b.tier = UNSET;
+            self.recency.insert((b.last_day, id.clone()));
+            self.frequency.insert((i64::from(b.days), id.clone()));
             self.pyramid.insert((Reverse(b.value), id.clone()));
         }
     }
 
-    /// Re-rank every buyer's value when the reporting currency changed.
-    fn follow_currency(&mut self, rules: &Rules) {
+    /// Re-rank every buyer's value when the reporting currency changed; whether it did.
+    fn follow_currency(&mut self, rules: &Rules) -> bool {
         let totals: BTreeMap<String, i128> = self
             .totals
             .iter()
@@ -374,20 +458,18 @@ impl Index {
             .collect();
         let currency = reporting_currency(&rules.population, &totals);
         if currency == self.currency {
-            return;
+            return false;
         }
         self.currency = currency;
-        let mut values = Vec::new();
         let mut pyramid = Vec::new();
         for (id, e) in self.entries.iter_mut() {
             if let Some(b) = &mut e.buyer {
                 b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
-                values.push(b.value);
                 pyramid.push((Reverse(b.value), id.clone()));
             }
         }
-        self.monetary = OrderIndex::from_unsorted(values, |_| 0);
         self.pyramid = OrderIndex::from_unsorted(pyramid, pyramid_weight);
+        true
     }
 
     fn put(
@@ -397,13 +479,19 @@ impl Index {
         row: Option<&CurrentRow>,
         rules: &Rules,
     ) {
-        self.version += 1;
         if let Some(o) = old {
             self.aggregate.remove(&o.population);
         }
         if let Some(r) = row {
             self.aggregate.add(&r.population);
         }
+        self.put_entry(customer, row.map(Entry::of), rules);
+    }
+
+    /// Replace (or remove) a customer's entry and bring the rank figures up to date: O(log n)
+    /// plus the buyers whose RFM score moves with a quintile threshold (see
+    /// [`Index::repair`]).
+    fn put_entry(&mut self, customer: &str, entry: Option<Entry>, rules: &Rules) {
         let id: Arc<str> = match self.entries.remove_entry(customer) {
             Some((id, old)) => {
                 self.unindex(&id, &old);
@@ -411,12 +499,225 @@ impl Index {
             }
             None => Arc::from(customer),
         };
-        if let Some(row) = row {
-            let mut e = Entry::of(row);
+        let buyer = entry.as_ref().is_some_and(|e| e.buyer.is_some());
+        if let Some(mut e) = entry {
             self.index(&id, &mut e);
-            self.entries.insert(id, e);
+            self.entries.insert(id.clone(), e);
         }
-        self.follow_currency(rules);
+        if self.follow_currency(rules) {
+            self.rerank_all();
+            return;
+        }
+        self.repair();
+        if buyer {
+            self.place(&id);
+        }
+    }
+
+    /// The quintile thresholds of the current buyers: a score is 1 + ⌊first rank × 5 / n⌋,
+    /// and it is ≥ s + 2 exactly when the key is above the element at position
+    /// ⌈(s + 1) n / 5⌉ − 1, so four thresholds per dimension (`None` only with no buyer).
+    fn thresholds(&self) -> Thresholds {
+        let n = self.recency.len();
+        let at = |s: usize| ((s + 1) * n).div_ceil(5).checked_sub(1);
+        [
+            [0, 1, 2, 3].map(|s| at(s).and_then(|j| self.recency.get(j)).map(|x| x.0)),
+            [0, 1, 2, 3].map(|s| at(s).and_then(|j| self.frequency.get(j)).map(|x| x.0)),
+            [0, 1, 2, 3].map(|s| {
+                at(s)
+                    .and_then(|j| self.pyramid.get(n - 1 - j))
+                    .map(|x| x.0.0)
+            }),
+        ]
+    }
+
+    /// The buyers whose key in RFM dimension `d` lies in `(lo, hi]`.
+    fn buyers_between(&self, d: usize, lo: i64, hi: i64) -> Vec<Arc<str>> {
+        let range = |ix: &OrderIndex<Keyed>| {
+            let a = ix.partition_point(|x| x.0 <= lo);
+            let b = ix.partition_point(|x| x.0 <= hi);
+            ix.iter_from(a).take(b - a).map(|x| x.1.clone()).collect()
+        };
+        match d {
+            0 => range(&self.recency),
+            1 => range(&self.frequency),
+            _ => {
+                // Descending by value: (lo, hi] is the run from the first value ≤ hi to the
+                // first value ≤ lo.
+                let p = &self.pyramid;
+                let a = p.partition_point(|x| x.0.0 > hi);
+                let b = p.partition_point(|x| x.0.0 > lo);
+                p.iter_from(a).take(b - a).map(|x| x.1.clone()).collect()
+            }
+        }
+    }
+
+    /// Move a placed buyer to the RFM cell of the current thresholds.
+    fn recell(&mut self, id: &Arc<str>) {
+        let t = self.ranks.thresholds;
+        let Some(b) = self.entries.get_mut(id).and_then(|e| e.buyer.as_mut()) else {
+            return;
+        };
+        if b.cell == UNSET {
+            return;
+        }
+        let c = b.cell_under(&t);
+        if c != b.cell {
+            self.ranks.cells[usize::from(b.cell)] -= 1;
+            self.ranks.cells[usize::from(c)] += 1;
+            b.cell = c;
+        }
+    }
+
+    /// Move the placed buyer at pyramid position `p` to the tier of that position.
+    fn retier(&mut self, p: usize) {
+        let n = self.pyramid.len();
+        let Some((_, id)) = self.pyramid.get(p) else {
+            return;
+        };
+        let t = tier_index(p, n);
+        let Some(b) = self.entries.get_mut(id).and_then(|e| e.buyer.as_mut()) else {
+            return;
+        };
+        if b.tier == UNSET || b.tier == t {
+            return;
+        }
+        self.ranks.count_tier(b.tier, b.own.as_deref(), false);
+        self.ranks.count_tier(t, b.own.as_deref(), true);
+        b.tier = t;
+    }
+
+    /// After one buyer left or entered the order indexes, move the placed buyers whose RFM
+    /// cell or tier changed with it. A quintile threshold that moved from `a` to `b` changes
+    /// the score of exactly the buyers with a key between them (`(min, max]`), so only those
+    /// are visited: usually a handful, a whole group of equal keys when the threshold crosses
+    /// it. A tier changes only for a buyer whose position moved by one across a cut, or a cut
+    /// that moved by one (the pyramid count changed by one): at most two positions either
+    /// side of each cut, and a few more are checked.
+    fn repair(&mut self) {
+        let before = self.ranks.thresholds;
+        let after = self.thresholds();
+        if before != after {
+            self.ranks.thresholds = after;
+            for d in 0..3 {
+                for s in 0..4 {
+                    match (before[d][s], after[d][s]) {
+                        (Some(a), Some(b)) if a != b => {
+                            for id in self.buyers_between(d, a.min(b), a.max(b)) {
+                                self.recell(&id);
+                            }
+                        }
+                        (Some(_), None) | (None, Some(_)) => {
+                            // From or to no buyer at all: at most the new one, placed after.
+                            let ids: Vec<Arc<str>> =
+                                self.recency.iter().map(|x| x.1.clone()).collect();
+                            for id in ids {
+                                self.recell(&id);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let n = self.pyramid.len();
+        for c in tier_cuts(n) {
+            for p in c.saturating_sub(3)..(c + 3).min(n) {
+                self.retier(p);
+            }
+        }
+    }
+
+    /// Count a buyer not yet placed in its RFM cell and tier.
+    fn place(&mut self, id: &Arc<str>) {
+        let n = self.pyramid.len();
+        let t = self.ranks.thresholds;
+        let Some(b) = self.entries.get(id).and_then(|e| e.buyer.as_ref()) else {
+            return;
+        };
+        let tier = tier_index(self.pyramid.count_less(&(Reverse(b.value), id.clone())), n);
+        let cell = b.cell_under(&t);
+        let own = b.own.clone();
+        self.ranks.cells[usize::from(cell)] += 1;
+        self.ranks.count_tier(tier, own.as_deref(), true);
+        if let Some(b) = self.entries.get_mut(id).and_then(|e| e.buyer.as_mut()) {
+            b.cell = cell;
+            b.tier = tier;
+        }
+    }
+
+    /// Recompute every buyer's RFM cell and tier: O(n), at start-up and when the reporting
+    /// currency changes.
+    fn rerank_all(&mut self) {
+        let mut ranks = RankFigures::new();
+        ranks.thresholds = self.thresholds();
+        let n = self.pyramid.len();
+        for (p, (_, id)) in self.pyramid.iter().enumerate() {
+            if let Some(b) = self.entries.get_mut(id).and_then(|e| e.buyer.as_mut()) {
+                b.cell = b.cell_under(&ranks.thresholds);
+                b.tier = tier_index(p, n);
+                ranks.cells[usize::from(b.cell)] += 1;
+                ranks.count_tier(b.tier, b.own.as_deref(), true);
+            }
+        }
+        self.ranks = ranks;
+    }
+
+    /// The rank-based population figures from the kept counts (the pyramid's share figures
+    /// are prefix weights): O(log n).
+    fn ranked(&self) -> Ranked {
+        let (currency, pyramid, top20) = self.pyramid_figures();
+        let rfm_cells = self
+            .ranks
+            .cells
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| (format!("{}{}{}", i / 25 + 1, i / 5 % 5 + 1, i % 5 + 1), *c))
+            .collect();
+        let tier_segments = TIERS
+            .iter()
+            .zip(&self.ranks.tiers)
+            .filter(|(_, t)| t.0 > 0)
+            .map(|(name, t)| (format!("tier:{name}"), t.clone()))
+            .collect();
+        Ranked {
+            currency,
+            pyramid,
+            top20,
+            rfm_cells,
+            tier_segments,
+        }
+    }
+
+    /// The customer pyramid (reporting currency, tiers, top-20 % share): O(log n).
+    fn pyramid_figures(&self) -> (String, Vec<Tier>, Option<f64>) {
+        let p = &self.pyramid;
+        let total = p.total_weight() as i64;
+        let share = |v: i64| {
+            if total > 0 {
+                100.0 * v as f64 / total as f64
+            } else {
+                0.0
+            }
+        };
+        let [vip, major, ordinary] = tier_cuts(p.len());
+        let bounds = [0, vip, major, ordinary, p.len()];
+        let tiers = TIERS
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let v = (p.prefix_weight(bounds[i + 1]) - p.prefix_weight(bounds[i])) as i64;
+                Tier {
+                    tier: t.to_owned(),
+                    customers: (bounds[i + 1] - bounds[i]) as u64,
+                    revenue_minor: v,
+                    revenue_share_pct: share(v),
+                }
+            })
+            .collect();
+        let top20 = (total > 0).then(|| share(p.prefix_weight(major) as i64));
+        (self.currency.clone(), tiers, top20)
     }
 }
 
@@ -435,8 +736,6 @@ pub struct Current {
     ready: AtomicBool,
     /// What the start-up re-evaluation must cover (taken once).
     catchup: std::sync::Mutex<Option<Catchup>>,
-    /// The rank-based population figures and the index version they were computed at.
-    ranked: std::sync::Mutex<Option<(u64, Ranked)>>,
 }
 
 /// How the rows were found on open: what the caller must re-evaluate before the
@@ -538,7 +837,6 @@ impl Current {
             checkpoint: AtomicU64::new(checkpoint),
             ready: AtomicBool::new(catchup == Catchup::None),
             catchup: std::sync::Mutex::new(Some(catchup.clone())),
-            ranked: std::sync::Mutex::new(None),
         };
         Ok((current, catchup))
     }
@@ -748,10 +1046,12 @@ impl Current {
         let b = e.buyer.as_ref()?;
         let n = ix.recency.len();
         let tier_pos = ix.pyramid.count_less(&(Reverse(b.value), id.clone()));
+        let below = |o: &OrderIndex<Keyed>, k: i64| o.partition_point(|x| x.0 < k);
+        let cheaper = n - ix.pyramid.partition_point(|x| x.0.0 >= b.value);
         Some(Ranks {
-            recency: quintile_score(ix.recency.count_less(&b.last_day), n),
-            frequency: quintile_score(ix.frequency.count_less(&i64::from(b.days)), n),
-            monetary: quintile_score(ix.monetary.count_less(&b.value), n),
+            recency: quintile_score(below(&ix.recency, b.last_day), n),
+            frequency: quintile_score(below(&ix.frequency, i64::from(b.days)), n),
+            monetary: quintile_score(cheaper, n),
             tier: tier_at(tier_pos, ix.pyramid.len()),
         })
     }
@@ -759,121 +1059,16 @@ impl Current {
     /// The customer pyramid of the current buyers (reporting currency, tiers, top-20 % share),
     /// O(log n).
     pub fn pyramid(&self) -> (String, Vec<Tier>, Option<f64>) {
-        let ix = self.read();
-        let p = &ix.pyramid;
-        let total = p.total_weight() as i64;
-        let share = |v: i64| {
-            if total > 0 {
-                100.0 * v as f64 / total as f64
-            } else {
-                0.0
-            }
-        };
-        let [vip, major, ordinary] = tier_cuts(p.len());
-        let bounds = [0, vip, major, ordinary, p.len()];
-        let tiers = ["vip", "major", "ordinary", "small"]
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let v = (p.prefix_weight(bounds[i + 1]) - p.prefix_weight(bounds[i])) as i64;
-                Tier {
-                    tier: t.to_owned(),
-                    customers: (bounds[i + 1] - bounds[i]) as u64,
-                    revenue_minor: v,
-                    revenue_share_pct: share(v),
-                }
-            })
-            .collect();
-        let top20 = (total > 0).then(|| share(p.prefix_weight(major) as i64));
-        (ix.currency.clone(), tiers, top20)
+        self.read().pyramid_figures()
     }
 
-    /// The rank-based population figures (pyramid, RFM cells, tier segments), memoised until
-    /// the next change: recomputing them is one pass over the in-memory rank keys (no sled, no
-    /// evaluation), O(n).
-    fn ranked(&self) -> Ranked {
-        let version = self.read().version;
-        let mut memo = self.ranked.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((v, r)) = memo.as_ref()
-            && *v == version
-        {
-            return r.clone();
-        }
-        let (currency, pyramid, top20) = self.pyramid();
-        let ix = self.read();
-        // RFM: a score is 1 + ⌊first rank × 5 / n⌋; score ≥ s exactly when the key is above
-        // the element at position ⌈(s − 1) n / 5⌉ − 1, so four thresholds per dimension.
-        let n = ix.recency.len();
-        let thresholds = |o: &OrderIndex<i64>| -> [Option<i64>; 4] {
-            let mut t = [None; 4];
-            for (i, slot) in t.iter_mut().enumerate() {
-                let j = (i + 1) * n;
-                let j = j.div_ceil(5);
-                *slot = if j == 0 { None } else { o.get(j - 1).copied() };
-            }
-            t
-        };
-        let score = |t: &[Option<i64>; 4], k: i64| -> u8 {
-            1 + t.iter().filter(|x| x.is_none_or(|x| k > x)).count() as u8
-        };
-        let (tr, tf, tm) = (
-            thresholds(&ix.recency),
-            thresholds(&ix.frequency),
-            thresholds(&ix.monetary),
-        );
-        let mut rfm_cells: BTreeMap<String, u64> = BTreeMap::new();
-        let mut cells = [0u64; 125];
-        for e in ix.entries.values() {
-            if let Some(b) = &e.buyer {
-                let (r, f, m) = (
-                    score(&tr, b.last_day),
-                    score(&tf, i64::from(b.days)),
-                    score(&tm, b.value),
-                );
-                cells[usize::from(r - 1) * 25 + usize::from(f - 1) * 5 + usize::from(m - 1)] += 1;
-            }
-        }
-        for (i, c) in cells.iter().enumerate() {
-            if *c > 0 {
-                rfm_cells.insert(format!("{}{}{}", i / 25 + 1, i / 5 % 5 + 1, i % 5 + 1), *c);
-            }
-        }
-        // Tier segments: the buyers' own counters summed along the pyramid order.
-        let total = ix.pyramid.len();
-        let mut tier_segments: BTreeMap<String, (u64, MonthCounters)> = BTreeMap::new();
-        for (i, (_, id)) in ix.pyramid.iter().enumerate() {
-            let e = tier_segments
-                .entry(format!("tier:{}", tier_at(i, total)))
-                .or_default();
-            e.0 += 1;
-            if let Some(own) = ix
-                .entries
-                .get(id)
-                .and_then(|x| x.buyer.as_ref())
-                .and_then(|b| b.own.as_ref())
-            {
-                e.1.merge(own);
-            }
-        }
-        let ranked = Ranked {
-            currency,
-            pyramid,
-            top20,
-            rfm_cells,
-            tier_segments,
-        };
-        *memo = Some((version, ranked.clone()));
-        ranked
-    }
-
-    /// The population figures of the current views at `now` (business axis): the additive part
-    /// kept by difference, O(reported months + cohorts × months + segments), plus the memoised
-    /// rank figures. Exact at `now` once every customer due by `now` has been swept.
+    /// The population figures of the current views at `now` (business axis), all kept by
+    /// difference: O(reported months + cohorts × months + segments + log n). Exact at `now`
+    /// once every customer due by `now` has been swept.
     pub fn population(&self, now: Timestamp) -> PopulationView {
-        let ranked = self.ranked();
-        self.read()
-            .aggregate
-            .view(AsOf::business(now), &self.rules.population, ranked)
+        let ix = self.read();
+        ix.aggregate
+            .view(AsOf::business(now), &self.rules.population, ix.ranked())
     }
 
     /// Customers per churn level (of the materialised views).
@@ -1061,7 +1256,6 @@ fn merge(
 impl Index {
     /// Index `entries` all at once (start-up): O(n log n).
     fn bulk(&mut self, entries: Vec<(Arc<str>, Entry)>, rules: &Rules) {
-        self.version += 1;
         for (_, e) in &entries {
             self.count(e, 1);
             if let Some(b) = &e.buyer {
@@ -1079,8 +1273,7 @@ impl Index {
             .collect();
         self.currency = reporting_currency(&rules.population, &totals);
         let mut per_level: [[Vec<Keyed>; 4]; 5] = Default::default();
-        let (mut rec, mut freq, mut mon, mut pyr) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut rec, mut freq, mut pyr) = (Vec::new(), Vec::new(), Vec::new());
         for (id, mut e) in entries {
             for (j, sort) in [
                 AtRiskSort::Score,
@@ -1095,9 +1288,8 @@ impl Index {
             }
             if let Some(b) = &mut e.buyer {
                 b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
-                rec.push(b.last_day);
-                freq.push(i64::from(b.days));
-                mon.push(b.value);
+                rec.push((b.last_day, id.clone()));
+                freq.push((i64::from(b.days), id.clone()));
                 pyr.push((Reverse(b.value), id.clone()));
             }
             self.entries.insert(id, e);
@@ -1113,7 +1305,103 @@ impl Index {
         }
         self.recency = OrderIndex::from_unsorted(rec, |_| 0);
         self.frequency = OrderIndex::from_unsorted(freq, |_| 0);
-        self.monetary = OrderIndex::from_unsorted(mon, |_| 0);
         self.pyramid = OrderIndex::from_unsorted(pyr, pyramid_weight);
+        self.rerank_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (no dependency needed for a unit test).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 >> 33
+        }
+        fn below(&mut self, n: u64) -> i64 {
+            (self.next() % n) as i64
+        }
+    }
+
+    fn entry(rng: &mut Lcg, spans: [u64; 3]) -> Entry {
+        let mut monetary = BTreeMap::new();
+        monetary.insert("EUR".to_owned(), rng.below(spans[2]));
+        // Now and then a large other-currency buyer, which can flip the reporting currency.
+        if rng.next().is_multiple_of(97) {
+            monetary.insert("USD".to_owned(), rng.below(40 * spans[2]));
+        }
+        let own = rng.next().is_multiple_of(3).then(|| {
+            Box::new(MonthCounters {
+                complaints: rng.next() % 4,
+                resolved: rng.next() % 2,
+                ..MonthCounters::default()
+            })
+        });
+        Entry {
+            level: (rng.next() % 5) as usize,
+            score: rng.below(100),
+            value_at_risk: 0,
+            since: i64::MIN,
+            cause: 4,
+            reasons: 0,
+            buyer: (!rng.next().is_multiple_of(10)).then(|| Buyer {
+                last_day: rng.below(spans[0]),
+                days: 1 + rng.below(spans[1]) as u32,
+                monetary,
+                own,
+                value: 0,
+                cell: UNSET,
+                tier: UNSET,
+            }),
+        }
+    }
+
+    /// The figures kept by difference equal a recount from scratch after every change, and
+    /// every buyer's cell equals the quintile scores of its first ranks, with many equal keys
+    /// (thresholds crossing whole groups) and with nearly distinct ones.
+    #[test]
+    fn rank_figures_kept_by_difference_equal_a_recount() {
+        let rules = Rules::default();
+        for (seed, spans) in [
+            (1u64, [40u64, 3, 50]),
+            (2, [5000, 60, 1 << 30]),
+            (3, [3, 2, 4]),
+        ] {
+            let mut rng = Lcg(seed);
+            let mut ix = Index::new();
+            let customers = 1500u64;
+            for step in 0..12_000u32 {
+                let id = format!("c{}", rng.next() % customers);
+                let e = if rng.next().is_multiple_of(6) {
+                    None
+                } else {
+                    Some(entry(&mut rng, spans))
+                };
+                ix.put_entry(&id, e, &rules);
+                if step.is_multiple_of(101) || step < 60 {
+                    let mut full = ix.clone();
+                    full.rerank_all();
+                    assert_eq!(full.ranks, ix.ranks, "seed {seed} step {step}");
+                    let n = ix.recency.len();
+                    for (id, e) in &ix.entries {
+                        let Some(b) = &e.buyer else { continue };
+                        let want = full.entries[id].buyer.as_ref().expect("buyer");
+                        assert_eq!((b.cell, b.tier), (want.cell, want.tier), "{id}");
+                        let below = |o: &OrderIndex<Keyed>, k: i64| o.partition_point(|x| x.0 < k);
+                        let cheaper = n - ix.pyramid.partition_point(|x| x.0.0 >= b.value);
+                        let r = quintile_score(below(&ix.recency, b.last_day), n);
+                        let f = quintile_score(below(&ix.frequency, i64::from(b.days)), n);
+                        let m = quintile_score(cheaper, n);
+                        assert_eq!(b.cell, (r - 1) * 25 + (f - 1) * 5 + (m - 1), "{id}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -220,6 +220,29 @@ impl<T: Ord + Clone> OrderIndex<T> {
                 .map_or(0, |c| c.partition_point(|e| e < x))
     }
 
+    /// How many elements satisfy `pred`, which must hold for a prefix of the sorted order
+    /// (true, then false): the first position where it fails. O(log n).
+    pub fn partition_point(&self, pred: impl Fn(&T) -> bool) -> usize {
+        let ci = self.chunks.partition_point(|c| c.last().is_some_and(&pred));
+        let before = self.counts.prefix(ci) as usize;
+        before + self.chunks.get(ci).map_or(0, |c| c.partition_point(&pred))
+    }
+
+    /// The elements from sorted position `k` on, in ascending order; O(log n) to start.
+    pub fn iter_from(&self, k: usize) -> impl Iterator<Item = &T> + '_ {
+        let (ci, skip) = if k >= self.len {
+            (self.chunks.len(), 0)
+        } else {
+            let (ci, before) = self.counts.find(k as i128);
+            (ci, k - before as usize)
+        };
+        self.chunks
+            .iter()
+            .skip(ci)
+            .enumerate()
+            .flat_map(move |(i, c)| c[if i == 0 { skip } else { 0 }..].iter())
+    }
+
     /// The element at sorted position `k` (0-based).
     pub fn get(&self, k: usize) -> Option<&T> {
         if k >= self.len {
@@ -299,6 +322,12 @@ mod tests {
                     assert!(ix.iter().rev().eq(model.iter().rev()));
                     let probe = ((rng.next() % span) as i64 - (span as i64) / 2, 1);
                     assert_eq!(ix.count_less(&probe), model.partition_point(|e| e < &probe));
+                    assert_eq!(
+                        ix.partition_point(|e| e.0 <= probe.0),
+                        model.partition_point(|e| e.0 <= probe.0)
+                    );
+                    let from = (rng.next() as usize) % (model.len() + 2);
+                    assert!(ix.iter_from(from).eq(model.iter().skip(from)));
                     let k = (rng.next() as usize) % (model.len() + 1);
                     assert_eq!(ix.get(k), model.get(k));
                     let want: i128 = model[..k].iter().map(|m| i128::from(m.0)).sum();
