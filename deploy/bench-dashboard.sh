@@ -12,7 +12,8 @@
 #   demo             the demo simulation written straight into the store:
 #                    CUSTOMERS (default 1000000) over DAYS (default 640) → about 10 M events
 # Env: DURATION (wrk, default 10s), CONNECTIONS (default 8), DIR (reuse/keep this data
-# directory instead of a temp one: the store is grown only if DIR has none).
+# directory instead of a temp one: the store is grown only if DIR has none), LIVE_RATE
+# (touchpoints/s published during the "live" runs, default 20; 0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,6 +100,27 @@ done
 run "at-risk cause=disappointment, now (index, filtered)" "$B/api/v1/at-risk?per_page=50&cause=disappointment"
 run "overview, now (sums kept by difference)" "$B/api/v1/overview"
 echo "serve max RSS during the index runs: $MAXRSS KiB"
+# The same reads while touchpoints arrive: every touchpoint changes a customer's current view,
+# so nothing can be served from a result memoised before it.
+LIVE_RATE="${LIVE_RATE:-20}"
+if [ "$LIVE_RATE" != 0 ]; then
+  echo "== while $LIVE_RATE touchpoints/s arrive (demo's live tail over NATS)"
+  BEFORE="$(curl -s "$B/readyz" | python3 -c 'import json,sys; print(json.load(sys.stdin)["head"])')"
+  "$BIN" demo --nats-url "nats://127.0.0.1:$NPORT" --customers "${CUSTOMERS:-1000000}" --seed 7 \
+    --history-days 0 --rate "$LIVE_RATE" >"$TMP/live.log" 2>&1 &
+  LIVE=$!
+  PIDS+=($LIVE)
+  until [ "$(curl -s "$B/readyz" | python3 -c 'import json,sys; print(json.load(sys.stdin)["head"])')" -gt "$BEFORE" ]; do
+    kill -0 "$LIVE" || { tail -5 "$TMP/live.log"; exit 1; }
+    sleep 0.5
+  done
+  run "overview, now, live" "$B/api/v1/overview"
+  run "customer 360, now, live" "$B/api/v1/customers/$CUSTOMER"
+  run "at-risk sort=score, now, live" "$B/api/v1/at-risk?per_page=50&sort=score"
+  kill "$LIVE" 2>/dev/null || true
+  AFTER="$(curl -s "$B/readyz" | python3 -c 'import json,sys; print(json.load(sys.stdin)["head"])')"
+  echo "events appended during the live runs: $((AFTER - BEFORE))"
+fi
 MONTH_END="$(date -u +%Y-%m-01)"
 once "overview at the month end $MONTH_END (snapshot: first read)" "$B/api/v1/overview?as_of=$MONTH_END"
 run "overview at the month end $MONTH_END (snapshot)" "$B/api/v1/overview?as_of=$MONTH_END"
