@@ -659,3 +659,74 @@ fn knowledge_axis_reproduces_what_the_ledger_knew() {
         ))
     );
 }
+
+/// A customer whose only events in a folded batch are the ledger's own churn assessments is
+/// reported as `assessed_only` (no view depends on them: the serve loop evaluates nothing
+/// again for it); a customer with any other event in the batch is not.
+#[test]
+fn customers_with_only_assessments_in_a_batch_are_marked_assessed_only() {
+    use touchledger_domain::{ChurnLevel, ChurnRiskAssessed, LEDGER_SOURCE};
+    use touchledger_projector::{Change, read_range};
+    let (_dir, store) = crate::support::temp_store();
+    let assessment = |id: &str, customer: &str| Event {
+        event_id: id.into(),
+        source: LEDGER_SOURCE.into(),
+        payload: Payload::ChurnRiskAssessed(ChurnRiskAssessed {
+            level: ChurnLevel::Watch,
+            previous_level: ChurnLevel::None,
+            score: 0.4,
+            reasons: Vec::new(),
+            probable_cause: None,
+            since: None,
+            expected_next_purchase: None,
+            value_at_risk_minor: 0,
+            currency: "EUR".into(),
+            model_version: "none".into(),
+            as_of: "2026-05-02T00:00:00Z".parse().expect("time"),
+        }),
+        ..purchase(id, customer, 0)
+    };
+    store
+        .append(vec![
+            AppendItem::new(purchase("p1", "a", 100)),
+            AppendItem::new(purchase("p2", "b", 100)),
+        ])
+        .expect("append");
+    store
+        .append_ledger_events(vec![
+            AppendItem::new(assessment("s1", "a")),
+            AppendItem::new(assessment("s2", "b")),
+        ])
+        .expect("assess");
+    store
+        .append(vec![AppendItem::new(purchase("p3", "b", 50))])
+        .expect("append");
+    let (_pdir, mut ps) = empty_projectors();
+    let churn = ps
+        .iter_mut()
+        .find(|p| p.spec().name == "churn")
+        .expect("churn projector");
+    // First batch: purchases and assessments of both; nobody is assessed-only.
+    let events = read_range(&store, 1, 4).expect("read");
+    let customers = churn.apply(&events).expect("apply");
+    let change = Change::after(churn, customers, &events);
+    assert_eq!(change.customers, vec!["a".to_owned(), "b".to_owned()]);
+    assert!(change.assessed_only.is_empty(), "{change:?}");
+    // Second batch: only a's assessment... and b's purchase.
+    let (_pdir2, mut ps2) = empty_projectors();
+    let churn2 = ps2
+        .iter_mut()
+        .find(|p| p.spec().name == "churn")
+        .expect("churn projector");
+    churn2
+        .apply(&read_range(&store, 1, 2).expect("read"))
+        .expect("apply");
+    let events = read_range(&store, 3, 5).expect("read");
+    let customers = churn2.apply(&events).expect("apply");
+    let change = Change::after(churn2, customers, &events);
+    assert_eq!(change.customers, vec!["a".to_owned(), "b".to_owned()]);
+    assert_eq!(
+        change.assessed_only.into_iter().collect::<Vec<_>>(),
+        vec!["a".to_owned()]
+    );
+}

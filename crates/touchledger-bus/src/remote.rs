@@ -101,11 +101,7 @@ pub async fn run_remote_projectors(
             let mut r = Ok(());
             for p in projectors.iter_mut() {
                 match p.apply(&events) {
-                    Ok(customers) => out.push(Change {
-                        projection: p.spec().name,
-                        checkpoint: p.checkpoint(),
-                        customers,
-                    }),
+                    Ok(customers) => out.push(Change::after(p, customers, &events)),
                     Err(e) => {
                         r = Err(e);
                         break;

@@ -818,6 +818,8 @@ pub async fn run_views(
                     Box::new(move || {
                         let mut out = Vec::new();
                         let mut customers = change.customers;
+                        // The ledger's own assessments, folded: nothing to evaluate again.
+                        customers.retain(|c| !change.assessed_only.contains(c));
                         if change.projection == "churn" {
                             let mut d = deferred.lock().unwrap_or_else(|p| p.into_inner());
                             if catching_up {

@@ -1,11 +1,13 @@
 //! The in-process run loop: wait for the ledger's head to move, fold the new events into every
 //! projector, report which customers changed.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use touchledger_store::EventStore;
+use touchledger_domain::Payload;
+use touchledger_store::{Committed, EventStore};
 
 use crate::{Projector, ProjectorError};
 
@@ -31,6 +33,37 @@ pub struct Change {
     pub checkpoint: u64,
     /// Customers whose state changed.
     pub customers: Vec<String>,
+    /// Those of `customers` whose only events in the batch were churn assessments (the
+    /// ledger's own `ChurnRiskAssessed` records): no view and no population figure depends on
+    /// them, so there is nothing to re-evaluate or republish for these customers.
+    pub assessed_only: BTreeSet<String>,
+}
+
+impl Change {
+    /// The change of `projector` after folding `events`, which changed `customers`.
+    pub fn after(projector: &Projector, customers: Vec<String>, events: &[Committed]) -> Change {
+        let mut others = HashSet::new();
+        let mut assessed = HashSet::new();
+        for c in events {
+            let e = &c.event;
+            if matches!(e.payload, Payload::ChurnRiskAssessed(_)) {
+                assessed.insert(e.customer_id.as_str());
+            } else {
+                others.insert(e.customer_id.as_str());
+            }
+        }
+        let assessed_only = customers
+            .iter()
+            .filter(|c| assessed.contains(c.as_str()) && !others.contains(c.as_str()))
+            .cloned()
+            .collect();
+        Change {
+            projection: projector.spec().name,
+            checkpoint: projector.checkpoint(),
+            customers,
+            assessed_only,
+        }
+    }
 }
 
 /// Fold the ledger into `projectors` until `shutdown`: catch up from their checkpoints, then
@@ -78,11 +111,7 @@ pub async fn run_in_process<S: EventStore + 'static>(
                 let mut out = Vec::new();
                 for p in projectors.iter_mut() {
                     let customers = p.apply(&events)?;
-                    out.push(Change {
-                        projection: p.spec().name,
-                        checkpoint: p.checkpoint(),
-                        customers,
-                    });
+                    out.push(Change::after(p, customers, &events));
                 }
                 Ok::<_, ProjectorError>(out)
             })();
