@@ -71,6 +71,8 @@ impl Fenwick {
 #[derive(Clone)]
 pub struct OrderIndex<T> {
     chunks: Vec<Vec<T>>,
+    /// Each chunk's weight (kept so that a split rebuilds the Fenwick trees in O(chunks)).
+    chunk_weights: Vec<i128>,
     counts: Fenwick,
     weights: Fenwick,
     len: usize,
@@ -107,6 +109,7 @@ impl<T: Ord + Clone> OrderIndex<T> {
     pub fn weighted(weight: fn(&T) -> i64) -> Self {
         OrderIndex {
             chunks: Vec::new(),
+            chunk_weights: Vec::new(),
             counts: Fenwick::default(),
             weights: Fenwick::default(),
             len: 0,
@@ -126,18 +129,19 @@ impl<T: Ord + Clone> OrderIndex<T> {
         while it.peek().is_some() {
             ix.chunks.push(it.by_ref().take(half).collect());
         }
+        ix.chunk_weights = ix.chunks.iter().map(|c| ix.weigh(c)).collect();
         ix.reindex();
         ix
     }
 
+    fn weigh(&self, chunk: &[T]) -> i128 {
+        chunk.iter().map(|t| i128::from((self.weight)(t))).sum()
+    }
+
+    /// Rebuild the Fenwick trees after the chunks were split or removed: O(chunks).
     fn reindex(&mut self) {
         self.counts = Fenwick::build(self.chunks.iter().map(|c| c.len() as i128));
-        let w = self.weight;
-        self.weights = Fenwick::build(
-            self.chunks
-                .iter()
-                .map(|c| c.iter().map(|t| i128::from(w(t))).sum::<i128>()),
-        );
+        self.weights = Fenwick::build(self.chunk_weights.iter().copied());
     }
 
     /// Elements.
@@ -168,6 +172,7 @@ impl<T: Ord + Clone> OrderIndex<T> {
         self.total += w;
         if self.chunks.is_empty() {
             self.chunks.push(vec![x]);
+            self.chunk_weights.push(w);
             self.reindex();
             return;
         }
@@ -175,9 +180,13 @@ impl<T: Ord + Clone> OrderIndex<T> {
         let chunk = &mut self.chunks[ci];
         let pos = chunk.partition_point(|e| e < &x);
         chunk.insert(pos, x);
+        self.chunk_weights[ci] += w;
         if chunk.len() > MAX_CHUNK {
             let tail = chunk.split_off(chunk.len() / 2);
+            let tail_weight = self.weigh(&tail);
+            self.chunk_weights[ci] -= tail_weight;
             self.chunks.insert(ci + 1, tail);
+            self.chunk_weights.insert(ci + 1, tail_weight);
             self.reindex();
         } else {
             self.counts.add(ci, 1);
@@ -199,8 +208,10 @@ impl<T: Ord + Clone> OrderIndex<T> {
         let w = i128::from((self.weight)(&removed));
         self.len -= 1;
         self.total -= w;
+        self.chunk_weights[ci] -= w;
         if chunk.is_empty() {
             self.chunks.remove(ci);
+            self.chunk_weights.remove(ci);
             self.reindex();
         } else {
             self.counts.add(ci, -1);
