@@ -180,7 +180,8 @@ pub struct AtRiskPage {
 struct Buyer {
     last_day: i64,
     days: u32,
-    monetary: BTreeMap<String, i64>,
+    /// Value per currency (a boxed slice: a map per buyer would cost a tree node each).
+    monetary: Box<[(Code, i64)]>,
     /// Own counters over the reported months (tier segments); `None` when all zero.
     own: Option<Box<MonthCounters>>,
     /// Value in the index's reporting currency.
@@ -190,6 +191,19 @@ struct Buyer {
     cell: u8,
     /// Pyramid tier (index into [`TIERS`]); [`UNSET`] until placed.
     tier: u8,
+}
+
+/// A currency code without an allocation: three upper-case letters, as validation requires
+/// of every purchase. Anything not three bytes long (a mistyped reporting currency in the
+/// settings) is `[0; 3]`, which no purchase has.
+type Code = [u8; 3];
+
+fn code(c: &str) -> Code {
+    <[u8; 3]>::try_from(c.as_bytes()).unwrap_or([0; 3])
+}
+
+fn code_name(c: &Code) -> String {
+    String::from_utf8_lossy(c).trim_end_matches('\0').to_owned()
 }
 
 /// A buyer not yet counted in the rank figures.
@@ -212,6 +226,14 @@ fn score(t: &[Option<i64>; 4], k: i64) -> u8 {
 }
 
 impl Buyer {
+    /// Value in `currency` (0 without purchases in it).
+    fn value_in(&self, currency: Code) -> i64 {
+        self.monetary
+            .iter()
+            .find(|(c, _)| *c == currency)
+            .map_or(0, |(_, v)| *v)
+    }
+
     /// The rank key in RFM dimension `d`.
     fn key(&self, d: usize) -> i64 {
         match d {
@@ -292,7 +314,12 @@ impl Entry {
             buyer: row.population.last_purchase_day.map(|last_day| Buyer {
                 last_day,
                 days: row.population.purchase_days,
-                monetary: row.population.value.clone(),
+                monetary: row
+                    .population
+                    .value
+                    .iter()
+                    .map(|(c, v)| (code(c), *v))
+                    .collect(),
                 own: (row.population.own != MonthCounters::default())
                     .then(|| Box::new(row.population.own.clone())),
                 value: 0,
@@ -362,7 +389,7 @@ fn pyramid_weight(x: &(Reverse<i64>, Arc<str>)) -> i64 {
 struct Index {
     entries: HashMap<Arc<str>, Entry>,
     /// Per currency: total value and how many customers have it.
-    totals: BTreeMap<String, (i128, u64)>,
+    totals: BTreeMap<Code, (i128, u64)>,
     /// The reporting currency the value indexes use.
     currency: String,
     /// Buyers by (last purchase-day, id).
@@ -425,7 +452,7 @@ impl Index {
             self.recency.remove(&(b.last_day, id.clone()));
             self.frequency.remove(&(i64::from(b.days), id.clone()));
             self.pyramid.remove(&(Reverse(b.value), id.clone()));
-            for (c, v) in &b.monetary {
+            for (c, v) in b.monetary.iter() {
                 if let Some(t) = self.totals.get_mut(c) {
                     t.0 -= i128::from(*v);
                     t.1 -= 1;
@@ -441,12 +468,12 @@ impl Index {
         self.levels[e.level].each(e, id, true);
         self.count(e, 1);
         if let Some(b) = &mut e.buyer {
-            for (c, v) in &b.monetary {
-                let t = self.totals.entry(c.clone()).or_default();
+            for (c, v) in b.monetary.iter() {
+                let t = self.totals.entry(*c).or_default();
                 t.0 += i128::from(*v);
                 t.1 += 1;
             }
-            b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
+            b.value = b.value_in(code(&self.currency));
             b.cell = UNSET;
             b.tier = UNSET;
             self.recency.insert((b.last_day, id.clone()));
@@ -460,7 +487,7 @@ impl Index {
         let totals: BTreeMap<String, i128> = self
             .totals
             .iter()
-            .map(|(c, (v, _))| (c.clone(), *v))
+            .map(|(c, (v, _))| (code_name(c), *v))
             .collect();
         let currency = reporting_currency(&rules.population, &totals);
         if currency == self.currency {
@@ -468,9 +495,10 @@ impl Index {
         }
         self.currency = currency;
         let mut pyramid = Vec::new();
+        let c = code(&self.currency);
         for (id, e) in self.entries.iter_mut() {
             if let Some(b) = &mut e.buyer {
-                b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
+                b.value = b.value_in(c);
                 pyramid.push((Reverse(b.value), id.clone()));
             }
         }
@@ -1278,8 +1306,8 @@ impl Index {
         for (_, e) in &entries {
             self.count(e, 1);
             if let Some(b) = &e.buyer {
-                for (c, v) in &b.monetary {
-                    let t = self.totals.entry(c.clone()).or_default();
+                for (c, v) in b.monetary.iter() {
+                    let t = self.totals.entry(*c).or_default();
                     t.0 += i128::from(*v);
                     t.1 += 1;
                 }
@@ -1288,9 +1316,10 @@ impl Index {
         let totals: BTreeMap<String, i128> = self
             .totals
             .iter()
-            .map(|(c, (v, _))| (c.clone(), *v))
+            .map(|(c, (v, _))| (code_name(c), *v))
             .collect();
         self.currency = reporting_currency(&rules.population, &totals);
+        let reporting = code(&self.currency);
         let mut per_level: [[Vec<Keyed>; 4]; 5] = Default::default();
         let (mut rec, mut freq, mut pyr) = (Vec::new(), Vec::new(), Vec::new());
         for (id, mut e) in entries {
@@ -1306,7 +1335,7 @@ impl Index {
                 per_level[e.level][j].push((e.key(sort), id.clone()));
             }
             if let Some(b) = &mut e.buyer {
-                b.value = b.monetary.get(&self.currency).copied().unwrap_or(0);
+                b.value = b.value_in(reporting);
                 rec.push((b.last_day, id.clone()));
                 freq.push((i64::from(b.days), id.clone()));
                 pyr.push((Reverse(b.value), id.clone()));
@@ -1351,11 +1380,10 @@ mod tests {
     }
 
     fn entry(rng: &mut Lcg, spans: [u64; 3]) -> Entry {
-        let mut monetary = BTreeMap::new();
-        monetary.insert("EUR".to_owned(), rng.below(spans[2]));
+        let mut monetary = vec![(code("EUR"), rng.below(spans[2]))];
         // Now and then a large other-currency buyer, which can flip the reporting currency.
         if rng.next().is_multiple_of(97) {
-            monetary.insert("USD".to_owned(), rng.below(40 * spans[2]));
+            monetary.push((code("USD"), rng.below(40 * spans[2])));
         }
         let own = rng.next().is_multiple_of(3).then(|| {
             Box::new(MonthCounters {
@@ -1374,7 +1402,7 @@ mod tests {
             buyer: (!rng.next().is_multiple_of(10)).then(|| Buyer {
                 last_day: rng.below(spans[0]),
                 days: 1 + rng.below(spans[1]) as u32,
-                monetary,
+                monetary: monetary.into_boxed_slice(),
                 own,
                 value: 0,
                 cell: UNSET,
