@@ -329,6 +329,21 @@ fn projector_crash_child_helper() {
     writeln!(out, "DONE").expect("stdout");
 }
 
+/// Reopen the projectors in `dir`, fold to the head and compare with a fresh rebuild.
+fn resume_equals_a_rebuild(dir: &std::path::Path, head: u64) {
+    let store = fixed_clock_store(dir);
+    let mut live: Vec<Projector> = open_all(&store)
+        .expect("reopen")
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    catch_up(&store, &mut live, 100).expect("fold");
+    let (_d, reference) = fresh_rebuild(&store, head);
+    for (a, b) in live.iter().zip(&reference) {
+        assert_eq!(snapshot(a.tree()), snapshot(b.tree()), "{}", a.spec().name);
+    }
+}
+
 const CHILD_BULK_ENV: &str = "TOUCHLEDGER_PROJECTOR_CRASH_BULK";
 
 /// Spawn the crash child on `dir` (in bulk mode or not), kill it `delay` after it has the
@@ -439,17 +454,7 @@ fn a_rebuild_in_passes_killed_mid_pass_is_redone_from_scratch() {
         "of 8 children {interrupted} were killed before the end, {mid_pass} with states written \
          and no checkpoint"
     );
-    let store = fixed_clock_store(dir.path());
-    let mut live: Vec<Projector> = open_all(&store)
-        .expect("reopen")
-        .into_iter()
-        .map(|p| p.0)
-        .collect();
-    catch_up(&store, &mut live, 100).expect("fold");
-    let (_d, reference) = fresh_rebuild(&store, head);
-    for (a, b) in live.iter().zip(&reference) {
-        assert_eq!(snapshot(a.tree()), snapshot(b.tree()), "{}", a.spec().name);
-    }
+    resume_equals_a_rebuild(dir.path(), head);
 }
 
 #[test]
@@ -508,17 +513,7 @@ fn projector_killed_mid_batch_resumes_exactly() {
         "only {interrupted} of 8 children were killed mid-fold"
     );
     // Finally, resuming folds to the head and equals a rebuild.
-    let store = fixed_clock_store(dir.path());
-    let mut live: Vec<Projector> = open_all(&store)
-        .expect("reopen")
-        .into_iter()
-        .map(|p| p.0)
-        .collect();
-    catch_up(&store, &mut live, 100).expect("fold");
-    let (_d, reference) = fresh_rebuild(&store, head);
-    for (a, b) in live.iter().zip(&reference) {
-        assert_eq!(snapshot(a.tree()), snapshot(b.tree()), "{}", a.spec().name);
-    }
+    resume_equals_a_rebuild(dir.path(), head);
 }
 
 #[test]
