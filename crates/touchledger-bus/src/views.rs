@@ -200,6 +200,24 @@ impl Assessor {
         })
     }
 
+    /// The churn projection has folded up to `checkpoint`, and for `customers` nothing but
+    /// their assessments: forget the pending levels that are now folded (`previous` would, but
+    /// these customers are not evaluated again until they are next due).
+    fn folded(&self, customers: &std::collections::BTreeSet<String>, checkpoint: u64) {
+        if customers.is_empty() {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for c in customers {
+            if pending
+                .get(c)
+                .is_some_and(|&(_, position, _)| position <= checkpoint)
+            {
+                pending.remove(c);
+            }
+        }
+    }
+
     /// Assess `customer` now: materialise its current view and return when it is due again,
     /// and the `ChurnRiskAssessed` event to record if its level changed (or an at-risk verdict
     /// is due for re-assertion), with whether the level changed. `None` for the model customer.
@@ -819,6 +837,9 @@ pub async fn run_views(
                         let mut out = Vec::new();
                         let mut customers = change.customers;
                         // The ledger's own assessments, folded: nothing to evaluate again.
+                        if change.projection == "churn" {
+                            assessor.folded(&change.assessed_only, change.checkpoint);
+                        }
                         customers.retain(|c| !change.assessed_only.contains(c));
                         if change.projection == "churn" {
                             let mut d = deferred.lock().unwrap_or_else(|p| p.into_inner());

@@ -913,6 +913,8 @@ impl Current {
         };
         if widened != Catchup::None {
             self.ready.store(false, Ordering::Release);
+            // As on an open with work to do: the figures are counted once, when ready.
+            self.index.write().unwrap_or_else(|p| p.into_inner()).live = false;
         }
         *catchup = Some(widened);
     }
