@@ -354,6 +354,35 @@ async fn the_http_api_serves_read_models_live_feed_and_metrics() {
     assert_eq!(code, 200);
     assert!(body.contains("<title>touchledger</title>"));
 
+    // The timeline is ordered by instant, not by the instant's text ("…:00.5Z" < "…:00Z" as
+    // strings), and capped by `limit` after ordering.
+    for (id, when) in [
+        ("t-whole", "2026-05-20T10:00:00Z"),
+        ("t-half", "2026-05-20T10:00:00.500Z"),
+    ] {
+        let mut e = purchase(id, "bob", 100);
+        e.occurred_at = when.parse().expect("time");
+        publisher.publish(&e).await.expect("publish");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let bob = loop {
+        let (code, body) = get(port, "/api/v1/customers/bob?limit=1", tok).await;
+        if code == 200 && json(&body)["timeline_total"] == 2 {
+            break json(&body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's purchases never stored: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        bob["timeline"].as_array().expect("timeline").len(),
+        1,
+        "{bob}"
+    );
+    assert_eq!(bob["timeline"][0]["event"]["event_id"], "t-half", "{bob}");
+
     shutdown.cancel();
     for t in tasks {
         t.await.expect("join").expect("clean");

@@ -212,32 +212,34 @@ async fn customer(
                 ),
             ));
         };
-        let mut timeline = Vec::new();
+        let mut visible = Vec::new();
         for c in s.store.read(&ReadFilter {
             customer: Some(id.clone()),
             ..Default::default()
         }) {
             let c = c.map_err(internal)?;
-            let visible = c.event.occurred_at <= at.at
-                && (at.axis == Axis::Business || c.recorded_at <= at.at);
-            if visible {
-                timeline.push(json!({
+            if c.event.occurred_at <= at.at && (at.axis == Axis::Business || c.recorded_at <= at.at)
+            {
+                visible.push(c);
+            }
+        }
+        // Newest business time first (by the instant, not its text: `…:00.5Z` sorts before
+        // `…:00Z` as a string), equal instants in log order; capped before it is rendered.
+        visible.sort_by(|a, b| b.event.occurred_at.cmp(&a.event.occurred_at));
+        let total = visible.len();
+        visible.truncate(limit);
+        let timeline: Vec<Value> = visible
+            .into_iter()
+            .map(|c| {
+                json!({
                     "position": c.position,
                     "customer_version": c.customer_version,
                     "recorded_at": c.recorded_at,
                     "kind": c.event.kind().as_str(),
                     "event": c.event,
-                }));
-            }
-        }
-        // Newest business time first, capped.
-        timeline.sort_by(|a, b| {
-            b["event"]["occurred_at"]
-                .as_str()
-                .cmp(&a["event"]["occurred_at"].as_str())
-        });
-        let total = timeline.len();
-        timeline.truncate(limit);
+                })
+            })
+            .collect();
         // Ranks among the population: O(log n) from the current indexes for a "now" read,
         // else a pass over every customer at `as_of`.
         let ranks = match &current {
