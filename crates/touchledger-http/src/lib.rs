@@ -225,7 +225,7 @@ async fn customer(
         }
         // Newest business time first (by the instant, not its text: `…:00.5Z` sorts before
         // `…:00Z` as a string), equal instants in log order; capped before it is rendered.
-        visible.sort_by(|a, b| b.event.occurred_at.cmp(&a.event.occurred_at));
+        visible.sort_by_key(|c| std::cmp::Reverse(c.event.occurred_at));
         let total = visible.len();
         visible.truncate(limit);
         let timeline: Vec<Value> = visible
