@@ -294,7 +294,24 @@ fn an_unpartitioned_store_stays_partition_0_of_1() {
 
 /// `touchledger serve --partitions 4 --own …` as a child process.
 fn spawn_partition_serve(data: &std::path::Path, url: &str, own: &str) -> std::process::Child {
-    let args = [
+    spawn_partition_serve_with(
+        data,
+        url,
+        own,
+        &[],
+        &data.with_extension(format!("{own}.log")),
+    )
+}
+
+/// The same with more flags and its standard error written to `log`.
+fn spawn_partition_serve_with(
+    data: &std::path::Path,
+    url: &str,
+    own: &str,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> std::process::Child {
+    let mut args = vec![
         "--data",
         data.to_str().expect("utf8"),
         "--nats-url",
@@ -309,8 +326,9 @@ fn spawn_partition_serve(data: &std::path::Path, url: &str, own: &str) -> std::p
         "20",
         "--global-checkpoint-secs",
         "1",
-    ]
-    .join("\u{1f}");
+    ];
+    args.extend_from_slice(extra);
+    let args = args.join("\u{1f}");
     std::process::Command::new(std::env::current_exe().expect("exe"))
         .args([
             "service_crash::serve_child_helper",
@@ -319,8 +337,9 @@ fn spawn_partition_serve(data: &std::path::Path, url: &str, own: &str) -> std::p
             "--test-threads=1",
         ])
         .env(crate::service_crash::CHILD_ENV, args)
+        .env(crate::service_crash::CHILD_LOG_ENV, "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(data.with_extension(format!("{own}.log"))).expect("log file"))
+        .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
         .expect("spawn serve")
 }
@@ -641,4 +660,183 @@ async fn a_ledger_of_another_partition_count_does_not_reroute_the_intake() {
             .destination
             .contains("partition(4,2)")
     );
+}
+
+/// Publish `n` purchases with ids `{tag}-{i}` of 120 customers and wait for JetStream's acks.
+async fn publish_purchases(js: &jetstream::Context, tag: &str, n: u32) -> Vec<(String, String)> {
+    let mut sent = Vec::new();
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let id = format!("{tag}-{i}");
+        let customer = customer_id(i * 7 % 120);
+        let ack = js
+            .publish(
+                format!("crm.touchpoint.purchase.{customer}"),
+                encode_event(&purchase(&id, &customer, 100)).into(),
+            )
+            .await
+            .expect("publish");
+        acks.push(ack);
+        sent.push((id, customer));
+    }
+    for a in acks {
+        a.await.expect("publish ack");
+    }
+    sent
+}
+
+/// Until every partition's lease names the process `pid` as its holder; returns how long it took.
+async fn wait_leases_held_by(js: &jetstream::Context, pid: u32, timeout: Duration) -> Duration {
+    let started = tokio::time::Instant::now();
+    let needle = format!("/{pid}/");
+    loop {
+        if let Ok(kv) = js.get_key_value("CRM_LEASES").await {
+            let mut all = true;
+            for n in 0..4 {
+                let holder = kv.get(touchledger_bus::lease_key(n)).await.ok().flatten();
+                all &= holder.is_some_and(|h| String::from_utf8_lossy(&h).contains(&needle));
+            }
+            if all {
+                return started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "process {pid} did not hold every lease within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Until a child's log says `needle` `times` times (60 s at most; `logs` for the failure).
+async fn wait_logged(log: &std::path::Path, needle: &str, times: usize, logs: &dyn Fn() -> String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+        < times
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{needle:?} not logged {times} times\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig}");
+}
+
+/// Ownership by lease: a second process asked for owned partitions waits; when the owner is
+/// paused (SIGSTOP) past its lease, the second takes every partition, catches its empty store
+/// up from the feed and carries on; the first, resumed, appends and acknowledges nothing more
+/// (the touchpoints its server had already pushed to it go to the new owner), waits, and takes
+/// the partitions back when the second shuts down, catching its stale store up the same way.
+/// Afterwards both stores of each partition hold the same records (same positions and hashes),
+/// every published event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_loses_its_partitions_to_a_standby_and_acts_no_more() {
+    const P: u32 = 4;
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let extra = ["--lease-ttl-secs", "3", "--ack-wait-secs", "2"];
+    let logs = || {
+        format!(
+            "--- first\n{}\n--- second\n{}",
+            std::fs::read_to_string(&log_a).unwrap_or_default(),
+            std::fs::read_to_string(&log_b).unwrap_or_default()
+        )
+    };
+    let mut first = spawn_partition_serve_with(&data_a, &server.url(), "all", &extra, &log_a);
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    wait_leases_held_by(&js, first.id(), Duration::from_secs(60)).await;
+    let mut second = spawn_partition_serve_with(&data_b, &server.url(), "all", &extra, &log_b);
+    // The second waits for the leases (it says so), and stores nothing meanwhile.
+    wait_logged(&log_b, "waiting for its lease", P as usize, &logs).await;
+
+    let mut sent = publish_purchases(&js, "before", 800).await;
+    let count = |sent: &[(String, String)]| {
+        let mut want = vec![0u64; P as usize];
+        for (_, c) in sent {
+            want[partition_of(c, P) as usize] += 1;
+        }
+        want
+    };
+    wait_partitions_drained(&js, &count(&sent), Duration::from_secs(120)).await;
+
+    // Pause the owner: its pending pulls still get touchpoints pushed into its socket.
+    signal(&first, "-STOP");
+    let paused = tokio::time::Instant::now();
+    sent.extend(publish_purchases(&js, "paused", 800).await);
+    let took = wait_leases_held_by(&js, second.id(), Duration::from_secs(60)).await;
+    let takeover = paused.elapsed();
+    eprintln!("lease takeover {takeover:?} after SIGSTOP (waited {took:?} after publishing)");
+    assert!(
+        takeover >= Duration::from_secs(3),
+        "taken after {takeover:?}, before the 3 s TTL ran out"
+    );
+    signal(&first, "-CONT");
+    sent.extend(publish_purchases(&js, "resumed", 400).await);
+    wait_partitions_drained(&js, &count(&sent), Duration::from_secs(120)).await;
+    // The first noticed, stopped its partitions and waits for them again.
+    wait_logged(&log_a, "waiting to own it again", P as usize, &logs).await;
+
+    // A clean shutdown releases the leases at once: the first takes them back (before any TTL
+    // could run out) and catches its stale stores up from the feed.
+    signal(&second, "-TERM");
+    let exit = second.wait().expect("wait");
+    assert!(exit.success(), "second: {exit}\n{}", logs());
+    wait_leases_held_by(&js, first.id(), Duration::from_secs(2)).await;
+    wait_partitions_drained(&js, &count(&sent), Duration::from_secs(60)).await;
+    signal(&first, "-TERM");
+    let exit = first.wait().expect("wait");
+    assert!(exit.success(), "first: {exit}\n{}", logs());
+
+    let want = count(&sent);
+    let mut stored = std::collections::HashSet::new();
+    for n in 0..P {
+        let open = |data: &std::path::Path| {
+            let mut cfg = StoreConfig::new(data.join(format!("p{n}")));
+            cfg.partition = PartitionId::new(n, P).expect("layout");
+            SledStore::open(cfg).expect("open partition")
+        };
+        let (a, b) = (open(&data_a), open(&data_b));
+        assert_eq!(a.head(), b.head(), "partition {n}\n{}", logs());
+        assert_eq!(a.head().position, want[n as usize], "partition {n}");
+        let ra: Vec<_> = a.read(&Default::default()).map(|r| r.expect("a")).collect();
+        let rb: Vec<_> = b.read(&Default::default()).map(|r| r.expect("b")).collect();
+        for (x, y) in ra.iter().zip(&rb) {
+            assert_eq!((x.position, x.hash), (y.position, y.hash), "partition {n}");
+        }
+        for r in &rb {
+            assert_eq!(partition_of(&r.event.customer_id, P), n);
+            assert!(
+                stored.insert(r.event.event_id.clone()),
+                "{} twice",
+                r.event.event_id
+            );
+        }
+    }
+    assert_eq!(stored.len(), sent.len());
+    for d in [&data_a, &data_b] {
+        let (code, out, err) = crate::cli::cli(&[
+            "verify",
+            "--data",
+            d.to_str().expect("utf8"),
+            "--partitions",
+            "4",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(out.matches(": OK: ").count(), 4, "{out}");
+    }
 }

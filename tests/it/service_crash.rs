@@ -17,6 +17,8 @@ use touchledger_testkit::NatsServer;
 use crate::support::{fixed_clock_store, purchase};
 
 pub(crate) const CHILD_ENV: &str = "TOUCHLEDGER_SERVE_CHILD_ARGS";
+/// Log level of a serve child (its standard error), e.g. `info`; unset: no logging.
+pub(crate) const CHILD_LOG_ENV: &str = "TOUCHLEDGER_SERVE_CHILD_LOG";
 
 /// Not a test on its own: runs `touchledger serve` with the arguments in the environment (the
 /// child side of `serve_killed_mid_ingest_loses_nothing`). Returns at once without them.
@@ -25,6 +27,14 @@ fn serve_child_helper() {
     let Ok(args) = std::env::var(CHILD_ENV) else {
         return;
     };
+    // The binary's main sets up logging; a child that should log says at what level.
+    if let Ok(level) = std::env::var(CHILD_LOG_ENV) {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let mut argv = vec!["touchledger".to_owned(), "serve".to_owned()];
     argv.extend(args.split('\u{1f}').map(str::to_owned));
     let code = touchledger_cli::run(argv, &mut std::io::stdout(), &mut std::io::stderr());

@@ -33,13 +33,15 @@ pub async fn serve_append(
             continue;
         };
         let origin = format!("nats:{}", msg.subject);
-        let answer = match handle(&store, &msg.payload, origin).await {
+        let answer = match handle(&store, &cfg.fence, &msg.payload, origin).await {
             Ok(a) => a,
             // Only a store that must be reopened stops the ledger. Any other failure is this
             // request's: it gets no reply (nothing was committed), and the caller retries.
             Err(BusError::Store(touchledger_store::StoreError::NeedsReopen)) => {
                 return Err(BusError::Store(touchledger_store::StoreError::NeedsReopen));
             }
+            // The lease ran out: no reply (the caller retries and reaches the new owner).
+            Err(e @ BusError::Fenced(_)) => return Err(e),
             // Nothing was written: a typed answer, so the caller knows to retry later.
             Err(BusError::Store(
                 ref e @ touchledger_store::StoreError::StorageFull {
@@ -107,6 +109,7 @@ fn to_wire(o: &AppendOutcome) -> v1::AppendOutcome {
 /// Decode, append, and build the reply. A request that does not decode gets one rejected outcome.
 async fn handle(
     store: &Arc<SledStore>,
+    fence: &crate::Fence,
     payload: &[u8],
     origin: String,
 ) -> Result<v1::AppendReply, BusError> {
@@ -165,6 +168,7 @@ async fn handle(
             }
         }
     }
+    fence.check("synchronous append")?;
     let s = store.clone();
     let outcomes = tokio::task::spawn_blocking(
         move || -> Result<Vec<AppendOutcome>, touchledger_store::StoreError> {
@@ -174,6 +178,7 @@ async fn handle(
     )
     .await
     .map_err(|e| nats_err("append task", e))??;
+    fence.check("synchronous append reply")?;
     crate::count_outcomes("append", &outcomes);
     for r in slots.iter().filter_map(|s| s.as_ref().err()) {
         metrics::counter!("touchledger_rejections_total", "path" => "append", "code" => r.code.as_str()).increment(1);

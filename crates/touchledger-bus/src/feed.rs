@@ -242,3 +242,101 @@ async fn publish_range(
     }
     Ok(())
 }
+
+/// How long the catch-up waits for the next feed message before it gives up.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Bring `store` up to its partition's feed stream before this process takes the partition (a
+/// new owner after a lease changed hands, or an owner coming back): every record the feed holds
+/// beyond the store's head is restored in position order with [`SledStore::restore`], which
+/// recomputes each hash and refuses a record that does not continue the store's chain. Returns
+/// the number of records restored.
+///
+/// A store that ends *beyond* the feed is left to the feed's own resync, which publishes the
+/// missing records if the store agrees with the feed at the stream's last position and refuses
+/// with [`BusError::FeedMismatch`] otherwise. A store whose history differs from the feed (it
+/// appended records another owner never saw) is refused here the same way: it is never merged.
+pub async fn catch_up_from_feed(
+    js: &jetstream::Context,
+    store: &Arc<SledStore>,
+    cfg: &BusConfig,
+) -> Result<u64, BusError> {
+    use futures::StreamExt;
+    let cfg = cfg.clone().scoped();
+    let name = cfg.subjects.feed_stream();
+    let Ok(mut stream) = js.get_stream(&name).await else {
+        return Ok(0);
+    };
+    let Some(last) = last_message(&mut stream).await? else {
+        return Ok(0);
+    };
+    let head = store.head().position;
+    if last.sequence <= head {
+        return Ok(0);
+    }
+    let mismatch = |detail: String| BusError::FeedMismatch {
+        stream: name.clone(),
+        detail,
+    };
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: head + 1,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| js_err("feed catch-up consumer")(&e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| js_err("feed catch-up messages")(&e))?;
+    tracing::info!(from = head + 1, to = last.sequence, stream = %name, "catching up the store from the feed");
+    let started = std::time::Instant::now();
+    let mut next = head + 1;
+    let mut chunk = Vec::with_capacity(CHUNK as usize);
+    while next <= last.sequence {
+        let m = match tokio::time::timeout(CATCH_UP_WAIT, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(nats_err("feed catch-up", e)),
+            Ok(None) | Err(_) => {
+                return Err(nats_err(
+                    "feed catch-up",
+                    format!(
+                        "no message {next} of {} within {CATCH_UP_WAIT:?}",
+                        last.sequence
+                    ),
+                ));
+            }
+        };
+        let c = crate::remote::decode(&m).map_err(|e| mismatch(e.to_string()))?;
+        if c.position != next {
+            return Err(mismatch(format!(
+                "message for position {next} carries position {}",
+                c.position
+            )));
+        }
+        chunk.push(c);
+        next += 1;
+        if chunk.len() as u64 == CHUNK || next > last.sequence {
+            let records = std::mem::take(&mut chunk);
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.restore(records))
+                .await
+                .map_err(|e| nats_err("feed catch-up task", e))?
+                .map_err(|e| match e {
+                    StoreError::RestoreMismatch { position, detail } => {
+                        mismatch(format!("position {position}: {detail}"))
+                    }
+                    other => BusError::Store(other),
+                })?;
+        }
+    }
+    let restored = last.sequence - head;
+    tracing::info!(
+        restored,
+        seconds = started.elapsed().as_secs_f64(),
+        "store caught up from the feed"
+    );
+    Ok(restored)
+}

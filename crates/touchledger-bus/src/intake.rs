@@ -240,6 +240,9 @@ async fn process(
             }
         }
     }
+    // A ledger whose lease has run out neither appends nor acknowledges: the batch is left to
+    // its redelivery to the partition's new owner.
+    cfg.fence.check("intake append")?;
     let s = store.clone();
     let started = std::time::Instant::now();
     let result = tokio::task::spawn_blocking(
@@ -288,6 +291,9 @@ async fn process(
             };
         }
     };
+    // Checked again after the flush: a process paused during the append (past its lease) must
+    // not acknowledge what the new owner may already have been given.
+    cfg.fence.check("intake acknowledgement")?;
     for (m, slot) in messages.iter().zip(slots) {
         let verdict = match slot {
             Err(r) => Verdict::DeadLetter(r),

@@ -18,6 +18,7 @@ mod append;
 mod feed;
 mod global;
 mod intake;
+mod lease;
 mod remote;
 mod replay;
 mod views;
@@ -33,11 +34,12 @@ use touchledger_domain::partition::PartitionId;
 use touchledger_store::SledStore;
 
 pub use append::serve_append;
-pub use feed::run_feed;
+pub use feed::{catch_up_from_feed, run_feed};
 pub use global::{
     feed_heads, global_checkpoint_stream, global_checkpoint_subject, run_global_checkpoints,
 };
 pub use intake::run_intake;
+pub use lease::{Acquire, Fence, Lease, lease_bucket, lease_key};
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
 pub use views::{ViewConfig, open_current, open_month_ends, run_views};
@@ -326,6 +328,9 @@ pub struct BusConfig {
     /// stream routes each touchpoint to its customer's partition (a subject transform) and this
     /// ledger's intake consumer (`<consumer>-p<n>`) takes only its own partition.
     pub partition: PartitionId,
+    /// The partition's ownership fence (a lease, [`Lease`]): intake and the synchronous append
+    /// stop appending and acknowledging once it no longer holds. Default: none (always holds).
+    pub fence: Fence,
 }
 
 impl BusConfig {
@@ -355,6 +360,7 @@ impl Default for BusConfig {
             dead_letter_max_bytes: 64 * 1024,
             max_concurrent_replays: 4,
             partition: PartitionId::SINGLE,
+            fence: Fence::default(),
         }
     }
 }
@@ -403,6 +409,11 @@ pub enum BusError {
         /// What differs.
         detail: String,
     },
+    /// This process no longer holds the partition's lease (it expired while the process was
+    /// paused, or another process took it): it appends and acknowledges nothing more for the
+    /// partition. Not a failure of the ledger; the partition's new owner carries on.
+    #[error("lease lost: {0} refused, another process owns the partition now")]
+    Fenced(&'static str),
 }
 
 pub(crate) fn js_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> BusError {

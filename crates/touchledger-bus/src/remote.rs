@@ -19,7 +19,7 @@ use touchledger_store::{Committed, Hash};
 
 use crate::{BusError, Subjects, headers, js_err, nats_err};
 
-fn decode(msg: &jetstream::Message) -> Result<Committed, BusError> {
+pub(crate) fn decode(msg: &jetstream::Message) -> Result<Committed, BusError> {
     let bad = |detail: String| BusError::Projection(format!("feed message: {detail}"));
     let h = msg.headers.as_ref();
     let get = |n: &str| h.and_then(|h| h.get(n)).map(|v| v.to_string());

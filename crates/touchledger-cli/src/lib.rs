@@ -183,6 +183,12 @@ enum Command {
         /// owner of partition 0 when a head moved.
         #[arg(long, env = "TOUCHLEDGER_GLOBAL_CHECKPOINT_SECS", default_value_t = 60)]
         global_checkpoint_secs: u64,
+        /// With `--partitions` > 1: the TTL of a partition's ownership lease (the `max_age` of
+        /// the `<PREFIX>_LEASES` KV bucket, set by the first process that creates it). An owner
+        /// renews every quarter TTL and stops acting for a partition once three quarters have
+        /// passed without a renewal; another process takes the partition after the full TTL.
+        #[arg(long, env = "TOUCHLEDGER_LEASE_TTL_SECS", default_value_t = 10)]
+        lease_ttl_secs: u64,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -807,6 +813,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             shutdown_secs,
             own,
             global_checkpoint_secs,
+            lease_ttl_secs,
         } => {
             let timing = serve::Timing {
                 fetch_wait: std::time::Duration::from_millis(fetch_wait_ms),
@@ -833,6 +840,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                     timing,
                     views.shutdown,
                     std::time::Duration::from_secs(global_checkpoint_secs.max(1)),
+                    std::time::Duration::from_secs(lease_ttl_secs.max(1)),
                 )?;
             } else {
                 let store = open(&data)?;

@@ -376,6 +376,7 @@ pub fn serve_partitions(
     timing: Timing,
     shutdown_bound: Duration,
     global_every: Duration,
+    lease_ttl: Duration,
 ) -> anyhow::Result<()> {
     run_service(nats, shutdown_bound, |client, shutdown| async move {
         let owned: Vec<String> = stores.iter().map(|s| s.partition().to_string()).collect();
@@ -407,6 +408,10 @@ pub fn serve_partitions(
                 .context("global checkpoints")
             });
         }
+        let js = async_nats::jetstream::new(client.clone());
+        let (leases, ttl) = touchledger_bus::lease_bucket(&js, &nats.prefix, lease_ttl).await?;
+        let owner = lease_owner();
+        tracing::info!(owner, ttl = ?ttl, "partitions are owned by leases");
         for store in stores {
             let cfg = BusConfig {
                 subjects: Subjects::new(nats.prefix.clone()),
@@ -416,17 +421,13 @@ pub fn serve_partitions(
                 partition: store.partition(),
                 ..BusConfig::default()
             };
-            // A connection per partition: each ledger drains its own at shutdown, and a slow
-            // partition does not hold up another's traffic.
-            let client = if store.partition().index == 0 {
-                client.clone()
-            } else {
-                nats.connect().await?
-            };
             let shutdown = shutdown.clone();
+            let leases = leases.clone();
+            let owner = owner.clone();
+            let nats = nats.clone();
             tasks.spawn(async move {
                 let partition = store.partition();
-                let r = touchledger_bus::run_ledger(client, Arc::new(store), cfg, shutdown.clone())
+                let r = own_partition(&nats, Arc::new(store), cfg, &leases, ttl, &owner, &shutdown)
                     .await
                     .with_context(|| partition.to_string());
                 if r.is_err() {
@@ -451,6 +452,83 @@ pub fn serve_partitions(
         }
         result
     })
+}
+
+/// This process's name in the lease bucket: host, process id and start instant.
+fn lease_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{host}/{}/{started:x}", std::process::id())
+}
+
+/// Own one partition for as long as this process runs: take its lease (waiting while another
+/// process holds it), bring the store up to the partition's feed, run the partition's ledger
+/// while renewing the lease, and if the lease is lost (this process was paused past it, or
+/// another took it), stop the partition and wait to own it again. On shutdown the lease is
+/// released so that a standby process takes over at once.
+async fn own_partition(
+    nats: &NatsArgs,
+    store: Arc<SledStore>,
+    cfg: BusConfig,
+    leases: &touchledger_bus::async_nats::jetstream::kv::Store,
+    ttl: Duration,
+    owner: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let index = cfg.partition.index;
+    loop {
+        let Some(mut lease) =
+            touchledger_bus::Lease::acquire(leases, ttl, index, owner, shutdown).await?
+        else {
+            return Ok(());
+        };
+        metrics::gauge!("touchledger_partition_owned", "partition" => index.to_string()).set(1.0);
+        // A connection per tenure: the ledger drains it when it stops.
+        let client = nats.connect().await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let restored = touchledger_bus::catch_up_from_feed(&js, &store, &cfg).await?;
+        if restored > 0 {
+            metrics::counter!("touchledger_partition_restored_records_total", "partition" => index.to_string())
+                .increment(restored);
+        }
+        let stop = shutdown.child_token();
+        let ledger_cfg = BusConfig {
+            fence: lease.fence(),
+            ..cfg.clone()
+        };
+        let ledger = touchledger_bus::run_ledger(client, store.clone(), ledger_cfg, stop.clone());
+        let keep = lease.keep(&stop);
+        let (r, held) = tokio::join!(
+            async {
+                let r = ledger.await;
+                stop.cancel();
+                r
+            },
+            keep
+        );
+        metrics::gauge!("touchledger_partition_owned", "partition" => index.to_string()).set(0.0);
+        if shutdown.is_cancelled() && held {
+            lease.release().await;
+            return r.map_err(Into::into);
+        }
+        match r {
+            Ok(()) | Err(touchledger_bus::BusError::Fenced(_)) if !held => {
+                metrics::counter!("touchledger_partition_leases_lost_total", "partition" => index.to_string())
+                    .increment(1);
+                tracing::warn!(
+                    partition = index,
+                    "lease lost: the partition stopped here; waiting to own it again"
+                );
+            }
+            Ok(()) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn metrics_quarantined(q: &touchledger_store::Quarantined) {
