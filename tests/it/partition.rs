@@ -599,6 +599,7 @@ async fn two_serve_processes_share_a_ledger_of_4_partitions_and_store_everything
         crate::cli::cli(&["verify", "--data", d, "--partitions", "4", "--global", f]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("matches every partition here"), "{out}");
+    check_partitioned_export(d, &dir.path().join("all"), f, &want);
     let mut forged = touchledger_store::GlobalCheckpoint::parse(&global_text).expect("parse");
     forged.heads[2].1 = forged.heads[1].1;
     std::fs::write(&file, forged.to_text()).expect("write");
@@ -839,4 +840,130 @@ async fn a_paused_owner_loses_its_partitions_to_a_standby_and_acts_no_more() {
         assert_eq!(code, 0, "{out}{err}");
         assert_eq!(out.matches(": OK: ").count(), 4, "{out}");
     }
+}
+
+/// `export --partitions 4` of every partition into one file (JSON lines and CSV), checked from
+/// the file alone against the global checkpoint; a changed record, a wrong checkpoint kind and
+/// a global checkpoint the file does not reach are refused; one partition restored from it.
+fn check_partitioned_export(data: &str, stem: &std::path::Path, global: &str, want: &[u64]) {
+    use crate::cli::cli;
+    for format in ["jsonl", "csv"] {
+        let file = stem.with_extension(format);
+        let file = file.to_str().expect("utf8");
+        let (code, out, err) = cli(&[
+            "export",
+            "--data",
+            data,
+            "--partitions",
+            "4",
+            "--format",
+            format,
+            "--out",
+            file,
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        let text = std::fs::read_to_string(file).expect("export");
+        let header = u64::from(format == "csv");
+        assert_eq!(
+            text.lines().count() as u64,
+            want.iter().sum::<u64>() + header,
+            "{format}"
+        );
+        let (code, out, err) = cli(&[
+            "verify", "--export", file, "--format", format, "--global", global,
+        ]);
+        assert_eq!(code, 0, "{format}: {out}{err}");
+        assert!(out.contains("of 4 partitions recompute"), "{out}");
+        assert!(out.contains("matches global checkpoint"), "{out}");
+        for (n, w) in want.iter().enumerate() {
+            assert!(out.contains(&format!(" {n}:{w}:")), "{n}: {out}");
+        }
+    }
+    let jsonl = stem.with_extension("jsonl");
+    let text = std::fs::read_to_string(&jsonl).expect("export");
+    let t = jsonl.to_str().expect("utf8");
+
+    // One record of partition 2 changed (its amount): that partition's chain breaks.
+    let tampered_file = stem.with_extension("tampered.jsonl");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let i = lines
+        .iter()
+        .position(|l| l.starts_with("{\"partition\":2,\"position\":3,"))
+        .expect("partition 2, position 3");
+    let changed = lines[i].replacen("\"amount_minor\":100", "\"amount_minor\":101", 1);
+    assert_ne!(changed, lines[i], "{}", lines[i]);
+    lines[i] = changed;
+    std::fs::write(&tampered_file, lines.join("\n")).expect("write");
+    let tf = tampered_file.to_str().expect("utf8");
+    let (code, out, _) = cli(&["verify", "--export", tf, "--global", global]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("partition 2: content does not match its hash"),
+        "{out}"
+    );
+
+    // A single chain's checkpoint does not describe a file of partitions.
+    let (code, out, _) = cli(&[
+        "verify",
+        "--export",
+        t,
+        "--checkpoint",
+        "1:0000000000000000000000000000000000000000000000000000000000000000",
+    ]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("check it with --global"), "{out}");
+
+    // A file without partition 3's records does not reach the global checkpoint.
+    let short_file = stem.with_extension("short.jsonl");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("{\"partition\":3,"))
+        .collect();
+    std::fs::write(&short_file, kept.join("\n")).expect("write");
+    let (code, out, _) = cli(&[
+        "verify",
+        "--export",
+        short_file.to_str().expect("utf8"),
+        "--global",
+        global,
+    ]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("partition 3: the export ends at position 0"),
+        "{out}"
+    );
+
+    // Partition 2 restored from the file of all partitions; an unpartitioned store refuses it.
+    let restored = stem.with_extension("restored");
+    let r = restored.to_str().expect("utf8");
+    let (code, out, err) = cli(&[
+        "restore",
+        "--data",
+        r,
+        "--partitions",
+        "4",
+        "--partition",
+        "2",
+        "--from",
+        t,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut cfg = StoreConfig::new(restored.join("p2"));
+    cfg.partition = PartitionId::new(2, 4).expect("layout");
+    let store = SledStore::open(cfg).expect("restored partition");
+    assert_eq!(store.head().position, want[2]);
+    drop(store);
+    let plain = stem.with_extension("plain");
+    let (code, out, _) = cli(&[
+        "restore",
+        "--data",
+        plain.to_str().expect("utf8"),
+        "--from",
+        t,
+    ]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("restore each with --partitions P --partition N"),
+        "{out}"
+    );
 }

@@ -46,6 +46,9 @@ impl std::str::FromStr for CheckpointArg {
 
 #[derive(Deserialize)]
 struct ExportLine {
+    /// Present in an export of several partitions (`export --partitions P`).
+    #[serde(default)]
+    partition: Option<u32>,
     position: u64,
     customer_version: u64,
     recorded_at: Timestamp,
@@ -56,6 +59,8 @@ struct ExportLine {
 
 #[derive(Deserialize)]
 struct CsvLine {
+    #[serde(default)]
+    partition: Option<u32>,
     position: u64,
     customer_version: u64,
     recorded_at: Timestamp,
@@ -67,15 +72,13 @@ struct CsvLine {
 /// The outcome of checking an export.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExportCheck {
-    /// Every record's hash recomputes, the links hold, positions are gapless from 1, and the
-    /// checkpoint (if given) matches.
+    /// Every record's hash recomputes, the links hold, positions are gapless from 1 (in each
+    /// partition), and the checkpoint or global checkpoint (if given) matches.
     Ok {
         /// Records checked.
         records: u64,
-        /// Last position.
-        last: u64,
-        /// Its hash.
-        hash: Hash,
+        /// The last position and its hash, per partition (`None`: an unpartitioned export).
+        heads: Vec<(Option<u32>, u64, Hash)>,
     },
     /// The first problem found.
     Failed {
@@ -117,6 +120,7 @@ fn export_rows(
                 Ok((
                     n,
                     ExportLine {
+                        partition: r.partition,
                         position: r.position,
                         customer_version: r.customer_version,
                         recorded_at: r.recorded_at,
@@ -134,19 +138,50 @@ fn hash_of(s: &str) -> Option<Hash> {
     hex::decode(s).ok().and_then(|b| Hash::from_slice(&b))
 }
 
-/// Recompute the hash chain of an exported history (it must start at position 1) and check it
-/// against `checkpoint`.
-pub fn check_export(
-    file: &Path,
-    format: Format,
-    checkpoint: Option<CheckpointArg>,
-) -> anyhow::Result<ExportCheck> {
+/// What an export is checked against: one chain's checkpoint, or a global checkpoint pinning
+/// the head of every partition.
+#[derive(Clone, Copy, Debug)]
+pub enum Pin<'a> {
+    /// Nothing beyond the chain itself.
+    None,
+    /// `--checkpoint POSITION:HASH` (an unpartitioned export, or one partition's).
+    Checkpoint(CheckpointArg),
+    /// `--global FILE` (an export of every partition).
+    Global(&'a touchledger_store::GlobalCheckpoint),
+}
+
+/// Where one chain of the export stands while it is read.
+struct Chain {
+    expected: u64,
+    prev: Hash,
+}
+
+fn label(partition: Option<u32>) -> String {
+    partition.map_or_else(String::new, |n| format!("partition {n}: "))
+}
+
+/// Recompute the hash chain of an exported history (it must start at position 1; an export of
+/// several partitions holds one chain per partition, each from position 1) and check it
+/// against `pin`.
+pub fn check_export(file: &Path, format: Format, pin: Pin<'_>) -> anyhow::Result<ExportCheck> {
     let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let reader = BufReader::with_capacity(1 << 20, f);
-    let mut prev = Hash::ZERO;
-    let mut expected = 1u64;
+    let mut chains: std::collections::BTreeMap<Option<u32>, Chain> = Default::default();
     let mut records = 0u64;
-    let mut at_checkpoint = None;
+    // The positions pinned, per chain, and whether the export reached them.
+    let mut pins: std::collections::BTreeMap<Option<u32>, (CheckpointArg, bool)> = match pin {
+        Pin::None => Default::default(),
+        Pin::Checkpoint(c) => [(None, (c, false))].into(),
+        Pin::Global(g) => g
+            .heads
+            .iter()
+            .enumerate()
+            .filter(|(_, (position, _))| *position > 0)
+            .map(|(n, &(position, hash))| {
+                (Some(n as u32), (CheckpointArg { position, hash }, false))
+            })
+            .collect(),
+    };
     let fail = |line: u64, position: Option<u64>, problem: String| ExportCheck::Failed {
         line,
         position,
@@ -159,24 +194,54 @@ pub fn check_export(
             Err(e) => return Ok(fail(0, None, format!("unreadable record: {e:#}"))),
         };
         let p = Some(r.position);
-        if r.position != expected {
+        let part = r.partition;
+        if let Some((&other, _)) = chains.iter().next()
+            && other.is_some() != part.is_some()
+        {
+            return Ok(fail(
+                n,
+                p,
+                "the file mixes records with and without a partition".into(),
+            ));
+        }
+        if let (Pin::Global(g), Some(k)) = (pin, part)
+            && k as usize >= g.heads.len()
+        {
             return Ok(fail(
                 n,
                 p,
                 format!(
-                    "position {} where {expected} was expected (records removed, added or reordered; an export must start at position 1)",
-                    r.position
+                    "partition {k}, but the global checkpoint has {} partitions",
+                    g.heads.len()
+                ),
+            ));
+        }
+        let chain = chains.entry(part).or_insert(Chain {
+            expected: 1,
+            prev: Hash::ZERO,
+        });
+        let at = label(part);
+        if r.position != chain.expected {
+            return Ok(fail(
+                n,
+                p,
+                format!(
+                    "{at}position {} where {} was expected (records removed, added or reordered; an export must start at position 1)",
+                    r.position, chain.expected
                 ),
             ));
         }
         let (Some(hash), Some(prev_hash)) = (hash_of(&r.hash), hash_of(&r.prev_hash)) else {
             return Ok(fail(n, p, "hash or prev_hash is not 64 hex digits".into()));
         };
-        if prev_hash != prev {
+        if prev_hash != chain.prev {
             return Ok(fail(
                 n,
                 p,
-                format!("prev_hash {prev_hash} does not link to the previous record's hash {prev}"),
+                format!(
+                    "{at}prev_hash {prev_hash} does not link to the previous record's hash {}",
+                    chain.prev
+                ),
             ));
         }
         let record = Committed {
@@ -189,70 +254,104 @@ pub fn check_export(
         }
         .record_bytes();
         let mut h = blake3::Hasher::new();
-        h.update(&prev.0);
+        h.update(&chain.prev.0);
         h.update(&record);
         let computed = Hash(*h.finalize().as_bytes());
         if computed != hash {
             return Ok(fail(
                 n,
                 p,
-                format!("content does not match its hash: recomputed {computed}, recorded {hash}"),
+                format!(
+                    "{at}content does not match its hash: recomputed {computed}, recorded {hash}"
+                ),
             ));
         }
-        if let Some(c) = checkpoint
+        if let Some((c, reached)) = pins.get_mut(&part)
             && c.position == r.position
         {
             if c.hash != hash {
                 return Ok(fail(
                     n,
                     p,
-                    format!("hash {hash} differs from the checkpoint's {}", c.hash),
+                    format!("{at}hash {hash} differs from the checkpoint's {}", c.hash),
                 ));
             }
-            at_checkpoint = Some(());
+            *reached = true;
         }
-        prev = hash;
-        expected += 1;
+        chain.prev = hash;
+        chain.expected += 1;
         records += 1;
     }
-    if let Some(c) = checkpoint
-        && at_checkpoint.is_none()
-    {
+    if let (Pin::Global(_), Some(None)) = (pin, chains.keys().next()) {
+        return Ok(fail(
+            0,
+            None,
+            "a global checkpoint checks an export of every partition (export --partitions P), this one has none".into(),
+        ));
+    }
+    if let (Pin::Checkpoint(_), Some(Some(k))) = (pin, chains.keys().next()) {
         return Ok(fail(
             0,
             None,
             format!(
-                "the export ends at position {} before the checkpoint at {}",
-                expected - 1,
-                c.position
+                "--checkpoint names one chain, the file holds partitions (first {k}): check it with --global"
             ),
         ));
     }
+    for (part, (c, reached)) in &pins {
+        if !reached {
+            let end = chains.get(part).map_or(0, |c| c.expected - 1);
+            return Ok(fail(
+                0,
+                None,
+                format!(
+                    "{}the export ends at position {end} before the checkpoint at {}",
+                    label(*part),
+                    c.position
+                ),
+            ));
+        }
+    }
     Ok(ExportCheck::Ok {
         records,
-        last: expected - 1,
-        hash: prev,
+        heads: chains
+            .into_iter()
+            .map(|(part, c)| (part, c.expected - 1, c.prev))
+            .collect(),
     })
 }
 
 /// Print an export check; returns the exit code.
 pub fn report_export(
     check: &ExportCheck,
-    checkpoint: Option<CheckpointArg>,
+    pin: Pin<'_>,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     match check {
-        ExportCheck::Ok {
-            records,
-            last,
-            hash,
-        } => {
-            write!(
-                out,
-                "OK: {records} exported records recompute to head position {last} hash {hash}"
-            )?;
-            if let Some(c) = checkpoint {
-                write!(out, "; matches checkpoint {}:{}", c.position, c.hash)?;
+        ExportCheck::Ok { records, heads } => {
+            match heads.as_slice() {
+                [] => write!(out, "OK: the export holds no records")?,
+                [(None, last, hash)] => write!(
+                    out,
+                    "OK: {records} exported records recompute to head position {last} hash {hash}"
+                )?,
+                _ => {
+                    write!(
+                        out,
+                        "OK: {records} exported records of {} partitions recompute; heads",
+                        heads.len()
+                    )?;
+                    for (part, last, hash) in heads {
+                        write!(out, " {}:{last}:{hash}", part.unwrap_or_default())?;
+                    }
+                }
+            }
+            match pin {
+                Pin::None => {}
+                Pin::Checkpoint(c) => {
+                    write!(out, "; matches checkpoint {}:{}", c.position, c.hash)?
+                }
+                Pin::Global(g) => write!(out, "; matches global checkpoint {}", g.hash())?,
             }
             writeln!(out)?;
             Ok(crate::EXIT_OK)
@@ -299,11 +398,27 @@ pub fn restore(
     let flush = |chunk: &mut Vec<Committed>| -> Result<(), touchledger_store::StoreError> {
         store.restore(std::mem::take(chunk)).map(drop)
     };
+    // A store of one partition takes that partition's records from an export of several.
+    let part = store.partition();
+    let mine = (part.count > 1).then_some(part.index);
     for row in export_rows(BufReader::with_capacity(1 << 20, f), format) {
         let (n, r) = match row {
             Ok(x) => x,
             Err(e) => return refuse(out, String::new(), format!("unreadable record: {e:#}")),
         };
+        match (r.partition, mine) {
+            (Some(p), Some(m)) if p != m => continue,
+            (Some(p), None) => {
+                return refuse(
+                    out,
+                    format!(" (line {n})"),
+                    format!(
+                        "a record of partition {p}: the export holds several partitions, restore each with --partitions P --partition N"
+                    ),
+                );
+            }
+            _ => {}
+        }
         let (Some(hash), Some(prev_hash)) = (hash_of(&r.hash), hash_of(&r.prev_hash)) else {
             return refuse(
                 out,

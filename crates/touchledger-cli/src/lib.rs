@@ -732,32 +732,33 @@ fn verify_store(
 
 /// `verify` of a partitioned ledger: every partition whose store is in the data directory,
 /// each checked on its own chain; partitions kept on other machines are listed as absent.
+/// A global checkpoint file (the text published on `<prefix>.ledger.global_checkpoint`),
+/// parsed and its hash line checked; the error says why not.
+fn read_global(path: &std::path::Path) -> Result<touchledger_store::GlobalCheckpoint, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    touchledger_store::GlobalCheckpoint::parse(&text)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn verify_partitions(
     data: &DataArgs,
     global: Option<&std::path::Path>,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let global = match global {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            match touchledger_store::GlobalCheckpoint::parse(&text) {
-                Ok(g) if g.heads.len() == data.partitions as usize => Some(g),
-                Ok(g) => {
-                    writeln!(
-                        out,
-                        "FAILED: the global checkpoint has {} partitions, the ledger {}",
-                        g.heads.len(),
-                        data.partitions
-                    )?;
-                    return Ok(EXIT_VERIFY_FAILED);
-                }
-                Err(e) => {
-                    writeln!(out, "FAILED: {}: {e}", path.display())?;
-                    return Ok(EXIT_VERIFY_FAILED);
-                }
-            }
+    let global = match global.map(read_global).transpose() {
+        Ok(Some(g)) if g.heads.len() != data.partitions as usize => {
+            writeln!(
+                out,
+                "FAILED: the global checkpoint has {} partitions, the ledger {}",
+                g.heads.len(),
+                data.partitions
+            )?;
+            return Ok(EXIT_VERIFY_FAILED);
+        }
+        Ok(g) => g,
+        Err(msg) => {
+            writeln!(out, "FAILED: {msg}")?;
+            return Ok(EXIT_VERIFY_FAILED);
         }
     };
     let mut code = EXIT_OK;
@@ -898,8 +899,23 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             global,
         } => {
             if let Some(file) = export {
-                let check = audit::check_export(&file, format, checkpoint)?;
-                return audit::report_export(&check, checkpoint, out);
+                let global = match global.as_deref().map(read_global).transpose() {
+                    Ok(g) => g,
+                    Err(msg) => {
+                        writeln!(out, "FAILED: {msg}")?;
+                        return Ok(EXIT_VERIFY_FAILED);
+                    }
+                };
+                let pin = match (&global, checkpoint) {
+                    (Some(_), Some(_)) => {
+                        anyhow::bail!("--checkpoint and --global: give one of them")
+                    }
+                    (Some(g), None) => audit::Pin::Global(g),
+                    (None, Some(c)) => audit::Pin::Checkpoint(c),
+                    (None, None) => audit::Pin::None,
+                };
+                let check = audit::check_export(&file, format, pin)?;
+                return audit::report_export(&check, pin, out);
             }
             if data.partitions > 1 && data.partition.is_none() {
                 if checkpoint.is_some() {
@@ -1006,6 +1022,8 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             };
             let code = if remote {
                 remote::replay(&nats, &filter, format, data.remote_partition()?, &mut *file)?
+            } else if data.partitions > 1 && data.partition.is_none() {
+                export_partitions(&data, &filter, format, &mut *file)?
             } else {
                 replay(&data, &filter, format, &mut *file)?
             };
@@ -1342,6 +1360,8 @@ fn print_summary(
 
 #[derive(Serialize)]
 struct ReplayLine<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<u32>,
     position: u64,
     customer_version: u64,
     recorded_at: Timestamp,
@@ -1350,35 +1370,68 @@ struct ReplayLine<'a> {
     event: &'a touchledger_domain::Event,
 }
 
-/// Writes replayed records as JSON lines or CSV (the same shape offline and remote).
-pub(crate) enum ReplayWriter<'w> {
+const CSV_COLUMNS: [&str; 11] = [
+    "position",
+    "customer_version",
+    "recorded_at",
+    "hash",
+    "prev_hash",
+    "event_id",
+    "customer_id",
+    "kind",
+    "occurred_at",
+    "source",
+    "event_json",
+];
+
+/// Writes replayed records as JSON lines or CSV (the same shape offline and remote). An export
+/// of several partitions carries each record's partition (a leading field or column).
+pub(crate) struct ReplayWriter<'w> {
+    sink: Sink<'w>,
+    /// The partition of the records written now, in a partitioned export.
+    partition: Option<u32>,
+}
+
+enum Sink<'w> {
     Jsonl(BufWriter<&'w mut dyn Write>),
-    Csv(Box<csv::Writer<BufWriter<&'w mut dyn Write>>>),
+    /// The CSV writer, and whether its header is written yet (it names a `partition` column
+    /// only in a partitioned export).
+    Csv(Box<csv::Writer<BufWriter<&'w mut dyn Write>>>, bool),
 }
 
 impl<'w> ReplayWriter<'w> {
     pub(crate) fn new(format: Format, out: &'w mut dyn Write) -> anyhow::Result<Self> {
         let w = BufWriter::with_capacity(1 << 16, out);
-        Ok(match format {
-            Format::Jsonl => ReplayWriter::Jsonl(w),
-            Format::Csv => {
-                let mut csv = csv::Writer::from_writer(w);
-                csv.write_record([
-                    "position",
-                    "customer_version",
-                    "recorded_at",
-                    "hash",
-                    "prev_hash",
-                    "event_id",
-                    "customer_id",
-                    "kind",
-                    "occurred_at",
-                    "source",
-                    "event_json",
-                ])?;
-                ReplayWriter::Csv(Box::new(csv))
-            }
+        let sink = match format {
+            Format::Jsonl => Sink::Jsonl(w),
+            Format::Csv => Sink::Csv(Box::new(csv::Writer::from_writer(w)), false),
+        };
+        Ok(ReplayWriter {
+            sink,
+            partition: None,
         })
+    }
+
+    /// The same writer for an export of several partitions (see [`Self::set_partition`]).
+    fn partitioned(mut self) -> Self {
+        self.partition = Some(0);
+        self
+    }
+
+    /// The partition of the records written from now on.
+    fn set_partition(&mut self, n: u32) {
+        self.partition = Some(n);
+    }
+
+    fn header(&mut self) -> anyhow::Result<()> {
+        if let Sink::Csv(csv, written @ false) = &mut self.sink {
+            if self.partition.is_some() {
+                csv.write_field("partition")?;
+            }
+            csv.write_record(CSV_COLUMNS)?;
+            *written = true;
+        }
+        Ok(())
     }
 
     pub(crate) fn write(
@@ -1390,9 +1443,12 @@ impl<'w> ReplayWriter<'w> {
         prev_hash: &[u8],
         event: &touchledger_domain::Event,
     ) -> anyhow::Result<()> {
-        match self {
-            ReplayWriter::Jsonl(w) => {
+        self.header()?;
+        let partition = self.partition;
+        match &mut self.sink {
+            Sink::Jsonl(w) => {
                 let line = ReplayLine {
+                    partition,
                     position,
                     customer_version,
                     recorded_at,
@@ -1403,37 +1459,52 @@ impl<'w> ReplayWriter<'w> {
                 serde_json::to_writer(&mut *w, &line)?;
                 w.write_all(b"\n")?;
             }
-            ReplayWriter::Csv(csv) => csv.write_record([
-                position.to_string(),
-                customer_version.to_string(),
-                recorded_at.to_string(),
-                hex::encode(hash),
-                hex::encode(prev_hash),
-                event.event_id.clone(),
-                event.customer_id.clone(),
-                event.kind().as_str().to_owned(),
-                event.occurred_at.to_string(),
-                event.source.clone(),
-                serde_json::to_string(event)?,
-            ])?,
+            Sink::Csv(csv, _) => {
+                if let Some(n) = partition {
+                    csv.write_field(n.to_string())?;
+                }
+                csv.write_record([
+                    position.to_string(),
+                    customer_version.to_string(),
+                    recorded_at.to_string(),
+                    hex::encode(hash),
+                    hex::encode(prev_hash),
+                    event.event_id.clone(),
+                    event.customer_id.clone(),
+                    event.kind().as_str().to_owned(),
+                    event.occurred_at.to_string(),
+                    event.source.clone(),
+                    serde_json::to_string(event)?,
+                ])?
+            }
         }
         Ok(())
+    }
+
+    /// One record read from a store.
+    fn write_committed(&mut self, c: &Committed) -> anyhow::Result<()> {
+        self.write(
+            c.position,
+            c.customer_version,
+            c.recorded_at,
+            &c.hash.0,
+            &c.prev_hash.0,
+            &c.event,
+        )
     }
 
     pub(crate) fn flush(&mut self) -> anyhow::Result<()> {
-        match self {
-            ReplayWriter::Jsonl(w) => w.flush()?,
-            ReplayWriter::Csv(csv) => csv.flush()?,
+        match &mut self.sink {
+            Sink::Jsonl(w) => w.flush()?,
+            Sink::Csv(csv, _) => csv.flush()?,
         }
         Ok(())
     }
 
-    pub(crate) fn finish(self) -> anyhow::Result<()> {
-        match self {
-            ReplayWriter::Jsonl(mut w) => w.flush()?,
-            ReplayWriter::Csv(mut csv) => csv.flush()?,
-        }
-        Ok(())
+    pub(crate) fn finish(mut self) -> anyhow::Result<()> {
+        // An export of nothing still has its CSV header.
+        self.header()?;
+        self.flush()
     }
 }
 
@@ -1459,15 +1530,38 @@ fn replay(
     let store = open(data)?;
     let mut w = ReplayWriter::new(format, out)?;
     for c in store.read(&f.to_filter()) {
-        let c: Committed = c?;
-        w.write(
-            c.position,
-            c.customer_version,
-            c.recorded_at,
-            &c.hash.0,
-            &c.prev_hash.0,
-            &c.event,
-        )?;
+        w.write_committed(&c?)?;
+    }
+    w.finish()?;
+    Ok(EXIT_OK)
+}
+
+/// Every partition of a partitioned ledger into one file, partition by partition, each line
+/// carrying its partition (`verify --export` checks each partition's chain from it). Every
+/// partition must be in this data directory: a partial export could not be checked against a
+/// global checkpoint (export partitions kept elsewhere one by one with `--partition`).
+fn export_partitions(
+    data: &DataArgs,
+    f: &FilterArgs,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    for n in 0..data.partitions {
+        let (dir, _) = data.partition_dir(n)?;
+        if !dir.join(touchledger_store::LEDGER_MARKER).exists() {
+            anyhow::bail!(
+                "partition {n} has no store in {}: export the partitions kept elsewhere with --partition",
+                dir.display()
+            );
+        }
+    }
+    let mut w = ReplayWriter::new(format, out)?.partitioned();
+    for n in 0..data.partitions {
+        let store = open_partition(data, n)?;
+        w.set_partition(n);
+        for c in store.read(&f.to_filter()) {
+            w.write_committed(&c?)?;
+        }
     }
     w.finish()?;
     Ok(EXIT_OK)
