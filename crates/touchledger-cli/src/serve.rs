@@ -390,28 +390,16 @@ pub fn serve_partitions(
             }
         }
         let mut tasks = tokio::task::JoinSet::new();
-        // The owner of partition 0 publishes the global checkpoints.
-        if let Some(first) = stores.first().filter(|s| s.partition().index == 0) {
-            let partitions = first.partition().count;
-            let js = async_nats::jetstream::new(client.clone());
-            let subjects = Subjects::new(nats.prefix.clone());
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                touchledger_bus::run_global_checkpoints(
-                    js,
-                    subjects,
-                    partitions,
-                    global_every,
-                    shutdown,
-                )
-                .await
-                .context("global checkpoints")
-            });
-        }
         let js = async_nats::jetstream::new(client.clone());
         let (leases, ttl) = touchledger_bus::lease_bucket(&js, &nats.prefix, lease_ttl).await?;
-        let owner = lease_owner();
-        tracing::info!(owner, ttl = ?ttl, "partitions are owned by leases");
+        let ownership = Ownership {
+            client: client.clone(),
+            leases,
+            ttl,
+            owner: lease_owner(),
+            global_every,
+        };
+        tracing::info!(owner = ownership.owner, ttl = ?ttl, "partitions are owned by leases");
         for store in stores {
             let cfg = BusConfig {
                 subjects: Subjects::new(nats.prefix.clone()),
@@ -422,12 +410,11 @@ pub fn serve_partitions(
                 ..BusConfig::default()
             };
             let shutdown = shutdown.clone();
-            let leases = leases.clone();
-            let owner = owner.clone();
+            let ownership = ownership.clone();
             let nats = nats.clone();
             tasks.spawn(async move {
                 let partition = store.partition();
-                let r = own_partition(&nats, Arc::new(store), cfg, &leases, ttl, &owner, &shutdown)
+                let r = own_partition(&nats, Arc::new(store), cfg, &ownership, &shutdown)
                     .await
                     .with_context(|| partition.to_string());
                 if r.is_err() {
@@ -466,24 +453,35 @@ fn lease_owner() -> String {
     format!("{host}/{}/{started:x}", std::process::id())
 }
 
+/// How this process holds partitions: the lease bucket, its TTL, this process's name in it, and
+/// how often the holder of partition 0 publishes the global checkpoint.
+#[derive(Clone)]
+struct Ownership {
+    /// The process's main connection.
+    client: async_nats::Client,
+    leases: touchledger_bus::async_nats::jetstream::kv::Store,
+    ttl: Duration,
+    owner: String,
+    global_every: Duration,
+}
+
 /// Own one partition for as long as this process runs: take its lease (waiting while another
 /// process holds it), bring the store up to the partition's feed, run the partition's ledger
-/// while renewing the lease, and if the lease is lost (this process was paused past it, or
-/// another took it), stop the partition and wait to own it again. On shutdown the lease is
-/// released so that a standby process takes over at once.
+/// (and, for partition 0, the global checkpoints) while renewing the lease, and if the lease is
+/// lost (this process was paused past it, or another took it), stop the partition and wait to
+/// own it again. On shutdown the lease is released so that a standby process takes over at once.
 async fn own_partition(
     nats: &NatsArgs,
     store: Arc<SledStore>,
     cfg: BusConfig,
-    leases: &touchledger_bus::async_nats::jetstream::kv::Store,
-    ttl: Duration,
-    owner: &str,
+    own: &Ownership,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let index = cfg.partition.index;
     loop {
         let Some(mut lease) =
-            touchledger_bus::Lease::acquire(leases, ttl, index, owner, shutdown).await?
+            touchledger_bus::Lease::acquire(&own.leases, own.ttl, index, &own.owner, shutdown)
+                .await?
         else {
             return Ok(());
         };
@@ -501,33 +499,59 @@ async fn own_partition(
             fence: lease.fence(),
             ..cfg.clone()
         };
+        // The holder of partition 0's lease publishes the global checkpoints, on the main
+        // connection (the ledger drains its own when it stops).
+        let global = async {
+            if index != 0 {
+                return Ok(());
+            }
+            let r = touchledger_bus::run_global_checkpoints(
+                async_nats::jetstream::new(own.client.clone()),
+                Subjects::new(nats.prefix.clone()),
+                cfg.partition.count,
+                own.global_every,
+                stop.clone(),
+            )
+            .await;
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        };
         let ledger = touchledger_bus::run_ledger(client, store.clone(), ledger_cfg, stop.clone());
         let keep = lease.keep(&stop);
-        let (r, held) = tokio::join!(
+        let (r, held, global) = tokio::join!(
             async {
                 let r = ledger.await;
                 stop.cancel();
                 r
             },
-            keep
+            keep,
+            global
         );
+        let r = r.and(global);
         metrics::gauge!("touchledger_partition_owned", "partition" => index.to_string()).set(0.0);
-        if shutdown.is_cancelled() && held {
+        if held {
+            // Stopped while still the owner (shutdown, or the ledger failed): give the lease up
+            // so that a standby takes over at once.
             lease.release().await;
             return r.map_err(Into::into);
         }
-        match r {
-            Ok(()) | Err(touchledger_bus::BusError::Fenced(_)) if !held => {
-                metrics::counter!("touchledger_partition_leases_lost_total", "partition" => index.to_string())
-                    .increment(1);
-                tracing::warn!(
-                    partition = index,
-                    "lease lost: the partition stopped here; waiting to own it again"
-                );
-            }
-            Ok(()) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        if shutdown.is_cancelled() {
+            return match r {
+                Err(e) if !matches!(e, touchledger_bus::BusError::Fenced(_)) => Err(e.into()),
+                _ => Ok(()),
+            };
         }
+        // Whatever the partition's tasks reported (a refused feed publish, say) followed from
+        // no longer being the owner: not a failure of this process.
+        metrics::counter!("touchledger_partition_leases_lost_total", "partition" => index.to_string())
+            .increment(1);
+        tracing::warn!(
+            partition = index,
+            stopped_with = r.err().map(|e| e.to_string()),
+            "lease lost: the partition stopped here; waiting to own it again"
+        );
     }
 }
 
