@@ -686,27 +686,104 @@ async fn publish_purchases(js: &jetstream::Context, tag: &str, n: u32) -> Vec<(S
     sent
 }
 
-/// Until every partition's lease names the process `pid` as its holder; returns how long it took.
-async fn wait_leases_held_by(js: &jetstream::Context, pid: u32, timeout: Duration) -> Duration {
+/// The holder of each partition's lease (its value: `host/pid/start`), `None` while free.
+async fn lease_holders(js: &jetstream::Context) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Ok(kv) = js.get_key_value("CRM_LEASES").await else {
+        return vec![None; 4];
+    };
+    for n in 0..4 {
+        let holder = kv.get(touchledger_bus::lease_key(n)).await.ok().flatten();
+        out.push(holder.map(|h| String::from_utf8_lossy(&h).into_owned()));
+    }
+    out
+}
+
+/// Whether `holder` names the process `pid`.
+fn held_by(holder: &Option<String>, pid: u32) -> bool {
+    holder
+        .as_deref()
+        .is_some_and(|h| h.contains(&format!("/{pid}/")))
+}
+
+/// Until the lease holders satisfy `done`; returns how long it took.
+async fn wait_leases(
+    js: &jetstream::Context,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&[Option<String>]) -> bool,
+) -> Duration {
     let started = tokio::time::Instant::now();
-    let needle = format!("/{pid}/");
     loop {
-        if let Ok(kv) = js.get_key_value("CRM_LEASES").await {
-            let mut all = true;
-            for n in 0..4 {
-                let holder = kv.get(touchledger_bus::lease_key(n)).await.ok().flatten();
-                all &= holder.is_some_and(|h| String::from_utf8_lossy(&h).contains(&needle));
-            }
-            if all {
-                return started.elapsed();
-            }
+        let holders = lease_holders(js).await;
+        if done(&holders) {
+            return started.elapsed();
         }
         assert!(
             started.elapsed() < timeout,
-            "process {pid} did not hold every lease within {timeout:?}"
+            "{what}: not within {timeout:?}; holders {holders:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Until every partition's lease names the process `pid` as its holder; returns how long it took.
+async fn wait_leases_held_by(js: &jetstream::Context, pid: u32, timeout: Duration) -> Duration {
+    wait_leases(
+        js,
+        &format!("process {pid} holds every lease"),
+        timeout,
+        |h| h.iter().all(|x| held_by(x, pid)),
+    )
+    .await
+}
+
+/// Two `serve` processes' data directories and logs, in one temporary directory.
+struct Pair {
+    _dir: tempfile::TempDir,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    log_a: std::path::PathBuf,
+    log_b: std::path::PathBuf,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |name: &str| dir.path().join(name);
+        Pair {
+            a: at("a"),
+            b: at("b"),
+            log_a: at("a.log"),
+            log_b: at("b.log"),
+            _dir: dir,
+        }
+    }
+
+    /// Both processes' logs, for a failure message.
+    fn logs(&self) -> String {
+        format!(
+            "--- first\n{}\n--- second\n{}",
+            std::fs::read_to_string(&self.log_a).unwrap_or_default(),
+            std::fs::read_to_string(&self.log_b).unwrap_or_default()
+        )
+    }
+}
+
+/// How many of `sent` (event id, customer) belong to each of 4 partitions.
+fn per_partition(sent: &[(String, String)]) -> Vec<u64> {
+    let mut want = vec![0u64; 4];
+    for (_, c) in sent {
+        want[partition_of(c, 4) as usize] += 1;
+    }
+    want
+}
+
+/// The store of partition `n` of 4 in a partitioned data directory.
+fn open_partition_store(data: &std::path::Path, n: u32) -> SledStore {
+    let mut cfg = StoreConfig::new(data.join(format!("p{n}")));
+    cfg.partition = PartitionId::new(n, 4).expect("layout");
+    SledStore::open(cfg).expect("open partition")
 }
 
 /// Until a child's log says `needle` `times` times (60 s at most; `logs` for the failure).
@@ -746,34 +823,20 @@ fn signal(child: &std::process::Child, sig: &str) {
 async fn a_paused_owner_loses_its_partitions_to_a_standby_and_acts_no_more() {
     const P: u32 = 4;
     let server = NatsServer::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let pair = Pair::new();
+    let (data_a, data_b, log_a, log_b) = (&pair.a, &pair.b, &pair.log_a, &pair.log_b);
     let extra = ["--lease-ttl-secs", "3", "--ack-wait-secs", "2"];
-    let logs = || {
-        format!(
-            "--- first\n{}\n--- second\n{}",
-            std::fs::read_to_string(&log_a).unwrap_or_default(),
-            std::fs::read_to_string(&log_b).unwrap_or_default()
-        )
-    };
-    let mut first = spawn_partition_serve_with(&data_a, &server.url(), "all", &extra, &log_a);
+    let logs = || pair.logs();
+    let mut first = spawn_partition_serve_with(data_a, &server.url(), "all", &extra, log_a);
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
     wait_leases_held_by(&js, first.id(), Duration::from_secs(60)).await;
-    let mut second = spawn_partition_serve_with(&data_b, &server.url(), "all", &extra, &log_b);
+    let mut second = spawn_partition_serve_with(data_b, &server.url(), "all", &extra, log_b);
     // The second waits for the leases (it says so), and stores nothing meanwhile.
-    wait_logged(&log_b, "waiting for its lease", P as usize, &logs).await;
+    wait_logged(log_b, "waiting for its lease", P as usize, &logs).await;
 
     let mut sent = publish_purchases(&js, "before", 800).await;
-    let count = |sent: &[(String, String)]| {
-        let mut want = vec![0u64; P as usize];
-        for (_, c) in sent {
-            want[partition_of(c, P) as usize] += 1;
-        }
-        want
-    };
-    wait_partitions_drained(&js, &count(&sent), Duration::from_secs(120)).await;
+    wait_partitions_drained(&js, &per_partition(&sent), Duration::from_secs(120)).await;
 
     // Pause the owner: its pending pulls still get touchpoints pushed into its socket.
     signal(&first, "-STOP");
@@ -788,9 +851,9 @@ async fn a_paused_owner_loses_its_partitions_to_a_standby_and_acts_no_more() {
     );
     signal(&first, "-CONT");
     sent.extend(publish_purchases(&js, "resumed", 400).await);
-    wait_partitions_drained(&js, &count(&sent), Duration::from_secs(120)).await;
+    wait_partitions_drained(&js, &per_partition(&sent), Duration::from_secs(120)).await;
     // The first noticed, stopped its partitions and waits for them again.
-    wait_logged(&log_a, "waiting to own it again", P as usize, &logs).await;
+    wait_logged(log_a, "waiting to own it again", P as usize, &logs).await;
 
     // A clean shutdown releases the leases at once: the first takes them back (before any TTL
     // could run out) and catches its stale stores up from the feed.
@@ -798,20 +861,16 @@ async fn a_paused_owner_loses_its_partitions_to_a_standby_and_acts_no_more() {
     let exit = second.wait().expect("wait");
     assert!(exit.success(), "second: {exit}\n{}", logs());
     wait_leases_held_by(&js, first.id(), Duration::from_secs(2)).await;
-    wait_partitions_drained(&js, &count(&sent), Duration::from_secs(60)).await;
+    wait_partitions_drained(&js, &per_partition(&sent), Duration::from_secs(60)).await;
     signal(&first, "-TERM");
     let exit = first.wait().expect("wait");
     assert!(exit.success(), "first: {exit}\n{}", logs());
 
-    let want = count(&sent);
+    let want = per_partition(&sent);
     let mut stored = std::collections::HashSet::new();
     for n in 0..P {
-        let open = |data: &std::path::Path| {
-            let mut cfg = StoreConfig::new(data.join(format!("p{n}")));
-            cfg.partition = PartitionId::new(n, P).expect("layout");
-            SledStore::open(cfg).expect("open partition")
-        };
-        let (a, b) = (open(&data_a), open(&data_b));
+        let open = |data: &std::path::Path| open_partition_store(data, n);
+        let (a, b) = (open(data_a), open(data_b));
         assert_eq!(a.head(), b.head(), "partition {n}\n{}", logs());
         assert_eq!(a.head().position, want[n as usize], "partition {n}");
         let ra: Vec<_> = a.read(&Default::default()).map(|r| r.expect("a")).collect();
@@ -966,4 +1025,95 @@ fn check_partitioned_export(data: &str, stem: &std::path::Path, global: &str, wa
         out.contains("restore each with --partitions P --partition N"),
         "{out}"
     );
+}
+
+/// `--own auto`: two processes share four partitions two and two; when one is killed
+/// (SIGKILL), the other takes its partitions after the lease TTL, catches their stores up from
+/// the feeds and goes on; every event published before and after is stored exactly once, and
+/// the killed process's stores are a prefix of the survivor's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_owners_share_the_partitions_and_the_survivor_takes_a_killed_ones() {
+    const P: u32 = 4;
+    let server = NatsServer::start();
+    let pair = Pair::new();
+    let (data_a, data_b, log_a, log_b) = (&pair.a, &pair.b, &pair.log_a, &pair.log_b);
+    let extra = ["--lease-ttl-secs", "2", "--ack-wait-secs", "2"];
+    let logs = || pair.logs();
+    let mut first = spawn_partition_serve_with(data_a, &server.url(), "auto", &extra, log_a);
+    let mut second = spawn_partition_serve_with(data_b, &server.url(), "auto", &extra, log_b);
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let (a, b) = (first.id(), second.id());
+    let settled = wait_leases(&js, "two partitions each", Duration::from_secs(60), |h| {
+        h.iter().filter(|x| held_by(x, a)).count() == 2
+            && h.iter().filter(|x| held_by(x, b)).count() == 2
+    })
+    .await;
+    eprintln!("balanced two and two after {settled:?}");
+
+    let mut sent = publish_purchases(&js, "before", 600).await;
+    wait_partitions_drained(&js, &per_partition(&sent), Duration::from_secs(120)).await;
+
+    signal(&second, "-KILL");
+    let _ = second.wait();
+    let killed = tokio::time::Instant::now();
+    sent.extend(publish_purchases(&js, "after", 600).await);
+    wait_leases_held_by(&js, a, Duration::from_secs(60)).await;
+    let takeover = killed.elapsed();
+    wait_partitions_drained(&js, &per_partition(&sent), Duration::from_secs(120)).await;
+    eprintln!(
+        "every partition owned by the survivor {takeover:?} after the SIGKILL (TTL 2 s), all drained {:?} after it",
+        killed.elapsed()
+    );
+    assert!(
+        takeover >= Duration::from_secs(1),
+        "{takeover:?}: before the lease could expire"
+    );
+
+    signal(&first, "-TERM");
+    let exit = first.wait().expect("wait");
+    assert!(exit.success(), "first: {exit}\n{}", logs());
+
+    let want = per_partition(&sent);
+    let mut stored = std::collections::HashSet::new();
+    for n in 0..P {
+        let open = |data: &std::path::Path| open_partition_store(data, n);
+        let survivor = open(data_a);
+        assert_eq!(
+            survivor.head().position,
+            want[n as usize],
+            "partition {n}\n{}",
+            logs()
+        );
+        let all: Vec<_> = survivor
+            .read(&Default::default())
+            .map(|r| r.expect("a"))
+            .collect();
+        for r in &all {
+            assert_eq!(partition_of(&r.event.customer_id, P), n);
+            assert!(
+                stored.insert(r.event.event_id.clone()),
+                "{} twice",
+                r.event.event_id
+            );
+        }
+        // The killed process's store (if it held the partition) is a prefix of the survivor's.
+        if data_b.join(format!("p{n}")).exists() {
+            let killed = open(data_b);
+            for r in killed.read(&Default::default()) {
+                let r = r.expect("b");
+                let s = &all[r.position as usize - 1];
+                assert_eq!((r.position, r.hash), (s.position, s.hash), "partition {n}");
+            }
+        }
+    }
+    assert_eq!(stored.len(), sent.len());
+    let (code, out, err) = crate::cli::cli(&[
+        "verify",
+        "--data",
+        data_a.to_str().expect("utf8"),
+        "--partitions",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
 }

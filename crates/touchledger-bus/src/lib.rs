@@ -19,6 +19,7 @@ mod feed;
 mod global;
 mod intake;
 mod lease;
+mod ownership;
 mod remote;
 mod replay;
 mod views;
@@ -40,6 +41,7 @@ pub use global::{
 };
 pub use intake::run_intake;
 pub use lease::{Acquire, Fence, Lease, lease_bucket, lease_key};
+pub use ownership::{Balance, Ownership, own_partition, owner_name, run_balancer};
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
 pub use views::{ViewConfig, open_current, open_month_ends, run_views};

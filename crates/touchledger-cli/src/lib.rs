@@ -174,8 +174,10 @@ enum Command {
         #[arg(long, env = "TOUCHLEDGER_SHUTDOWN_SECS", default_value_t = 15)]
         shutdown_secs: u64,
         /// With `--partitions` > 1: the partitions this process owns, e.g. `0-3`, `1,5,7` or
-        /// `all`. Each owned partition runs its own intake consumer, store, feed, synchronous
-        /// append and replay (docs/partitions.md).
+        /// `all`, or `auto`: a share ⌈P / processes⌉ of them, balanced with the other `auto`
+        /// processes. Each owned partition runs its own intake consumer, store, feed,
+        /// synchronous append and replay; one held by another process is waited for
+        /// (docs/partitions.md).
         #[arg(long, env = "TOUCHLEDGER_OWN", default_value = "all")]
         own: String,
         /// With `--partitions` > 1: seconds between global checkpoints (every partition's head
@@ -829,7 +831,12 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 shutdown: std::time::Duration::from_secs(shutdown_secs.max(1)),
             };
             if data.partitions > 1 {
-                let owned = parse_own(&own, data.partitions)?;
+                let auto = own.trim() == "auto";
+                let owned = if auto {
+                    (0..data.partitions).collect()
+                } else {
+                    parse_own(&own, data.partitions)?
+                };
                 let stores = owned
                     .iter()
                     .map(|&n| open_partition(&data, n))
@@ -840,8 +847,11 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                     batch,
                     timing,
                     views.shutdown,
-                    std::time::Duration::from_secs(global_checkpoint_secs.max(1)),
-                    std::time::Duration::from_secs(lease_ttl_secs.max(1)),
+                    serve::PartitionRun {
+                        global_every: std::time::Duration::from_secs(global_checkpoint_secs.max(1)),
+                        lease_ttl: std::time::Duration::from_secs(lease_ttl_secs.max(1)),
+                        auto,
+                    },
                 )?;
             } else {
                 let store = open(&data)?;

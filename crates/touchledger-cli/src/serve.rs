@@ -364,6 +364,16 @@ where
     result
 }
 
+/// How a partitioned `serve` runs its partitions.
+pub struct PartitionRun {
+    /// Seconds between global checkpoints (published by the holder of partition 0).
+    pub global_every: Duration,
+    /// The TTL of an ownership lease (for a new lease bucket).
+    pub lease_ttl: Duration,
+    /// `--own auto`: hold a share of the partitions, balanced with the other members.
+    pub auto: bool,
+}
+
 /// Run the owned partitions of a partitioned ledger until SIGINT/SIGTERM: for each, its intake
 /// consumer (the server routes touchpoints by customer), synchronous append, replay and
 /// committed-event feed on its own store (docs/partitions.md). The read models, HTTP API and
@@ -375,8 +385,7 @@ pub fn serve_partitions(
     batch: usize,
     timing: Timing,
     shutdown_bound: Duration,
-    global_every: Duration,
-    lease_ttl: Duration,
+    run: PartitionRun,
 ) -> anyhow::Result<()> {
     run_service(nats, shutdown_bound, |client, shutdown| async move {
         let owned: Vec<String> = stores.iter().map(|s| s.partition().to_string()).collect();
@@ -391,15 +400,25 @@ pub fn serve_partitions(
         }
         let mut tasks = tokio::task::JoinSet::new();
         let js = async_nats::jetstream::new(client.clone());
-        let (leases, ttl) = touchledger_bus::lease_bucket(&js, &nats.prefix, lease_ttl).await?;
-        let ownership = Ownership {
+        let (leases, ttl) = touchledger_bus::lease_bucket(&js, &nats.prefix, run.lease_ttl).await?;
+        let count = stores.first().map_or(1, |s| s.partition().count);
+        let ownership = touchledger_bus::Ownership {
             client: client.clone(),
             leases,
             ttl,
-            owner: lease_owner(),
-            global_every,
+            owner: touchledger_bus::owner_name(),
+            global_every: run.global_every,
+            balance: run.auto.then(|| touchledger_bus::Balance::new(count)),
         };
-        tracing::info!(owner = ownership.owner, ttl = ?ttl, "partitions are owned by leases");
+        tracing::info!(owner = ownership.owner, ttl = ?ttl, auto = run.auto, "partitions are owned by leases");
+        if run.auto {
+            let (own, shutdown) = (ownership.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                touchledger_bus::run_balancer(own, shutdown)
+                    .await
+                    .context("partition balancer")
+            });
+        }
         for store in stores {
             let cfg = BusConfig {
                 subjects: Subjects::new(nats.prefix.clone()),
@@ -414,9 +433,23 @@ pub fn serve_partitions(
             let nats = nats.clone();
             tasks.spawn(async move {
                 let partition = store.partition();
-                let r = own_partition(&nats, Arc::new(store), cfg, &ownership, &shutdown)
-                    .await
-                    .with_context(|| partition.to_string());
+                let connect = || async {
+                    nats.connect()
+                        .await
+                        .map_err(|e| touchledger_bus::BusError::Nats {
+                            what: "connect",
+                            detail: format!("{e:#}"),
+                        })
+                };
+                let r = touchledger_bus::own_partition(
+                    connect,
+                    Arc::new(store),
+                    cfg,
+                    &ownership,
+                    &shutdown,
+                )
+                .await
+                .with_context(|| partition.to_string());
                 if r.is_err() {
                     // One partition failing stops the process (a supervisor restarts it).
                     shutdown.cancel();
@@ -439,120 +472,6 @@ pub fn serve_partitions(
         }
         result
     })
-}
-
-/// This process's name in the lease bucket: host, process id and start instant.
-fn lease_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{host}/{}/{started:x}", std::process::id())
-}
-
-/// How this process holds partitions: the lease bucket, its TTL, this process's name in it, and
-/// how often the holder of partition 0 publishes the global checkpoint.
-#[derive(Clone)]
-struct Ownership {
-    /// The process's main connection.
-    client: async_nats::Client,
-    leases: touchledger_bus::async_nats::jetstream::kv::Store,
-    ttl: Duration,
-    owner: String,
-    global_every: Duration,
-}
-
-/// Own one partition for as long as this process runs: take its lease (waiting while another
-/// process holds it), bring the store up to the partition's feed, run the partition's ledger
-/// (and, for partition 0, the global checkpoints) while renewing the lease, and if the lease is
-/// lost (this process was paused past it, or another took it), stop the partition and wait to
-/// own it again. On shutdown the lease is released so that a standby process takes over at once.
-async fn own_partition(
-    nats: &NatsArgs,
-    store: Arc<SledStore>,
-    cfg: BusConfig,
-    own: &Ownership,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let index = cfg.partition.index;
-    loop {
-        let Some(mut lease) =
-            touchledger_bus::Lease::acquire(&own.leases, own.ttl, index, &own.owner, shutdown)
-                .await?
-        else {
-            return Ok(());
-        };
-        metrics::gauge!("touchledger_partition_owned", "partition" => index.to_string()).set(1.0);
-        // A connection per tenure: the ledger drains it when it stops.
-        let client = nats.connect().await?;
-        let js = async_nats::jetstream::new(client.clone());
-        let restored = touchledger_bus::catch_up_from_feed(&js, &store, &cfg).await?;
-        if restored > 0 {
-            metrics::counter!("touchledger_partition_restored_records_total", "partition" => index.to_string())
-                .increment(restored);
-        }
-        let stop = shutdown.child_token();
-        let ledger_cfg = BusConfig {
-            fence: lease.fence(),
-            ..cfg.clone()
-        };
-        // The holder of partition 0's lease publishes the global checkpoints, on the main
-        // connection (the ledger drains its own when it stops).
-        let global = async {
-            if index != 0 {
-                return Ok(());
-            }
-            let r = touchledger_bus::run_global_checkpoints(
-                async_nats::jetstream::new(own.client.clone()),
-                Subjects::new(nats.prefix.clone()),
-                cfg.partition.count,
-                own.global_every,
-                stop.clone(),
-            )
-            .await;
-            if r.is_err() {
-                stop.cancel();
-            }
-            r
-        };
-        let ledger = touchledger_bus::run_ledger(client, store.clone(), ledger_cfg, stop.clone());
-        let keep = lease.keep(&stop);
-        let (r, held, global) = tokio::join!(
-            async {
-                let r = ledger.await;
-                stop.cancel();
-                r
-            },
-            keep,
-            global
-        );
-        let r = r.and(global);
-        metrics::gauge!("touchledger_partition_owned", "partition" => index.to_string()).set(0.0);
-        if held {
-            // Stopped while still the owner (shutdown, or the ledger failed): give the lease up
-            // so that a standby takes over at once.
-            lease.release().await;
-            return r.map_err(Into::into);
-        }
-        if shutdown.is_cancelled() {
-            return match r {
-                Err(e) if !matches!(e, touchledger_bus::BusError::Fenced(_)) => Err(e.into()),
-                _ => Ok(()),
-            };
-        }
-        // Whatever the partition's tasks reported (a refused feed publish, say) followed from
-        // no longer being the owner: not a failure of this process.
-        metrics::counter!("touchledger_partition_leases_lost_total", "partition" => index.to_string())
-            .increment(1);
-        tracing::warn!(
-            partition = index,
-            stopped_with = r.err().map(|e| e.to_string()),
-            "lease lost: the partition stopped here; waiting to own it again"
-        );
-    }
 }
 
 fn metrics_quarantined(q: &touchledger_store::Quarantined) {
