@@ -4,6 +4,7 @@
 mod audit;
 mod bgnbd;
 mod cli;
+mod cluster;
 mod crash;
 mod current;
 mod follow;

@@ -33,7 +33,7 @@ pub async fn serve_append(
             continue;
         };
         let origin = format!("nats:{}", msg.subject);
-        let answer = match handle(&store, &cfg.fence, &msg.payload, origin).await {
+        let answer = match handle(&store, &cfg, &shutdown, &msg.payload, origin).await {
             Ok(a) => a,
             // Only a store that must be reopened stops the ledger. Any other failure is this
             // request's: it gets no reply (nothing was committed), and the caller retries.
@@ -109,7 +109,8 @@ fn to_wire(o: &AppendOutcome) -> v1::AppendOutcome {
 /// Decode, append, and build the reply. A request that does not decode gets one rejected outcome.
 async fn handle(
     store: &Arc<SledStore>,
-    fence: &crate::Fence,
+    cfg: &BusConfig,
+    shutdown: &CancellationToken,
     payload: &[u8],
     origin: String,
 ) -> Result<v1::AppendReply, BusError> {
@@ -168,7 +169,7 @@ async fn handle(
             }
         }
     }
-    fence.check("synchronous append")?;
+    cfg.fence.check("synchronous append")?;
     let s = store.clone();
     let outcomes = tokio::task::spawn_blocking(
         move || -> Result<Vec<AppendOutcome>, touchledger_store::StoreError> {
@@ -178,7 +179,15 @@ async fn handle(
     )
     .await
     .map_err(|e| nats_err("append task", e))??;
-    fence.check("synchronous append reply")?;
+    cfg.fence.check("synchronous append reply")?;
+    // In a partition owned by lease, the reply waits until the records are in the feed stream.
+    let last = crate::feed::last_position(&outcomes);
+    if !cfg.feed.reached(last, &cfg.fence, shutdown).await? {
+        return Err(nats_err(
+            "append reply",
+            "shut down before the feed held the records (durable; a retry answers duplicate)",
+        ));
+    }
     crate::count_outcomes("append", &outcomes);
     for r in slots.iter().filter_map(|s| s.as_ref().err()) {
         metrics::counter!("touchledger_rejections_total", "path" => "append", "code" => r.code.as_str()).increment(1);

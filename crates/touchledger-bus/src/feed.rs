@@ -18,6 +18,78 @@ use touchledger_store::{EventStore, SledStore, StoreError};
 
 use crate::{BusConfig, BusError, headers, js_err, nats_err};
 
+/// How far the committed-event feed is durably stored (the stream acknowledged it), for
+/// acknowledgements that must wait for it: in a partition whose owner can change, a touchpoint
+/// acknowledged before its record is in the feed would exist only in the old owner's store, and
+/// the new owner, which starts from the feed, would not have it. The default tracks nothing and
+/// never waits (a single ledger: the store is the system of record).
+#[derive(Clone, Debug, Default)]
+pub struct FeedProgress(Option<Arc<tokio::sync::watch::Sender<u64>>>);
+
+impl FeedProgress {
+    /// Track the feed: acknowledgements wait until it holds their positions.
+    pub fn tracked() -> Self {
+        FeedProgress(Some(Arc::new(tokio::sync::watch::channel(0).0)))
+    }
+
+    /// Whether acknowledgements wait for the feed.
+    pub fn is_tracked(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub(crate) fn set(&self, position: u64) {
+        if let Some(tx) = &self.0 {
+            tx.send_if_modified(|p| {
+                let moved = position > *p;
+                *p = (*p).max(position);
+                moved
+            });
+        }
+    }
+
+    /// Until the feed holds `position` (at once when not tracked). `Err(Fenced)` if the lease
+    /// runs out meanwhile; `Ok(false)` at `shutdown` (the caller then acknowledges nothing: the
+    /// records are durable in the store and their touchpoints are redelivered).
+    pub async fn reached(
+        &self,
+        position: u64,
+        fence: &crate::Fence,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, BusError> {
+        let Some(tx) = &self.0 else {
+            return Ok(true);
+        };
+        let mut rx = tx.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= position {
+                return Ok(true);
+            }
+            fence.check("acknowledgement after the feed")?;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = rx.changed() => {}
+                // The fence runs out by time alone: look again now and then.
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+        }
+    }
+}
+
+/// The highest position an append's outcomes name (stored now or before; 0 if none).
+pub(crate) fn last_position(outcomes: &[touchledger_store::AppendOutcome]) -> u64 {
+    use touchledger_store::AppendOutcome;
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            AppendOutcome::Appended { position, .. } | AppendOutcome::Duplicate { position } => {
+                Some(*position)
+            }
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Records published per read of the store (bounds memory).
 const CHUNK: u64 = 1000;
 
@@ -34,6 +106,7 @@ pub async fn run_feed(
         .await
         .map_err(|e| js_err("get feed stream")(&e))?;
     let mut published = resync(&mut stream, &store, &cfg).await?;
+    cfg.feed.set(published);
     let mut head = store.subscribe();
     tracing::info!(published, "feed started");
     metrics::gauge!("touchledger_feed_published_position").set(published as f64);
@@ -58,7 +131,10 @@ pub async fn run_feed(
                         _ = tokio::time::sleep(cfg.retry_delay) => {}
                     }
                     match resync(&mut stream, &store, &cfg).await {
-                        Ok(p) => published = p,
+                        Ok(p) => {
+                            published = p;
+                            cfg.feed.set(p);
+                        }
                         Err(e @ BusError::FeedMismatch { .. }) => return Err(e),
                         Err(e) => tracing::warn!(error = %e, "feed resync failed"),
                     }
@@ -172,6 +248,8 @@ async fn publish_range(
 ) -> Result<(), BusError> {
     // Chunk by chunk, so that a large backlog does not hold up shutdown.
     while *published < target && !shutdown.is_cancelled() {
+        // An owner that lost its partition's lease publishes nothing more.
+        cfg.fence.check("feed publish")?;
         let from = *published + 1;
         let to = (*published + CHUNK).min(target);
         let s = store.clone();
@@ -193,7 +271,12 @@ async fn publish_range(
                 .ok_or_else(|| corrupt(r.position, "record without kind or customer"))?;
             let subject = cfg.subjects.event(kind, customer);
             let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", r.position.to_string().as_str());
+            // Position and hash: a re-send of this record is a duplicate, a different record at
+            // this position (another writer) is not, and is refused by the expected sequence.
+            h.insert(
+                "Nats-Msg-Id",
+                format!("{}:{}", r.position, r.hash.to_hex()).as_str(),
+            );
             h.insert(
                 "Nats-Expected-Last-Sequence",
                 (r.position - 1).to_string().as_str(),
@@ -206,14 +289,28 @@ async fn publish_range(
                     .await
                     .map_err(|e| nats_err("feed publish", e))?;
             } else {
-                js.send_publish(
-                    subject,
-                    PublishMessage::build().payload(r.record.into()).headers(h),
-                )
-                .await
-                .map_err(|e| nats_err("feed publish", e))?
-                .await
-                .map_err(|e| nats_err("feed publish ack", e))?;
+                let ack = js
+                    .send_publish(
+                        subject,
+                        PublishMessage::build().payload(r.record.into()).headers(h),
+                    )
+                    .await
+                    .map_err(|e| nats_err("feed publish", e))?
+                    .await
+                    .map_err(|e| nats_err("feed publish ack", e))?;
+                // The stream must hold this record at its position: a duplicate ack for
+                // another sequence means the stream does not continue this store.
+                if ack.sequence != r.position {
+                    return Err(BusError::FeedMismatch {
+                        stream: cfg.subjects.feed_stream(),
+                        detail: format!(
+                            "position {} was acknowledged as stream sequence {}{}",
+                            r.position,
+                            ack.sequence,
+                            if ack.duplicate { " (duplicate)" } else { "" }
+                        ),
+                    });
+                }
             }
         }
         // Checkpoints of this range, after the records they cover are in the stream.
@@ -237,6 +334,7 @@ async fn publish_range(
                 .map_err(|e| nats_err("checkpoint publish", e))?;
         }
         *published = to;
+        cfg.feed.set(to);
         // How far the feed has caught up (compare with the store's head: the feed's lag).
         metrics::gauge!("touchledger_feed_published_position").set(to as f64);
     }
@@ -264,8 +362,16 @@ pub async fn catch_up_from_feed(
     use futures::StreamExt;
     let cfg = cfg.clone().scoped();
     let name = cfg.subjects.feed_stream();
-    let Ok(mut stream) = js.get_stream(&name).await else {
-        return Ok(0);
+    // No feed stream yet: nothing to catch up. Any other failure is not "nothing".
+    let mut stream = match js.get_stream(&name).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(0);
+        }
+        Err(e) => return Err(js_err("feed stream for the catch-up")(&e)),
     };
     let Some(last) = last_message(&mut stream).await? else {
         return Ok(0);

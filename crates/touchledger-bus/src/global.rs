@@ -58,11 +58,12 @@ pub async fn feed_heads(
     Ok(Some(GlobalCheckpoint { heads }))
 }
 
-/// Publish global checkpoints every `every` until `shutdown` (only when a head moved).
+/// Publish global checkpoints of a ledger of `partitions` every `every` until `shutdown` (only
+/// when a head moved), into a stream of `replicas` copies.
 pub async fn run_global_checkpoints(
     js: jetstream::Context,
     subjects: Subjects,
-    partitions: u32,
+    (partitions, replicas): (u32, usize),
     every: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
@@ -72,6 +73,7 @@ pub async fn run_global_checkpoints(
         name: name.clone(),
         subjects: vec![subject.clone()],
         storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
         ..Default::default()
     })
     .await

@@ -118,7 +118,7 @@ pub async fn run_intake(
             continue;
         }
         // The batch in hand is always finished, even if shutdown is requested meanwhile.
-        if !process(&js, &store, &cfg, batch).await? {
+        if !process(&js, &store, &cfg, batch, &shutdown).await? {
             // Store trouble: stop pulling and pause, so that newer messages do not overtake the
             // nak'ed ones. Messages already delivered ahead are nak'ed behind the batch.
             if let Some(s) = messages.take() {
@@ -195,6 +195,7 @@ async fn process(
     store: &Arc<SledStore>,
     cfg: &BusConfig,
     messages: Vec<jetstream::Message>,
+    shutdown: &CancellationToken,
 ) -> Result<bool, BusError> {
     let mut items = Vec::new();
     let mut undecodable = Vec::new();
@@ -294,6 +295,12 @@ async fn process(
     // Checked again after the flush: a process paused during the append (past its lease) must
     // not acknowledge what the new owner may already have been given.
     cfg.fence.check("intake acknowledgement")?;
+    // In a partition owned by lease, a touchpoint is acknowledged only once its record is in
+    // the feed stream, where the partition's next owner starts from.
+    let last = crate::feed::last_position(&outcomes);
+    if !cfg.feed.reached(last, &cfg.fence, shutdown).await? {
+        return Ok(true);
+    }
     for (m, slot) in messages.iter().zip(slots) {
         let verdict = match slot {
             Err(r) => Verdict::DeadLetter(r),
@@ -317,6 +324,8 @@ async fn process(
                 }
             },
         };
+        // Before each acknowledgement: dead-lettering one message can take a while.
+        cfg.fence.check("intake acknowledgement")?;
         match verdict {
             // An ack lost to a connection problem only causes a redelivery, which the ledger
             // answers as a duplicate: log it and go on.

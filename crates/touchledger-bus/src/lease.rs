@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use tokio_util::sync::CancellationToken;
@@ -34,21 +34,25 @@ use crate::{BusError, js_err};
 #[derive(Clone, Debug, Default)]
 pub struct Fence(Option<Arc<FenceState>>);
 
+/// The clock leases are measured on: `CLOCK_BOOTTIME`, which (unlike the monotonic clock
+/// behind `Instant`) keeps counting while the machine is suspended, so a process that wakes
+/// from a suspend finds its lease run out as the server does.
+pub(crate) fn lease_clock() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 #[derive(Debug)]
 struct FenceState {
-    /// Base of `valid_nanos`.
-    base: Instant,
-    /// Valid until `base + valid_nanos`.
+    /// Valid until this instant of [`lease_clock`], in nanoseconds.
     valid_nanos: AtomicU64,
     /// Set once the lease is known lost (another owner wrote the key).
     lost: AtomicBool,
 }
 
 impl Fence {
-    fn leased(valid_until: Instant) -> Self {
-        let base = Instant::now();
+    fn leased(valid_until: Duration) -> Self {
         let f = Fence(Some(Arc::new(FenceState {
-            base,
             valid_nanos: AtomicU64::new(0),
             lost: AtomicBool::new(false),
         })));
@@ -62,7 +66,7 @@ impl Fence {
             None => true,
             Some(s) => {
                 !s.lost.load(Ordering::Acquire)
-                    && (s.base.elapsed().as_nanos() as u64) < s.valid_nanos.load(Ordering::Acquire)
+                    && (lease_clock().as_nanos() as u64) < s.valid_nanos.load(Ordering::Acquire)
             }
         }
     }
@@ -76,10 +80,10 @@ impl Fence {
         }
     }
 
-    fn extend(&self, until: Instant) {
+    fn extend(&self, until: Duration) {
         if let Some(s) = &self.0 {
-            let nanos = until.saturating_duration_since(s.base).as_nanos() as u64;
-            s.valid_nanos.fetch_max(nanos, Ordering::AcqRel);
+            s.valid_nanos
+                .fetch_max(until.as_nanos() as u64, Ordering::AcqRel);
         }
     }
 
@@ -90,13 +94,14 @@ impl Fence {
     }
 }
 
-/// The lease bucket of a ledger (`<PREFIX>_LEASES`), created with `ttl` as its `max_age` if it
-/// does not exist. An existing bucket keeps its own TTL (every process must use the same one);
+/// The lease bucket of a ledger (`<PREFIX>_LEASES`), created with `ttl` as its `max_age` (and
+/// `replicas` copies on a cluster) if it does not exist. An existing bucket keeps its own TTL (every process must use the same one);
 /// it is returned with the bucket, and a differing `ttl` is logged.
 pub async fn lease_bucket(
     js: &jetstream::Context,
     prefix: &str,
     ttl: Duration,
+    replicas: usize,
 ) -> Result<(kv::Store, Duration), BusError> {
     let bucket = format!(
         "{}_LEASES",
@@ -111,6 +116,7 @@ pub async fn lease_bucket(
                 history: 1,
                 max_age: ttl,
                 storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas.max(1),
                 ..Default::default()
             })
             .await
@@ -143,6 +149,8 @@ pub struct Lease {
     revision: u64,
     ttl: Duration,
     fence: Fence,
+    /// When a renewal whose answer never came was sent: it may have landed.
+    unconfirmed: Option<Duration>,
 }
 
 /// What an attempt to take a lease found.
@@ -172,7 +180,7 @@ impl Lease {
     ) -> Result<Acquire, BusError> {
         let key = lease_key(partition);
         let value = bytes::Bytes::from(owner.to_owned());
-        let sent = Instant::now();
+        let sent = lease_clock();
         match kv.create(&key, value.clone()).await {
             Ok(revision) => Ok(Acquire::Acquired(Box::new(Lease {
                 kv: kv.clone(),
@@ -181,6 +189,7 @@ impl Lease {
                 revision,
                 ttl,
                 fence: Fence::leased(sent + ttl * 3 / 4),
+                unconfirmed: None,
             }))),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 let holder = kv
@@ -245,7 +254,7 @@ impl Lease {
     /// process wrote the key (the fence is then lost for good). Other failures (connection
     /// trouble) are returned as they are; the fence runs out by itself if they persist.
     pub async fn renew(&mut self) -> Result<(), BusError> {
-        let sent = Instant::now();
+        let sent = lease_clock();
         match self
             .kv
             .update(&self.key, self.value.clone(), self.revision)
@@ -253,14 +262,30 @@ impl Lease {
         {
             Ok(r) => {
                 self.revision = r;
+                self.unconfirmed = None;
                 self.fence.extend(sent + self.ttl * 3 / 4);
                 Ok(())
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // An earlier renewal whose answer was lost may have landed: then the key holds
+                // this owner's value at a newer revision, written no earlier than that renewal
+                // was sent. Anything else is another owner.
+                if let Some(earlier) = self.unconfirmed.take()
+                    && let Ok(Some(entry)) = self.kv.entry(&self.key).await
+                    && entry.operation == kv::Operation::Put
+                    && entry.value == self.value
+                {
+                    self.revision = entry.revision;
+                    self.fence.extend(earlier + self.ttl * 3 / 4);
+                    return Ok(());
+                }
                 self.fence.lose();
                 Err(BusError::Fenced("lease renewal"))
             }
-            Err(e) => Err(js_err("lease renew")(&e)),
+            Err(e) => {
+                self.unconfirmed.get_or_insert(sent);
+                Err(js_err("lease renew")(&e))
+            }
         }
     }
 
@@ -316,7 +341,7 @@ mod tests {
     #[test]
     fn a_fence_holds_until_its_validity_runs_out_or_it_is_lost() {
         assert!(Fence::default().holds(), "no lease: always holds");
-        let now = Instant::now();
+        let now = lease_clock();
         assert!(!Fence::leased(now).holds(), "valid until now: already out");
         let f = Fence::leased(now + Duration::from_secs(3600));
         assert!(f.holds());

@@ -35,7 +35,7 @@ use touchledger_domain::partition::PartitionId;
 use touchledger_store::SledStore;
 
 pub use append::serve_append;
-pub use feed::{catch_up_from_feed, run_feed};
+pub use feed::{FeedProgress, catch_up_from_feed, run_feed};
 pub use global::{
     feed_heads, global_checkpoint_stream, global_checkpoint_subject, run_global_checkpoints,
 };
@@ -333,6 +333,14 @@ pub struct BusConfig {
     /// The partition's ownership fence (a lease, [`Lease`]): intake and the synchronous append
     /// stop appending and acknowledging once it no longer holds. Default: none (always holds).
     pub fence: Fence,
+    /// Replicas of the ledger's streams (intake, feed, dead letters) on a JetStream cluster:
+    /// 3 on a 3-node cluster (each survives the loss of one node), 1 on a single server.
+    /// Applied when a stream is created or updated. Default 1.
+    pub replicas: usize,
+    /// [`FeedProgress::tracked`]: intake acknowledges a touchpoint, and the synchronous append
+    /// replies, only once its record is in the feed stream (a partition owned by lease, whose
+    /// next owner starts from the feed). Default: not tracked (acknowledged once flushed).
+    pub feed: FeedProgress,
 }
 
 impl BusConfig {
@@ -363,6 +371,8 @@ impl Default for BusConfig {
             max_concurrent_replays: 4,
             partition: PartitionId::SINGLE,
             fence: Fence::default(),
+            replicas: 1,
+            feed: FeedProgress::default(),
         }
     }
 }
@@ -499,18 +509,39 @@ pub fn intake_stream_config(cfg: &BusConfig) -> stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: cfg.duplicate_window,
         max_age: cfg.intake_max_age.max(cfg.duplicate_window * 2),
+        num_replicas: cfg.replicas.max(1),
         ..Default::default()
     }
 }
 
+/// Streams are created or updated one at a time in a process: the partitions of one process
+/// share the intake stream, and concurrent creations of one replicated stream were seen to go
+/// unanswered on a cluster.
+static ENSURE_STREAMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long creating or updating the ledger's streams may take before it is reported as a
+/// failure (a cluster without quorum, say) instead of waited for.
+const ENSURE_STREAMS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Create or update the intake and feed streams (idempotent).
 pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
+    let _one_at_a_time = ENSURE_STREAMS.lock().await;
+    tokio::time::timeout(ENSURE_STREAMS_TIMEOUT, ensure_streams_now(js, cfg))
+        .await
+        .map_err(|_| BusError::JetStream {
+            what: "stream create/update",
+            detail: format!("no answer within {ENSURE_STREAMS_TIMEOUT:?}"),
+        })?
+}
+
+async fn ensure_streams_now(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
     let intake = intake_stream_config(cfg);
     let deadletter = stream::Config {
         name: cfg.subjects.deadletter_stream(),
         subjects: vec![cfg.subjects.deadletters()],
         storage: stream::StorageType::File,
         max_age: cfg.deadletter_max_age,
+        num_replicas: cfg.replicas.max(1),
         ..Default::default()
     };
     let feed = stream::Config {
@@ -519,6 +550,7 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<
         storage: stream::StorageType::File,
         // The feed's own sequence is the position; dedup by position covers re-sends.
         duplicate_window: cfg.duplicate_window,
+        num_replicas: cfg.replicas.max(1),
         ..Default::default()
     };
     let intake_name = intake.name.clone();

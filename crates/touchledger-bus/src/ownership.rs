@@ -221,14 +221,24 @@ where
         let fence = lease.fence();
         metrics::gauge!("touchledger_partition_owned", "partition" => label.clone()).set(1.0);
         let tenure = async {
-            let client = connect().await?;
-            let js = jetstream::new(client.clone());
-            let restored = crate::catch_up_from_feed(&js, &store, &cfg).await?;
-            metrics::counter!("touchledger_partition_restored_records_total", "partition" => label.clone())
-                .increment(restored);
-            fence.check("taking the partition")?;
+            // Until the ledger runs, a handover or shutdown simply abandons the preparation.
+            let prepare = async {
+                let client = connect().await?;
+                let js = jetstream::new(client.clone());
+                let restored = crate::catch_up_from_feed(&js, &store, &cfg).await?;
+                metrics::counter!("touchledger_partition_restored_records_total", "partition" => label.clone())
+                    .increment(restored);
+                fence.check("taking the partition")?;
+                Ok::<_, BusError>(client)
+            };
+            let client = tokio::select! {
+                c = prepare => c?,
+                _ = stop.cancelled() => return Ok(()),
+            };
+            // Acknowledged only once in the feed: the next owner starts from the feed.
             let ledger_cfg = BusConfig {
                 fence: fence.clone(),
+                feed: crate::FeedProgress::tracked(),
                 ..cfg.clone()
             };
             // The holder of partition 0's lease publishes the global checkpoints, on the main
@@ -240,7 +250,7 @@ where
                 let r = crate::run_global_checkpoints(
                     jetstream::new(own.client.clone()),
                     Subjects::new(cfg.subjects.prefix().to_owned()),
-                    cfg.partition.count,
+                    (cfg.partition.count, cfg.replicas),
                     own.global_every,
                     stop.clone(),
                 )
@@ -275,11 +285,25 @@ where
             // Stopped while still the owner (shutdown, a handover, or the ledger failed): give
             // the lease up so that another process takes over at once.
             lease.release().await;
-            if handed_over && r.is_ok() {
-                tracing::info!(partition = index, "partition handed over");
-                continue;
+            match r {
+                Ok(()) if handed_over => {
+                    tracing::info!(partition = index, "partition handed over");
+                    continue;
+                }
+                // NATS trouble (a node or the connection lost while taking the partition, say):
+                // another process may take it; this one tries again after a pause.
+                Err(e @ (BusError::Nats { .. } | BusError::JetStream { .. }))
+                    if !shutdown.is_cancelled() =>
+                {
+                    tracing::warn!(partition = index, error = %e, "partition stopped by NATS trouble; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(own.ttl) => {}
+                    }
+                    continue;
+                }
+                r => return r,
             }
-            return r;
         }
         if shutdown.is_cancelled() {
             return match r {

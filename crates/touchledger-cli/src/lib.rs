@@ -191,6 +191,11 @@ enum Command {
         /// passed without a renewal; another process takes the partition after the full TTL.
         #[arg(long, env = "TOUCHLEDGER_LEASE_TTL_SECS", default_value_t = 10)]
         lease_ttl_secs: u64,
+        /// With `--partitions` > 1: copies of each stream (intake, feed, dead letters, global
+        /// checkpoints) and of the lease bucket on a JetStream cluster: 3 on a 3-node cluster
+        /// (a stream then survives the loss of one node), 1 on a single server.
+        #[arg(long, env = "TOUCHLEDGER_REPLICAS", default_value_t = 1)]
+        replicas: usize,
     },
     /// Append events from a JSON-lines file through the store's append path (offline import).
     Append {
@@ -817,6 +822,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             own,
             global_checkpoint_secs,
             lease_ttl_secs,
+            replicas,
         } => {
             let timing = serve::Timing {
                 fetch_wait: std::time::Duration::from_millis(fetch_wait_ms),
@@ -851,6 +857,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                         global_every: std::time::Duration::from_secs(global_checkpoint_secs.max(1)),
                         lease_ttl: std::time::Duration::from_secs(lease_ttl_secs.max(1)),
                         auto,
+                        replicas: replicas.max(1),
                     },
                 )?;
             } else {

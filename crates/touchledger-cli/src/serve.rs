@@ -138,8 +138,10 @@ impl NatsArgs {
         // so that a wrong URL is reported rather than retried silently forever.
         // Messages show the URL as given, with any credentials in it redacted.
         let shown = redact_url(&self.nats_url);
+        // A list (`nats://a:4222,nats://b:4222`) is a cluster's seed servers: the client
+        // connects to one and fails over to the others (and to those the cluster announces).
         let client = o
-            .connect(urls.as_str())
+            .connect(urls.split(',').collect::<Vec<&str>>())
             .await
             .with_context(|| format!("connecting to {shown}"))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -372,6 +374,8 @@ pub struct PartitionRun {
     pub lease_ttl: Duration,
     /// `--own auto`: hold a share of the partitions, balanced with the other members.
     pub auto: bool,
+    /// Replicas of the ledger's streams and lease bucket (3 on a 3-node cluster).
+    pub replicas: usize,
 }
 
 /// Run the owned partitions of a partitioned ledger until SIGINT/SIGTERM: for each, its intake
@@ -400,7 +404,8 @@ pub fn serve_partitions(
         }
         let mut tasks = tokio::task::JoinSet::new();
         let js = async_nats::jetstream::new(client.clone());
-        let (leases, ttl) = touchledger_bus::lease_bucket(&js, &nats.prefix, run.lease_ttl).await?;
+        let (leases, ttl) =
+            touchledger_bus::lease_bucket(&js, &nats.prefix, run.lease_ttl, run.replicas).await?;
         let count = stores.first().map_or(1, |s| s.partition().count);
         let ownership = touchledger_bus::Ownership {
             client: client.clone(),
@@ -426,6 +431,7 @@ pub fn serve_partitions(
                 fetch_wait: timing.fetch_wait,
                 ack_wait: timing.ack_wait,
                 partition: store.partition(),
+                replicas: run.replicas,
                 ..BusConfig::default()
             };
             let shutdown = shutdown.clone();

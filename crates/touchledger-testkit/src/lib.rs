@@ -24,6 +24,8 @@ pub struct NatsServer {
     binary: PathBuf,
     /// A configuration file (`-c`) and the environment it expands (`$NAME`), if any.
     config: Option<(PathBuf, Vec<(String, String)>)>,
+    /// More command-line arguments (a cluster node's name, cluster port and routes).
+    args: Vec<String>,
 }
 
 /// Why a server could not be started.
@@ -138,6 +140,16 @@ impl NatsServer {
     fn try_start_with(
         config: Option<(PathBuf, Vec<(String, String)>)>,
     ) -> Result<NatsServer, StartError> {
+        let mut s = Self::prepare(config, Vec::new())?;
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// A server ready to spawn: binary found and checked, port and directory chosen.
+    fn prepare(
+        config: Option<(PathBuf, Vec<(String, String)>)>,
+        args: Vec<String>,
+    ) -> Result<NatsServer, StartError> {
         let binary = nats_server_binary().ok_or_else(|| {
             StartError(
                 "nats-server not found (run `bash deploy/ensure-nats-server.sh`, or set TOUCHLEDGER_NATS_SERVER)"
@@ -159,15 +171,14 @@ impl NatsServer {
             .prefix("touchledger-nats-")
             .tempdir()
             .map_err(|e| StartError(format!("temp dir: {e}")))?;
-        let mut s = NatsServer {
+        Ok(NatsServer {
             port: free_port(),
             dir,
             child: None,
             binary,
             config,
-        };
-        s.spawn()?;
-        Ok(s)
+            args,
+        })
     }
 
     fn spawn(&mut self) -> Result<(), StartError> {
@@ -187,6 +198,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&store)
+            .args(&self.args)
             .arg("-l")
             .arg(self.dir.path().join("server.log"))
             .stdin(Stdio::null())
@@ -261,6 +273,79 @@ impl NatsServer {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+}
+
+/// A JetStream cluster of `nats-server` processes on loopback (free client and cluster ports,
+/// one store directory each), whose nodes a test can kill (SIGKILL) and restart one by one.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Start `n` nodes routed to each other (cluster `touchledger-test`, servers `n0`…), and
+    /// wait until every node answers. JetStream elects its meta leader shortly after; clients
+    /// see `JetStream not ready` until then ([`Self::urls`] lists every node for them).
+    pub fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::with_capacity(n);
+        for (i, cport) in cluster_ports.iter().enumerate() {
+            let args = vec![
+                "--server_name".to_owned(),
+                format!("n{i}"),
+                "--cluster_name".to_owned(),
+                "touchledger-test".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{cport}"),
+                "--routes".to_owned(),
+                routes.clone(),
+            ];
+            let mut node = NatsServer::prepare(None, args)
+                .unwrap_or_else(|e| panic!("cannot start cluster node {i}: {e}"));
+            node.spawn()
+                .unwrap_or_else(|e| panic!("cannot start cluster node {i}: {e}"));
+            nodes.push(node);
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL, comma-separated (what a client is given to fail over).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `i`.
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Every node's log (for failure messages).
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("--- n{i}\n{}", n.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
