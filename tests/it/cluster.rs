@@ -5,14 +5,11 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use touchledger_domain::partition::partition_of;
 use touchledger_proto::encode_event;
-use touchledger_store::EventStore;
 use touchledger_testkit::NatsCluster;
 
 use crate::partition::{
-    Pair, held_by, open_partition_store, per_partition, signal, spawn_partition_serve_with,
-    wait_leases,
+    Pair, held_by, per_partition, signal, spawn_partition_serve_with, wait_leases,
 };
 use crate::support::purchase;
 
@@ -128,7 +125,6 @@ async fn jetstream_ready(js: &jetstream::Context) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_loss() {
-    const P: u32 = 4;
     let mut cluster = NatsCluster::start(3);
     let urls = cluster.urls();
     let client = async_nats::ConnectOptions::new()
@@ -136,15 +132,22 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
         .connect(urls.split(',').collect::<Vec<_>>())
         .await
         .expect("connect");
-    let js = jetstream::new(client.clone());
+    let mut js = jetstream::new(client.clone());
+    // A publish whose node went away is re-sent soon rather than after the default 5 s.
+    js.set_timeout(Duration::from_secs(2));
     jetstream_ready(&js).await;
 
+    let started = tokio::time::Instant::now();
+    let phase = |what: &str| eprintln!("cluster test: {what} at {:?}", started.elapsed());
     let pair = Pair::new();
     let extra = [
         "--replicas",
         "3",
+        // Longer than the lease bucket's leader election after a node loss on this 2-core
+        // machine: a lease churned mid-append leaves the old owner's store ending in records
+        // that never reached the feed, which that owner then refuses to serve (docs/partitions.md).
         "--lease-ttl-secs",
-        "2",
+        "6",
         "--ack-wait-secs",
         "2",
     ];
@@ -164,16 +167,20 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
         assert_eq!(info.config.num_replicas, 3, "{name}");
     }
 
+    phase("balanced");
     let mut sent = publish_acked(&js, "before", 400).await;
     drained(&js, &per_partition(&sent), Duration::from_secs(120), &logs).await;
 
     // A NATS node dies while touchpoints arrive, and comes back.
+    phase("first batch stored");
     cluster.node(1).kill();
     sent.extend(publish_acked(&js, "node-down", 400).await);
+    phase("published with a node down");
     cluster.node(1).restart();
     sent.extend(publish_acked(&js, "node-back", 400).await);
     drained(&js, &per_partition(&sent), Duration::from_secs(180), &logs).await;
 
+    phase("node back, everything stored");
     // A ledger process dies: the other takes its partitions after the lease TTL.
     signal(&second, "-KILL");
     let _ = second.wait();
@@ -196,7 +203,7 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
     let takeover = killed.elapsed();
     drained(&js, &per_partition(&sent), Duration::from_secs(180), &logs).await;
     eprintln!(
-        "cluster: partitions owned again {takeover:?} after the SIGKILL (TTL 2 s), all stored {:?} after it",
+        "cluster: partitions owned again {takeover:?} after the SIGKILL (TTL 6 s), all stored {:?} after it",
         killed.elapsed()
     );
 
@@ -206,43 +213,5 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
 
     // Every acknowledged publish stored exactly once, in its partition; the killed process's
     // stores are a prefix of the survivor's.
-    let want = per_partition(&sent);
-    let mut stored = std::collections::HashSet::new();
-    for n in 0..P {
-        let survivor = open_partition_store(&pair.a, n);
-        assert_eq!(
-            survivor.head().position,
-            want[n as usize],
-            "partition {n}\n{}",
-            pair.logs()
-        );
-        let all: Vec<_> = survivor
-            .read(&Default::default())
-            .map(|r| r.expect("a"))
-            .collect();
-        for r in &all {
-            assert_eq!(partition_of(&r.event.customer_id, P), n);
-            assert!(
-                stored.insert(r.event.event_id.clone()),
-                "{} twice",
-                r.event.event_id
-            );
-        }
-        if pair.b.join(format!("p{n}")).exists() {
-            for r in open_partition_store(&pair.b, n).read(&Default::default()) {
-                let r = r.expect("b");
-                let s = &all[r.position as usize - 1];
-                assert_eq!((r.position, r.hash), (s.position, s.hash), "partition {n}");
-            }
-        }
-    }
-    assert_eq!(stored.len(), sent.len());
-    let (code, out, err) = crate::cli::cli(&[
-        "verify",
-        "--data",
-        pair.a.to_str().expect("utf8"),
-        "--partitions",
-        "4",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    crate::partition::assert_survivor_holds_everything(&pair, &sent);
 }
