@@ -4,7 +4,9 @@
 //! publish until every partition's store holds its events and its intake consumer has nothing
 //! pending or unacked. The baseline, measured first in the same run against the same server: a
 //! plain durable pull consumer on an identically configured stream, fetching 500 and acking
-//! each message with no processing (the broker's limit).
+//! each message with no processing (the broker's limit). Each P is also measured with the
+//! acknowledgement a leased partition gives (`serve --partitions`): only once the record is in
+//! the feed stream (`FeedProgress::tracked`).
 //!
 //! Run: `cargo bench -p touchledger-bus --bench partitions` (env BENCH_EVENTS, default 100000).
 
@@ -23,12 +25,14 @@ use common::{event, plain_baseline, publish_all};
 
 const CUSTOMERS: u64 = 20_000;
 
-/// One process owning all `p` partitions: returns the time to store and ack everything.
+/// One process owning all `p` partitions: returns the time to store and ack everything
+/// (acknowledged once flushed, or with `after_feed` once in the feed stream).
 async fn partitioned(
     url: &str,
     p: u32,
     events: &[(String, String, Vec<u8>)],
     want: &[u64],
+    after_feed: bool,
 ) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
@@ -42,6 +46,11 @@ async fn partitioned(
         let cfg = BusConfig {
             subjects: Subjects::new("crm"),
             partition: PartitionId::new(n, p).expect("layout"),
+            feed: if after_feed {
+                touchledger_bus::FeedProgress::tracked()
+            } else {
+                touchledger_bus::FeedProgress::default()
+            },
             ..BusConfig::default()
         };
         tasks.push(tokio::spawn(touchledger_bus::run_ledger(
@@ -136,25 +145,36 @@ fn main() {
         "ingest of {n} events of {CUSTOMERS} customers (publish with async ack -> stored, flushed and acked)"
     );
     for p in [1u32, 2, 4] {
-        // A fresh server per P: each run starts from empty streams.
-        let server = touchledger_testkit::NatsServer::start();
-        let (plain, ours) = rt.block_on(async {
-            let client = async_nats::connect(server.url()).await.expect("connect");
-            let js = jetstream::new(client);
-            let plain = plain_baseline(&js, &events).await;
-            let mut want = vec![0u64; p as usize];
-            for (customer, _, _) in &events {
-                want[partition_of(customer, p) as usize] += 1;
-            }
-            let ours = partitioned(&server.url(), p, &events, &want).await;
-            (plain, ours)
-        });
+        let mut want = vec![0u64; p as usize];
+        for (customer, _, _) in &events {
+            want[partition_of(customer, p) as usize] += 1;
+        }
+        // A fresh server per P and variant: each run starts from empty streams.
+        let run = |after_feed: bool| {
+            let server = touchledger_testkit::NatsServer::start();
+            rt.block_on(async {
+                let client = async_nats::connect(server.url()).await.expect("connect");
+                let js = jetstream::new(client);
+                let plain = plain_baseline(&js, &events).await;
+                let ours = partitioned(&server.url(), p, &events, &want, after_feed).await;
+                (plain, ours)
+            })
+        };
+        let (plain, ours) = run(false);
+        let (plain2, leased) = run(true);
         println!(
             "  P = {p}: touchledger {:>8.0} events/s ({:.2} s)   plain fetch+ack {:>8.0} events/s   ratio {:.2}",
             rate(ours),
             ours.as_secs_f64(),
             rate(plain),
             rate(ours) / rate(plain)
+        );
+        println!(
+            "         acked after the feed {:>8.0} events/s ({:.2} s)   plain fetch+ack {:>8.0} events/s   ratio {:.2}",
+            rate(leased),
+            leased.as_secs_f64(),
+            rate(plain2),
+            rate(leased) / rate(plain2)
         );
     }
 }
