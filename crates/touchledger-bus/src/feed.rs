@@ -32,11 +32,6 @@ impl FeedProgress {
         FeedProgress(Some(Arc::new(tokio::sync::watch::channel(0).0)))
     }
 
-    /// Whether acknowledgements wait for the feed.
-    pub fn is_tracked(&self) -> bool {
-        self.0.is_some()
-    }
-
     pub(crate) fn set(&self, position: u64) {
         if let Some(tx) = &self.0 {
             tx.send_if_modified(|p| {

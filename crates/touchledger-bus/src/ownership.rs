@@ -78,11 +78,6 @@ impl Balance {
         self.partitions.div_ceil(m)
     }
 
-    /// The partitions held now.
-    pub fn held(&self) -> Vec<u32> {
-        self.lock().keys().copied().collect()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, CancellationToken>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
