@@ -13,6 +13,7 @@ use touchledger_domain::facts::AsOf;
 use touchledger_domain::population::Rules;
 use touchledger_domain::{ChurnLevel, Timestamp};
 use touchledger_projector::current::{AtRiskQuery, AtRiskSort, CAUSES, CurrentRow, REASON_CODES};
+use touchledger_projector::partial::{self, Merge, PartialPage, PartialRequest};
 use touchledger_projector::{Current, Projector, ReadModels, catch_up, open_all};
 use touchledger_store::{AppendItem, DueIndex, EventStore, SledStore};
 
@@ -242,6 +243,42 @@ fn check(live: &Live, now: Timestamp) -> Result<(), TestCaseError> {
         "population at {}",
         now
     );
+    // A partition's pages of contributions (of its current rows for "now", evaluated at the
+    // instant otherwise), merged as a partitioned ledger's reader does, give the same figures.
+    for now_read in [true, false] {
+        let mut merge = Merge::new(at, &rules);
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let req = PartialRequest {
+                as_of: at,
+                now: now_read,
+                after,
+                max_bytes: 300,
+            };
+            let bytes = partial::page(&live.reads, Some(&live.current), &req).expect("page");
+            let page = PartialPage::decode(&bytes).map_err(TestCaseError::fail)?;
+            after = page.next.clone();
+            merge.add(page);
+            pages += 1;
+            if after.is_none() {
+                break;
+            }
+        }
+        prop_assert!(
+            pages <= rows.len() + 1,
+            "{} pages for {} customers",
+            pages,
+            rows.len()
+        );
+        prop_assert_eq!(
+            json!(&merge.finish()),
+            json!(&pop),
+            "merged pages (now: {}) at {}",
+            now_read,
+            now
+        );
+    }
     // Every sort, both orders, with and without filters, first and a later page.
     let sorts = [
         AtRiskSort::Score,

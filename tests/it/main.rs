@@ -14,6 +14,7 @@ mod http;
 mod model;
 mod nats;
 mod partition;
+mod partition_reads;
 mod projector;
 mod roles;
 mod server;

@@ -336,13 +336,25 @@ pub(crate) fn spawn_partition_serve_with(
     extra: &[&str],
     log: &std::path::Path,
 ) -> ServeChild {
+    let mut args = vec!["--partitions", "4"];
+    args.extend_from_slice(extra);
+    spawn_serve(data, url, own, &args, log)
+}
+
+/// `touchledger serve` of a partitioned ledger in `data` as a child process owning `own`, with
+/// `args` (which give `--partitions`), its standard error written to `log`.
+pub(crate) fn spawn_serve(
+    data: &std::path::Path,
+    url: &str,
+    own: &str,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> ServeChild {
     let mut args = vec![
         "--data",
         data.to_str().expect("utf8"),
         "--nats-url",
         url,
-        "--partitions",
-        "4",
         "--own",
         own,
         "--batch",
@@ -368,6 +380,45 @@ pub(crate) fn spawn_partition_serve_with(
         .spawn()
         .map(ServeChild)
         .expect("spawn serve")
+}
+
+/// One task per list, each publishing its messages (subject, message id, payload) through
+/// JetStream in order, at most 1,000 acks outstanding; returns once every message is acked.
+pub(crate) async fn publish_concurrently(
+    client: &async_nats::Client,
+    lists: Vec<Vec<(String, String, Vec<u8>)>>,
+) {
+    let mut tasks = Vec::new();
+    for msgs in lists {
+        // A context of its own per publisher: a context bounds the acks in flight (5,000).
+        let js = jetstream::new(client.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for (subject, id, bytes) in msgs {
+                let ack = js
+                    .send_publish(
+                        subject,
+                        jetstream::message::PublishMessage::build()
+                            .payload(bytes.into())
+                            .message_id(id),
+                    )
+                    .await
+                    .expect("publish");
+                acks.push(ack);
+                if acks.len() >= 1000 {
+                    for a in acks.drain(..) {
+                        a.await.expect("publish ack");
+                    }
+                }
+            }
+            for a in acks {
+                a.await.expect("publish ack");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("publisher");
+    }
 }
 
 /// Until every partition's feed stream holds `want[n]` records and the partition's intake
@@ -426,69 +477,43 @@ async fn two_serve_processes_share_a_ledger_of_4_partitions_and_store_everything
 
     // Four publishers: unique valid events of 240 customers, 10 % re-sent under a new message
     // id (only the ledger can tell), 2 % undecodable.
-    let mut tasks = Vec::new();
+    let mut outgoing = Vec::new();
+    let mut unique: Vec<(String, String)> = Vec::new();
+    let mut bad = 0u64;
     for p in 0..PUBLISHERS {
-        // A context of its own per publisher: a context bounds the acks in flight (5,000).
-        let js = jetstream::new(client.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut unique: Vec<(String, String)> = Vec::new();
-            let mut bad = 0u64;
-            let mut acks = Vec::new();
-            for i in 0..PER {
-                let (subject, msg_id, bytes) = if i % 10 == 9 && !unique.is_empty() {
-                    let (id, customer) = unique[(i as usize * 7) % unique.len()].clone();
-                    let e = purchase(&id, &customer, 100);
-                    (
-                        format!("crm.touchpoint.purchase.{customer}"),
-                        format!("{id}-again-{i}"),
-                        encode_event(&e),
-                    )
-                } else if i % 50 == 25 {
-                    bad += 1;
-                    (
-                        format!("crm.touchpoint.purchase.{}", customer_id(i % 240)),
-                        format!("p{p}-bad-{i}"),
-                        b"\xff\x00not protobuf".to_vec(),
-                    )
-                } else {
-                    let id = format!("p{p}-e{i}");
-                    let customer = customer_id((p * 61 + i) % 240);
-                    unique.push((id.clone(), customer.clone()));
-                    (
-                        format!("crm.touchpoint.purchase.{customer}"),
-                        id.clone(),
-                        encode_event(&purchase(&id, &customer, 100)),
-                    )
-                };
-                let ack = js
-                    .send_publish(
-                        subject,
-                        async_nats::jetstream::message::PublishMessage::build()
-                            .payload(bytes.into())
-                            .message_id(msg_id),
-                    )
-                    .await
-                    .expect("publish");
-                acks.push(ack);
-                if acks.len() >= 1000 {
-                    for a in acks.drain(..) {
-                        a.await.expect("publish ack");
-                    }
-                }
-            }
-            for a in acks {
-                a.await.expect("publish ack");
-            }
-            (unique, bad)
-        }));
+        let mut mine: Vec<(String, String)> = Vec::new();
+        let mut msgs = Vec::new();
+        for i in 0..PER {
+            msgs.push(if i % 10 == 9 && !mine.is_empty() {
+                let (id, customer) = mine[(i as usize * 7) % mine.len()].clone();
+                let e = purchase(&id, &customer, 100);
+                (
+                    format!("crm.touchpoint.purchase.{customer}"),
+                    format!("{id}-again-{i}"),
+                    encode_event(&e),
+                )
+            } else if i % 50 == 25 {
+                bad += 1;
+                (
+                    format!("crm.touchpoint.purchase.{}", customer_id(i % 240)),
+                    format!("p{p}-bad-{i}"),
+                    b"\xff\x00not protobuf".to_vec(),
+                )
+            } else {
+                let id = format!("p{p}-e{i}");
+                let customer = customer_id((p * 61 + i) % 240);
+                mine.push((id.clone(), customer.clone()));
+                (
+                    format!("crm.touchpoint.purchase.{customer}"),
+                    id.clone(),
+                    encode_event(&purchase(&id, &customer, 100)),
+                )
+            });
+        }
+        unique.extend(mine);
+        outgoing.push(msgs);
     }
-    let mut unique = Vec::new();
-    let mut bad = 0;
-    for t in tasks {
-        let (u, b) = t.await.expect("publisher");
-        unique.extend(u);
-        bad += b;
-    }
+    publish_concurrently(&client, outgoing).await;
     let mut want = vec![0u64; P as usize];
     for (_, customer) in &unique {
         want[partition_of(customer, P) as usize] += 1;

@@ -59,9 +59,13 @@ async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, subject: &str) {
 
 /// serve as the `ledger` user, its credentials inside the URL (`nats://ledger:l-pw@…`).
 fn spawn_serve(data: &std::path::Path, url: &str) -> Child {
+    spawn_serve_with(data, url, &[])
+}
+
+fn spawn_serve_with(data: &std::path::Path, url: &str, extra: &[&str]) -> Child {
     let http = format!("127.0.0.1:{}", free_port());
     let url = url.replacen("nats://", "nats://ledger:l-pw@", 1);
-    let args = [
+    let mut args = vec![
         "--data",
         data.to_str().expect("utf8"),
         "--nats-url",
@@ -70,8 +74,9 @@ fn spawn_serve(data: &std::path::Path, url: &str) -> Child {
         "20",
         "--http-addr",
         &http,
-    ]
-    .join("\u{1f}");
+    ];
+    args.extend_from_slice(extra);
+    let args = args.join("\u{1f}");
     Command::new(std::env::current_exe().expect("exe"))
         .args([
             "service_crash::serve_child_helper",
@@ -244,6 +249,87 @@ async fn each_role_does_its_job_and_is_refused_the_rest() {
     assert!(err.contains("***@"), "the URL is shown redacted: {err}");
 
     // The ledger itself ran on its grants alone: the server logged no violation for it.
+    stopped_without_violations(&mut serve, &server);
+}
+
+/// A partitioned ledger on the same grants: `serve --partitions 2` as the `ledger` user takes
+/// its partition leases, stores a publisher's touchpoints, and answers a dashboard's queries
+/// through the router (forwarded to the customer's partition, merged across both), with no
+/// violation logged for the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_ledger_runs_and_answers_dashboards_on_the_same_roles() {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/roles.conf");
+    let server = NatsServer::start_with_config(&conf, &PASSWORDS);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serve = spawn_serve_with(
+        &dir.path().join("ledger"),
+        &server.url(),
+        &["--partitions", "2"],
+    );
+    let (publisher, _) = connect_as(&server, "publisher", "p-pw").await;
+    let js = jetstream::new(publisher.clone());
+    let customers = ["c1", "c2", "c3", "c4"];
+    for (i, c) in customers.iter().enumerate() {
+        let e = purchase(&format!("roles-p{i}"), c, 100 + i as i64);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let sent = js
+                .publish(
+                    format!("crm.touchpoint.purchase.{c}"),
+                    encode_event(&e).into(),
+                )
+                .await
+                .expect("publish");
+            match tokio::time::timeout(Duration::from_secs(2), sent).await {
+                Ok(Ok(_)) => break,
+                _ if tokio::time::Instant::now() < deadline => {}
+                other => panic!("the touchpoint was never acknowledged: {other:?}"),
+            }
+        }
+    }
+    let (dashboard, _) = connect_as(&server, "dashboard", "d-pw").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = dashboard
+            .request(
+                "crm.query.population",
+                v1::QueryRequest::default().encode_to_vec().into(),
+            )
+            .await
+            .expect("population as dashboard");
+        let reply = v1::QueryReply::decode(reply.payload.as_ref()).expect("reply");
+        if let Some(v1::query_reply::Result::Population(p)) = &reply.result
+            && p.customers == customers.len() as u64
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "population never counted every customer: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for c in customers {
+        let req = v1::QueryRequest {
+            customer_id: c.into(),
+            ..Default::default()
+        };
+        let reply = dashboard
+            .request("crm.query.loyalty", req.encode_to_vec().into())
+            .await
+            .expect("query as dashboard");
+        let reply = v1::QueryReply::decode(reply.payload.as_ref()).expect("reply");
+        assert!(
+            matches!(&reply.result, Some(v1::query_reply::Result::Loyalty(l)) if l.customer_id == c),
+            "{reply:?}"
+        );
+    }
+    stopped_without_violations(&mut serve, &server);
+}
+
+/// Stop `serve` (SIGTERM): it must exit cleanly, and the server must have logged no
+/// permissions violation for the `ledger` user.
+fn stopped_without_violations(serve: &mut Child, server: &NatsServer) {
     let pid = serve.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let exit = serve.wait().expect("wait");

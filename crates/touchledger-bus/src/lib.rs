@@ -22,6 +22,7 @@ mod lease;
 mod ownership;
 mod remote;
 mod replay;
+mod router;
 mod views;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub use lease::{Acquire, Fence, Lease, lease_bucket, lease_key};
 pub use ownership::{Balance, Ownership, own_partition, owner_name, run_balancer};
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
+pub use router::{ReadError, Router, run_router};
 pub use views::{ViewConfig, open_current, open_month_ends, run_views};
 
 /// Header names used on dead-letter and feed messages.
@@ -65,6 +67,12 @@ pub mod headers {
     pub const HASH: &str = "Touchledger-Hash";
     /// Original payload length when a dead letter's payload was truncated.
     pub const TRUNCATED_FROM: &str = "Touchledger-Truncated-From";
+    /// Why a partition could not answer a read forwarded by the router (its reply has no
+    /// body).
+    pub const READ_ERROR: &str = "Touchledger-Read-Error";
+    /// Which process answered a ledger-wide read of a partitioned ledger (its owner name,
+    /// `host/pid/start`).
+    pub const ANSWERED_BY: &str = "Touchledger-Answered-By";
 }
 
 /// Subject layout under a prefix (default `crm`).
@@ -234,19 +242,32 @@ impl Subjects {
         format!("{}.view.{model}.{customer}", self.prefix)
     }
 
-    /// `<prefix>.query.*`: read-model queries (the last token names the model).
+    /// Where the read models of this log answer: `<prefix>` for an unpartitioned ledger,
+    /// `<prefix>.partition.<n>` for one partition's (the ledger-wide `<prefix>.query.*` of a
+    /// partitioned ledger is answered by the router, which forwards and merges).
+    fn reads(&self) -> String {
+        match self.partition {
+            None => self.prefix.clone(),
+            Some(n) => format!("{}.partition.{n}", self.prefix),
+        }
+    }
+
+    /// `<prefix>.query.*` (`<prefix>.partition.<n>.query.*` in a partition): read-model queries
+    /// (the last token names the model).
     pub fn queries(&self) -> String {
-        format!("{}.query.*", self.prefix)
+        format!("{}.query.*", self.reads())
     }
 
-    /// `<prefix>.query.<model>`: queries of one read model.
+    /// `<prefix>.query.<model>` (`<prefix>.partition.<n>.query.<model>` in a partition):
+    /// queries of one read model.
     pub fn query(&self, model: &str) -> String {
-        format!("{}.query.{model}", self.prefix)
+        format!("{}.query.{model}", self.reads())
     }
 
-    /// `<prefix>.model.fit`: on-demand churn-model refits (request/reply).
+    /// `<prefix>.model.fit` (`<prefix>.partition.<n>.model.fit` in a partition): on-demand
+    /// churn-model refits (request/reply).
     pub fn model_fit(&self) -> String {
-        format!("{}.model.fit", self.prefix)
+        format!("{}.model.fit", self.reads())
     }
 
     /// `<prefix>.alert.churn.<customer>`: churn alerts (a level change).
@@ -432,6 +453,32 @@ pub(crate) fn js_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) 
     move |e| BusError::JetStream {
         what,
         detail: e.to_string(),
+    }
+}
+
+/// The next request on a query subscription, with its reply subject and the model its subject
+/// names (the last token); `None` once `shutdown` is cancelled or the subscription ends.
+/// Messages without a reply subject are skipped.
+pub(crate) async fn next_query(
+    sub: &mut async_nats::Subscriber,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<(async_nats::Message, async_nats::Subject, String)> {
+    use futures::StreamExt;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            m = sub.next() => m?,
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let model = msg
+            .subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        return Some((msg, reply, model));
     }
 }
 

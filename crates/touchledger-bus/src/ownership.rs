@@ -38,6 +38,10 @@ pub struct Ownership {
     pub global_every: Duration,
     /// `Some` with `--own auto`: the share this process may hold.
     pub balance: Option<Arc<Balance>>,
+    /// `Some`: each owned partition also runs its read models (projectors, current views,
+    /// assessor, the partition's queries) under these settings, scoped to the partition and
+    /// fenced by its lease.
+    pub views: Option<crate::ViewConfig>,
 }
 
 /// This process's name in the lease bucket: host, process id and start instant.
@@ -255,13 +259,34 @@ where
                 }
                 r
             };
-            let ledger = async {
-                let r = crate::run_ledger(client, store.clone(), ledger_cfg, stop.clone()).await;
+            // The partition's read models, on its own store and subjects, for as long as the
+            // partition is owned here.
+            let views = async {
+                let Some(v) = &own.views else {
+                    return Ok(());
+                };
+                let view_cfg = crate::ViewConfig {
+                    subjects: cfg.subjects.in_partition(index),
+                    fence: fence.clone(),
+                    fits: false,
+                    refit_every: None,
+                    current: None,
+                    month_ends: None,
+                    ..v.clone()
+                };
+                let r =
+                    crate::run_views(client.clone(), store.clone(), view_cfg, stop.clone()).await;
                 stop.cancel();
                 r
             };
-            let (r, g) = tokio::join!(ledger, global);
-            r.and(g)
+            let ledger = async {
+                let r = crate::run_ledger(client.clone(), store.clone(), ledger_cfg, stop.clone())
+                    .await;
+                stop.cancel();
+                r
+            };
+            let (r, g, v) = tokio::join!(ledger, global, views);
+            r.and(g).and(v)
         };
         let (r, held) = tokio::join!(
             async {

@@ -38,6 +38,7 @@ use touchledger_domain::{
 };
 use touchledger_projector::current::Catchup;
 use touchledger_projector::monthend::{MonthEnds, last_month_end};
+use touchledger_projector::partial::{self, PartialRequest};
 use touchledger_projector::{Change, Current, ReadModels, RunConfig, run_in_process};
 use touchledger_proto::{v1, views};
 use touchledger_store::{AppendItem, AppendOutcome, DueIndex, EventStore, SledStore};
@@ -83,6 +84,13 @@ pub struct ViewConfig {
     /// Month-end population snapshots to take when a month closes (shared with the HTTP API);
     /// `None` = none.
     pub month_ends: Option<Arc<MonthEnds>>,
+    /// The ownership fence of a leased partition: checked before the assessor appends (the
+    /// default always holds).
+    pub fence: crate::Fence,
+    /// Serve on-demand model fits (`<prefix>.model.fit`). Default true; off in a partition of
+    /// a partitioned ledger, whose model would have to be fitted on every partition's
+    /// customers, not one partition's.
+    pub fits: bool,
 }
 
 impl std::fmt::Debug for ViewConfig {
@@ -118,6 +126,8 @@ impl Default for ViewConfig {
             current: None,
             catch_up_lag: 10_000,
             month_ends: None,
+            fence: crate::Fence::default(),
+            fits: true,
         }
     }
 }
@@ -324,6 +334,7 @@ impl Assessor {
             notes.push((event.customer_id.clone(), level, changed, bytes));
             items.push(AppendItem::new(event));
         }
+        self.cfg.fence.check("recording churn assessments")?;
         let outcomes = self.store.append_ledger_events(items)?;
         let quiet = notes.len() > 10;
         let mut alerts = Vec::new();
@@ -449,6 +460,18 @@ fn view_messages(
     Ok(Some((subjects.view(projection, customer), bytes)))
 }
 
+/// The instant and axis a query asks for (`now` without `as_of`).
+pub(crate) fn query_as_of(req: &v1::QueryRequest, now: Timestamp) -> Result<AsOf, String> {
+    let at = match &req.as_of {
+        None => now,
+        Some(t) => touchledger_proto::from_pb_time("as_of", Some(*t)).map_err(|e| e.to_string())?,
+    };
+    Ok(AsOf {
+        at,
+        axis: views::axis_from(req.axis),
+    })
+}
+
 /// Answer one query.
 fn answer(
     reads: &ReadModels,
@@ -464,17 +487,11 @@ fn answer(
             message,
         })),
     };
-    let at = match &req.as_of {
-        None => now,
-        Some(t) => match touchledger_proto::from_pb_time("as_of", Some(*t)) {
-            Ok(t) => t,
-            Err(e) => return err("BAD_REQUEST", e.to_string()),
-        },
+    let as_of = match query_as_of(req, now) {
+        Ok(a) => a,
+        Err(e) => return err("BAD_REQUEST", e),
     };
-    let as_of = AsOf {
-        at,
-        axis: views::axis_from(req.axis),
-    };
+    let at = as_of.at;
     if model == "population" {
         // "Now" on the business axis: the current materialisation's sums (ADR 0006).
         if let Some(c) = current.filter(|c| {
@@ -660,20 +677,7 @@ async fn serve_queries(
         .await
         .map_err(|e| nats_err("query subscribe", e))?;
     let limit = Arc::new(tokio::sync::Semaphore::new(4));
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = sub.next() => match m { Some(m) => m, None => break },
-        };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let model = msg
-            .subject
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+    while let Some((msg, reply, model)) = crate::next_query(&mut sub, &shutdown).await {
         let (reads, current, client, clock, limit) = (
             reads.clone(),
             current.clone(),
@@ -685,6 +689,31 @@ async fn serve_queries(
             let Ok(_permit) = limit.acquire_owned().await else {
                 return;
             };
+            // A partition's part of a population read (the router asks every partition).
+            if model == crate::router::PARTIAL {
+                let max = client.server_info().max_payload / 2;
+                let answer = tokio::task::spawn_blocking(move || {
+                    let mut req = PartialRequest::decode(msg.payload.as_ref())?;
+                    req.max_bytes = req.max_bytes.clamp(1, max.max(1));
+                    partial::page(&reads, Some(current.as_ref()), &req).map_err(|e| e.to_string())
+                })
+                .await;
+                let sent = match answer {
+                    Ok(Ok(page)) => client.publish(reply, page.into()).await,
+                    Ok(Err(e)) => {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert(crate::headers::READ_ERROR, e.as_str());
+                        client
+                            .publish_with_headers(reply, h, bytes::Bytes::new())
+                            .await
+                    }
+                    Err(_) => return,
+                };
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, "partial reply failed");
+                }
+                return;
+            }
             let answer = tokio::task::spawn_blocking(move || {
                 match v1::QueryRequest::decode(msg.payload.as_ref()) {
                     Ok(req) => answer(&reads, Some(current.as_ref()), &model, &req, clock()),
@@ -785,14 +814,18 @@ pub async fn run_views(
     ));
     let (churn_checkpoint, checkpoint_rx) =
         tokio::sync::watch::channel(reads.checkpoints().map_err(projector_err)?[2]);
-    let fits = tokio::spawn(serve_fits(
-        client.clone(),
-        reads.clone(),
-        store.clone(),
-        cfg.clone(),
-        checkpoint_rx,
-        shutdown.clone(),
-    ));
+    let fits = if cfg.fits {
+        tokio::spawn(serve_fits(
+            client.clone(),
+            reads.clone(),
+            store.clone(),
+            cfg.clone(),
+            checkpoint_rx,
+            shutdown.clone(),
+        ))
+    } else {
+        tokio::spawn(async { Ok(()) })
+    };
     let mut sweep = tokio::time::interval(cfg.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let refit_every = cfg
@@ -900,10 +933,11 @@ pub async fn run_views(
                     Box::new(move || assessor.sweep(now))
                 }
                 _ = refit.tick(), if cfg.refit_every.is_some() => {
-                    let (reads, store, now, unit) = (reads.clone(), store.clone(), (cfg.clock)(), cfg.refit_unit);
+                    let (reads, store, now, unit, fence) = (reads.clone(), store.clone(), (cfg.clock)(), cfg.refit_unit, cfg.fence.clone());
                     Box::new(move || {
                         match touchledger_projector::model::fit_event(&reads, now, unit) {
                             Ok((m, e)) => {
+                                fence.check("recording a model fit")?;
                                 store.append_ledger_events(vec![AppendItem::new(e)])?;
                                 tracing::info!(version = %m.model_version, customers = m.customers, "churn model refitted");
                             }

@@ -852,7 +852,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                     &nats,
                     batch,
                     timing,
-                    views.shutdown,
+                    views,
                     serve::PartitionRun {
                         global_every: std::time::Duration::from_secs(global_checkpoint_secs.max(1)),
                         lease_ttl: std::time::Duration::from_secs(lease_ttl_secs.max(1)),

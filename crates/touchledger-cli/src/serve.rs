@@ -379,23 +379,24 @@ pub struct PartitionRun {
 }
 
 /// Run the owned partitions of a partitioned ledger until SIGINT/SIGTERM: for each, its intake
-/// consumer (the server routes touchpoints by customer), synchronous append, replay and
-/// committed-event feed on its own store (docs/partitions.md). The read models, HTTP API and
-/// dashboard are not served for partitioned ledgers yet (they need population reads merged
-/// across partitions); this is said at start-up.
+/// consumer (the server routes touchpoints by customer), synchronous append, replay,
+/// committed-event feed and read models on its own store, and the router that answers the
+/// ledger-wide queries (forwarded to the customer's partition, or merged across all of them;
+/// docs/partitions.md). The HTTP API and dashboard are not served for partitioned ledgers yet;
+/// this is said at start-up.
 pub fn serve_partitions(
     stores: Vec<SledStore>,
     nats: &NatsArgs,
     batch: usize,
     timing: Timing,
-    shutdown_bound: Duration,
+    views: ViewTiming,
     run: PartitionRun,
 ) -> anyhow::Result<()> {
-    run_service(nats, shutdown_bound, |client, shutdown| async move {
+    run_service(nats, views.shutdown, |client, shutdown| async move {
         let owned: Vec<String> = stores.iter().map(|s| s.partition().to_string()).collect();
         tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, partitions = ?owned, "connected");
         tracing::warn!(
-            "partitioned ledger: read models, the HTTP API and the dashboard are not served yet (docs/partitions.md)"
+            "partitioned ledger: the HTTP API and the dashboard are not served yet; read models answer over NATS (docs/partitions.md)"
         );
         for store in &stores {
             for q in store.quarantined() {
@@ -407,13 +408,40 @@ pub fn serve_partitions(
         let (leases, ttl) =
             touchledger_bus::lease_bucket(&js, &nats.prefix, run.lease_ttl, run.replicas).await?;
         let count = stores.first().map_or(1, |s| s.partition().count);
+        let owner = touchledger_bus::owner_name();
+        let view_cfg = touchledger_bus::ViewConfig {
+            sweep_interval: views.sweep,
+            ..touchledger_bus::ViewConfig::default()
+        };
+        if views.refit.is_some() {
+            tracing::info!(
+                "partitioned ledger: scheduled model refits are off (a model must be fitted on every partition's customers; docs/partitions.md)"
+            );
+        }
+        // Any process answers any ledger-wide read, whatever partitions it owns.
+        {
+            let mut router = touchledger_bus::Router::new(
+                client.clone(),
+                Subjects::new(nats.prefix.clone()),
+                count,
+                view_cfg.rules.clone(),
+            );
+            router.name = owner.clone();
+            let (clock, shutdown) = (view_cfg.clock.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                touchledger_bus::run_router(router, "touchledger-router".into(), clock, shutdown)
+                    .await
+                    .context("query router")
+            });
+        }
         let ownership = touchledger_bus::Ownership {
             client: client.clone(),
             leases,
             ttl,
-            owner: touchledger_bus::owner_name(),
+            owner,
             global_every: run.global_every,
             balance: run.auto.then(|| touchledger_bus::Balance::new(count)),
+            views: Some(view_cfg),
         };
         tracing::info!(owner = ownership.owner, ttl = ?ttl, auto = run.auto, "partitions are owned by leases");
         if run.auto {

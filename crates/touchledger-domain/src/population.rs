@@ -751,6 +751,14 @@ impl PopulationBuilder {
         self.rows.push((customer.to_owned(), c));
     }
 
+    /// Add one customer's contribution at this builder's `as_of`, computed elsewhere (by the
+    /// partition that holds the customer: a partitioned ledger's population is the customers of
+    /// every partition, added here in any order).
+    pub fn add_contribution(&mut self, customer: String, c: Contribution) {
+        self.aggregate.add(&c);
+        self.rows.push((customer, c));
+    }
+
     /// The reporting currency: configured, or the one with the largest total.
     fn currency(&self) -> String {
         // 128 bits: a sum over every customer cannot overflow.
@@ -834,9 +842,13 @@ impl PopulationBuilder {
     /// Merge another builder at the same `as_of` (a shard's partial).
     pub fn merge(&mut self, o: PopulationBuilder) {
         for (id, c) in o.rows {
-            self.aggregate.add(&c);
-            self.rows.push((id, c));
+            self.add_contribution(id, c);
         }
+    }
+
+    /// The customers added, with their contributions, in the order added.
+    pub fn into_rows(self) -> Vec<(String, Contribution)> {
+        self.rows
     }
 
     /// The rank-based figures of the customers added.

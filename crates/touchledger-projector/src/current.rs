@@ -1067,7 +1067,15 @@ impl Current {
 
     /// Every materialised row, in customer order.
     pub fn rows(&self) -> impl Iterator<Item = Result<(String, CurrentRow), ProjectorError>> + '_ {
-        self.tree.states().map(|r| {
+        self.rows_after(None)
+    }
+
+    /// The materialised rows after customer `after` (all with `None`), in customer order.
+    pub fn rows_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, CurrentRow), ProjectorError>> + '_ {
+        self.tree.states_after(after).map(|r| {
             let (k, v) = r?;
             let row = decode(&k, &v)?;
             Ok((k, row))

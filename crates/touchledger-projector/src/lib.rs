@@ -26,6 +26,7 @@ pub mod current;
 pub mod model;
 pub mod monthend;
 pub mod order;
+pub mod partial;
 pub mod read;
 mod runtime;
 

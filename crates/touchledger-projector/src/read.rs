@@ -114,8 +114,16 @@ impl ReadModels {
     pub fn customers(
         &self,
     ) -> impl Iterator<Item = Result<(String, CustomerFacts), ProjectorError>> + '_ {
+        self.customers_after(None)
+    }
+
+    /// The customers after id `after` (all with `None`), as [`ReadModels::customers`].
+    pub fn customers_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, CustomerFacts), ProjectorError>> + '_ {
         self.churn
-            .states()
+            .states_after(after)
             .filter(|r| !matches!(r, Ok((k, _)) if k == MODEL_CUSTOMER))
             .map(|r| {
                 let (k, v) = r?;

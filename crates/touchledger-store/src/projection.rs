@@ -172,6 +172,30 @@ impl ProjectionTree {
         })
     }
 
+    /// The states after key `after` (all with `None`), in key order, lazily.
+    pub fn states_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, Vec<u8>), StoreError>> + Send + 'static {
+        let start = match after {
+            None => std::ops::Bound::Included(vec![STATE]),
+            Some(k) => {
+                let mut key = Vec::with_capacity(k.len() + 1);
+                key.push(STATE);
+                key.extend_from_slice(k.as_bytes());
+                std::ops::Bound::Excluded(key)
+            }
+        };
+        self.tree
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Excluded(vec![STATE + 1])))
+            .map(|r| {
+                let (k, v) = r?;
+                let key = String::from_utf8(k[1..].to_vec())
+                    .map_err(|_| StoreError::corrupt("projection state key", "not UTF-8"))?;
+                Ok((key, v.to_vec()))
+            })
+    }
+
     /// Make everything committed so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;

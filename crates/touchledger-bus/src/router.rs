@@ -1,0 +1,290 @@
+//! Reads across partitions (docs/partitions.md, "Reads across partitions").
+//!
+//! In a partitioned ledger each partition's read models answer on the partition's own
+//! subjects (`<prefix>.partition.<n>.query.<model>`), served by whichever process owns the
+//! partition now. The ledger-wide `<prefix>.query.<model>` that clients use is answered by the
+//! **router**, which every partitioned `serve` runs (one queue group, so any process answers
+//! any read, whatever partitions it owns):
+//! * a customer's read model is forwarded to the partition that holds the customer
+//!   ([`partition_of`]) and the owner's reply is returned unchanged;
+//! * the population asks every partition for its customers' contributions at the instant (a
+//!   page at a time, all partitions at once) and adds them up
+//!   ([`touchledger_projector::partial`]): exact figures, ranks over the whole population.
+//!
+//! A partition without an owner answering (during a takeover) makes the read fail with
+//! `UNAVAILABLE`; nothing is guessed from the partitions that did answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use touchledger_domain::Timestamp;
+use touchledger_domain::facts::AsOf;
+use touchledger_domain::partition::partition_of;
+use touchledger_domain::population::{PopulationView, Rules};
+use touchledger_projector::partial::{Merge, PartialPage, PartialRequest};
+use touchledger_proto::{v1, views};
+
+use crate::{BusError, Subjects, nats_err};
+
+/// The model name of a partition's part of a population read.
+pub(crate) const PARTIAL: &str = "partial";
+
+/// Why a read across partitions failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// No process answers for the partition (it has no owner right now, e.g. during a
+    /// takeover). Retry.
+    #[error(
+        "partition {partition} has no owner answering (a takeover, or no serve owns it); retry"
+    )]
+    Unavailable {
+        /// The partition.
+        partition: u32,
+    },
+    /// The partition's owner did not answer in time.
+    #[error("partition {partition} did not answer within {secs} s; retry")]
+    Timeout {
+        /// The partition.
+        partition: u32,
+        /// The wait.
+        secs: u64,
+    },
+    /// The partition answered with an error, or the request could not be made.
+    #[error("partition {partition}: {detail}")]
+    Partition {
+        /// The partition.
+        partition: u32,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+impl ReadError {
+    /// The `QueryError` code of this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReadError::Unavailable { .. } | ReadError::Timeout { .. } => "UNAVAILABLE",
+            ReadError::Partition { .. } => "INTERNAL",
+        }
+    }
+}
+
+/// Reads of a partitioned ledger, from any process.
+#[derive(Clone, Debug)]
+pub struct Router {
+    /// The connection.
+    pub client: async_nats::Client,
+    /// The ledger's subjects (not scoped to a partition).
+    pub subjects: Subjects,
+    /// The partition count.
+    pub partitions: u32,
+    /// The rules the population is evaluated under (every process of a ledger uses the same).
+    pub rules: Rules,
+    /// How long one partition may take to answer one request. Default 30 s.
+    pub timeout: Duration,
+    /// The size of one page of contributions, bytes (the partition caps it at half the
+    /// server's `max_payload`). Default 256 KiB.
+    pub page_bytes: usize,
+    /// This process's name ([`crate::owner_name`]), sent with every answer in the
+    /// `Touchledger-Answered-By` header (which process answered a read).
+    pub name: String,
+}
+
+impl Router {
+    /// A router with the default timeout and page size.
+    pub fn new(
+        client: async_nats::Client,
+        subjects: Subjects,
+        partitions: u32,
+        rules: Rules,
+    ) -> Router {
+        Router {
+            client,
+            subjects,
+            partitions: partitions.max(1),
+            rules,
+            timeout: Duration::from_secs(30),
+            page_bytes: 256 * 1024,
+            name: crate::owner_name(),
+        }
+    }
+
+    async fn request(
+        &self,
+        partition: u32,
+        model: &str,
+        payload: bytes::Bytes,
+    ) -> Result<async_nats::Message, ReadError> {
+        let subject = self.subjects.in_partition(partition).query(model);
+        match tokio::time::timeout(self.timeout, self.client.request(subject, payload)).await {
+            Err(_) => Err(ReadError::Timeout {
+                partition,
+                secs: self.timeout.as_secs(),
+            }),
+            Ok(Err(e)) => match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    Err(ReadError::Unavailable { partition })
+                }
+                async_nats::RequestErrorKind::TimedOut => Err(ReadError::Timeout {
+                    partition,
+                    secs: self.timeout.as_secs(),
+                }),
+                _ => Err(ReadError::Partition {
+                    partition,
+                    detail: e.to_string(),
+                }),
+            },
+            Ok(Ok(m)) => Ok(m),
+        }
+    }
+
+    /// Forward a customer's read-model query (`satisfaction`, `loyalty`, `churn`) to the
+    /// partition that holds the customer; the owner's `QueryReply`, unchanged.
+    pub async fn customer(
+        &self,
+        model: &str,
+        customer: &str,
+        payload: bytes::Bytes,
+    ) -> Result<bytes::Bytes, ReadError> {
+        let partition = partition_of(customer, self.partitions);
+        Ok(self.request(partition, model, payload).await?.payload)
+    }
+
+    /// Every customer of one partition at `as_of`, page by page.
+    async fn partial(
+        &self,
+        partition: u32,
+        as_of: AsOf,
+        now: bool,
+    ) -> Result<Vec<PartialPage>, ReadError> {
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let req = PartialRequest {
+                as_of,
+                now,
+                after,
+                max_bytes: self.page_bytes,
+            };
+            let m = self
+                .request(partition, PARTIAL, req.encode().into())
+                .await?;
+            if let Some(e) = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::headers::READ_ERROR))
+            {
+                return Err(ReadError::Partition {
+                    partition,
+                    detail: e.to_string(),
+                });
+            }
+            let page = PartialPage::decode(&m.payload)
+                .map_err(|detail| ReadError::Partition { partition, detail })?;
+            after = page.next.clone();
+            pages.push(page);
+            if after.is_none() {
+                return Ok(pages);
+            }
+        }
+    }
+
+    /// The population of the whole ledger at `as_of`: every partition's customers, added up.
+    /// `now` says the read is for the service clock (the partitions' current materialisations
+    /// may answer on the business axis).
+    pub async fn population(&self, as_of: AsOf, now: bool) -> Result<PopulationView, ReadError> {
+        let parts = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.partial(p, as_of, now)),
+        )
+        .await?;
+        let rules = self.rules.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut merge = Merge::new(as_of, &rules);
+            for page in parts.into_iter().flatten() {
+                merge.add(page);
+            }
+            merge.finish()
+        })
+        .await
+        .map_err(|e| ReadError::Partition {
+            partition: 0,
+            detail: format!("merge task: {e}"),
+        })
+    }
+
+    /// Answer one ledger-wide query.
+    async fn answer(&self, model: &str, payload: bytes::Bytes, now: Timestamp) -> bytes::Bytes {
+        use v1::query_reply::Result as R;
+        let reply = |r: R| bytes::Bytes::from(v1::QueryReply { result: Some(r) }.encode_to_vec());
+        let err = |code: &str, message: String| {
+            reply(R::Error(v1::QueryError {
+                code: code.into(),
+                message,
+            }))
+        };
+        let req = match v1::QueryRequest::decode(payload.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return err("BAD_REQUEST", format!("undecodable QueryRequest: {e}")),
+        };
+        match model {
+            "population" => {
+                let as_of = match crate::views::query_as_of(&req, now) {
+                    Ok(a) => a,
+                    Err(e) => return err("BAD_REQUEST", e),
+                };
+                match self.population(as_of, req.as_of.is_none()).await {
+                    Ok(p) => reply(R::Population(views::population(&p))),
+                    Err(e) => err(e.code(), e.to_string()),
+                }
+            }
+            "satisfaction" | "loyalty" | "churn" => {
+                if req.customer_id.is_empty() {
+                    return err("BAD_REQUEST", "customer_id is required".into());
+                }
+                match self.customer(model, &req.customer_id, payload).await {
+                    Ok(b) => b,
+                    Err(e) => err(e.code(), e.to_string()),
+                }
+            }
+            _ => err(
+                "UNKNOWN_MODEL",
+                format!("unknown model {model:?}: satisfaction, loyalty, churn or population"),
+            ),
+        }
+    }
+}
+
+/// Answer the ledger-wide `<prefix>.query.<model>` of a partitioned ledger until `shutdown`
+/// (queue group `queue_group`), at most 8 reads at a time; `clock` is the service clock of
+/// "now" reads.
+pub async fn run_router(
+    router: Router,
+    queue_group: String,
+    clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut sub = router
+        .client
+        .queue_subscribe(router.subjects.queries(), queue_group)
+        .await
+        .map_err(|e| nats_err("router subscribe", e))?;
+    let router = Arc::new(router);
+    let limit = Arc::new(tokio::sync::Semaphore::new(8));
+    while let Some((msg, reply, model)) = crate::next_query(&mut sub, &shutdown).await {
+        let (router, limit, now) = (router.clone(), limit.clone(), clock());
+        tokio::spawn(async move {
+            let Ok(_permit) = limit.acquire_owned().await else {
+                return;
+            };
+            let answer = router.answer(&model, msg.payload, now).await;
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(crate::headers::ANSWERED_BY, router.name.as_str());
+            if let Err(e) = router.client.publish_with_headers(reply, h, answer).await {
+                tracing::warn!(error = %e, "routed query reply failed");
+            }
+        });
+    }
+    Ok(())
+}

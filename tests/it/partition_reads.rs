@@ -1,0 +1,467 @@
+//! Reads of a partitioned ledger (issue #11, "Reads across partitions"): three `serve`
+//! processes own the 8 partitions of one ledger; four publishers send 40,000 messages (10 %
+//! duplicates, 2 % undecodable). Every unique valid event is stored once, in its partition,
+//! and the chains verify; the population read through **each** process equals, byte for byte,
+//! the population of a single-partition ledger of the same events; a customer's read models
+//! asked of a process that does not own the customer's partition equal the owner's answer.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use prost::Message;
+use touchledger_domain::facts::AsOf;
+use touchledger_domain::partition::{PartitionId, partition_of};
+use touchledger_domain::population::Rules;
+use touchledger_domain::{Event, EventKind, Timestamp};
+use touchledger_proto::{encode_event, v1, views};
+use touchledger_store::{AppendItem, EventStore, SledStore, StoreConfig};
+use touchledger_testkit::NatsServer;
+
+use crate::partition::{ServeChild, spawn_serve};
+
+const P: u32 = 8;
+const PUBLISHERS: usize = 4;
+const PER_PUBLISHER: usize = 10_000;
+/// The population is compared at this business instant: after every generated touchpoint
+/// (they span 2024–2025) and before the service clock, so the assessments the partitions'
+/// assessors record (at the service clock) are not part of it.
+const AS_OF: &str = "2026-01-15T00:00:00Z";
+
+/// Each publisher's messages: its customers' valid events in order, every 10th message a
+/// re-send of one of its earlier events under a new message id (only the ledger can tell), every
+/// 50th undecodable. Returns (subject, message id, bytes) per publisher and the undecodable count.
+type Outgoing = Vec<(String, String, Vec<u8>)>;
+
+fn messages(events: &[Event]) -> (Vec<Outgoing>, u64) {
+    // A customer's events all go through one publisher, in order (a retraction follows its
+    // target), as a producer owning that customer would send them.
+    let mut per: Vec<Vec<&Event>> = vec![Vec::new(); PUBLISHERS];
+    for e in events {
+        per[partition_of(&e.customer_id, PUBLISHERS as u32) as usize].push(e);
+    }
+    let mut bad = 0;
+    let out = per
+        .into_iter()
+        .enumerate()
+        .map(|(p, evs)| {
+            let mut out = Vec::new();
+            let mut next = evs.into_iter();
+            let mut sent: Vec<&Event> = Vec::new();
+            let mut i = 0usize;
+            loop {
+                let subject =
+                    |e: &Event| format!("crm.touchpoint.{}.{}", e.kind().as_str(), e.customer_id);
+                if i % 10 == 9 && !sent.is_empty() {
+                    let e = sent[(i * 7) % sent.len()];
+                    out.push((
+                        subject(e),
+                        format!("{}-again-{i}", e.event_id),
+                        encode_event(e),
+                    ));
+                } else if i % 50 == 25 {
+                    bad += 1;
+                    out.push((
+                        "crm.touchpoint.purchase.someone".to_owned(),
+                        format!("p{p}-bad-{i}"),
+                        b"\xff\x00not protobuf".to_vec(),
+                    ));
+                } else {
+                    let Some(e) = next.next() else { break };
+                    out.push((subject(e), e.event_id.clone(), encode_event(e)));
+                    sent.push(e);
+                }
+                i += 1;
+            }
+            out
+        })
+        .collect();
+    (out, bad)
+}
+
+/// The population and customer replies of a single-partition ledger of `events`, folded in
+/// this process.
+struct Reference {
+    _dir: tempfile::TempDir,
+    reads: touchledger_projector::ReadModels,
+}
+
+fn reference(events: &[Event]) -> Reference {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = StoreConfig::new(dir.path());
+    cfg.cache_capacity = 32 * 1024 * 1024;
+    let store = SledStore::open(cfg).expect("open");
+    for chunk in events.chunks(1000) {
+        store
+            .append(chunk.iter().cloned().map(AppendItem::new).collect())
+            .expect("append");
+    }
+    let mut projectors: Vec<_> = touchledger_projector::open_all(&store)
+        .expect("projectors")
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    touchledger_projector::catch_up(&store, &mut projectors, 10_000).expect("fold");
+    let reads = touchledger_projector::ReadModels::open(&store, Rules::default()).expect("reads");
+    Reference { _dir: dir, reads }
+}
+
+fn population_reply(p: &touchledger_domain::population::PopulationView) -> Vec<u8> {
+    v1::QueryReply {
+        result: Some(v1::query_reply::Result::Population(views::population(p))),
+    }
+    .encode_to_vec()
+}
+
+fn query(customer: &str, as_of: Option<Timestamp>) -> Vec<u8> {
+    v1::QueryRequest {
+        customer_id: customer.to_owned(),
+        as_of: as_of.map(touchledger_proto::to_pb_time),
+        axis: v1::Axis::Business as i32,
+    }
+    .encode_to_vec()
+}
+
+/// The pid in a `Touchledger-Answered-By` header (`host/pid/start`).
+fn answered_by(m: &async_nats::Message) -> u32 {
+    let h = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(touchledger_bus::headers::ANSWERED_BY))
+        .unwrap_or_else(|| panic!("no {} header", touchledger_bus::headers::ANSWERED_BY));
+    h.as_str()
+        .split('/')
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("answered by {h}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_one_ledger() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("ledger");
+
+    // 35,200 distinct valid events of 1,500 customers, the generator's realistic mix
+    // (purchases, complaints, callbacks, surveys, retractions) over two years.
+    let file = dir.path().join("events.jsonl");
+    let (code, _, err) = crate::cli::cli(&[
+        "generate",
+        "--out",
+        file.to_str().expect("utf8"),
+        "--events",
+        "35200",
+        "--customers",
+        "1500",
+        "--seed",
+        "11",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<Event> = std::fs::read_to_string(&file)
+        .expect("read")
+        .lines()
+        .map(|l| touchledger_domain::json::parse_event(l.as_bytes()).expect("generated event"))
+        .collect();
+    let (outgoing, bad) = messages(&events);
+    // About 4 x 10,000 messages (a publisher's share follows its customers).
+    let total = outgoing.iter().map(Vec::len).sum::<usize>();
+    assert!(
+        total.abs_diff(PUBLISHERS * PER_PUBLISHER) <= 20,
+        "{total} messages"
+    );
+    assert!(bad >= 790, "{bad} undecodable");
+
+    let owns = ["0-2", "3-5", "6,7"];
+    let mut children: Vec<ServeChild> = owns
+        .iter()
+        .map(|own| {
+            spawn_serve(
+                &data,
+                &server.url(),
+                own,
+                &["--partitions", "8"],
+                &data.with_extension(format!("{own}.log")),
+            )
+        })
+        .collect();
+    let logs = || -> String {
+        owns.iter()
+            .map(|own| {
+                std::fs::read_to_string(data.with_extension(format!("{own}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let owner_of = |partition: u32| -> u32 {
+        let i = match partition {
+            0..=2 => 0,
+            3..=5 => 1,
+            _ => 2,
+        };
+        children[i].id()
+    };
+
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while js.get_stream("CRM_TOUCHPOINTS").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no intake stream\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    crate::partition::publish_concurrently(&client, outgoing).await;
+
+    // The same events in a single-partition ledger.
+    let reference = tokio::task::spawn_blocking({
+        let events = events.clone();
+        move || reference(&events)
+    })
+    .await
+    .expect("reference");
+    let at: Timestamp = AS_OF.parse().expect("time");
+    let want_population = population_reply(
+        &reference
+            .reads
+            .population(AsOf::business(at))
+            .expect("population"),
+    );
+
+    // The population through the ledger-wide subject: once every partition has folded what it
+    // was sent, it equals the single ledger's. Asked until each of the three processes has
+    // answered (the router is one queue group: any process answers any read).
+    let pop_request = query("", Some(at));
+    let mut answered: BTreeMap<u32, usize> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut last = Vec::new();
+    while answered.len() < 3 {
+        let m = client
+            .request("crm.query.population", pop_request.clone().into())
+            .await
+            .expect("population request");
+        if m.payload.as_ref() == want_population.as_slice() {
+            *answered.entry(answered_by(&m)).or_default() += 1;
+        } else {
+            last = m.payload.to_vec();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the routed population never equalled the single ledger's:\n{:?}\nwant\n{:?}\n{}",
+                v1::QueryReply::decode(last.as_slice()),
+                v1::QueryReply::decode(want_population.as_slice()),
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let pids: BTreeSet<u32> = children.iter().map(|c| c.id()).collect();
+    assert_eq!(
+        answered.keys().copied().collect::<BTreeSet<_>>(),
+        pids,
+        "{answered:?} {last:?}"
+    );
+
+    // A customer's read models through a process that does not own the customer's partition
+    // equal the owner's own answer (asked on the partition's subject), for a customer of every
+    // partition, at an instant and now.
+    let customers: BTreeSet<&str> = events.iter().map(|e| e.customer_id.as_str()).collect();
+    for n in 0..P {
+        let customer = customers
+            .iter()
+            .find(|c| partition_of(c, P) == n)
+            .expect("a customer of the partition");
+        for model in ["satisfaction", "loyalty", "churn"] {
+            for as_of in [Some(at), None] {
+                let mut tries = 0;
+                let routed = loop {
+                    let m = client
+                        .request(format!("crm.query.{model}"), query(customer, as_of).into())
+                        .await
+                        .expect("routed query");
+                    if answered_by(&m) != owner_of(n) {
+                        break m;
+                    }
+                    tries += 1;
+                    assert!(tries < 100, "only the owner answered {model} of {customer}");
+                };
+                let direct = client
+                    .request(
+                        format!("crm.partition.{n}.query.{model}"),
+                        query(customer, as_of).into(),
+                    )
+                    .await
+                    .expect("owner query");
+                let reply = v1::QueryReply::decode(routed.payload.as_ref()).expect("reply");
+                assert!(
+                    !matches!(reply.result, Some(v1::query_reply::Result::Error(_)) | None),
+                    "{model} of {customer}: {reply:?}"
+                );
+                if as_of.is_some() {
+                    assert_eq!(routed.payload, direct.payload, "{model} of {customer}");
+                    // ...and the single ledger's.
+                    let views = reference
+                        .reads
+                        .customer(customer, AsOf::business(at))
+                        .expect("reference")
+                        .expect("known");
+                    let want = match model {
+                        "satisfaction" => v1::query_reply::Result::Satisfaction(
+                            views::satisfaction(customer, &views.satisfaction),
+                        ),
+                        "loyalty" => v1::query_reply::Result::Loyalty(views::loyalty(
+                            customer,
+                            &views.loyalty,
+                        )),
+                        _ => v1::query_reply::Result::Churn(views::churn(customer, &views.churn)),
+                    };
+                    assert_eq!(reply.result, Some(want), "{model} of {customer}");
+                } else {
+                    // "Now" moves with the clock between the two requests: the same customer
+                    // and model, answered.
+                    let d = v1::QueryReply::decode(direct.payload.as_ref()).expect("reply");
+                    assert_eq!(
+                        std::mem::discriminant(&d.result),
+                        std::mem::discriminant(&reply.result)
+                    );
+                }
+            }
+        }
+    }
+    // A customer nobody knows: the owner's NOT_FOUND, forwarded.
+    let m = client
+        .request("crm.query.churn", query("nobody-at-all", Some(at)).into())
+        .await
+        .expect("query");
+    match v1::QueryReply::decode(m.payload.as_ref())
+        .expect("reply")
+        .result
+    {
+        Some(v1::query_reply::Result::Error(e)) => assert_eq!(e.code, "NOT_FOUND", "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A "now" population merges the partitions' current materialisations: once they have
+    // caught up with the projections (they follow them), the same figures as the single ledger
+    // evaluated at the instant the reply names.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = client
+            .request("crm.query.population", query("", None).into())
+            .await
+            .expect("now population");
+        let now_reply = v1::QueryReply::decode(m.payload.as_ref()).expect("reply");
+        let Some(v1::query_reply::Result::Population(now_pop)) = &now_reply.result else {
+            panic!("{now_reply:?}");
+        };
+        let now_at = touchledger_proto::from_pb_time("as_of", now_pop.as_of).expect("as_of");
+        let want_now = population_reply(
+            &reference
+                .reads
+                .population(AsOf::business(now_at))
+                .expect("population"),
+        );
+        if m.payload.as_ref() == want_now.as_slice() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let diff = now_differences(&client, &reference, now_at).await;
+            panic!("now population differs; customers:\n{}", diff.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for child in &mut children {
+        crate::partition::signal(child, "-TERM");
+        let exit = child.wait().expect("wait");
+        assert!(exit.success(), "serve: {exit}\n{}", logs());
+    }
+
+    // Every unique valid event exactly once, in its customer's partition (besides them, only
+    // the assessors' ChurnRiskAssessed records); every undecodable message rejected.
+    let mut stored = HashSet::new();
+    let mut rejected = 0;
+    for n in 0..P {
+        let mut cfg = StoreConfig::new(data.join(format!("p{n}")));
+        cfg.partition = PartitionId::new(n, P).expect("layout");
+        let store = SledStore::open(cfg).expect("open partition");
+        for r in store.read(&Default::default()) {
+            let r = r.expect("record");
+            assert_eq!(partition_of(&r.event.customer_id, P), n);
+            if r.event.kind() == EventKind::ChurnRiskAssessed {
+                continue;
+            }
+            assert!(
+                stored.insert(r.event.event_id.clone()),
+                "{} twice",
+                r.event.event_id
+            );
+        }
+        rejected += store.rejections().count() as u64;
+    }
+    let want: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(stored.len(), want.len());
+    assert_eq!(stored, want);
+    assert_eq!(rejected, bad);
+    let d = data.to_str().expect("utf8");
+    let (code, out, err) = crate::cli::cli(&["verify", "--data", d, "--partitions", "8"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches(": OK: ").count(), 8, "{out}");
+}
+
+/// The customers whose current contribution (as the partitions answer a "now" read) differs
+/// from an evaluation of the single ledger's facts at `at`.
+async fn now_differences(
+    client: &async_nats::Client,
+    reference: &Reference,
+    at: Timestamp,
+) -> Vec<String> {
+    let at = AsOf::business(at);
+    let rules = Rules::default();
+    let mut diff = Vec::new();
+    for n in 0..P {
+        let mut after = None;
+        loop {
+            let req = touchledger_projector::partial::PartialRequest {
+                as_of: at,
+                now: true,
+                after,
+                max_bytes: 1 << 18,
+            };
+            let r = client
+                .request(
+                    format!("crm.partition.{n}.query.partial"),
+                    req.encode().into(),
+                )
+                .await
+                .expect("partial");
+            let page =
+                touchledger_projector::partial::PartialPage::decode(&r.payload).expect("page");
+            after = page.next.clone();
+            for (id, c) in page.rows {
+                let f = reference
+                    .reads
+                    .facts_in("churn", &id)
+                    .expect("facts")
+                    .unwrap_or_default();
+                let v = rules.customer(&f, &f, &f, None, at);
+                let want = touchledger_domain::population::Contribution::of(
+                    &f,
+                    &v,
+                    &rules.satisfaction,
+                    &rules.population,
+                    rules.churn.lost_after_days,
+                    at,
+                );
+                if want != c {
+                    diff.push(format!("{id}: current {c:?}\n  want {want:?}"));
+                }
+            }
+            if after.is_none() {
+                break;
+            }
+        }
+    }
+    diff
+}
