@@ -42,10 +42,12 @@ pub use global::{
 };
 pub use intake::run_intake;
 pub use lease::{Acquire, Fence, Lease, lease_bucket, lease_key};
-pub use ownership::{Balance, Ownership, own_partition, owner_name, run_balancer};
+pub use ownership::{
+    Balance, Ownership, own_partition, owner_name, run_balancer, run_scheduled_refits,
+};
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
-pub use router::{ReadError, Router, run_router};
+pub use router::{FitFailed, ReadError, Router, run_router};
 pub use views::{ViewConfig, open_current, open_month_ends, run_views};
 
 /// Header names used on dead-letter and feed messages.
@@ -268,6 +270,12 @@ impl Subjects {
     /// churn-model refits (request/reply).
     pub fn model_fit(&self) -> String {
         format!("{}.model.fit", self.reads())
+    }
+
+    /// `<prefix>.partition.<n>.model.record` (`<prefix>.model.record` unpartitioned, unused):
+    /// a partitioned ledger's fitted model, recorded in each partition's log.
+    pub fn model_record(&self) -> String {
+        format!("{}.model.record", self.reads())
     }
 
     /// `<prefix>.alert.churn.<customer>`: churn alerts (a level change).

@@ -342,3 +342,49 @@ where
         );
     }
 }
+
+/// Scheduled model refits of a partitioned ledger: every `every`, the process that holds
+/// partition 0's lease fits the churn model on every partition's buyers (through `router`) and
+/// records it in every partition's log. One process refits, whichever it is; a refit that fails
+/// (a partition without an owner, say) is logged and made again at the next tick.
+pub async fn run_scheduled_refits(
+    router: crate::Router,
+    own: Ownership,
+    every: Duration,
+    unit: touchledger_domain::TimeUnit,
+    clock: Arc<dyn Fn() -> touchledger_domain::Timestamp + Send + Sync>,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let holder = own
+            .leases
+            .get(crate::lease_key(0))
+            .await
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        if holder.as_deref() != Some(own.owner.as_str()) {
+            continue;
+        }
+        let now = clock();
+        match router.fit(now, unit).await {
+            Ok((m, event)) => match router.record(&event).await {
+                Ok(_) => tracing::info!(
+                    version = %m.model_version,
+                    customers = m.customers,
+                    "churn model refitted on every partition's buyers"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduled refit not recorded everywhere; retried at the next tick")
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "scheduled refit skipped"),
+        }
+    }
+}

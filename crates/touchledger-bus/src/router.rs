@@ -19,10 +19,12 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use touchledger_domain::Timestamp;
+use touchledger_domain::bgnbd::Rfm;
 use touchledger_domain::facts::AsOf;
 use touchledger_domain::partition::partition_of;
 use touchledger_domain::population::{PopulationView, Rules};
+use touchledger_domain::{Event, ModelFitted, TimeUnit, Timestamp};
+use touchledger_projector::model::FitStatsRequest;
 use touchledger_projector::partial::{Merge, PartialPage, PartialRequest};
 use touchledger_proto::{v1, views};
 
@@ -30,6 +32,9 @@ use crate::{BusError, Subjects, nats_err};
 
 /// The model name of a partition's part of a population read.
 pub(crate) const PARTIAL: &str = "partial";
+
+/// The model name of a partition's part of a model fit (its buyers' statistics).
+pub(crate) const FIT_STATS: &str = "fitstats";
 
 /// Why a read across partitions failed.
 #[derive(Debug, thiserror::Error)]
@@ -152,25 +157,19 @@ impl Router {
         Ok(self.request(partition, model, payload).await?.payload)
     }
 
-    /// Every customer of one partition at `as_of`, page by page.
-    async fn partial(
+    /// Every page of one partition's answer to a paged request (`make` builds the request
+    /// continuing after a customer; `decode` reads a page and the customer to continue after).
+    async fn pages<T>(
         &self,
         partition: u32,
-        as_of: AsOf,
-        now: bool,
-    ) -> Result<Vec<PartialPage>, ReadError> {
+        model: &str,
+        make: impl Fn(Option<String>) -> Vec<u8>,
+        decode: impl Fn(&[u8]) -> Result<(T, Option<String>), String>,
+    ) -> Result<Vec<T>, ReadError> {
         let mut pages = Vec::new();
         let mut after = None;
         loop {
-            let req = PartialRequest {
-                as_of,
-                now,
-                after,
-                max_bytes: self.page_bytes,
-            };
-            let m = self
-                .request(partition, PARTIAL, req.encode().into())
-                .await?;
+            let m = self.request(partition, model, make(after).into()).await?;
             if let Some(e) = m
                 .headers
                 .as_ref()
@@ -181,14 +180,39 @@ impl Router {
                     detail: e.to_string(),
                 });
             }
-            let page = PartialPage::decode(&m.payload)
-                .map_err(|detail| ReadError::Partition { partition, detail })?;
-            after = page.next.clone();
+            let (page, next) =
+                decode(&m.payload).map_err(|detail| ReadError::Partition { partition, detail })?;
             pages.push(page);
+            after = next;
             if after.is_none() {
                 return Ok(pages);
             }
         }
+    }
+
+    /// Every customer of one partition at `as_of`, page by page.
+    async fn partial(
+        &self,
+        partition: u32,
+        as_of: AsOf,
+        now: bool,
+    ) -> Result<Vec<PartialPage>, ReadError> {
+        let make = |after| {
+            PartialRequest {
+                as_of,
+                now,
+                after,
+                max_bytes: self.page_bytes,
+            }
+            .encode()
+        };
+        self.pages(partition, PARTIAL, make, |b| {
+            PartialPage::decode(b).map(|p| {
+                let next = p.next.clone();
+                (p, next)
+            })
+        })
+        .await
     }
 
     /// The population of the whole ledger at `as_of`: every partition's customers, added up.
@@ -212,6 +236,155 @@ impl Router {
             partition: 0,
             detail: format!("merge task: {e}"),
         })
+    }
+
+    /// One partition's buyers' BG/NBD statistics at `as_of`, page by page.
+    async fn fit_stats(
+        &self,
+        partition: u32,
+        as_of: Timestamp,
+        unit: TimeUnit,
+    ) -> Result<Vec<(String, Rfm)>, ReadError> {
+        let make = |after| {
+            FitStatsRequest {
+                as_of,
+                unit,
+                after,
+                max_bytes: self.page_bytes,
+            }
+            .encode()
+        };
+        let pages = self
+            .pages(
+                partition,
+                FIT_STATS,
+                make,
+                touchledger_projector::model::decode_fit_stats,
+            )
+            .await?;
+        Ok(pages.into_iter().flatten().collect())
+    }
+
+    /// Fit the churn model (BG/NBD) at `as_of` on every partition's buyers, in customer order:
+    /// the fit, and the `ModelFitted` event, that a single log of the same events gives.
+    pub async fn fit(
+        &self,
+        as_of: Timestamp,
+        unit: TimeUnit,
+    ) -> Result<(ModelFitted, Event), FitFailed> {
+        let parts = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.fit_stats(p, as_of, unit)),
+        )
+        .await
+        .map_err(FitFailed::Read)?;
+        tokio::task::spawn_blocking(move || {
+            let mut all: Vec<(String, Rfm)> = parts.into_iter().flatten().collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let stats: Vec<Rfm> = all.into_iter().map(|(_, x)| x).collect();
+            touchledger_projector::model::fitted_event(&stats, as_of, unit)
+        })
+        .await
+        .map_err(|e| FitFailed::Fit(format!("fit task: {e}")))?
+        .map_err(|e| FitFailed::Fit(e.to_string()))
+    }
+
+    /// Record a fitted model in every partition's log (each partition's churn rules read the
+    /// model from its own log). Idempotent: a partition that has it answers a duplicate, so a
+    /// failed recording is retried whole. Returns each partition's position of it and whether
+    /// every partition already had it.
+    pub async fn record(&self, event: &Event) -> Result<(Vec<u64>, bool), ReadError> {
+        let bytes = bytes::Bytes::from(touchledger_proto::encode_event(event));
+        let replies = futures::future::join_all((0..self.partitions).map(|p| {
+            let bytes = bytes.clone();
+            async move {
+                let subject = self.subjects.in_partition(p).model_record();
+                let r =
+                    match tokio::time::timeout(self.timeout, self.client.request(subject, bytes))
+                        .await
+                    {
+                        Err(_) => Err(ReadError::Timeout {
+                            partition: p,
+                            secs: self.timeout.as_secs(),
+                        }),
+                        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                            Err(ReadError::Unavailable { partition: p })
+                        }
+                        Ok(Err(e)) => Err(ReadError::Partition {
+                            partition: p,
+                            detail: e.to_string(),
+                        }),
+                        Ok(Ok(m)) => v1::FitReply::decode(m.payload.as_ref()).map_err(|e| {
+                            ReadError::Partition {
+                                partition: p,
+                                detail: format!("undecodable reply: {e}"),
+                            }
+                        }),
+                    }?;
+                match r.error {
+                    Some(e) if e.code == "UNAVAILABLE" => {
+                        Err(ReadError::Unavailable { partition: p })
+                    }
+                    Some(e) => Err(ReadError::Partition {
+                        partition: p,
+                        detail: format!("{}: {}", e.code, e.message),
+                    }),
+                    None => Ok((r.position, r.duplicate)),
+                }
+            }
+        }))
+        .await;
+        let mut positions = Vec::new();
+        let mut duplicate = true;
+        for r in replies {
+            let (position, dup) = r?;
+            positions.push(position);
+            duplicate &= dup;
+        }
+        Ok((positions, duplicate))
+    }
+
+    /// Answer a ledger-wide `FitRequest`: fit on every partition's buyers and record the model
+    /// in every partition (unless a dry run). The reply's position is partition 0's.
+    async fn answer_fit(&self, payload: &[u8], now: Timestamp) -> v1::FitReply {
+        let err = |code: &str, message: String| v1::FitReply {
+            error: Some(v1::QueryError {
+                code: code.into(),
+                message,
+            }),
+            ..Default::default()
+        };
+        let req = match v1::FitRequest::decode(payload) {
+            Ok(r) => r,
+            Err(e) => return err("BAD_REQUEST", format!("undecodable FitRequest: {e}")),
+        };
+        let (as_of, unit) = match crate::views::fit_params(&req, now) {
+            Ok(x) => x,
+            Err(e) => return err("BAD_REQUEST", e),
+        };
+        let (_, event) = match self.fit(as_of, unit).await {
+            Ok(x) => x,
+            Err(FitFailed::Read(e)) => return err(e.code(), e.to_string()),
+            Err(FitFailed::Fit(e)) => return err("FIT_FAILED", e),
+        };
+        let envelope = Some(v1::Envelope::from(&event));
+        if req.dry_run {
+            return v1::FitReply {
+                event: envelope,
+                ..Default::default()
+            };
+        }
+        match self.record(&event).await {
+            Ok((positions, duplicate)) => v1::FitReply {
+                event: envelope,
+                position: positions.first().copied().unwrap_or_default(),
+                duplicate,
+                ..Default::default()
+            },
+            Err(e) => err(
+                e.code(),
+                format!("{e} (the partitions that recorded the model keep it; retry the fit)"),
+            ),
+        }
     }
 
     /// Answer one ledger-wide query.
@@ -256,9 +429,20 @@ impl Router {
     }
 }
 
-/// Answer the ledger-wide `<prefix>.query.<model>` of a partitioned ledger until `shutdown`
-/// (queue group `queue_group`), at most 8 reads at a time; `clock` is the service clock of
-/// "now" reads.
+/// Why a fit across partitions failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FitFailed {
+    /// A partition's statistics could not be read.
+    #[error(transparent)]
+    Read(ReadError),
+    /// The model refused the data (no buyers) or the optimiser failed.
+    #[error("{0}")]
+    Fit(String),
+}
+
+/// Answer the ledger-wide `<prefix>.query.<model>` and `<prefix>.model.fit` of a partitioned
+/// ledger until `shutdown` (queue group `queue_group`), at most 8 reads at a time and one fit
+/// at a time; `clock` is the service clock of "now" reads and fits.
 pub async fn run_router(
     router: Router,
     queue_group: String,
@@ -267,10 +451,30 @@ pub async fn run_router(
 ) -> Result<(), BusError> {
     let mut sub = router
         .client
-        .queue_subscribe(router.subjects.queries(), queue_group)
+        .queue_subscribe(router.subjects.queries(), queue_group.clone())
         .await
         .map_err(|e| nats_err("router subscribe", e))?;
+    let mut fits = router
+        .client
+        .queue_subscribe(router.subjects.model_fit(), queue_group)
+        .await
+        .map_err(|e| nats_err("router fit subscribe", e))?;
     let router = Arc::new(router);
+    let fitting = {
+        let (router, clock, shutdown) = (router.clone(), clock.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while let Some((msg, reply, _)) = crate::next_query(&mut fits, &shutdown).await {
+                let answer = router.answer_fit(&msg.payload, clock()).await;
+                if let Err(e) = router
+                    .client
+                    .publish(reply, answer.encode_to_vec().into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "fit reply failed");
+                }
+            }
+        })
+    };
     let limit = Arc::new(tokio::sync::Semaphore::new(8));
     while let Some((msg, reply, model)) = crate::next_query(&mut sub, &shutdown).await {
         let (router, limit, now) = (router.clone(), limit.clone(), clock());
@@ -286,5 +490,6 @@ pub async fn run_router(
             }
         });
     }
+    let _ = fitting.await;
     Ok(())
 }

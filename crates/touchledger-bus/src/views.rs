@@ -37,6 +37,7 @@ use touchledger_domain::{
     TimeUnit, Timestamp,
 };
 use touchledger_projector::current::Catchup;
+use touchledger_projector::model::FitStatsRequest;
 use touchledger_projector::monthend::{MonthEnds, last_month_end};
 use touchledger_projector::partial::{self, PartialRequest};
 use touchledger_projector::{Change, Current, ReadModels, RunConfig, run_in_process};
@@ -533,6 +534,23 @@ fn answer(
     }
 }
 
+/// The calibration end (`now` without `as_of`) and time unit (default weeks) a fit asks for.
+pub(crate) fn fit_params(
+    req: &v1::FitRequest,
+    now: Timestamp,
+) -> Result<(Timestamp, TimeUnit), String> {
+    let as_of = match &req.as_of {
+        None => now,
+        Some(t) => touchledger_proto::from_pb_time("as_of", Some(*t)).map_err(|e| e.to_string())?,
+    };
+    let unit = match v1::TimeUnit::try_from(req.unit) {
+        Ok(v1::TimeUnit::Days) => TimeUnit::Days,
+        Ok(_) => TimeUnit::Weeks,
+        Err(_) => return Err(format!("unknown time unit {}", req.unit)),
+    };
+    Ok((as_of, unit))
+}
+
 /// Fit the churn model now (as of `req.as_of`, default `now`) and record it unless a dry run.
 fn fit_now(
     reads: &ReadModels,
@@ -547,17 +565,9 @@ fn fit_now(
         }),
         ..Default::default()
     };
-    let as_of = match &req.as_of {
-        None => now,
-        Some(t) => match touchledger_proto::from_pb_time("as_of", Some(*t)) {
-            Ok(t) => t,
-            Err(e) => return err("BAD_REQUEST", e.to_string()),
-        },
-    };
-    let unit = match v1::TimeUnit::try_from(req.unit) {
-        Ok(v1::TimeUnit::Days) => TimeUnit::Days,
-        Ok(_) => TimeUnit::Weeks,
-        Err(_) => return err("BAD_REQUEST", format!("unknown time unit {}", req.unit)),
+    let (as_of, unit) = match fit_params(req, now) {
+        Ok(x) => x,
+        Err(e) => return err("BAD_REQUEST", e),
     };
     let (m, event) = match touchledger_projector::model::fit_event(reads, as_of, unit) {
         Ok(x) => x,
@@ -665,6 +675,70 @@ async fn serve_fits(
     Ok(())
 }
 
+/// A partition's side of a partitioned ledger's model fit: record the `ModelFitted` event the
+/// router fitted on every partition's buyers (`<prefix>.partition.<n>.model.record`; the reply
+/// is a `FitReply` with the position here), fenced by the partition's lease.
+async fn serve_model_records(
+    client: async_nats::Client,
+    store: Arc<SledStore>,
+    cfg: ViewConfig,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let mut sub = client
+        .subscribe(cfg.subjects.model_record())
+        .await
+        .map_err(|e| nats_err("model record subscribe", e))?;
+    while let Some((msg, reply, _)) = crate::next_query(&mut sub, &shutdown).await {
+        let (store, fence) = (store.clone(), cfg.fence.clone());
+        let answer =
+            tokio::task::spawn_blocking(move || record_model(&store, &fence, &msg.payload))
+                .await
+                .map_err(|e| nats_err("model record task", e))?;
+        if let Err(e) = client.publish(reply, answer.encode_to_vec().into()).await {
+            tracing::warn!(error = %e, "model record reply failed");
+        }
+    }
+    Ok(())
+}
+
+fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::FitReply {
+    let err = |code: &str, message: String| v1::FitReply {
+        error: Some(v1::QueryError {
+            code: code.into(),
+            message,
+        }),
+        ..Default::default()
+    };
+    let event = match touchledger_proto::decode_event(bytes) {
+        Ok(e) => e,
+        Err(r) => return err("BAD_REQUEST", format!("undecodable event: {r:?}")),
+    };
+    if event.customer_id != MODEL_CUSTOMER || !matches!(event.payload, Payload::ModelFitted(_)) {
+        return err(
+            "BAD_REQUEST",
+            format!("only ModelFitted events of {MODEL_CUSTOMER:?} are recorded here"),
+        );
+    }
+    if let Err(e) = fence.check("recording a model fit") {
+        return err("UNAVAILABLE", e.to_string());
+    }
+    match store.append_ledger_events(vec![AppendItem::new(event)]) {
+        Ok(mut o) => match o.pop() {
+            Some(AppendOutcome::Appended { position, .. }) => v1::FitReply {
+                position,
+                ..Default::default()
+            },
+            Some(AppendOutcome::Duplicate { position, .. }) => v1::FitReply {
+                position,
+                duplicate: true,
+                ..Default::default()
+            },
+            other => err("INTERNAL", format!("ModelFitted not recorded: {other:?}")),
+        },
+        Err(e) => err("INTERNAL", e.to_string()),
+    }
+}
+
 async fn serve_queries(
     client: async_nats::Client,
     reads: Arc<ReadModels>,
@@ -689,10 +763,17 @@ async fn serve_queries(
             let Ok(_permit) = limit.acquire_owned().await else {
                 return;
             };
-            // A partition's part of a population read (the router asks every partition).
-            if model == crate::router::PARTIAL {
+            // A partition's part of a population read or of a fit (the router asks every
+            // partition).
+            if model == crate::router::PARTIAL || model == crate::router::FIT_STATS {
                 let max = client.server_info().max_payload / 2;
                 let answer = tokio::task::spawn_blocking(move || {
+                    if model == crate::router::FIT_STATS {
+                        let mut req = FitStatsRequest::decode(msg.payload.as_ref())?;
+                        req.max_bytes = req.max_bytes.clamp(1, max.max(1));
+                        return touchledger_projector::model::fit_stats_page(&reads, &req)
+                            .map_err(|e| e.to_string());
+                    }
                     let mut req = PartialRequest::decode(msg.payload.as_ref())?;
                     req.max_bytes = req.max_bytes.clamp(1, max.max(1));
                     partial::page(&reads, Some(current.as_ref()), &req).map_err(|e| e.to_string())
@@ -821,6 +902,14 @@ pub async fn run_views(
             store.clone(),
             cfg.clone(),
             checkpoint_rx,
+            shutdown.clone(),
+        ))
+    } else if cfg.subjects.partition().is_some() {
+        // A partition of a partitioned ledger records the fits the router makes.
+        tokio::spawn(serve_model_records(
+            client.clone(),
+            store.clone(),
+            cfg.clone(),
             shutdown.clone(),
         ))
     } else {

@@ -413,21 +413,17 @@ pub fn serve_partitions(
             sweep_interval: views.sweep,
             ..touchledger_bus::ViewConfig::default()
         };
-        if views.refit.is_some() {
-            tracing::info!(
-                "partitioned ledger: scheduled model refits are off (a model must be fitted on every partition's customers; docs/partitions.md)"
-            );
-        }
-        // Any process answers any ledger-wide read, whatever partitions it owns.
+        // Any process answers any ledger-wide read or fit, whatever partitions it owns.
+        let mut router = touchledger_bus::Router::new(
+            client.clone(),
+            Subjects::new(nats.prefix.clone()),
+            count,
+            view_cfg.rules.clone(),
+        );
+        router.name = owner.clone();
         {
-            let mut router = touchledger_bus::Router::new(
-                client.clone(),
-                Subjects::new(nats.prefix.clone()),
-                count,
-                view_cfg.rules.clone(),
-            );
-            router.name = owner.clone();
-            let (clock, shutdown) = (view_cfg.clock.clone(), shutdown.clone());
+            let (router, clock, shutdown) =
+                (router.clone(), view_cfg.clock.clone(), shutdown.clone());
             tasks.spawn(async move {
                 touchledger_bus::run_router(router, "touchledger-router".into(), clock, shutdown)
                     .await
@@ -444,6 +440,27 @@ pub fn serve_partitions(
             views: Some(view_cfg),
         };
         tracing::info!(owner = ownership.owner, ttl = ?ttl, auto = run.auto, "partitions are owned by leases");
+        // The holder of partition 0 refits the model on every partition's buyers.
+        if let Some(every) = views.refit {
+            let (own, clock, shutdown) = (
+                ownership.clone(),
+                ownership.views.as_ref().map(|v| v.clock.clone()),
+                shutdown.clone(),
+            );
+            let clock = clock.unwrap_or_else(|| Arc::new(touchledger_domain::Timestamp::now));
+            tasks.spawn(async move {
+                touchledger_bus::run_scheduled_refits(
+                    router,
+                    own,
+                    every,
+                    touchledger_domain::TimeUnit::Weeks,
+                    clock,
+                    shutdown,
+                )
+                .await
+                .context("scheduled refits")
+            });
+        }
         if run.auto {
             let (own, shutdown) = (ownership.clone(), shutdown.clone());
             tasks.spawn(async move {

@@ -13,6 +13,8 @@ use touchledger_domain::{
     Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelFitted, Payload, SCHEMA_VERSION, TimeUnit, Timestamp,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::{ProjectorError, ReadModels};
 
 /// Why a fit could not be made.
@@ -41,17 +43,75 @@ pub fn population_rfm(
     as_of: Timestamp,
     unit: TimeUnit,
 ) -> Result<Vec<Rfm>, ProjectorError> {
+    rfm_after(models, as_of, unit, None)
+        .map(|r| r.map(|(_, x)| x))
+        .collect()
+}
+
+/// The BG/NBD statistics of the buyers after customer `after` at `as_of`, in customer order.
+fn rfm_after<'a>(
+    models: &'a ReadModels,
+    as_of: Timestamp,
+    unit: TimeUnit,
+    after: Option<&str>,
+) -> impl Iterator<Item = Result<(String, Rfm), ProjectorError>> + 'a {
     let at = AsOf::business(as_of);
     let today = day_of(as_of);
-    let mut out = Vec::new();
-    for r in models.customers() {
-        let (_, f) = r?;
-        let days = f.purchase_days(at);
-        if let Some(rfm) = rfm_of(&days, today, unit_days(unit)) {
-            out.push(rfm);
-        }
+    models.customers_after(after).filter_map(move |r| match r {
+        Err(e) => Some(Err(e)),
+        Ok((id, f)) => rfm_of(&f.purchase_days(at), today, unit_days(unit)).map(|x| Ok((id, x))),
+    })
+}
+
+/// A reader's request for one partition's part of a fit: its buyers' statistics at `as_of`
+/// in `unit`, a page at a time (a partitioned ledger's model is fitted on every partition's
+/// buyers, in customer order, so that it is the fit a single log of the same events gives).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FitStatsRequest {
+    /// Calibration end.
+    pub as_of: Timestamp,
+    /// Time unit of the statistics.
+    pub unit: TimeUnit,
+    /// Continue after this customer (`None`: from the first).
+    pub after: Option<String>,
+    /// The page's size limit in bytes.
+    pub max_bytes: usize,
+}
+
+impl FitStatsRequest {
+    /// The request's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::partial::encode_request(self)
     }
-    Ok(out)
+
+    /// A request from its bytes.
+    pub fn decode(bytes: &[u8]) -> Result<FitStatsRequest, String> {
+        crate::partial::decode_request(bytes, "fit statistics")
+    }
+}
+
+/// Answer `req` from this partition's projections: the encoded page of `(customer, (x, t_x,
+/// T))`.
+pub fn fit_stats_page(
+    models: &ReadModels,
+    req: &FitStatsRequest,
+) -> Result<Vec<u8>, ProjectorError> {
+    crate::partial::encode_page(
+        rfm_after(models, req.as_of, req.unit, req.after.as_deref())
+            .map(|r| r.map(|(id, x)| (id, (x.x, x.t_x, x.t)))),
+        req.max_bytes,
+    )
+}
+
+/// A page of fit statistics and the customer to continue after.
+pub fn decode_fit_stats(bytes: &[u8]) -> Result<crate::partial::Page<Rfm>, String> {
+    let (rows, next) = crate::partial::decode_page::<(f64, f64, f64)>(bytes, "fit statistics")?;
+    Ok((
+        rows.into_iter()
+            .map(|(id, (x, t_x, t))| (id, Rfm { x, t_x, t }))
+            .collect(),
+        next,
+    ))
 }
 
 /// Fit BG/NBD on the population at `as_of` and build the `ModelFitted` event to append.
@@ -61,7 +121,17 @@ pub fn fit_event(
     unit: TimeUnit,
 ) -> Result<(ModelFitted, Event), FitError> {
     let stats = population_rfm(models, as_of, unit)?;
-    let fit = bgnbd::fit(&stats)?;
+    fitted_event(&stats, as_of, unit)
+}
+
+/// Fit BG/NBD on `stats` (every buyer at `as_of`, in customer order) and build the
+/// `ModelFitted` event to append.
+pub fn fitted_event(
+    stats: &[Rfm],
+    as_of: Timestamp,
+    unit: TimeUnit,
+) -> Result<(ModelFitted, Event), FitError> {
+    let fit = bgnbd::fit(stats)?;
     let p = fit.params;
     let digest = blake3::hash(
         format!(

@@ -20,6 +20,7 @@
 //! * The encoding is internal between `touchledger` processes of the same version (bincode 2,
 //!   one leading version byte); a process of another version is refused with a clear error.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use touchledger_domain::facts::{AsOf, Axis};
 use touchledger_domain::population::{Contribution, PopulationBuilder, PopulationView, Rules};
@@ -28,6 +29,10 @@ use crate::{Current, ProjectorError, ReadModels};
 
 /// Bump when [`PartialRequest`] or the page encoding changes.
 const VERSION: u8 = 1;
+
+/// A decoded page: its rows (customer, value) and the customer to continue after (`None` on
+/// the last page).
+pub type Page<T> = (Vec<(String, T)>, Option<String>);
 
 /// Tags inside an encoded page.
 const ROW: u8 = 1;
@@ -64,62 +69,101 @@ fn put<T: Serialize>(out: &mut Vec<u8>, v: &T) {
     let _ = bincode::serde::encode_into_std_write(v, out, config());
 }
 
+/// A request's bytes: the version byte, then the request (bincode 2).
+pub(crate) fn encode_request<T: Serialize>(req: &T) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    put(&mut out, req);
+    out
+}
+
+/// A request from its bytes (`what` names it in errors).
+pub(crate) fn decode_request<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&VERSION, rest)) => bincode::serde::decode_from_slice(rest, config())
+            .map(|(r, _)| r)
+            .map_err(|e| format!("undecodable {what} request: {e}")),
+        Some((v, _)) => Err(format!(
+            "{what} request of encoding version {v}; this process reads version {VERSION} (mixed touchledger versions)"
+        )),
+        None => Err(format!("empty {what} request")),
+    }
+}
+
+/// Encode rows (customer, value) in customer order until the page holds `max_bytes` (at
+/// least one row); the end mark names the customer to continue after when rows were left.
+pub(crate) fn encode_page<T: Serialize>(
+    rows: impl Iterator<Item = Result<(String, T), ProjectorError>>,
+    max_bytes: usize,
+) -> Result<Vec<u8>, ProjectorError> {
+    let mut out = vec![VERSION];
+    let mut next = None;
+    for r in rows {
+        let (id, row) = r?;
+        out.push(ROW);
+        put(&mut out, &(&id, &row));
+        if out.len() >= max_bytes {
+            next = Some(id);
+            break;
+        }
+    }
+    out.push(END);
+    put(&mut out, &next);
+    Ok(out)
+}
+
+/// The rows of a page and the customer to continue after (`what` names it in errors).
+pub(crate) fn decode_page<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<Page<T>, String> {
+    let mut rest = match bytes.split_first() {
+        Some((&VERSION, rest)) => rest,
+        Some((v, _)) => {
+            return Err(format!(
+                "{what} page of encoding version {v}; this process reads version {VERSION} (mixed touchledger versions)"
+            ));
+        }
+        None => return Err(format!("empty {what} page")),
+    };
+    let mut rows = Vec::new();
+    loop {
+        let (tag, tail) = rest
+            .split_first()
+            .ok_or_else(|| format!("{what} page ends without its end mark"))?;
+        let undecodable = |e: bincode::error::DecodeError| format!("undecodable {what} page: {e}");
+        match *tag {
+            ROW => {
+                let (row, n): ((String, T), usize) =
+                    bincode::serde::decode_from_slice(tail, config()).map_err(undecodable)?;
+                rows.push(row);
+                rest = &tail[n..];
+            }
+            END => {
+                let (next, _): (Option<String>, usize) =
+                    bincode::serde::decode_from_slice(tail, config()).map_err(undecodable)?;
+                return Ok((rows, next));
+            }
+            t => return Err(format!("{what} page: unknown tag {t}")),
+        }
+    }
+}
+
 impl PartialRequest {
     /// The request's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![VERSION];
-        put(&mut out, self);
-        out
+        encode_request(self)
     }
 
     /// A request from its bytes.
     pub fn decode(bytes: &[u8]) -> Result<PartialRequest, String> {
-        match bytes.split_first() {
-            Some((&VERSION, rest)) => bincode::serde::decode_from_slice(rest, config())
-                .map(|(r, _)| r)
-                .map_err(|e| format!("undecodable partial request: {e}")),
-            Some((v, _)) => Err(format!(
-                "partial request of encoding version {v}; this process reads version {VERSION} (mixed touchledger versions)"
-            )),
-            None => Err("empty partial request".into()),
-        }
+        decode_request(bytes, "partial")
     }
 }
 
 impl PartialPage {
     /// A page from its bytes.
     pub fn decode(bytes: &[u8]) -> Result<PartialPage, String> {
-        let mut rest = match bytes.split_first() {
-            Some((&VERSION, rest)) => rest,
-            Some((v, _)) => {
-                return Err(format!(
-                    "partial page of encoding version {v}; this process reads version {VERSION} (mixed touchledger versions)"
-                ));
-            }
-            None => return Err("empty partial page".into()),
-        };
-        let mut rows = Vec::new();
-        loop {
-            let (tag, tail) = rest
-                .split_first()
-                .ok_or_else(|| "partial page ends without its end mark".to_owned())?;
-            let undecodable =
-                |e: bincode::error::DecodeError| format!("undecodable partial page: {e}");
-            match *tag {
-                ROW => {
-                    let (row, n): ((String, Contribution), usize) =
-                        bincode::serde::decode_from_slice(tail, config()).map_err(undecodable)?;
-                    rows.push(row);
-                    rest = &tail[n..];
-                }
-                END => {
-                    let (next, _): (Option<String>, usize) =
-                        bincode::serde::decode_from_slice(tail, config()).map_err(undecodable)?;
-                    return Ok(PartialPage { rows, next });
-                }
-                t => return Err(format!("partial page: unknown tag {t}")),
-            }
-        }
+        decode_page(bytes, "partial").map(|(rows, next)| PartialPage { rows, next })
     }
 }
 
@@ -129,53 +173,36 @@ pub fn page(
     current: Option<&Current>,
     req: &PartialRequest,
 ) -> Result<Vec<u8>, ProjectorError> {
-    let mut out = vec![VERSION];
-    let mut last: Option<String> = None;
-    let mut full = false;
-    let mut add = |out: &mut Vec<u8>, id: String, c: &Contribution| -> bool {
-        out.push(ROW);
-        put(out, &(&id, c));
-        last = Some(id);
-        out.len() >= req.max_bytes
-    };
     let after = req.after.as_deref();
     match current.filter(|c| req.now && req.as_of.axis == Axis::Business && c.is_ready()) {
-        Some(current) => {
-            for r in current.rows_after(after) {
-                let (id, row) = r?;
-                if add(&mut out, id, &row.population) {
-                    full = true;
-                    break;
-                }
-            }
-        }
+        Some(current) => encode_page(
+            current
+                .rows_after(after)
+                .map(|r| r.map(|(id, row)| (id, row.population))),
+            req.max_bytes,
+        ),
         None => {
             let rules = &reads.rules;
             let model = reads.model(req.as_of)?;
-            for r in reads.customers_after(after) {
-                let (id, f) = r?;
-                if !f.has_touchpoints(req.as_of) {
-                    continue;
-                }
-                let views = rules.customer(&f, &f, &f, model.as_ref(), req.as_of);
-                let c = Contribution::of(
-                    &f,
-                    &views,
-                    &rules.satisfaction,
-                    &rules.population,
-                    rules.churn.lost_after_days,
-                    req.as_of,
-                );
-                if add(&mut out, id, &c) {
-                    full = true;
-                    break;
-                }
-            }
+            let rows = reads
+                .customers_after(after)
+                .filter(|r| !matches!(r, Ok((_, f)) if !f.has_touchpoints(req.as_of)))
+                .map(|r| {
+                    let (id, f) = r?;
+                    let views = rules.customer(&f, &f, &f, model.as_ref(), req.as_of);
+                    let c = Contribution::of(
+                        &f,
+                        &views,
+                        &rules.satisfaction,
+                        &rules.population,
+                        rules.churn.lost_after_days,
+                        req.as_of,
+                    );
+                    Ok((id, c))
+                });
+            encode_page(rows, req.max_bytes)
         }
     }
-    out.push(END);
-    put(&mut out, &if full { last } else { None });
-    Ok(out)
 }
 
 /// The population of every partition's customers, added up page by page.
