@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use prost::Message;
 use touchledger_domain::facts::AsOf;
 use touchledger_domain::partition::{PartitionId, partition_of};
@@ -244,6 +245,15 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
 
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
+    // Views and churn alerts, as a dashboard follows them: each names its partition.
+    let mut live = client
+        .subscribe("crm.view.churn.>")
+        .await
+        .expect("subscribe");
+    let mut alerts = client
+        .subscribe("crm.alert.churn.>")
+        .await
+        .expect("subscribe");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while js.get_stream("CRM_TOUCHPOINTS").await.is_err() {
         assert!(
@@ -501,6 +511,53 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         );
     }
 
+    for (what, sub) in [("view", &mut live), ("alert", &mut alerts)] {
+        for _ in 0..50 {
+            let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {what}"))
+                .expect("message");
+            let customer = m.subject.as_str().rsplit('.').next().expect("customer");
+            let partition = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(touchledger_bus::headers::PARTITION))
+                .map(|p| p.as_str().to_owned());
+            assert_eq!(
+                partition,
+                Some(partition_of(customer, P).to_string()),
+                "{what} {}",
+                m.subject
+            );
+        }
+    }
+
+    // An auditor exports every partition over NATS into one file, each from its owner; the
+    // file verifies on its own, partition by partition.
+    let remote_file = dir.path().join("remote.jsonl");
+    let (code, out, err) = {
+        let (url, file) = (server.url(), remote_file.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::cli::cli(&[
+                "export",
+                "--remote",
+                "--nats-url",
+                &url,
+                "--partitions",
+                "8",
+                "--out",
+                file.to_str().expect("utf8"),
+            ])
+        })
+        .await
+        .expect("cli")
+    };
+    assert_eq!(code, 0, "{out}{err}");
+    let rf = remote_file.to_str().expect("utf8");
+    let (code, out, err) = crate::cli::cli(&["verify", "--export", rf]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("of 8 partitions recompute"), "{out}");
+
     for child in &mut children {
         crate::partition::signal(child, "-TERM");
         let exit = child.wait().expect("wait");
@@ -540,6 +597,26 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
     let (code, out, err) = crate::cli::cli(&["verify", "--data", d, "--partitions", "8"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.matches(": OK: ").count(), 8, "{out}");
+    // The remote export holds what the stores held then: every line of it is a line of the
+    // export of the stores written offline now (which may have grown by later assessments).
+    let offline = dir.path().join("offline.jsonl");
+    let (code, out, err) = crate::cli::cli(&[
+        "export",
+        "--data",
+        d,
+        "--partitions",
+        "8",
+        "--out",
+        offline.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let offline = std::fs::read_to_string(&offline).expect("offline export");
+    let offline: HashSet<&str> = offline.lines().collect();
+    let remote = std::fs::read_to_string(&remote_file).expect("remote export");
+    assert!(remote.lines().count() >= stored.len());
+    for line in remote.lines() {
+        assert!(offline.contains(line), "{line}");
+    }
 }
 
 /// The customers whose current contribution (as the partitions answer a "now" read) differs

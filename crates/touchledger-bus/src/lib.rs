@@ -72,6 +72,8 @@ pub mod headers {
     /// Why a partition could not answer a read forwarded by the router (its reply has no
     /// body).
     pub const READ_ERROR: &str = "Touchledger-Read-Error";
+    /// The partition a view or churn alert of a partitioned ledger comes from.
+    pub const PARTITION: &str = "Touchledger-Partition";
     /// Which process answered a ledger-wide read of a partitioned ledger (its owner name,
     /// `host/pid/start`).
     pub const ANSWERED_BY: &str = "Touchledger-Answered-By";

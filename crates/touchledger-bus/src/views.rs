@@ -1053,7 +1053,16 @@ pub async fn run_views(
             if subject.contains(".alert.churn.") {
                 metrics::counter!("touchledger_churn_alerts_total").increment(1);
             }
-            if let Err(e) = client.publish(subject, bytes.into()).await {
+            // In a partitioned ledger every view and alert names its partition.
+            let sent = match cfg.subjects.partition() {
+                None => client.publish(subject, bytes.into()).await,
+                Some(n) => {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert(crate::headers::PARTITION, n.to_string().as_str());
+                    client.publish_with_headers(subject, h, bytes.into()).await
+                }
+            };
+            if let Err(e) = sent {
                 tracing::warn!(error = %e, "view publish failed");
             }
         }

@@ -1037,7 +1037,9 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                         .with_context(|| format!("cannot create {}", path.display()))?,
                 )
             };
-            let code = if remote {
+            let code = if remote && data.partitions > 1 && data.partition.is_none() {
+                remote::export_partitions(&nats, &filter, format, data.partitions, &mut *file)?
+            } else if remote {
                 remote::replay(&nats, &filter, format, data.remote_partition()?, &mut *file)?
             } else if data.partitions > 1 && data.partition.is_none() {
                 export_partitions(&data, &filter, format, &mut *file)?
@@ -1430,13 +1432,13 @@ impl<'w> ReplayWriter<'w> {
     }
 
     /// The same writer for an export of several partitions (see [`Self::set_partition`]).
-    fn partitioned(mut self) -> Self {
+    pub(crate) fn partitioned(mut self) -> Self {
         self.partition = Some(0);
         self
     }
 
     /// The partition of the records written from now on.
-    fn set_partition(&mut self, n: u32) {
+    pub(crate) fn set_partition(&mut self, n: u32) {
         self.partition = Some(n);
     }
 

@@ -229,7 +229,6 @@ pub fn replay(
     partition: Option<u32>,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let filter = f.to_filter();
     runtime()?.block_on(async {
         let ledger = Ledger::new(nats.connect().await?, nats.prefix.clone());
         let ledger = match partition {
@@ -237,40 +236,76 @@ pub fn replay(
             None => ledger,
         };
         let mut w = ReplayWriter::new(format, out)?;
-        let mut failure = None;
-        let rf = ReplayFilter {
-            from_position: filter.from_position,
-            to_position: filter.to_position,
-            customer: filter.customer.clone(),
-            kind: filter.kind,
-            occurred_since: filter.occurred_since,
-            occurred_until: filter.occurred_until,
-            chunk_size: 0,
-        };
-        ledger
-            .replay(&rf, |r| {
-                if failure.is_none()
-                    && let Err(e) = w.write(
-                        r.position,
-                        r.customer_version,
-                        r.recorded_at,
-                        &r.hash,
-                        &r.prev_hash,
-                        &r.event,
-                    )
-                {
-                    failure = Some(e);
-                }
-                Ok(())
-            })
-            .await?;
-        if let Some(e) = failure {
-            return Err(e);
+        replay_into(&ledger, f, &mut w).await?;
+        w.finish()?;
+        anyhow::Ok(())
+    })?;
+    Ok(EXIT_OK)
+}
+
+/// `touchledger export --remote --partitions P`: every partition's log, one after the other,
+/// into one file whose records carry their partition (what `verify --export` checks), each
+/// replayed from whichever process owns the partition now.
+pub fn export_partitions(
+    nats: &NatsArgs,
+    f: &FilterArgs,
+    format: Format,
+    partitions: u32,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    runtime()?.block_on(async {
+        let ledger = Ledger::new(nats.connect().await?, nats.prefix.clone());
+        let mut w = ReplayWriter::new(format, out)?.partitioned();
+        for n in 0..partitions {
+            w.set_partition(n);
+            replay_into(&ledger.in_partition(n), f, &mut w)
+                .await
+                .with_context(|| format!("partition {n}"))?;
         }
         w.finish()?;
         anyhow::Ok(())
     })?;
     Ok(EXIT_OK)
+}
+
+/// Replay one log through `w`.
+async fn replay_into(
+    ledger: &Ledger,
+    f: &FilterArgs,
+    w: &mut ReplayWriter<'_>,
+) -> anyhow::Result<()> {
+    let filter = f.to_filter();
+    let mut failure = None;
+    let rf = ReplayFilter {
+        from_position: filter.from_position,
+        to_position: filter.to_position,
+        customer: filter.customer.clone(),
+        kind: filter.kind,
+        occurred_since: filter.occurred_since,
+        occurred_until: filter.occurred_until,
+        chunk_size: 0,
+    };
+    ledger
+        .replay(&rf, |r| {
+            if failure.is_none()
+                && let Err(e) = w.write(
+                    r.position,
+                    r.customer_version,
+                    r.recorded_at,
+                    &r.hash,
+                    &r.prev_hash,
+                    &r.event,
+                )
+            {
+                failure = Some(e);
+            }
+            Ok(())
+        })
+        .await?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// `touchledger fit --remote`: ask the running ledger to fit the churn model now
