@@ -97,6 +97,32 @@ pub enum Knox {
     Unknown,
 }
 
+impl DickBasu {
+    /// The class's name, as JSON spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DickBasu::TrueLoyalty => "true_loyalty",
+            DickBasu::LatentLoyalty => "latent_loyalty",
+            DickBasu::SpuriousLoyalty => "spurious_loyalty",
+            DickBasu::NoLoyalty => "no_loyalty",
+            DickBasu::Unknown => "unknown",
+        }
+    }
+}
+
+impl Stage {
+    /// The stage's name, as JSON spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Prospect => "prospect",
+            Stage::Acquisition => "acquisition",
+            Stage::Formation => "formation",
+            Stage::Stable => "stable",
+            Stage::Decline => "decline",
+        }
+    }
+}
+
 /// Textbook lifecycle stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -386,6 +412,28 @@ mod tests {
     use super::*;
     use crate::event::Survey;
     use crate::facts::test_support::{Log, day};
+
+    #[test]
+    fn names_are_the_json_names() {
+        for d in [
+            DickBasu::TrueLoyalty,
+            DickBasu::LatentLoyalty,
+            DickBasu::SpuriousLoyalty,
+            DickBasu::NoLoyalty,
+            DickBasu::Unknown,
+        ] {
+            assert_eq!(serde_json::to_value(d).ok(), Some(d.as_str().into()));
+        }
+        for st in [
+            Stage::Prospect,
+            Stage::Acquisition,
+            Stage::Formation,
+            Stage::Stable,
+            Stage::Decline,
+        ] {
+            assert_eq!(serde_json::to_value(st).ok(), Some(st.as_str().into()));
+        }
+    }
 
     #[test]
     fn dick_basu_truth_table_plus_unknown() {

@@ -569,19 +569,21 @@ impl Aggregate {
         if let Some(cause) = &c.cause {
             bump_map(&mut self.causes, cause.clone(), sign);
         }
-        let mut keys = vec![
-            format!("stage:{}", name(&c.stage)),
-            format!("dick_basu:{}", name(&c.dick_basu)),
-        ];
-        if !c.buyer() {
-            keys.push("tier:none".to_owned());
-        }
-        for key in keys {
-            let e = self.segments.entry(key.clone()).or_default();
+        let stage = ["stage:", c.stage.as_str()].concat();
+        let class = ["dick_basu:", c.dick_basu.as_str()].concat();
+        let none = (!c.buyer()).then_some("tier:none");
+        for key in [Some(stage.as_str()), Some(class.as_str()), none]
+            .into_iter()
+            .flatten()
+        {
+            let e = match self.segments.get_mut(key) {
+                Some(e) => e,
+                None => self.segments.entry(key.to_owned()).or_default(),
+            };
             signed(&mut e.0, 1, sign);
             e.1.merge_signed(&c.own, sign);
             if e.0 == 0 {
-                self.segments.remove(&key);
+                self.segments.remove(key);
             }
         }
     }
@@ -775,19 +777,35 @@ impl PopulationBuilder {
 
     /// Customers ranked by value (descending, ties by id) with their pyramid tier names.
     pub fn pyramid_ranking(&self) -> Vec<(String, i64, &'static str)> {
-        let currency = self.currency();
-        let mut ranked: Vec<(String, i64)> = self
+        self.pyramid_ranking_in(&self.currency())
+    }
+
+    fn pyramid_ranking_in(&self, currency: &str) -> Vec<(String, i64, &'static str)> {
+        self.pyramid_rows(currency)
+            .into_iter()
+            .map(|(i, v, t)| (self.rows[i].0.clone(), v, t))
+            .collect()
+    }
+
+    /// The buyers (row indexes) ranked by value in `currency` (descending, ties by customer
+    /// id) with their values and tiers.
+    fn pyramid_rows(&self, currency: &str) -> Vec<(usize, i64, &'static str)> {
+        let mut ranked: Vec<(usize, i64)> = self
             .rows
             .iter()
-            .filter(|(_, r)| r.buyer())
-            .map(|(c, r)| (c.clone(), r.value.get(&currency).copied().unwrap_or(0)))
+            .enumerate()
+            .filter(|(_, (_, r))| r.buyer())
+            .map(|(i, (_, r))| (i, r.value.get(currency).copied().unwrap_or(0)))
             .collect();
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| self.rows[a.0].0.cmp(&self.rows[b.0].0))
+        });
         let n = ranked.len();
         ranked
             .into_iter()
             .enumerate()
-            .map(|(i, (c, v))| (c, v, tier_at(i, n)))
+            .map(|(p, (i, v))| (i, v, tier_at(p, n)))
             .collect()
     }
 
@@ -795,9 +813,25 @@ impl PopulationBuilder {
     /// fewer is better), frequency (purchase-days) and monetary (value in the reporting
     /// currency). Equal values share a score.
     pub fn rfm_scores(&self) -> BTreeMap<String, (u8, u8, u8)> {
-        let currency = self.currency();
-        let buyers: Vec<&(String, Contribution)> =
-            self.rows.iter().filter(|(_, r)| r.buyer()).collect();
+        self.rfm_scores_in(&self.currency())
+    }
+
+    fn rfm_scores_in(&self, currency: &str) -> BTreeMap<String, (u8, u8, u8)> {
+        self.rfm_rows(currency)
+            .into_iter()
+            .map(|(i, s)| (self.rows[i].0.clone(), s))
+            .collect()
+    }
+
+    /// Every buyer's (row index) RFM scores under the reporting currency `currency`.
+    fn rfm_rows(&self, currency: &str) -> Vec<(usize, (u8, u8, u8))> {
+        let buyers: Vec<(usize, &Contribution)> = self
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, r))| r.buyer())
+            .map(|(i, (_, r))| (i, r))
+            .collect();
         let quintiles = |keys: Vec<i64>| -> Vec<u8> {
             // score by the rank of the first equal key, ascending: higher key → higher score.
             let n = keys.len();
@@ -829,13 +863,13 @@ impl PopulationBuilder {
         let m = quintiles(
             buyers
                 .iter()
-                .map(|(_, b)| b.value.get(&currency).copied().unwrap_or(0))
+                .map(|(_, b)| b.value.get(currency).copied().unwrap_or(0))
                 .collect(),
         );
         buyers
             .iter()
             .enumerate()
-            .map(|(i, (c, _))| (c.clone(), (r[i], f[i], m[i])))
+            .map(|(k, (i, _))| (*i, (r[k], f[k], m[k])))
             .collect()
     }
 
@@ -853,7 +887,8 @@ impl PopulationBuilder {
 
     /// The rank-based figures of the customers added.
     pub fn ranked(&self) -> Ranked {
-        let ranking = self.pyramid_ranking();
+        let currency = self.currency();
+        let ranking = self.pyramid_rows(&currency);
         let total: i64 = ranking.iter().fold(0i64, |t, r| t.saturating_add(r.1));
         let share = |v: i64| {
             if total > 0 {
@@ -885,22 +920,27 @@ impl PopulationBuilder {
                     .fold(0i64, |t, r| t.saturating_add(r.1)),
             )
         });
-        let tiers: BTreeMap<&str, &str> =
-            ranking.iter().map(|(c, _, t)| (c.as_str(), *t)).collect();
         let mut tier_segments: BTreeMap<String, (u64, MonthCounters)> = BTreeMap::new();
-        for (id, r) in &self.rows {
-            if let Some(t) = tiers.get(id.as_str()) {
-                let e = tier_segments.entry(format!("tier:{t}")).or_default();
+        for t in ["vip", "major", "ordinary", "small"] {
+            let mut e = (0u64, MonthCounters::default());
+            for (i, _, _) in ranking.iter().filter(|r| r.2 == t) {
                 e.0 += 1;
-                e.1.merge(&r.own);
+                e.1.merge(&self.rows[*i].1.own);
+            }
+            if e.0 > 0 {
+                tier_segments.insert(format!("tier:{t}"), e);
             }
         }
+        let mut cells = [0u64; 125];
+        for (_, (r, f, m)) in self.rfm_rows(&currency) {
+            cells[usize::from(r - 1) * 25 + usize::from(f - 1) * 5 + usize::from(m - 1)] += 1;
+        }
         let mut rfm_cells = BTreeMap::new();
-        for (r, f, m) in self.rfm_scores().into_values() {
-            *rfm_cells.entry(format!("{r}{f}{m}")).or_default() += 1;
+        for (k, n) in cells.iter().enumerate().filter(|(_, n)| **n > 0) {
+            rfm_cells.insert(format!("{}{}{}", k / 25 + 1, k / 5 % 5 + 1, k % 5 + 1), *n);
         }
         Ranked {
-            currency: self.currency(),
+            currency,
             pyramid,
             top20,
             rfm_cells,
