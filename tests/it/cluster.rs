@@ -207,6 +207,39 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
         killed.elapsed()
     );
 
+    // `cluster status` shows it: every partition owned by the survivor, every feed stream and
+    // intake consumer a 3-replica Raft group with a leader, nothing waiting.
+    let (code, out, err) = {
+        let urls = urls.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::cli::cli(&[
+                "cluster",
+                "status",
+                "--nats-url",
+                &urls,
+                "--partitions",
+                "4",
+                "--json",
+            ])
+        })
+        .await
+        .expect("cli")
+    };
+    assert_eq!(code, 0, "{out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    assert!(status["cluster"].is_string(), "{out}");
+    assert_eq!(status["intake"]["replicas"].as_u64(), Some(3), "{out}");
+    let parts = status["partitions"].as_array().expect("partitions");
+    assert_eq!(parts.len(), 4, "{out}");
+    for p in parts {
+        assert!(held_by(&p["owner"].as_str().map(str::to_owned), a), "{p}");
+        for group in ["feed", "consumer"] {
+            assert_eq!(p[group]["replicas"].as_u64(), Some(3), "{group}: {p}");
+            assert!(p[group]["leader"].is_string(), "{group}: {p}");
+        }
+        assert_eq!(p["intake_pending"].as_u64(), Some(0), "{p}");
+    }
+
     signal(&first, "-TERM");
     let exit = first.wait().expect("wait");
     assert!(exit.success(), "first: {exit}\n{}", pair.logs());

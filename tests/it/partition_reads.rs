@@ -532,6 +532,41 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         }
     }
 
+    // An operator's view: every partition owned by the process given it, its feed holding its
+    // records, nothing waiting for it in the intake.
+    let (code, out, err) = {
+        let url = server.url();
+        tokio::task::spawn_blocking(move || {
+            crate::cli::cli(&[
+                "cluster",
+                "status",
+                "--nats-url",
+                &url,
+                "--partitions",
+                "8",
+                "--json",
+            ])
+        })
+        .await
+        .expect("cli")
+    };
+    assert_eq!(code, 0, "{out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    let parts = status["partitions"].as_array().expect("partitions");
+    assert_eq!(parts.len(), 8, "{out}");
+    for (n, p) in parts.iter().enumerate() {
+        let owner = p["owner"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no owner: {out}"));
+        assert!(
+            owner.contains(&format!("/{}/", owner_of(n as u32))),
+            "partition {n} owned by {owner}"
+        );
+        assert!(p["feed_head"].as_u64().unwrap_or(0) > 0, "{p}");
+        assert_eq!(p["intake_pending"].as_u64(), Some(0), "{p}");
+        assert_eq!(p["intake_unacked"].as_u64(), Some(0), "{p}");
+    }
+
     // An auditor exports every partition over NATS into one file, each from its owner; the
     // file verifies on its own, partition by partition.
     let remote_file = dir.path().join("remote.jsonl");

@@ -94,6 +94,14 @@ impl Fence {
     }
 }
 
+/// The lease bucket's name: `<PREFIX>_LEASES`.
+pub(crate) fn bucket_name(prefix: &str) -> String {
+    format!(
+        "{}_LEASES",
+        prefix.to_uppercase().replace(['.', '*', '>'], "_")
+    )
+}
+
 /// The lease bucket of a ledger (`<PREFIX>_LEASES`), created with `ttl` as its `max_age` (and
 /// `replicas` copies on a cluster) if it does not exist. An existing bucket keeps its own TTL (every process must use the same one);
 /// it is returned with the bucket, and a differing `ttl` is logged.
@@ -103,10 +111,7 @@ pub async fn lease_bucket(
     ttl: Duration,
     replicas: usize,
 ) -> Result<(kv::Store, Duration), BusError> {
-    let bucket = format!(
-        "{}_LEASES",
-        prefix.to_uppercase().replace(['.', '*', '>'], "_")
-    );
+    let bucket = bucket_name(prefix);
     let store = match js.get_key_value(&bucket).await {
         Ok(s) => s,
         Err(_) => match js

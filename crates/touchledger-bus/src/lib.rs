@@ -23,6 +23,7 @@ mod ownership;
 mod remote;
 mod replay;
 mod router;
+mod status;
 mod views;
 
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub use ownership::{
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
 pub use router::{FitFailed, ReadError, Router, run_router};
+pub use status::{ClusterStatus, GroupStatus, PartitionStatus, cluster_status};
 pub use views::{ViewConfig, open_current, open_month_ends, run_views};
 
 /// Header names used on dead-letter and feed messages.

@@ -423,6 +423,11 @@ enum Command {
         #[command(flatten)]
         nats: serve::NatsArgs,
     },
+    /// A running ledger as NATS sees it.
+    Cluster {
+        #[command(subcommand)]
+        what: ClusterCommand,
+    },
     /// Import a data set as events through the append path.
     Import {
         #[command(subcommand)]
@@ -454,6 +459,22 @@ enum Command {
         /// Business time of the first event.
         #[arg(long, default_value = "2024-01-01T00:00:00Z")]
         start: Timestamp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Per partition: its owner (lease holder), feed head, touchpoints waiting for it, and on a
+    /// NATS cluster each stream's and consumer's Raft leader and replicas in sync.
+    Status {
+        #[command(flatten)]
+        nats: serve::NatsArgs,
+        /// The ledger's partition count.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// One JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -1127,6 +1148,14 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             dry_run,
             out,
         ),
+        Command::Cluster {
+            what:
+                ClusterCommand::Status {
+                    nats,
+                    partitions,
+                    json,
+                },
+        } => remote::cluster_status(&nats, partitions.max(1), json, out),
         Command::Import {
             what: ImportCommand::Cdnow { data, file, batch },
         } => models::import_cdnow(&open(&data)?, &file, batch.max(1), out),

@@ -359,3 +359,85 @@ pub fn fit(
         Ok(EXIT_OK)
     })
 }
+
+/// `touchledger cluster status`: the ledger's partitions as NATS sees them.
+pub fn cluster_status(
+    nats: &NatsArgs,
+    partitions: u32,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let status = runtime()?.block_on(async {
+        let client = nats.connect().await?;
+        let subjects = touchledger_bus::Subjects::new(nats.prefix.clone());
+        anyhow::Ok(touchledger_bus::cluster_status(&client, &subjects, partitions).await?)
+    })?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &status)?;
+        writeln!(out)?;
+        return Ok(EXIT_OK);
+    }
+    let group = |g: &Option<touchledger_bus::GroupStatus>| match g {
+        None => "-".to_owned(),
+        Some(g) => format!(
+            "{} {}/{}{}",
+            g.leader.as_deref().unwrap_or("(no leader)"),
+            g.in_sync,
+            g.replicas,
+            if g.offline.is_empty() {
+                String::new()
+            } else {
+                format!(" offline: {}", g.offline.join(","))
+            }
+        ),
+    };
+    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    writeln!(
+        out,
+        "server {}{}",
+        status.server,
+        status
+            .cluster
+            .as_deref()
+            .map(|c| format!(", cluster {c}"))
+            .unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "intake: {} messages, {}",
+        opt(status.intake_messages),
+        group(&status.intake)
+    )?;
+    if status.intake_messages.is_none() {
+        writeln!(
+            out,
+            "no intake stream under the prefix {:?} on this server: is `serve` running with this --prefix?",
+            nats.prefix
+        )?;
+    }
+    if !status.members.is_empty() {
+        writeln!(out, "auto members: {}", status.members.join(", "))?;
+    }
+    writeln!(
+        out,
+        "partition  owner                                   feed head  pending  unacked  feed leader in-sync/replicas   consumer leader in-sync/replicas"
+    )?;
+    for p in &status.partitions {
+        writeln!(
+            out,
+            "{:>9}  {:<38}  {:>9}  {:>7}  {:>7}  {:<30}  {}",
+            p.partition,
+            p.owner.as_deref().unwrap_or(if partitions > 1 {
+                "(no owner)"
+            } else {
+                "(unpartitioned: no lease)"
+            }),
+            opt(p.feed_head),
+            opt(p.intake_pending),
+            opt(p.intake_unacked),
+            group(&p.feed),
+            group(&p.consumer),
+        )?;
+    }
+    Ok(EXIT_OK)
+}
