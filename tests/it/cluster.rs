@@ -125,7 +125,13 @@ async fn jetstream_ready(js: &jetstream::Context) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_loss() {
-    let mut cluster = NatsCluster::start(3);
+    // The cluster as deploy/nats/cluster ships it (sync_interval: always), on the test's ports.
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/cluster");
+    let mut cluster = NatsCluster::start_with_configs(&[
+        deploy.join("n1.conf"),
+        deploy.join("n2.conf"),
+        deploy.join("n3.conf"),
+    ]);
     let urls = cluster.urls();
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
@@ -227,7 +233,7 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
     };
     assert_eq!(code, 0, "{out}{err}");
     let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
-    assert!(status["cluster"].is_string(), "{out}");
+    assert_eq!(status["cluster"].as_str(), Some("touchledger"), "{out}");
     assert_eq!(status["intake"]["replicas"].as_u64(), Some(3), "{out}");
     let parts = status["partitions"].as_array().expect("partitions");
     assert_eq!(parts.len(), 4, "{out}");

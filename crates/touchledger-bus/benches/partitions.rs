@@ -34,6 +34,20 @@ async fn partitioned(
     want: &[u64],
     after_feed: bool,
 ) -> Duration {
+    partitioned_replicated(url, p, events, want, after_feed, 1).await
+}
+
+/// The same with the ledger's streams in `replicas` copies; `url` may list several servers
+/// (comma-separated).
+async fn partitioned_replicated(
+    url: &str,
+    p: u32,
+    events: &[(String, String, Vec<u8>)],
+    want: &[u64],
+    after_feed: bool,
+    replicas: usize,
+) -> Duration {
+    let connect = || async_nats::connect(url.split(',').collect::<Vec<_>>());
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
     let mut stores = Vec::new();
@@ -42,10 +56,11 @@ async fn partitioned(
         let mut sc = StoreConfig::new(dir.path().join(format!("p{n}")));
         sc.partition = PartitionId::new(n, p).expect("layout");
         let store = Arc::new(SledStore::open(sc).expect("store"));
-        let client = async_nats::connect(url).await.expect("connect");
+        let client = connect().await.expect("connect");
         let cfg = BusConfig {
             subjects: Subjects::new("crm"),
             partition: PartitionId::new(n, p).expect("layout"),
+            replicas,
             feed: if after_feed {
                 touchledger_bus::FeedProgress::tracked()
             } else {
@@ -61,7 +76,7 @@ async fn partitioned(
         )));
         stores.push(store);
     }
-    let client = async_nats::connect(url).await.expect("connect");
+    let client = connect().await.expect("connect");
     let js = jetstream::new(client);
     let intake_ready = |js: jetstream::Context| async move {
         loop {
@@ -141,6 +156,10 @@ fn main() {
         })
         .collect();
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    if std::env::var("BENCH_CLUSTER").is_ok_and(|v| v == "1") {
+        cluster(&rt, &events);
+        return;
+    }
     println!(
         "ingest of {n} events of {CUSTOMERS} customers (publish with async ack -> stored, flushed and acked)"
     );
@@ -176,5 +195,59 @@ fn main() {
             rate(plain2),
             rate(leased) / rate(plain2)
         );
+    }
+}
+
+/// `BENCH_CLUSTER=1`: P = 4 partitions, acknowledged once in the feed (what leased partitions
+/// do), on a 3-node cluster of this machine's loopback: the ledger's streams in 1 and in 3
+/// copies, on nodes as deploy/nats/cluster ships them (`sync_interval: always`) and on nodes
+/// with the server's default (sync every 2 minutes); each against the plain fetch+ack baseline
+/// on a stream of as many copies on the same cluster, measured just before.
+fn cluster(rt: &tokio::runtime::Runtime, events: &[(String, String, Vec<u8>)]) {
+    let p = 4u32;
+    let mut want = vec![0u64; p as usize];
+    for (customer, _, _) in events {
+        want[partition_of(customer, p) as usize] += 1;
+    }
+    let rate = |d: Duration| events.len() as f64 / d.as_secs_f64();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/cluster");
+    println!(
+        "ingest of {} events on a 3-node cluster, P = {p}, acknowledged once in the feed",
+        events.len()
+    );
+    for sync in [true, false] {
+        for replicas in [1usize, 3] {
+            let cluster = if sync {
+                touchledger_testkit::NatsCluster::start_with_configs(&[
+                    deploy.join("n1.conf"),
+                    deploy.join("n2.conf"),
+                    deploy.join("n3.conf"),
+                ])
+            } else {
+                touchledger_testkit::NatsCluster::start(3)
+            };
+            let urls = cluster.urls();
+            let (plain, ours) = rt.block_on(async {
+                let client = async_nats::connect(urls.split(',').collect::<Vec<_>>())
+                    .await
+                    .expect("connect");
+                let js = jetstream::new(client);
+                // JetStream answers once the cluster has elected its meta leader.
+                while js.query_account().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let plain = common::plain_baseline_replicated(&js, events, replicas).await;
+                let ours = partitioned_replicated(&urls, p, events, &want, true, replicas).await;
+                (plain, ours)
+            });
+            println!(
+                "  sync_interval {:<7} R{replicas}: touchledger {:>8.0} events/s ({:.2} s)   plain fetch+ack {:>8.0} events/s   ratio {:.2}",
+                if sync { "always" } else { "default" },
+                rate(ours),
+                ours.as_secs_f64(),
+                rate(plain),
+                rate(ours) / rate(plain)
+            );
+        }
     }
 }

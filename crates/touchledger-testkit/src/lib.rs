@@ -287,6 +287,19 @@ impl NatsCluster {
     /// wait until every node answers. JetStream elects its meta leader shortly after; clients
     /// see `JetStream not ready` until then ([`Self::urls`] lists every node for them).
     pub fn start(n: usize) -> NatsCluster {
+        Self::start_nodes(&vec![None; n])
+    }
+
+    /// Start one node per configuration file (e.g. `deploy/nats/cluster/n1.conf`…), each with
+    /// the file's settings (server name, cluster name, JetStream limits, `sync_interval`) but the
+    /// test's own client port, cluster port, routes and store directory (command-line flags
+    /// override the file's).
+    pub fn start_with_configs(configs: &[PathBuf]) -> NatsCluster {
+        Self::start_nodes(&configs.iter().cloned().map(Some).collect::<Vec<_>>())
+    }
+
+    fn start_nodes(configs: &[Option<PathBuf>]) -> NatsCluster {
+        let n = configs.len();
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
@@ -295,17 +308,22 @@ impl NatsCluster {
             .join(",");
         let mut nodes = Vec::with_capacity(n);
         for (i, cport) in cluster_ports.iter().enumerate() {
-            let args = vec![
-                "--server_name".to_owned(),
-                format!("n{i}"),
-                "--cluster_name".to_owned(),
-                "touchledger-test".to_owned(),
+            let mut args = vec![
                 "--cluster".to_owned(),
                 format!("nats://127.0.0.1:{cport}"),
                 "--routes".to_owned(),
                 routes.clone(),
             ];
-            let mut node = NatsServer::prepare(None, args)
+            if configs[i].is_none() {
+                args.extend([
+                    "--server_name".to_owned(),
+                    format!("n{i}"),
+                    "--cluster_name".to_owned(),
+                    "touchledger-test".to_owned(),
+                ]);
+            }
+            let config = configs[i].clone().map(|c| (c, Vec::new()));
+            let mut node = NatsServer::prepare(config, args)
                 .unwrap_or_else(|e| panic!("cannot start cluster node {i}: {e}"));
             node.spawn()
                 .unwrap_or_else(|e| panic!("cannot start cluster node {i}: {e}"));

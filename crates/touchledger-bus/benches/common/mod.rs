@@ -54,12 +54,24 @@ pub async fn publish_all(
 }
 
 /// A file stream configured like the intake stream.
+#[allow(dead_code)]
 pub async fn plain_stream(js: &jetstream::Context, name: &str, subjects: &str) {
+    plain_stream_replicated(js, name, subjects, 1).await;
+}
+
+/// The same with `replicas` copies (on a cluster).
+pub async fn plain_stream_replicated(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &str,
+    replicas: usize,
+) {
     js.create_stream(stream::Config {
         name: name.into(),
         subjects: vec![subjects.into()],
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
+        num_replicas: replicas.max(1),
         ..Default::default()
     })
     .await
@@ -67,13 +79,25 @@ pub async fn plain_stream(js: &jetstream::Context, name: &str, subjects: &str) {
 }
 
 /// Such a stream with a durable pull consumer on it.
+#[allow(dead_code)]
 pub async fn plain_consumer(
     js: &jetstream::Context,
     name: &str,
     subjects: &str,
     durable: &str,
 ) -> jetstream::consumer::PullConsumer {
-    plain_stream(js, name, subjects).await;
+    plain_consumer_replicated(js, name, subjects, durable, 1).await
+}
+
+/// The same on a stream of `replicas` copies.
+pub async fn plain_consumer_replicated(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &str,
+    durable: &str,
+    replicas: usize,
+) -> jetstream::consumer::PullConsumer {
+    plain_stream_replicated(js, name, subjects, replicas).await;
     js.get_stream(name)
         .await
         .expect("stream")
@@ -96,7 +120,24 @@ pub async fn plain_baseline(
     js: &jetstream::Context,
     events: &[(String, String, Vec<u8>)],
 ) -> Duration {
-    let consumer = plain_consumer(js, "PLAIN_TOUCHPOINTS", "plain.touchpoint.>", "plain").await;
+    plain_baseline_replicated(js, events, 1).await
+}
+
+/// The same on a stream of `replicas` copies (on a cluster).
+#[allow(dead_code)]
+pub async fn plain_baseline_replicated(
+    js: &jetstream::Context,
+    events: &[(String, String, Vec<u8>)],
+    replicas: usize,
+) -> Duration {
+    let consumer = plain_consumer_replicated(
+        js,
+        "PLAIN_TOUCHPOINTS",
+        "plain.touchpoint.>",
+        "plain",
+        replicas,
+    )
+    .await;
     let n = events.len() as u64;
     let start = Instant::now();
     let consume = tokio::spawn(async move {
