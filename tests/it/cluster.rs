@@ -253,4 +253,9 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
     // Every acknowledged publish stored exactly once, in its partition; the killed process's
     // stores are a prefix of the survivor's.
     crate::partition::assert_survivor_holds_everything(&pair, &sent);
+    let compared = crate::partition::assert_rebuilt_identical(&js, &pair).await;
+    assert!(
+        compared > 0,
+        "no record of the killed owner reached the feed"
+    );
 }

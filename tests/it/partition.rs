@@ -804,6 +804,63 @@ pub(crate) async fn wait_leases_held_by(
 }
 
 /// Two `serve` processes' data directories and logs, in one temporary directory.
+/// A failed-over partition's store, rebuilt from the feed, is byte-identical to the dead
+/// owner's up to the last record the dead owner got into the feed (the last it could have
+/// acknowledged): every record of the dead owner's store that the feed holds (same position and
+/// hash) is, in the survivor's store, the same record — position, customer version, recorded_at,
+/// both hashes and the event — and those records are a prefix of the dead owner's store.
+/// Returns how many records were compared.
+pub(crate) async fn assert_rebuilt_identical(js: &jetstream::Context, pair: &Pair) -> u64 {
+    let mut compared = 0;
+    for n in 0..4u32 {
+        if !pair.b.join(format!("p{n}")).exists() {
+            continue;
+        }
+        let mut feed = js
+            .get_stream(format!("CRM_LEDGER_EVENTS_P{n}"))
+            .await
+            .expect("feed stream");
+        let last = feed.info().await.expect("info").state.last_sequence;
+        let survivor = open_partition_store(&pair.a, n);
+        let dead = open_partition_store(&pair.b, n);
+        let mut reached_all = true;
+        for r in dead.read(&Default::default()) {
+            let r = r.expect("dead owner's record");
+            let in_feed = r.position <= last
+                && feed
+                    .get_raw_message(r.position)
+                    .await
+                    .ok()
+                    .and_then(|m| {
+                        m.headers
+                            .get(touchledger_bus::headers::HASH)
+                            .map(|h| h.as_str() == r.hash.to_hex())
+                    })
+                    .unwrap_or(false);
+            if !in_feed {
+                reached_all = false;
+                continue;
+            }
+            assert!(
+                reached_all,
+                "partition {n}: position {} is in the feed after one that is not",
+                r.position
+            );
+            let s = survivor
+                .get(r.position)
+                .expect("survivor read")
+                .unwrap_or_else(|| panic!("partition {n}: survivor lacks {}", r.position));
+            assert_eq!(s, r, "partition {n}, position {}", r.position);
+            assert_eq!(
+                touchledger_proto::encode_event(&s.event),
+                touchledger_proto::encode_event(&r.event)
+            );
+            compared += 1;
+        }
+    }
+    compared
+}
+
 pub(crate) struct Pair {
     _dir: tempfile::TempDir,
     pub(crate) a: std::path::PathBuf,
@@ -1204,4 +1261,9 @@ async fn auto_owners_share_the_partitions_and_the_survivor_takes_a_killed_ones()
     assert!(exit.success(), "first: {exit}\n{}", logs());
 
     assert_survivor_holds_everything(&pair, &sent);
+    let compared = assert_rebuilt_identical(&js, &pair).await;
+    assert!(
+        compared > 0,
+        "no record of the killed owner reached the feed"
+    );
 }
