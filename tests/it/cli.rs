@@ -6,6 +6,17 @@ use std::collections::HashMap;
 
 use touchledger_cli::{AppendSummary, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, run};
 
+/// [`cli`] from an async test: on a blocking thread (the CLI runs its own runtime).
+pub async fn cli_blocking(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args)
+    })
+    .await
+    .expect("cli thread")
+}
+
 pub fn cli(args: &[&str]) -> (i32, String, String) {
     let mut out = Vec::new();
     let mut err = Vec::new();

@@ -215,22 +215,16 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
 
     // `cluster status` shows it: every partition owned by the survivor, every feed stream and
     // intake consumer a 3-replica Raft group with a leader, nothing waiting.
-    let (code, out, err) = {
-        let urls = urls.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::cli::cli(&[
-                "cluster",
-                "status",
-                "--nats-url",
-                &urls,
-                "--partitions",
-                "4",
-                "--json",
-            ])
-        })
-        .await
-        .expect("cli")
-    };
+    let (code, out, err) = crate::cli::cli_blocking(&[
+        "cluster",
+        "status",
+        "--nats-url",
+        &urls,
+        "--partitions",
+        "4",
+        "--json",
+    ])
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
     assert_eq!(status["cluster"].as_str(), Some("touchledger"), "{out}");

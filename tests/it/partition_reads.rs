@@ -534,22 +534,16 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
 
     // An operator's view: every partition owned by the process given it, its feed holding its
     // records, nothing waiting for it in the intake.
-    let (code, out, err) = {
-        let url = server.url();
-        tokio::task::spawn_blocking(move || {
-            crate::cli::cli(&[
-                "cluster",
-                "status",
-                "--nats-url",
-                &url,
-                "--partitions",
-                "8",
-                "--json",
-            ])
-        })
-        .await
-        .expect("cli")
-    };
+    let (code, out, err) = crate::cli::cli_blocking(&[
+        "cluster",
+        "status",
+        "--nats-url",
+        &server.url(),
+        "--partitions",
+        "8",
+        "--json",
+    ])
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
     let parts = status["partitions"].as_array().expect("partitions");
@@ -567,26 +561,50 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         assert_eq!(p["intake_unacked"].as_u64(), Some(0), "{p}");
     }
 
+    // One customer's history replayed over NATS by the customer alone: its partition's owner
+    // answers, with exactly the customer's records.
+    let someone = events
+        .iter()
+        .rev()
+        .find(|e| e.customer_id.starts_with("cdnow-"))
+        .map(|e| e.customer_id.clone())
+        .expect("a CDNOW customer");
+    let theirs = events.iter().filter(|e| e.customer_id == someone).count();
+    let (code, out, err) = crate::cli::cli_blocking(&[
+        "replay",
+        "--remote",
+        "--nats-url",
+        &server.url(),
+        "--partitions",
+        "8",
+        "--customer",
+        &someone,
+        "--kind",
+        "purchase",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.lines().count(), theirs, "{out}");
+    assert!(
+        out.lines()
+            .all(|l| l.contains(&format!("\"customer_id\":\"{someone}\""))),
+        "{out}"
+    );
+
     // An auditor exports every partition over NATS into one file, each from its owner; the
     // file verifies on its own, partition by partition.
     let remote_file = dir.path().join("remote.jsonl");
-    let (code, out, err) = {
-        let (url, file) = (server.url(), remote_file.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::cli::cli(&[
-                "export",
-                "--remote",
-                "--nats-url",
-                &url,
-                "--partitions",
-                "8",
-                "--out",
-                file.to_str().expect("utf8"),
-            ])
-        })
-        .await
-        .expect("cli")
-    };
+    let (code, out, err) = crate::cli::cli_blocking(&[
+        "export",
+        "--remote",
+        "--nats-url",
+        &server.url(),
+        "--partitions",
+        "8",
+        "--out",
+        remote_file.to_str().expect("utf8"),
+    ])
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     let rf = remote_file.to_str().expect("utf8");
     let (code, out, err) = crate::cli::cli(&["verify", "--export", rf]);

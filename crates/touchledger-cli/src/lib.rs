@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use touchledger_domain::partition::PartitionId;
+use touchledger_domain::partition::{PartitionId, partition_of};
 use touchledger_domain::{EventKind, Timestamp};
 use touchledger_store::{
     AppendItem, AppendOutcome, Committed, EventStore, ReadFilter, SledStore, StoreConfig,
@@ -910,7 +910,12 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             nats,
         } => {
             if remote {
-                remote::replay(&nats, &filter, format, data.remote_partition()?, out)
+                // One customer's history lives in one partition: `--customer` alone finds it.
+                let partition = match (&filter.customer, data.partitions, data.partition) {
+                    (Some(c), p, None) if p > 1 => Some(partition_of(c, p)),
+                    _ => data.remote_partition()?,
+                };
+                remote::replay(&nats, &filter, format, partition, out)
             } else {
                 replay(&data, &filter, format, out)
             }
