@@ -238,7 +238,9 @@ async fn a_partitioned_ledger_on_a_3_node_cluster_survives_a_node_and_a_process_
             assert!(p[group]["leader"].is_string(), "{group}: {p}");
         }
         assert_eq!(p["intake_pending"].as_u64(), Some(0), "{p}");
+        assert_eq!(p["problems"], serde_json::json!([]), "{p}");
     }
+    assert_eq!(status["problems"], serde_json::json!([]), "{out}");
 
     signal(&first, "-TERM");
     let exit = first.wait().expect("wait");

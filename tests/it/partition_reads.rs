@@ -451,6 +451,16 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         "the partitioned fit is the single ledger's"
     );
     assert!(!fitted.duplicate && fitted.position > 0, "{fitted:?}");
+    // Acknowledged only once in the partition's feed (a new owner starts from the feed): the
+    // reply's position (partition 0's) is already there.
+    let js = jetstream::new(client.clone());
+    let mut feed0 = js.get_stream("CRM_LEDGER_EVENTS_P0").await.expect("feed 0");
+    let feed_head = feed0.info().await.expect("feed 0 info").state.last_sequence;
+    assert!(
+        feed_head >= fitted.position,
+        "the fit was acknowledged at position {} before partition 0's feed held it (head {feed_head})",
+        fitted.position
+    );
     let again = client
         .request("crm.model.fit", fit_request.encode_to_vec().into())
         .await
@@ -559,7 +569,9 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         assert!(p["feed_head"].as_u64().unwrap_or(0) > 0, "{p}");
         assert_eq!(p["intake_pending"].as_u64(), Some(0), "{p}");
         assert_eq!(p["intake_unacked"].as_u64(), Some(0), "{p}");
+        assert_eq!(p["problems"], serde_json::json!([]), "{p}");
     }
+    assert_eq!(status["problems"], serde_json::json!([]), "{out}");
 
     // One customer's history replayed over NATS by the customer alone: its partition's owner
     // answers, with exactly the customer's records.

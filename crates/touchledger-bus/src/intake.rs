@@ -46,7 +46,7 @@ pub async fn run_intake(
     // subjects; one partition (P = 1) keeps the plain name and takes everything.
     let (name, filter) = if cfg.partition.count > 1 {
         (
-            format!("{}-p{}", cfg.consumer, cfg.partition.index),
+            consumer_name(&cfg.consumer, cfg.partition.count, cfg.partition.index),
             cfg.subjects.partition_touchpoints(cfg.partition.index),
         )
     } else {
@@ -422,4 +422,14 @@ async fn dead_letter(
         .map_err(|e| nats_err("dead-letter publish", e))?;
     ack.await.map_err(|e| nats_err("dead-letter ack", e))?;
     Ok(())
+}
+
+/// The durable intake consumer of partition `index` of `count`, for the base name `base`
+/// ([`crate::BusConfig::consumer`]): `<base>-p<index>` when partitioned, `base` otherwise.
+pub fn consumer_name(base: &str, count: u32, index: u32) -> String {
+    if count > 1 {
+        format!("{base}-p{index}")
+    } else {
+        base.to_owned()
+    }
 }

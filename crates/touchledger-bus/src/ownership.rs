@@ -235,9 +235,10 @@ where
                 _ = stop.cancelled() => return Ok(()),
             };
             // Acknowledged only once in the feed: the next owner starts from the feed.
+            let feed = crate::FeedProgress::tracked();
             let ledger_cfg = BusConfig {
                 fence: fence.clone(),
-                feed: crate::FeedProgress::tracked(),
+                feed: feed.clone(),
                 ..cfg.clone()
             };
             // The holder of partition 0's lease publishes the global checkpoints, on the main
@@ -269,6 +270,7 @@ where
                     subjects: cfg.subjects.in_partition(index),
                     fence: fence.clone(),
                     fits: false,
+                    feed: feed.clone(),
                     refit_every: None,
                     current: None,
                     month_ends: None,
@@ -373,17 +375,24 @@ pub async fn run_scheduled_refits(
             continue;
         }
         let now = clock();
-        match router.fit(now, unit).await {
-            Ok((m, event)) => match router.record(&event).await {
-                Ok(_) => tracing::info!(
-                    version = %m.model_version,
-                    customers = m.customers,
-                    "churn model refitted on every partition's buyers"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "scheduled refit not recorded everywhere; retried at the next tick")
-                }
-            },
+        let refit =
+            async {
+                let (m, event) = router.fit(now, unit).await.map_err(|e| e.to_string())?;
+                router.record(&event).await.map(|_| m).map_err(|e| {
+                    format!("{e} (not recorded everywhere; made again at the next tick)")
+                })
+            };
+        // A refit waits on every partition: shutdown does not wait for it.
+        let done = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = refit => r,
+        };
+        match done {
+            Ok(m) => tracing::info!(
+                version = %m.model_version,
+                customers = m.customers,
+                "churn model refitted on every partition's buyers"
+            ),
             Err(e) => tracing::warn!(error = %e, "scheduled refit skipped"),
         }
     }

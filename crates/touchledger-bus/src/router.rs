@@ -36,6 +36,12 @@ pub(crate) const PARTIAL: &str = "partial";
 /// The model name of a partition's part of a model fit (its buyers' statistics).
 pub(crate) const FIT_STATS: &str = "fitstats";
 
+/// How a partition's `Touchledger-Read-Error` says it is not ready yet (retry), not failed.
+pub(crate) const NOT_READY_PREFIX: &str = "NOT_READY: ";
+
+/// Attempts to record a fitted model in one partition before the fit reports failure.
+const RECORD_ATTEMPTS: u32 = 6;
+
 /// Why a read across partitions failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -56,6 +62,15 @@ pub enum ReadError {
         /// The wait.
         secs: u64,
     },
+    /// The partition's projections have not reached its log's head in time (a fit must see
+    /// everything committed). Retry.
+    #[error("partition {partition}: {detail}")]
+    NotReady {
+        /// The partition.
+        partition: u32,
+        /// What it is waiting for.
+        detail: String,
+    },
     /// The partition answered with an error, or the request could not be made.
     #[error("partition {partition}: {detail}")]
     Partition {
@@ -71,6 +86,7 @@ impl ReadError {
     pub fn code(&self) -> &'static str {
         match self {
             ReadError::Unavailable { .. } | ReadError::Timeout { .. } => "UNAVAILABLE",
+            ReadError::NotReady { .. } => "NOT_READY",
             ReadError::Partition { .. } => "INTERNAL",
         }
     }
@@ -116,26 +132,31 @@ impl Router {
         }
     }
 
-    async fn request(
+    /// One request to one partition's subject, waiting at most [`Router::timeout`] (the
+    /// client's own default of 10 s does not apply).
+    async fn ask(
         &self,
         partition: u32,
-        model: &str,
+        subject: String,
         payload: bytes::Bytes,
     ) -> Result<async_nats::Message, ReadError> {
-        let subject = self.subjects.in_partition(partition).query(model);
-        match tokio::time::timeout(self.timeout, self.client.request(subject, payload)).await {
-            Err(_) => Err(ReadError::Timeout {
-                partition,
-                secs: self.timeout.as_secs(),
-            }),
+        let timeout = ReadError::Timeout {
+            partition,
+            secs: self.timeout.as_secs(),
+        };
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(self.timeout));
+        // The request carries its own timeout; the outer one only guards against a request
+        // that never completes at all.
+        let guard = self.timeout + Duration::from_secs(1);
+        match tokio::time::timeout(guard, self.client.send_request(subject, request)).await {
+            Err(_) => Err(timeout),
             Ok(Err(e)) => match e.kind() {
                 async_nats::RequestErrorKind::NoResponders => {
                     Err(ReadError::Unavailable { partition })
                 }
-                async_nats::RequestErrorKind::TimedOut => Err(ReadError::Timeout {
-                    partition,
-                    secs: self.timeout.as_secs(),
-                }),
+                async_nats::RequestErrorKind::TimedOut => Err(timeout),
                 _ => Err(ReadError::Partition {
                     partition,
                     detail: e.to_string(),
@@ -143,6 +164,16 @@ impl Router {
             },
             Ok(Ok(m)) => Ok(m),
         }
+    }
+
+    async fn request(
+        &self,
+        partition: u32,
+        model: &str,
+        payload: bytes::Bytes,
+    ) -> Result<async_nats::Message, ReadError> {
+        let subject = self.subjects.in_partition(partition).query(model);
+        self.ask(partition, subject, payload).await
     }
 
     /// Forward a customer's read-model query (`satisfaction`, `loyalty`, `churn`) to the
@@ -175,9 +206,13 @@ impl Router {
                 .as_ref()
                 .and_then(|h| h.get(crate::headers::READ_ERROR))
             {
-                return Err(ReadError::Partition {
-                    partition,
-                    detail: e.to_string(),
+                let detail = e.to_string();
+                return Err(match detail.strip_prefix(NOT_READY_PREFIX) {
+                    Some(d) => ReadError::NotReady {
+                        partition,
+                        detail: d.to_owned(),
+                    },
+                    None => ReadError::Partition { partition, detail },
                 });
             }
             let (page, next) =
@@ -294,44 +329,9 @@ impl Router {
     /// every partition already had it.
     pub async fn record(&self, event: &Event) -> Result<(Vec<u64>, bool), ReadError> {
         let bytes = bytes::Bytes::from(touchledger_proto::encode_event(event));
-        let replies = futures::future::join_all((0..self.partitions).map(|p| {
-            let bytes = bytes.clone();
-            async move {
-                let subject = self.subjects.in_partition(p).model_record();
-                let r =
-                    match tokio::time::timeout(self.timeout, self.client.request(subject, bytes))
-                        .await
-                    {
-                        Err(_) => Err(ReadError::Timeout {
-                            partition: p,
-                            secs: self.timeout.as_secs(),
-                        }),
-                        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                            Err(ReadError::Unavailable { partition: p })
-                        }
-                        Ok(Err(e)) => Err(ReadError::Partition {
-                            partition: p,
-                            detail: e.to_string(),
-                        }),
-                        Ok(Ok(m)) => v1::FitReply::decode(m.payload.as_ref()).map_err(|e| {
-                            ReadError::Partition {
-                                partition: p,
-                                detail: format!("undecodable reply: {e}"),
-                            }
-                        }),
-                    }?;
-                match r.error {
-                    Some(e) if e.code == "UNAVAILABLE" => {
-                        Err(ReadError::Unavailable { partition: p })
-                    }
-                    Some(e) => Err(ReadError::Partition {
-                        partition: p,
-                        detail: format!("{}: {}", e.code, e.message),
-                    }),
-                    None => Ok((r.position, r.duplicate)),
-                }
-            }
-        }))
+        let replies = futures::future::join_all(
+            (0..self.partitions).map(|p| self.record_in(p, bytes.clone())),
+        )
         .await;
         let mut positions = Vec::new();
         let mut duplicate = true;
@@ -341,6 +341,49 @@ impl Router {
             duplicate &= dup;
         }
         Ok((positions, duplicate))
+    }
+
+    /// Record the model in one partition, retrying the same event (idempotent) with backoff
+    /// while the partition has no owner or does not answer (a takeover): 0.25 s, doubling, up
+    /// to [`RECORD_ATTEMPTS`] attempts.
+    async fn record_in(&self, p: u32, bytes: bytes::Bytes) -> Result<(u64, bool), ReadError> {
+        let mut backoff = Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            let r = self.record_once(p, bytes.clone()).await;
+            match r {
+                Err(ReadError::Unavailable { .. } | ReadError::Timeout { .. })
+                    if attempt < RECORD_ATTEMPTS =>
+                {
+                    tracing::info!(
+                        partition = p,
+                        attempt,
+                        "model record not taken yet; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn record_once(&self, p: u32, bytes: bytes::Bytes) -> Result<(u64, bool), ReadError> {
+        let subject = self.subjects.in_partition(p).model_record();
+        let m = self.ask(p, subject, bytes).await?;
+        let r = v1::FitReply::decode(m.payload.as_ref()).map_err(|e| ReadError::Partition {
+            partition: p,
+            detail: format!("undecodable reply: {e}"),
+        })?;
+        match r.error {
+            Some(e) if e.code == "UNAVAILABLE" => Err(ReadError::Unavailable { partition: p }),
+            Some(e) => Err(ReadError::Partition {
+                partition: p,
+                detail: format!("{}: {}", e.code, e.message),
+            }),
+            None => Ok((r.position, r.duplicate)),
+        }
     }
 
     /// Answer a ledger-wide `FitRequest`: fit on every partition's buyers and record the model
@@ -464,7 +507,12 @@ pub async fn run_router(
         let (router, clock, shutdown) = (router.clone(), clock.clone(), shutdown.clone());
         tokio::spawn(async move {
             while let Some((msg, reply, _)) = crate::next_query(&mut fits, &shutdown).await {
-                let answer = router.answer_fit(&msg.payload, clock()).await;
+                // A fit waits on every partition: shutdown does not wait for it (the asker
+                // gets no answer and retries).
+                let answer = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    a = router.answer_fit(&msg.payload, clock()) => a,
+                };
                 if let Err(e) = router
                     .client
                     .publish(reply, answer.encode_to_vec().into())
@@ -477,12 +525,22 @@ pub async fn run_router(
     };
     let limit = Arc::new(tokio::sync::Semaphore::new(8));
     while let Some((msg, reply, model)) = crate::next_query(&mut sub, &shutdown).await {
-        let (router, limit, now) = (router.clone(), limit.clone(), clock());
+        // At most 8 reads in flight: the next message is taken only when one ends (the rest
+        // wait in the subscription, not as tasks).
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (router, now, shutdown) = (router.clone(), clock(), shutdown.clone());
         tokio::spawn(async move {
-            let Ok(_permit) = limit.acquire_owned().await else {
-                return;
+            let _permit = permit;
+            let answer = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = router.answer(&model, msg.payload, now) => a,
             };
-            let answer = router.answer(&model, msg.payload, now).await;
             let mut h = async_nats::HeaderMap::new();
             h.insert(crate::headers::ANSWERED_BY, router.name.as_str());
             if let Err(e) = router.client.publish_with_headers(reply, h, answer).await {

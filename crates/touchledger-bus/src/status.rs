@@ -5,11 +5,11 @@
 //! names what is missing (a partition without an owner, a stream not yet made) rather than
 //! failing.
 
-use async_nats::jetstream::{self, consumer::pull, stream::ClusterInfo};
+use async_nats::jetstream::{self, stream::ClusterInfo};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::{BusError, Subjects, js_err};
+use crate::{BusError, Subjects};
 
 /// A stream's or consumer's Raft group on a cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -62,6 +62,10 @@ pub struct PartitionStatus {
     pub intake_unacked: Option<u64>,
     /// The intake consumer's Raft group.
     pub consumer: Option<GroupStatus>,
+    /// What could not be read about this partition (e.g. a stream whose Raft group has no
+    /// leader does not answer `info`), as the server said it. Missing things are not problems:
+    /// they are `None` above.
+    pub problems: Vec<String>,
 }
 
 /// The whole ledger.
@@ -79,6 +83,37 @@ pub struct ClusterStatus {
     pub members: Vec<String>,
     /// Every partition.
     pub partitions: Vec<PartitionStatus>,
+    /// What could not be read about the ledger as a whole (the intake stream, the leases).
+    pub problems: Vec<String>,
+}
+
+/// `Ok(None)` when JetStream says the thing does not exist (`not_found`), the error otherwise.
+fn found<T, K>(
+    r: Result<T, async_nats::error::Error<K>>,
+    not_found: impl Fn(&K) -> bool,
+) -> Result<Option<T>, String>
+where
+    K: Clone + std::fmt::Debug + std::fmt::Display + PartialEq,
+{
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if not_found(&e.kind()) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn stream_missing(k: &jetstream::context::GetStreamErrorKind) -> bool {
+    matches!(k, jetstream::context::GetStreamErrorKind::JetStream(e)
+        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn consumer_missing(k: &jetstream::context::ConsumerInfoErrorKind) -> bool {
+    use jetstream::context::ConsumerInfoErrorKind as K;
+    match k {
+        K::NotFound => true,
+        K::JetStream(e) => e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND,
+        _ => false,
+    }
 }
 
 /// The status of the ledger under `subjects` (not scoped to a partition) with `partitions`
@@ -90,78 +125,111 @@ pub async fn cluster_status(
 ) -> Result<ClusterStatus, BusError> {
     let js = jetstream::new(client.clone());
     let info = client.server_info();
-    let mut intake = js.get_stream(subjects.intake_stream()).await.ok();
+    let mut problems = Vec::new();
+    let mut intake = match found(
+        js.get_stream(subjects.intake_stream()).await,
+        stream_missing,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            problems.push(format!("intake stream: {e}"));
+            None
+        }
+    };
     let intake_info = match &mut intake {
-        Some(s) => Some(
-            s.info()
-                .await
-                .map_err(|e| js_err("intake stream info")(&e))?
-                .clone(),
-        ),
+        Some(s) => match s.info().await {
+            Ok(i) => Some(i.clone()),
+            Err(e) => {
+                problems.push(format!("intake stream info: {e}"));
+                None
+            }
+        },
         None => None,
     };
-    let leases = js
-        .get_key_value(crate::lease::bucket_name(subjects.prefix()))
-        .await
-        .ok();
-    let mut members = Vec::new();
-    if let Some(kv) = &leases
-        && let Ok(mut keys) = kv.keys().await
-    {
-        while let Some(Ok(k)) = keys.next().await {
-            if k.starts_with("member-")
-                && let Ok(Some(v)) = kv.get(&k).await
-            {
-                members.push(String::from_utf8_lossy(&v).into_owned());
+    let leases = if partitions > 1 {
+        match js
+            .get_key_value(crate::lease::bucket_name(subjects.prefix()))
+            .await
+        {
+            Ok(kv) => Some(kv),
+            Err(e) => {
+                problems.push(format!("lease bucket: {e}"));
+                None
             }
+        }
+    } else {
+        None
+    };
+    let mut members = Vec::new();
+    if let Some(kv) = &leases {
+        match kv.keys().await {
+            Ok(mut keys) => {
+                while let Some(k) = keys.next().await {
+                    match k {
+                        Ok(k) if k.starts_with("member-") => match kv.get(&k).await {
+                            Ok(Some(v)) => members.push(String::from_utf8_lossy(&v).into_owned()),
+                            Ok(None) => {}
+                            Err(e) => problems.push(format!("lease {k}: {e}")),
+                        },
+                        Ok(_) => {}
+                        Err(e) => problems.push(format!("lease keys: {e}")),
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("lease keys: {e}")),
         }
     }
     members.sort();
+    let base = crate::BusConfig::default().consumer;
     let mut out = Vec::new();
     for n in 0..partitions.max(1) {
+        let mut problems = Vec::new();
         let scoped = if partitions > 1 {
             subjects.in_partition(n)
         } else {
             subjects.clone()
         };
         let owner = match &leases {
-            Some(kv) if partitions > 1 => kv
-                .get(crate::lease_key(n))
-                .await
-                .ok()
-                .flatten()
-                .map(|v| String::from_utf8_lossy(&v).into_owned()),
-            _ => None,
-        };
-        let (feed_head, feed) = match js.get_stream(scoped.feed_stream()).await {
-            Ok(mut s) => {
-                let i = s.info().await.map_err(|e| js_err("feed stream info")(&e))?;
-                (
-                    Some(i.state.last_sequence),
-                    GroupStatus::of(i.cluster.as_ref()),
-                )
-            }
-            Err(_) => (None, None),
-        };
-        let name = if partitions > 1 {
-            format!("touchledger-ledger-p{n}")
-        } else {
-            "touchledger-ledger".to_owned()
-        };
-        let (intake_pending, intake_unacked, consumer) = match &intake {
-            Some(s) => match s.get_consumer::<pull::Config>(&name).await {
-                Ok(mut c) => {
-                    let i = c
-                        .info()
-                        .await
-                        .map_err(|e| js_err("intake consumer info")(&e))?;
-                    (
-                        Some(i.num_pending),
-                        Some(i.num_ack_pending as u64),
-                        GroupStatus::of(i.cluster.as_ref()),
-                    )
+            Some(kv) => match kv.get(crate::lease_key(n)).await {
+                Ok(v) => v.map(|v| String::from_utf8_lossy(&v).into_owned()),
+                Err(e) => {
+                    problems.push(format!("lease: {e}"));
+                    None
                 }
-                Err(_) => (None, None, None),
+            },
+            None => None,
+        };
+        let (feed_head, feed) =
+            match found(js.get_stream(scoped.feed_stream()).await, stream_missing) {
+                Ok(Some(mut s)) => match s.info().await {
+                    Ok(i) => (
+                        Some(i.state.last_sequence),
+                        GroupStatus::of(i.cluster.as_ref()),
+                    ),
+                    Err(e) => {
+                        problems.push(format!("feed stream info: {e}"));
+                        (None, None)
+                    }
+                },
+                Ok(None) => (None, None),
+                Err(e) => {
+                    problems.push(format!("feed stream: {e}"));
+                    (None, None)
+                }
+            };
+        let name = crate::intake::consumer_name(&base, partitions, n);
+        let (intake_pending, intake_unacked, consumer) = match &intake {
+            Some(s) => match found(s.consumer_info(&name).await, consumer_missing) {
+                Ok(Some(i)) => (
+                    Some(i.num_pending),
+                    Some(i.num_ack_pending as u64),
+                    GroupStatus::of(i.cluster.as_ref()),
+                ),
+                Ok(None) => (None, None, None),
+                Err(e) => {
+                    problems.push(format!("intake consumer {name}: {e}"));
+                    (None, None, None)
+                }
             },
             None => (None, None, None),
         };
@@ -173,6 +241,7 @@ pub async fn cluster_status(
             intake_pending,
             intake_unacked,
             consumer,
+            problems,
         });
     }
     Ok(ClusterStatus {
@@ -184,5 +253,6 @@ pub async fn cluster_status(
         intake_messages: intake_info.as_ref().map(|i| i.state.messages),
         members,
         partitions: out,
+        problems,
     })
 }

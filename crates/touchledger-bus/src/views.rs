@@ -92,6 +92,10 @@ pub struct ViewConfig {
     /// a partitioned ledger, whose model would have to be fitted on every partition's
     /// customers, not one partition's.
     pub fits: bool,
+    /// How far the partition's committed-event feed holds its records
+    /// ([`crate::FeedProgress`]): a recorded model fit is acknowledged only once it is in the
+    /// feed (the next owner starts from the feed). The default tracks nothing.
+    pub feed: crate::FeedProgress,
 }
 
 impl std::fmt::Debug for ViewConfig {
@@ -129,6 +133,7 @@ impl Default for ViewConfig {
             month_ends: None,
             fence: crate::Fence::default(),
             fits: true,
+            feed: crate::FeedProgress::default(),
         }
     }
 }
@@ -690,10 +695,30 @@ async fn serve_model_records(
         .map_err(|e| nats_err("model record subscribe", e))?;
     while let Some((msg, reply, _)) = crate::next_query(&mut sub, &shutdown).await {
         let (store, fence) = (store.clone(), cfg.fence.clone());
-        let answer =
-            tokio::task::spawn_blocking(move || record_model(&store, &fence, &msg.payload))
+        let mut answer =
+            match tokio::task::spawn_blocking(move || record_model(&store, &fence, &msg.payload))
                 .await
-                .map_err(|e| nats_err("model record task", e))?;
+            {
+                Ok(a) => a,
+                Err(e) => fit_error("INTERNAL", format!("model record task: {e}")),
+            };
+        // Acknowledged only once the record is in the partition's feed.
+        if answer.error.is_none() {
+            match cfg
+                .feed
+                .reached(answer.position, &cfg.fence, &shutdown)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    answer = fit_error(
+                        "UNAVAILABLE",
+                        "the partition's owner is stopping; retry".into(),
+                    )
+                }
+                Err(e) => answer = fit_error("UNAVAILABLE", e.to_string()),
+            }
+        }
         if let Err(e) = client.publish(reply, answer.encode_to_vec().into()).await {
             tracing::warn!(error = %e, "model record reply failed");
         }
@@ -701,14 +726,18 @@ async fn serve_model_records(
     Ok(())
 }
 
-fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::FitReply {
-    let err = |code: &str, message: String| v1::FitReply {
+fn fit_error(code: &str, message: String) -> v1::FitReply {
+    v1::FitReply {
         error: Some(v1::QueryError {
             code: code.into(),
             message,
         }),
         ..Default::default()
-    };
+    }
+}
+
+fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::FitReply {
+    let err = fit_error;
     let event = match touchledger_proto::decode_event(bytes) {
         Ok(e) => e,
         Err(r) => return err("BAD_REQUEST", format!("undecodable event: {r:?}")),
@@ -739,10 +768,15 @@ fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::Fi
     }
 }
 
+/// How long a partition's part of a fit waits for its churn projection to reach the head.
+const FIT_STATS_WAIT: Duration = Duration::from_secs(20);
+
 async fn serve_queries(
     client: async_nats::Client,
     reads: Arc<ReadModels>,
     current: Arc<Current>,
+    store: Arc<SledStore>,
+    churn_checkpoint: tokio::sync::watch::Receiver<u64>,
     cfg: ViewConfig,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
@@ -752,43 +786,48 @@ async fn serve_queries(
         .map_err(|e| nats_err("query subscribe", e))?;
     let limit = Arc::new(tokio::sync::Semaphore::new(4));
     while let Some((msg, reply, model)) = crate::next_query(&mut sub, &shutdown).await {
-        let (reads, current, client, clock, limit) = (
+        // At most 4 reads in flight: the next message is taken only when one ends.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (reads, current, client, clock) = (
             reads.clone(),
             current.clone(),
             client.clone(),
             cfg.clock.clone(),
-            limit.clone(),
         );
+        let (store, mut churn_checkpoint) = (store.clone(), churn_checkpoint.clone());
         tokio::spawn(async move {
-            let Ok(_permit) = limit.acquire_owned().await else {
-                return;
-            };
+            let _permit = permit;
             // A partition's part of a population read or of a fit (the router asks every
             // partition).
             if model == crate::router::PARTIAL || model == crate::router::FIT_STATS {
                 let max = client.server_info().max_payload / 2;
-                let answer = tokio::task::spawn_blocking(move || {
-                    if model == crate::router::FIT_STATS {
-                        let mut req = FitStatsRequest::decode(msg.payload.as_ref())?;
+                let answer = if model == crate::router::FIT_STATS {
+                    fit_stats_answer(&reads, &store, &mut churn_checkpoint, msg.payload, max).await
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        let mut req = PartialRequest::decode(msg.payload.as_ref())?;
                         req.max_bytes = req.max_bytes.clamp(1, max.max(1));
-                        return touchledger_projector::model::fit_stats_page(&reads, &req)
-                            .map_err(|e| e.to_string());
-                    }
-                    let mut req = PartialRequest::decode(msg.payload.as_ref())?;
-                    req.max_bytes = req.max_bytes.clamp(1, max.max(1));
-                    partial::page(&reads, Some(current.as_ref()), &req).map_err(|e| e.to_string())
-                })
-                .await;
+                        partial::page(&reads, Some(current.as_ref()), &req)
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("partial read task: {e}")))
+                };
                 let sent = match answer {
-                    Ok(Ok(page)) => client.publish(reply, page.into()).await,
-                    Ok(Err(e)) => {
+                    Ok(page) => client.publish(reply, page.into()).await,
+                    Err(e) => {
                         let mut h = async_nats::HeaderMap::new();
                         h.insert(crate::headers::READ_ERROR, e.as_str());
                         client
                             .publish_with_headers(reply, h, bytes::Bytes::new())
                             .await
                     }
-                    Err(_) => return,
                 };
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, "partial reply failed");
@@ -798,23 +837,60 @@ async fn serve_queries(
             let answer = tokio::task::spawn_blocking(move || {
                 match v1::QueryRequest::decode(msg.payload.as_ref()) {
                     Ok(req) => answer(&reads, Some(current.as_ref()), &model, &req, clock()),
-                    Err(e) => v1::QueryReply {
-                        result: Some(v1::query_reply::Result::Error(v1::QueryError {
-                            code: "BAD_REQUEST".into(),
-                            message: format!("undecodable QueryRequest: {e}"),
-                        })),
-                    },
+                    Err(e) => query_error("BAD_REQUEST", format!("undecodable QueryRequest: {e}")),
                 }
             })
-            .await;
-            if let Ok(a) = answer
-                && let Err(e) = client.publish(reply, a.encode_to_vec().into()).await
-            {
+            .await
+            .unwrap_or_else(|e| query_error("INTERNAL", format!("query task: {e}")));
+            if let Err(e) = client.publish(reply, answer.encode_to_vec().into()).await {
                 tracing::warn!(error = %e, "query reply failed");
             }
         });
     }
     Ok(())
+}
+
+fn query_error(code: &str, message: String) -> v1::QueryReply {
+    v1::QueryReply {
+        result: Some(v1::query_reply::Result::Error(v1::QueryError {
+            code: code.into(),
+            message,
+        })),
+    }
+}
+
+/// One page of this partition's buyers' statistics for a fit across partitions. The first page
+/// waits (up to [`FIT_STATS_WAIT`]) until the churn projection has folded the log up to its
+/// head as of the request: a fit sees everything committed, as on a single ledger.
+async fn fit_stats_answer(
+    reads: &Arc<ReadModels>,
+    store: &SledStore,
+    churn_checkpoint: &mut tokio::sync::watch::Receiver<u64>,
+    payload: bytes::Bytes,
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    let mut req = FitStatsRequest::decode(payload.as_ref())?;
+    req.max_bytes = req.max_bytes.clamp(1, max.max(1));
+    if req.after.is_none() {
+        let target = store.head().position;
+        let caught_up = matches!(
+            tokio::time::timeout(FIT_STATS_WAIT, churn_checkpoint.wait_for(|c| *c >= target)).await,
+            Ok(Ok(_))
+        );
+        if !caught_up {
+            return Err(format!(
+                "{}the projections have not reached position {target} within {} s; retry",
+                crate::router::NOT_READY_PREFIX,
+                FIT_STATS_WAIT.as_secs()
+            ));
+        }
+    }
+    let reads = reads.clone();
+    tokio::task::spawn_blocking(move || {
+        touchledger_projector::model::fit_stats_page(&reads, &req).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("fit statistics task: {e}")))
 }
 
 /// Run projectors, view publishing, queries and the assessor until `shutdown`.
@@ -886,15 +962,17 @@ pub async fn run_views(
         Some(tx),
         shutdown.clone(),
     ));
+    let (churn_checkpoint, checkpoint_rx) =
+        tokio::sync::watch::channel(reads.checkpoints().map_err(projector_err)?[2]);
     let queries = tokio::spawn(serve_queries(
         client.clone(),
         reads.clone(),
         current.clone(),
+        store.clone(),
+        checkpoint_rx.clone(),
         cfg.clone(),
         shutdown.clone(),
     ));
-    let (churn_checkpoint, checkpoint_rx) =
-        tokio::sync::watch::channel(reads.checkpoints().map_err(projector_err)?[2]);
     let fits = if cfg.fits {
         tokio::spawn(serve_fits(
             client.clone(),

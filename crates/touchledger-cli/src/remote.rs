@@ -439,5 +439,15 @@ pub fn cluster_status(
             group(&p.consumer),
         )?;
     }
+    // What could not be read (a Raft group without a leader, a lease bucket that failed):
+    // named, never shown as "missing".
+    for e in &status.problems {
+        writeln!(out, "problem: {e}")?;
+    }
+    for p in &status.partitions {
+        for e in &p.problems {
+            writeln!(out, "problem: partition {}: {e}", p.partition)?;
+        }
+    }
     Ok(EXIT_OK)
 }
