@@ -27,7 +27,7 @@ fn metrics_handle() -> Arc<dyn Fn() -> String + Send + Sync> {
 }
 
 /// A plain HTTP/1.1 GET: (status, body).
-async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+pub(crate) async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");

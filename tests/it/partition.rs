@@ -295,7 +295,14 @@ fn an_unpartitioned_store_stays_partition_0_of_1() {
 /// A `serve` child process, killed (SIGKILL) when the test is done with it, also when the test
 /// fails: a leftover would keep retrying its NATS URLs and could join a later test's server
 /// that happens to get the same port.
-pub(crate) struct ServeChild(std::process::Child);
+pub(crate) struct ServeChild(std::process::Child, u16);
+
+impl ServeChild {
+    /// The port of its HTTP API.
+    pub(crate) fn http_port(&self) -> u16 {
+        self.1
+    }
+}
 
 impl std::ops::Deref for ServeChild {
     type Target = std::process::Child;
@@ -364,6 +371,12 @@ pub(crate) fn spawn_serve(
         "--global-checkpoint-secs",
         "1",
     ];
+    // Every process serves HTTP: on a free port unless the test names one.
+    let port = touchledger_testkit::free_port();
+    let http = format!("127.0.0.1:{port}");
+    if !extra.contains(&"--http-addr") {
+        args.extend_from_slice(&["--http-addr", &http]);
+    }
     args.extend_from_slice(extra);
     let args = args.join("\u{1f}");
     std::process::Command::new(std::env::current_exe().expect("exe"))
@@ -378,7 +391,7 @@ pub(crate) fn spawn_serve(
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
-        .map(ServeChild)
+        .map(|c| ServeChild(c, port))
         .expect("spawn serve")
 }
 

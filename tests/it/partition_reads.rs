@@ -521,6 +521,8 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         );
     }
 
+    http_reads_equal_the_single_ledger(&children, &reference, &customers, at).await;
+
     for (what, sub) in [("view", &mut live), ("alert", &mut alerts)] {
         for _ in 0..50 {
             let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
@@ -738,4 +740,192 @@ async fn now_differences(
         }
     }
     diff
+}
+
+/// The body of a `GET` that must answer 200.
+async fn http_ok(port: u16, path: &str) -> String {
+    let (status, body) = crate::http::get(port, path, None).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+/// JSON as it comes out of the API: through its text (so floats compare as the API prints
+/// them).
+fn as_served(v: &serde_json::Value) -> serde_json::Value {
+    serde_json::from_str(&serde_json::to_string(v).expect("json")).expect("json")
+}
+
+/// The HTTP API of every process of the partitioned ledger answers as the single ledger's
+/// would: customer pages (read models, timeline, ranks among every partition's buyers), the
+/// overview and every order of the at-risk list at an instant; "now" ranks counted from the
+/// partitions' current views equal the single ledger's at the reply's instant; `/readyz` names
+/// the partitions each process owns.
+async fn http_reads_equal_the_single_ledger(
+    children: &[ServeChild],
+    reference: &Reference,
+    customers: &BTreeSet<&str>,
+    at: Timestamp,
+) {
+    let as_of = AsOf::business(at);
+    let ports: Vec<u16> = children.iter().map(ServeChild::http_port).collect();
+    let owned = [vec!["0", "1", "2"], vec!["3", "4", "5"], vec!["6", "7"]];
+    for (i, port) in ports.iter().enumerate() {
+        // Ready once its partitions' read models have caught up (they have: the population
+        // above was equal), and it says which partitions it holds.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let ready = loop {
+            let (status, body) = crate::http::get(*port, "/readyz", None).await;
+            if status == 200 {
+                break body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never ready: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let ready: serde_json::Value = serde_json::from_str(&ready).expect("readyz JSON");
+        let held: Vec<&str> = ready["owned"]
+            .as_object()
+            .expect("owned")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(held, owned[i], "{ready}");
+        assert_eq!(ready["partitions"], 8, "{ready}");
+    }
+
+    // The dashboard's partitions card: every partition, its owner, from any process.
+    let status: serde_json::Value =
+        serde_json::from_str(&http_ok(ports[1], "/api/v1/partitions").await).expect("JSON");
+    let parts = status["partitions"].as_array().expect("partitions");
+    assert_eq!(parts.len(), 8, "{status}");
+    for (i, held) in owned.iter().enumerate() {
+        for n in held {
+            let p = &parts[n.parse::<usize>().expect("n")];
+            let owner = p["owner"].as_str().unwrap_or_default();
+            assert!(
+                owner.contains(&format!("/{}/", children[i].id())),
+                "partition {n} owned by {owner}, not process {i}"
+            );
+            assert!(p["feed_head"].as_u64().unwrap_or(0) > 0, "{p}");
+        }
+    }
+
+    // The overview at the instant, byte for byte, from each process.
+    let want = serde_json::to_string(
+        &serde_json::to_value(reference.reads.population(as_of).expect("population"))
+            .expect("json"),
+    )
+    .expect("json");
+    for port in &ports {
+        let body = http_ok(*port, &format!("/api/v1/overview?as_of={AS_OF}")).await;
+        assert_eq!(body, want, "overview through port {port}");
+    }
+
+    // Customer pages: one customer of each partition, through a process that does not own it
+    // (every field but each record's position, version and recording time, which are the
+    // partition log's).
+    let strip = |mut v: serde_json::Value| {
+        for e in v["timeline"].as_array_mut().into_iter().flatten() {
+            let o = e.as_object_mut().expect("entry");
+            o.remove("position");
+            o.remove("recorded_at");
+            // (The partition's log also holds the assessor's `ChurnRiskAssessed` records,
+            // which take customer versions; the reference has no assessor.)
+            o.remove("customer_version");
+        }
+        v
+    };
+    for n in 0..P {
+        let customer = customers
+            .iter()
+            .rev()
+            .find(|c| {
+                partition_of(c, P) == n && reference.reads.ranks(c, as_of).ok().flatten().is_some()
+            })
+            .expect("a buyer of the partition");
+        let port = ports[(owned
+            .iter()
+            .position(|o| o.contains(&n.to_string().as_str()))
+            .expect("owner")
+            + 1)
+            % 3];
+        let body = http_ok(port, &format!("/api/v1/customers/{customer}?as_of={AS_OF}")).await;
+        let mut want = touchledger_projector::api::customer_page(
+            &reference.store,
+            &reference.reads,
+            customer,
+            as_of,
+            200,
+        )
+        .expect("page")
+        .expect("known");
+        want.insert(
+            "ranks".into(),
+            serde_json::json!(reference.reads.ranks(customer, as_of).expect("ranks")),
+        );
+        let got: serde_json::Value = serde_json::from_str(&body).expect("page JSON");
+        assert_eq!(
+            strip(got),
+            strip(as_served(&serde_json::Value::Object(want))),
+            "page of {customer} (partition {n}) through port {port}"
+        );
+
+        // "Now": ranks counted from every partition's current views equal the single
+        // ledger's at the reply's instant.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let body = http_ok(port, &format!("/api/v1/customers/{customer}")).await;
+            let got: serde_json::Value = serde_json::from_str(&body).expect("page JSON");
+            let now: Timestamp = got["as_of"].as_str().expect("as_of").parse().expect("time");
+            let want = reference
+                .reads
+                .ranks(customer, AsOf::business(now))
+                .expect("ranks");
+            if got["ranks"] == as_served(&serde_json::json!(want)) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "now ranks of {customer}: {} want {want:?}",
+                got["ranks"]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let (status, body) = crate::http::get(ports[0], "/api/v1/customers/nobody-at-all", None).await;
+    assert_eq!(status, 404, "{body}");
+
+    // The at-risk list at the instant, every order, two pages: the partitions' first rows
+    // merged are the single ledger's page.
+    for sort in ["score", "value", "since", "customer", "level"] {
+        for (page, order) in [(1, "desc"), (2, "asc")] {
+            let req = touchledger_projector::api::AtRiskRequest {
+                as_of,
+                now: false,
+                min_level: touchledger_domain::ChurnLevel::Watch,
+                level: None,
+                cause: None,
+                reason: None,
+                sort: sort.into(),
+                ascending: order == "asc",
+                offset: (page - 1) * 50,
+                limit: 50,
+            };
+            let want = req.answer(&reference.reads, None).expect("at-risk");
+            assert!(want.items.len() == 50, "a full page to compare ({sort})");
+            let path = format!(
+                "/api/v1/at-risk?as_of={AS_OF}&sort={sort}&order={order}&page={page}&per_page=50"
+            );
+            let got: serde_json::Value =
+                serde_json::from_str(&http_ok(ports[page % 3], &path).await).expect("JSON");
+            assert_eq!(got["total"], want.total, "{path}");
+            assert_eq!(
+                got["items"],
+                as_served(&serde_json::json!(want.items)),
+                "{path}"
+            );
+        }
+    }
 }

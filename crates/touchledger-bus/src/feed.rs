@@ -104,7 +104,11 @@ pub async fn run_feed(
     cfg.feed.set(published);
     let mut head = store.subscribe();
     tracing::info!(published, "feed started");
-    metrics::gauge!("touchledger_feed_published_position").set(published as f64);
+    metrics::gauge!(
+        "touchledger_feed_published_position",
+        crate::metric_labels(&cfg.subjects, &[])
+    )
+    .set(published as f64);
     loop {
         let target = head.borrow_and_update().position;
         if let Err(e) = publish_range(
@@ -331,7 +335,11 @@ async fn publish_range(
         *published = to;
         cfg.feed.set(to);
         // How far the feed has caught up (compare with the store's head: the feed's lag).
-        metrics::gauge!("touchledger_feed_published_position").set(to as f64);
+        metrics::gauge!(
+            "touchledger_feed_published_position",
+            crate::metric_labels(&cfg.subjects, &[])
+        )
+        .set(to as f64);
     }
     Ok(())
 }

@@ -50,7 +50,23 @@ pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
 pub use router::{FitFailed, ReadError, Router, run_router};
 pub use status::{ClusterStatus, GroupStatus, PartitionStatus, cluster_status};
-pub use views::{ViewConfig, open_current, open_month_ends, run_views};
+pub use views::{OwnedPartition, OwnedViews, ViewConfig, open_current, open_month_ends, run_views};
+
+/// The labels of a metric of one log: `extra`, and `partition` when the log is a partition's
+/// (so each partition's gauges are their own series).
+pub(crate) fn metric_labels(
+    subjects: &Subjects,
+    extra: &[(&'static str, &'static str)],
+) -> Vec<metrics::Label> {
+    let mut labels: Vec<metrics::Label> = extra
+        .iter()
+        .map(|(k, v)| metrics::Label::new(*k, *v))
+        .collect();
+    if let Some(p) = subjects.partition() {
+        labels.push(metrics::Label::new("partition", p.to_string()));
+    }
+    labels
+}
 
 /// Header names used on dead-letter and feed messages.
 pub mod headers {

@@ -24,8 +24,11 @@ use touchledger_domain::facts::AsOf;
 use touchledger_domain::partition::partition_of;
 use touchledger_domain::population::{PopulationView, Rules};
 use touchledger_domain::{Event, ModelFitted, TimeUnit, Timestamp};
+use touchledger_projector::api::{AtRiskAnswer, AtRiskRequest};
+use touchledger_projector::current::{RankCounts, RankKeys};
 use touchledger_projector::model::FitStatsRequest;
 use touchledger_projector::partial::{Merge, PartialPage, PartialRequest};
+use touchledger_projector::read::Ranks;
 use touchledger_proto::{v1, views};
 
 use crate::{BusError, Subjects, nats_err};
@@ -35,6 +38,37 @@ pub(crate) const PARTIAL: &str = "partial";
 
 /// The model name of a partition's part of a model fit (its buyers' statistics).
 pub(crate) const FIT_STATS: &str = "fitstats";
+
+/// The model name of a customer's page without ranks (HTTP 360), asked of its partition.
+pub(crate) const PAGE: &str = "page";
+
+/// The model name of a partition's counts of buyers below given rank keys.
+pub(crate) const RANK_COUNTS: &str = "rankcounts";
+
+/// The model name of a partition's first rows of the at-risk list.
+pub(crate) const AT_RISK: &str = "atrisk";
+
+/// A customer's page, asked of the customer's partition (JSON).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PageRequest {
+    pub customer: String,
+    pub as_of: AsOf,
+    /// A "now" read: the answer carries the customer's rank keys in the current views.
+    pub now: bool,
+    /// Timeline entries at most.
+    pub limit: usize,
+}
+
+/// The partition's answer: the page (`None`: no touchpoints at the instant) and the
+/// customer's rank keys when the current views may answer the ranks.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PageAnswer {
+    pub page: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Whether the current views answer the ranks (a "now" read, business axis, ready).
+    pub current: bool,
+    /// The customer's keys in them (`None`: not a buyer).
+    pub rank_keys: Option<RankKeys>,
+}
 
 /// How a partition's `Touchledger-Read-Error` says it is not ready yet (retry), not failed.
 pub(crate) const NOT_READY_PREFIX: &str = "NOT_READY: ";
@@ -223,6 +257,137 @@ impl Router {
                 return Ok(pages);
             }
         }
+    }
+
+    /// One JSON request to one partition, its JSON answer.
+    async fn ask_json<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        partition: u32,
+        model: &str,
+        req: &Q,
+    ) -> Result<A, ReadError> {
+        let body = serde_json::to_vec(req).map_err(|e| ReadError::Partition {
+            partition,
+            detail: format!("{model} request: {e}"),
+        })?;
+        let mut pages = self
+            .pages(
+                partition,
+                model,
+                |_| body.clone(),
+                |b| {
+                    serde_json::from_slice::<A>(b)
+                        .map(|a| (a, None))
+                        .map_err(|e| format!("undecodable {model} answer: {e}"))
+                },
+            )
+            .await?;
+        Ok(pages.remove(0))
+    }
+
+    /// A customer's page (HTTP 360) at `as_of`: the partition that holds the customer gives
+    /// the read models and the timeline; the ranks are among every buyer of every partition.
+    /// For a "now" read they are counted from each partition's current views (O(P log n),
+    /// exact: the counts add up); at any other instant, or while a partition's current views
+    /// are not ready, they are taken from every customer's contribution at the instant, as a
+    /// population read is. `None`: no touchpoints of the customer at the instant.
+    pub async fn customer_page(
+        &self,
+        customer: &str,
+        as_of: AsOf,
+        now: bool,
+        limit: usize,
+    ) -> Result<Option<serde_json::Value>, ReadError> {
+        let owner = partition_of(customer, self.partitions);
+        let req = PageRequest {
+            customer: customer.to_owned(),
+            as_of,
+            now,
+            limit,
+        };
+        let answer: PageAnswer = self.ask_json(owner, PAGE, &req).await?;
+        let Some(mut page) = answer.page else {
+            return Ok(None);
+        };
+        let counted = match (&answer.rank_keys, answer.current) {
+            (Some(keys), true) => self.counted_ranks(keys).await?,
+            // The current views answer that the customer is not a buyer: no ranks.
+            (None, true) => Some(None),
+            (_, false) => None,
+        };
+        let ranks = match counted {
+            Some(r) => r,
+            None => self.merged_ranks(customer, as_of, now).await?,
+        };
+        page.insert(
+            "ranks".into(),
+            serde_json::to_value(ranks).unwrap_or(serde_json::Value::Null),
+        );
+        Ok(Some(serde_json::Value::Object(page)))
+    }
+
+    /// Ranks from every partition's counts below `keys`; `None` when a partition's current
+    /// views are not ready or rank in another currency than the ledger's reporting currency.
+    async fn counted_ranks(&self, keys: &RankKeys) -> Result<Option<Option<Ranks>>, ReadError> {
+        let parts: Vec<RankCounts> = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.ask_json(p, RANK_COUNTS, keys)),
+        )
+        .await?;
+        let mut sum = RankCounts {
+            ready: true,
+            ..RankCounts::default()
+        };
+        for c in &parts {
+            sum.add(c);
+        }
+        let currency =
+            touchledger_domain::population::reporting_currency(&self.rules.population, &sum.totals);
+        let same = parts
+            .iter()
+            .all(|c| c.currency == currency || c.buyers == 0)
+            && keys.currency == currency;
+        Ok((sum.ready && same).then(|| Some(sum.ranks())))
+    }
+
+    /// Ranks from every customer's contribution at `as_of` (a pass over every customer).
+    async fn merged_ranks(
+        &self,
+        customer: &str,
+        as_of: AsOf,
+        now: bool,
+    ) -> Result<Option<Ranks>, ReadError> {
+        let parts = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.partial(p, as_of, now)),
+        )
+        .await?;
+        let (rules, customer) = (self.rules.clone(), customer.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut merge = Merge::new(as_of, &rules);
+            for page in parts.into_iter().flatten() {
+                merge.add(page);
+            }
+            merge.ranks(&customer)
+        })
+        .await
+        .map_err(|e| ReadError::Partition {
+            partition: 0,
+            detail: format!("merge task: {e}"),
+        })
+    }
+
+    /// One page of the ledger's at-risk list: each partition's first `offset + limit` rows,
+    /// merged in the list's order (O(P × (offset + limit)) rows moved); the total is the sum.
+    pub async fn at_risk(&self, req: &AtRiskRequest) -> Result<AtRiskAnswer, ReadError> {
+        let each = AtRiskRequest {
+            offset: 0,
+            limit: req.offset.saturating_add(req.limit),
+            ..req.clone()
+        };
+        let parts: Vec<AtRiskAnswer> = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.ask_json(p, AT_RISK, &each)),
+        )
+        .await?;
+        Ok(touchledger_projector::api::merge_at_risk(req, parts))
     }
 
     /// Every customer of one partition at `as_of`, page by page.

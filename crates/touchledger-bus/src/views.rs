@@ -96,6 +96,9 @@ pub struct ViewConfig {
     /// ([`crate::FeedProgress`]): a recorded model fit is acknowledged only once it is in the
     /// feed (the next owner starts from the feed). The default tracks nothing.
     pub feed: crate::FeedProgress,
+    /// Where a partition's read models are registered while it is owned here (the HTTP
+    /// server's `/readyz` of a partitioned process reads them). `None` = not registered.
+    pub owned: Option<OwnedViews>,
 }
 
 impl std::fmt::Debug for ViewConfig {
@@ -134,6 +137,7 @@ impl Default for ViewConfig {
             fence: crate::Fence::default(),
             fits: true,
             feed: crate::FeedProgress::default(),
+            owned: None,
         }
     }
 }
@@ -768,6 +772,115 @@ fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::Fi
     }
 }
 
+/// A partition's answer to the router's reads behind the HTTP API (JSON both ways; errors go
+/// back in the `Touchledger-Read-Error` header):
+/// * `page`: a customer's page without ranks ([`touchledger_projector::api::customer_page`])
+///   and, for a "now" read the current views answer, the customer's rank keys;
+/// * `rankcounts`: how many of this partition's current buyers rank below given keys;
+/// * `atrisk`: the first rows of this partition's at-risk list.
+fn json_read_answer(
+    model: &str,
+    payload: &[u8],
+    store: &SledStore,
+    reads: &ReadModels,
+    current: &Current,
+) -> Result<Vec<u8>, String> {
+    let bad = |e: serde_json::Error| format!("undecodable {model} request: {e}");
+    let out = match model {
+        crate::router::PAGE => {
+            let req: crate::router::PageRequest = serde_json::from_slice(payload).map_err(bad)?;
+            let page = touchledger_projector::api::customer_page(
+                store,
+                reads,
+                &req.customer,
+                req.as_of,
+                req.limit,
+            )
+            .map_err(|e| e.to_string())?;
+            let now = req.now
+                && req.as_of.axis == touchledger_domain::facts::Axis::Business
+                && current.is_ready();
+            let rank_keys = now.then(|| current.rank_keys(&req.customer)).flatten();
+            serde_json::to_vec(&crate::router::PageAnswer {
+                page,
+                current: now,
+                rank_keys,
+            })
+        }
+        crate::router::RANK_COUNTS => {
+            let keys: touchledger_projector::current::RankKeys =
+                serde_json::from_slice(payload).map_err(bad)?;
+            serde_json::to_vec(&current.rank_counts(&keys))
+        }
+        _ => {
+            let req: touchledger_projector::api::AtRiskRequest =
+                serde_json::from_slice(payload).map_err(bad)?;
+            let answer = req
+                .answer(reads, Some(current))
+                .map_err(|e| e.to_string())?;
+            serde_json::to_vec(&answer)
+        }
+    };
+    out.map_err(|e| format!("{model} answer: {e}"))
+}
+
+/// The read models of the partitions a process owns now, by partition (registered by
+/// [`run_views`] for as long as it runs a partition's).
+#[derive(Clone, Debug, Default)]
+pub struct OwnedViews(Arc<Mutex<std::collections::BTreeMap<u32, OwnedPartition>>>);
+
+/// One owned partition's store and read models.
+#[derive(Clone)]
+pub struct OwnedPartition {
+    /// Its store.
+    pub store: Arc<SledStore>,
+    /// Its read models.
+    pub reads: Arc<ReadModels>,
+    /// Its current views.
+    pub current: Arc<Current>,
+}
+
+impl std::fmt::Debug for OwnedPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedPartition")
+            .field("partition", &self.store.partition())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnedViews {
+    /// The partitions owned now, in order.
+    pub fn snapshot(&self) -> Vec<(u32, OwnedPartition)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, p)| (*n, p.clone()))
+            .collect()
+    }
+
+    fn insert(&self, n: u32, p: OwnedPartition) -> Registered {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n, p);
+        Registered(self.clone(), n)
+    }
+}
+
+/// Removes a partition from [`OwnedViews`] when its read models stop, however they stop.
+struct Registered(OwnedViews, u32);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        (self.0)
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
 /// How long a partition's part of a fit waits for its churn projection to reach the head.
 const FIT_STATS_WAIT: Duration = Duration::from_secs(20);
 
@@ -805,9 +918,21 @@ async fn serve_queries(
             let _permit = permit;
             // A partition's part of a population read or of a fit (the router asks every
             // partition).
-            if model == crate::router::PARTIAL || model == crate::router::FIT_STATS {
+            let json_read = [
+                crate::router::PAGE,
+                crate::router::RANK_COUNTS,
+                crate::router::AT_RISK,
+            ]
+            .contains(&model.as_str());
+            if model == crate::router::PARTIAL || model == crate::router::FIT_STATS || json_read {
                 let max = client.server_info().max_payload / 2;
-                let answer = if model == crate::router::FIT_STATS {
+                let answer = if json_read {
+                    tokio::task::spawn_blocking(move || {
+                        json_read_answer(&model, &msg.payload, &store, &reads, &current)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("read task: {e}")))
+                } else if model == crate::router::FIT_STATS {
                     fit_stats_answer(&reads, &store, &mut churn_checkpoint, msg.payload, max).await
                 } else {
                     tokio::task::spawn_blocking(move || {
@@ -914,6 +1039,17 @@ pub async fn run_views(
     let current = match &cfg.current {
         Some(c) => c.clone(),
         None => open_current(&store, &cfg.rules, cfg.current_refresh)?,
+    };
+    let _registered = match (&cfg.owned, cfg.subjects.partition()) {
+        (Some(owned), Some(n)) => Some(owned.insert(
+            n,
+            OwnedPartition {
+                store: store.clone(),
+                reads: reads.clone(),
+                current: current.clone(),
+            },
+        )),
+        _ => None,
     };
     // Far behind the head (a new or reset projection on a grown store, a long downtime): fold
     // synchronously first, in passes for empty projections (`touchledger_projector::catch_up`),
@@ -1026,8 +1162,9 @@ pub async fn run_views(
                 }
                 Some(change) = rx.recv() => {
                     let lag = store.head().position.saturating_sub(change.checkpoint);
-                    metrics::gauge!("touchledger_projection_lag", "projection" => change.projection).set(lag as f64);
-                    metrics::gauge!("touchledger_projection_checkpoint", "projection" => change.projection).set(change.checkpoint as f64);
+                    let labels = crate::metric_labels(&cfg.subjects, &[("projection", change.projection)]);
+                    metrics::gauge!("touchledger_projection_lag", labels.clone()).set(lag as f64);
+                    metrics::gauge!("touchledger_projection_checkpoint", labels).set(change.checkpoint as f64);
                     if change.projection == "churn" {
                         churn_checkpoint.send_replace(change.checkpoint);
                     }

@@ -282,16 +282,7 @@ pub fn serve(
         view_cfg.current = Some(current.clone());
         let month_ends = touchledger_bus::open_month_ends(&store, &view_cfg.rules)?;
         view_cfg.month_ends = Some(month_ends.clone());
-        let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
-        {
-            Ok(handle) => {
-                Some(Arc::new(move || handle.render()) as Arc<dyn Fn() -> String + Send + Sync>)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed");
-                None
-            }
-        };
+        let metrics = install_metrics();
         for q in store.quarantined() {
             metrics_quarantined(q);
         }
@@ -331,6 +322,19 @@ pub fn serve(
         http?;
         anyhow::Ok(())
     })
+}
+
+/// The Prometheus recorder behind `/metrics` (`None`, logged, if one is installed already).
+fn install_metrics() -> Option<Arc<dyn Fn() -> String + Send + Sync>> {
+    match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => {
+            Some(Arc::new(move || handle.render()) as Arc<dyn Fn() -> String + Send + Sync>)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed");
+            None
+        }
+    }
 }
 
 /// The frame both services run in: a runtime, SIGINT/SIGTERM caught from the start, the NATS
@@ -382,8 +386,7 @@ pub struct PartitionRun {
 /// consumer (the server routes touchpoints by customer), synchronous append, replay,
 /// committed-event feed and read models on its own store, and the router that answers the
 /// ledger-wide queries (forwarded to the customer's partition, or merged across all of them;
-/// docs/partitions.md). The HTTP API and dashboard are not served for partitioned ledgers yet;
-/// this is said at start-up.
+/// docs/partitions.md), and the HTTP API and dashboard, whose reads go through the router.
 pub fn serve_partitions(
     stores: Vec<SledStore>,
     nats: &NatsArgs,
@@ -395,9 +398,6 @@ pub fn serve_partitions(
     run_service(nats, views.shutdown, |client, shutdown| async move {
         let owned: Vec<String> = stores.iter().map(|s| s.partition().to_string()).collect();
         tracing::info!(server = %client.server_info().version, prefix = %nats.prefix, partitions = ?owned, "connected");
-        tracing::warn!(
-            "partitioned ledger: the HTTP API and the dashboard are not served yet; read models answer over NATS (docs/partitions.md)"
-        );
         for store in &stores {
             for q in store.quarantined() {
                 metrics_quarantined(q);
@@ -409,8 +409,11 @@ pub fn serve_partitions(
             touchledger_bus::lease_bucket(&js, &nats.prefix, run.lease_ttl, run.replicas).await?;
         let count = stores.first().map_or(1, |s| s.partition().count);
         let owner = touchledger_bus::owner_name();
+        // The partitions' read models register here while owned (for /readyz).
+        let owned_views = touchledger_bus::OwnedViews::default();
         let view_cfg = touchledger_bus::ViewConfig {
             sweep_interval: views.sweep,
+            owned: Some(owned_views.clone()),
             ..touchledger_bus::ViewConfig::default()
         };
         // Any process answers any ledger-wide read or fit, whatever partitions it owns.
@@ -421,6 +424,31 @@ pub fn serve_partitions(
             view_cfg.rules.clone(),
         );
         router.name = owner.clone();
+        // The HTTP API and dashboard: every read through the router, whatever is owned here.
+        {
+            let http_cfg = touchledger_http::HttpConfig {
+                addr: views.http_addr,
+                token: views.http_token.clone(),
+                prefix: nats.prefix.clone(),
+                metrics: install_metrics(),
+                clock: view_cfg.clock.clone(),
+                ..touchledger_http::HttpConfig::default()
+            };
+            let p = touchledger_http::Partitioned {
+                router: router.clone(),
+                owned: owned_views,
+            };
+            let (client, shutdown) = (client.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                let r =
+                    touchledger_http::run_http_partitioned(p, client, http_cfg, shutdown.clone())
+                        .await;
+                if r.is_err() {
+                    shutdown.cancel();
+                }
+                r.context("HTTP API")
+            });
+        }
         {
             let (router, clock, shutdown) =
                 (router.clone(), view_cfg.clock.clone(), shutdown.clone());

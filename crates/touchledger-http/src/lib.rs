@@ -30,15 +30,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use prost::Message;
-use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use touchledger_domain::facts::{AsOf, Axis};
 use touchledger_domain::{ChurnLevel, Event, Timestamp};
-use touchledger_projector::current::{AtRiskQuery, AtRiskSort};
+use touchledger_projector::api::AtRiskRequest;
 use touchledger_projector::monthend::MonthEnds;
 use touchledger_projector::{Current, ReadModels};
-use touchledger_store::{EventStore, ReadFilter, SledStore};
+use touchledger_store::{EventStore, SledStore};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const OPENAPI: &str = include_str!("../assets/openapi.json");
@@ -111,10 +110,49 @@ pub enum HttpError {
 }
 
 struct AppState {
-    store: Arc<SledStore>,
-    reads: Arc<ReadModels>,
+    backend: Backend,
     client: async_nats::Client,
     cfg: HttpConfig,
+}
+
+/// Where the reads come from.
+enum Backend {
+    /// An unpartitioned ledger: its store and read models, in this process.
+    Local {
+        store: Arc<SledStore>,
+        reads: Arc<ReadModels>,
+    },
+    /// A process of a partitioned ledger.
+    Partitioned(Box<Partitioned>),
+}
+
+/// What the HTTP API of a process of a partitioned ledger reads through: the router (any
+/// partition, owned here or not, over NATS) and the partitions this process owns now (for
+/// `/readyz`).
+#[derive(Clone, Debug)]
+pub struct Partitioned {
+    /// The ledger-wide reads.
+    pub router: touchledger_bus::Router,
+    /// The partitions owned here now.
+    pub owned: touchledger_bus::OwnedViews,
+}
+
+/// A read across partitions that failed: 503 when a partition has no owner answering or is not
+/// ready (retry), 500 otherwise.
+fn read_failed(e: touchledger_bus::ReadError) -> ApiError {
+    match e.code() {
+        "UNAVAILABLE" | "NOT_READY" => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        _ => internal(e),
+    }
+}
+
+/// Whether a read is for "now" (no explicit `as_of`, business axis).
+fn is_now(q: &HashMap<String, String>) -> bool {
+    let explicit = q.get("as_of").is_some_and(|v| !v.is_empty());
+    let business = q
+        .get("axis")
+        .is_none_or(|a| a.is_empty() || a == "business");
+    !explicit && business
 }
 
 /// A JSON error response.
@@ -173,14 +211,10 @@ fn number(q: &HashMap<String, String>, key: &str, default: u64, max: u64) -> Res
 /// The current materialisation, when this read may use it: no explicit `as_of`, the business
 /// axis, and the start-up re-evaluation done.
 fn current_now(s: &AppState, q: &HashMap<String, String>) -> Option<Arc<Current>> {
-    let explicit = q.get("as_of").is_some_and(|v| !v.is_empty());
-    let business = q
-        .get("axis")
-        .is_none_or(|a| a.is_empty() || a == "business");
     s.cfg
         .current
         .as_ref()
-        .filter(|c| !explicit && business && c.is_ready())
+        .filter(|c| is_now(q) && c.is_ready())
         .cloned()
 }
 
@@ -195,100 +229,60 @@ async fn customer(
     State(s): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
     q: Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     // A path that does not decode (`%ff`) gets the JSON error too, not axum's plain text.
     let Path(id) = id.map_err(|e| bad(format!("id: {}", e.body_text())))?;
     let q = params(q)?;
     let at = as_of(&q, (s.cfg.clock)())?;
     let limit = number(&q, "limit", 200, 10_000)? as usize;
+    let not_found = move |id: &str| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no touchpoints of customer {id:?} at {} ({:?} axis)",
+                at.at, at.axis
+            ),
+        )
+    };
+    let (store, reads) = match &s.backend {
+        Backend::Local { store, reads } => (store.clone(), reads.clone()),
+        Backend::Partitioned(p) => {
+            // The customer's partition gives the page; the ranks are among every partition's
+            // buyers (counted from their current views for a "now" read).
+            let partition = touchledger_domain::partition::partition_of(&id, p.router.partitions);
+            return match p
+                .router
+                .customer_page(&id, at, is_now(&q), limit)
+                .await
+                .map_err(read_failed)?
+            {
+                Some(page) => Ok((
+                    [("x-touchledger-partition", partition.to_string())],
+                    Json(page),
+                )
+                    .into_response()),
+                None => Err(not_found(&id)),
+            };
+        }
+    };
     let current = current_now(&s, &q);
     blocking(move || {
-        let Some(views) = s.reads.customer(&id, at).map_err(internal)? else {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no touchpoints of customer {id:?} at {} ({:?} axis)",
-                    at.at, at.axis
-                ),
-            ));
+        let Some(mut page) =
+            touchledger_projector::api::customer_page(store.as_ref(), &reads, &id, at, limit)
+                .map_err(internal)?
+        else {
+            return Err(not_found(&id));
         };
-        let mut visible = Vec::new();
-        for c in s.store.read(&ReadFilter {
-            customer: Some(id.clone()),
-            ..Default::default()
-        }) {
-            let c = c.map_err(internal)?;
-            if c.event.occurred_at <= at.at && (at.axis == Axis::Business || c.recorded_at <= at.at)
-            {
-                visible.push(c);
-            }
-        }
-        // Newest business time first (by the instant, not its text: `…:00.5Z` sorts before
-        // `…:00Z` as a string), equal instants in log order; capped before it is rendered.
-        visible.sort_by_key(|c| std::cmp::Reverse(c.event.occurred_at));
-        let total = visible.len();
-        visible.truncate(limit);
-        let timeline: Vec<Value> = visible
-            .into_iter()
-            .map(|c| {
-                json!({
-                    "position": c.position,
-                    "customer_version": c.customer_version,
-                    "recorded_at": c.recorded_at,
-                    "kind": c.event.kind().as_str(),
-                    "event": c.event,
-                })
-            })
-            .collect();
         // Ranks among the population: O(log n) from the current indexes for a "now" read,
         // else a pass over every customer at `as_of`.
         let ranks = match &current {
             Some(c) => c.ranks(&id),
-            None => s.reads.ranks(&id, at).map_err(internal)?,
+            None => reads.ranks(&id, at).map_err(internal)?,
         };
-        Ok(Json(json!({
-            "customer_id": id,
-            "as_of": at.at,
-            "axis": at.axis,
-            "satisfaction": views.satisfaction,
-            "loyalty": views.loyalty,
-            "churn": views.churn,
-            "ranks": ranks,
-            "timeline_total": total,
-            "timeline": timeline,
-        })))
+        page.insert("ranks".into(), json!(ranks));
+        Ok(Json(Value::Object(page)).into_response())
     })
     .await
-}
-
-#[derive(Serialize)]
-struct AtRiskRow {
-    customer_id: String,
-    level: ChurnLevel,
-    score: f64,
-    probable_cause: Option<touchledger_domain::LeavingReason>,
-    since: Option<Timestamp>,
-    value_at_risk_minor: i64,
-    currency: String,
-    reasons: Vec<touchledger_domain::RiskReason>,
-    /// When this row was evaluated (the request's `as_of`, or the materialisation instant).
-    evaluated_at: Timestamp,
-}
-
-impl AtRiskRow {
-    fn of(customer_id: String, v: touchledger_domain::churn::ChurnView) -> Self {
-        AtRiskRow {
-            customer_id,
-            level: v.level,
-            score: v.score,
-            probable_cause: v.probable_cause,
-            since: v.since,
-            value_at_risk_minor: v.value_at_risk_minor,
-            currency: v.currency,
-            reasons: v.reasons,
-            evaluated_at: v.as_of.at,
-        }
-    }
 }
 
 fn level_of(s: &str) -> Option<ChurnLevel> {
@@ -304,16 +298,10 @@ fn level_of(s: &str) -> Option<ChurnLevel> {
 
 /// The parameters of `GET /api/v1/at-risk`, checked.
 struct AtRiskParams {
-    at: AsOf,
-    min_level: ChurnLevel,
-    level: Option<ChurnLevel>,
-    cause: Option<String>,
-    reason: Option<String>,
-    sort: String,
-    ascending: bool,
+    /// The page asked for (offset and limit from `page` and `per_page`).
+    req: AtRiskRequest,
     page: u64,
     per_page: u64,
-    offset: usize,
 }
 
 impl AtRiskParams {
@@ -374,16 +362,20 @@ impl AtRiskParams {
                 ))
             })?;
         Ok(AtRiskParams {
-            at,
-            min_level,
-            level,
-            cause,
-            reason,
-            sort,
-            ascending,
+            req: AtRiskRequest {
+                as_of: at,
+                now: is_now(q),
+                min_level,
+                level,
+                cause,
+                reason,
+                sort,
+                ascending,
+                offset,
+                limit: per_page as usize,
+            },
             page,
             per_page,
-            offset,
         })
     }
 }
@@ -409,135 +401,65 @@ pub fn check_query(endpoint: &str, query: &str) -> Result<(), String> {
 async fn at_risk(State(s): State<Arc<AppState>>, q: Params) -> Result<Json<Value>, ApiError> {
     let q = params(q)?;
     let AtRiskParams {
-        at,
-        min_level,
-        level,
-        cause,
-        reason,
-        sort,
-        ascending,
+        req,
         page,
         per_page,
-        offset,
     } = AtRiskParams::parse(&q, (s.cfg.clock)())?;
-    if let Some(current) = current_now(&s, &q) {
-        let query = AtRiskQuery {
-            min_level,
-            level,
-            cause,
-            reason,
-            sort: match sort.as_str() {
-                "value" => AtRiskSort::Value,
-                "since" => AtRiskSort::Since,
-                "customer" => AtRiskSort::Customer,
-                "level" => AtRiskSort::Level,
-                _ => AtRiskSort::Score,
-            },
-            ascending,
-            offset,
-            limit: per_page as usize,
-        };
-        return blocking(move || {
-            let p = current.at_risk(&query).map_err(internal)?;
-            let items: Vec<AtRiskRow> = p
-                .items
-                .into_iter()
-                .map(|(id, v)| AtRiskRow::of(id, v))
-                .collect();
-            Ok(Json(json!({
-                "as_of": at.at,
-                "axis": at.axis,
-                "source": "current",
-                "total": p.total,
-                "page": page,
-                "per_page": per_page,
-                "items": items,
-            })))
-        })
-        .await;
-    }
-    blocking(move || {
-        let model = s.reads.model(at).map_err(internal)?;
-        let rules = &s.reads.rules.churn;
-        let mut rows = Vec::new();
-        for r in s.reads.customers() {
-            let (id, facts) = r.map_err(internal)?;
-            if !facts.has_touchpoints(at) {
-                continue;
-            }
-            let v = rules.evaluate(&facts, model.as_ref(), at);
-            if v.level < min_level || level.is_some_and(|l| l != v.level) {
-                continue;
-            }
-            let cause_name = v
-                .probable_cause
-                .map_or("unknown", touchledger_domain::population::cause_name);
-            if cause.as_deref().is_some_and(|c| c != cause_name) {
-                continue;
-            }
-            if reason
-                .as_deref()
-                .is_some_and(|code| !v.reasons.iter().any(|r| r.code == code))
-            {
-                continue;
-            }
-            rows.push(AtRiskRow::of(id, v));
+    let at = req.as_of;
+    // "Now": the current views' indexes, O(log n + page); an explicit instant: a pass over
+    // every customer. Partitioned: every partition's first rows, merged.
+    let answer = match &s.backend {
+        Backend::Partitioned(p) => p.router.at_risk(&req).await.map_err(read_failed)?,
+        Backend::Local { reads, .. } => {
+            let (reads, current) = (reads.clone(), s.cfg.current.clone());
+            blocking(move || req.answer(&reads, current.as_deref()).map_err(internal)).await?
         }
-        rows.sort_by(|a, b| {
-            let o = match sort.as_str() {
-                "value" => a.value_at_risk_minor.cmp(&b.value_at_risk_minor),
-                "since" => a.since.cmp(&b.since),
-                "customer" => a.customer_id.cmp(&b.customer_id),
-                "level" => a.level.cmp(&b.level).then(a.score.total_cmp(&b.score)),
-                _ => a.score.total_cmp(&b.score).then(a.level.cmp(&b.level)),
-            }
-            .then_with(|| a.customer_id.cmp(&b.customer_id));
-            if ascending { o } else { o.reverse() }
-        });
-        let total = rows.len();
-        let start = offset;
-        let items: Vec<AtRiskRow> = rows
-            .into_iter()
-            .skip(start)
-            .take(per_page as usize)
-            .collect();
-        Ok(Json(json!({
-            "as_of": at.at,
-            "axis": at.axis,
-            "source": "full_pass",
-            "total": total,
-            "page": page,
-            "per_page": per_page,
-            "items": items,
-        })))
-    })
-    .await
+    };
+    Ok(Json(json!({
+        "as_of": at.at,
+        "axis": at.axis,
+        "source": answer.source,
+        "total": answer.total,
+        "page": page,
+        "per_page": per_page,
+        "items": answer.items,
+    })))
 }
 
 /// `GET /api/v1/overview`: the population read model.
-async fn overview(
-    State(s): State<Arc<AppState>>,
-    q: Params,
-) -> Result<impl IntoResponse, ApiError> {
+async fn overview(State(s): State<Arc<AppState>>, q: Params) -> Result<Response, ApiError> {
     let q = params(q)?;
     let at = as_of(&q, (s.cfg.clock)())?;
     // "Now": the current materialisation's sums (O(months), plus a pass over the in-memory
     // rank keys after a change); a passed month end: its snapshot if still valid; any other
     // instant: a pass over every customer.
+    let (store, reads) = match &s.backend {
+        Backend::Local { store, reads } => (store.clone(), reads.clone()),
+        Backend::Partitioned(p) => {
+            // Every partition's customers, added up (their current views for a "now" read).
+            let p = p
+                .router
+                .population(at, is_now(&q))
+                .await
+                .map_err(read_failed)?;
+            let body = serde_json::to_value(&p).map(Json).map_err(internal)?;
+            return Ok(([("x-touchledger-source", "partitions")], body).into_response());
+        }
+    };
     let current = current_now(&s, &q);
     let now = (s.cfg.clock)();
     let (source, body) = blocking(move || {
         let (p, source) = match (current, &s.cfg.month_ends) {
             (Some(c), _) => (c.population(at.at), "current"),
             (None, Some(me)) => match me
-                .population(&s.reads, s.store.as_ref(), at, now)
+                .population(&reads, store.as_ref(), at, now)
                 .map_err(internal)?
             {
                 Some((p, true)) => (p, "month_end"),
                 Some((p, false)) => (p, "full_pass"),
-                None => (s.reads.population(at).map_err(internal)?, "full_pass"),
+                None => (reads.population(at).map_err(internal)?, "full_pass"),
             },
-            (None, None) => (s.reads.population(at).map_err(internal)?, "full_pass"),
+            (None, None) => (reads.population(at).map_err(internal)?, "full_pass"),
         };
         Ok((
             source,
@@ -545,7 +467,21 @@ async fn overview(
         ))
     })
     .await?;
-    Ok(([("x-touchledger-source", source)], body))
+    Ok(([("x-touchledger-source", source)], body).into_response())
+}
+
+/// `GET /api/v1/partitions`: the ledger's partitions as NATS sees them (what
+/// `touchledger cluster status --json` prints): owners, feed heads, intake backlog, Raft groups.
+async fn partitions(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let count = match &s.backend {
+        Backend::Partitioned(p) => p.router.partitions,
+        Backend::Local { .. } => 1,
+    };
+    let subjects = touchledger_bus::Subjects::new(s.cfg.prefix.clone());
+    let status = touchledger_bus::cluster_status(&s.client, &subjects, count)
+        .await
+        .map_err(internal)?;
+    serde_json::to_value(status).map(Json).map_err(internal)
 }
 
 /// `GET /healthz`: the process is up.
@@ -553,65 +489,116 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// `GET /readyz`: 200 once every projection is within `ready_max_lag` positions of the log.
-async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    let head = s.store.head().position;
-    match s.reads.checkpoints() {
-        Ok(cps) => {
-            let mut lag = cps
-                .iter()
-                .map(|c| head.saturating_sub(*c))
-                .max()
-                .unwrap_or(0);
-            // The current views count as a projection: not ready until their start-up
-            // re-evaluation is done and they follow the churn projection.
-            let current = s.cfg.current.as_ref().map(|c| {
-                lag = lag.max(head.saturating_sub(c.checkpoint()));
-                json!({ "ready": c.is_ready(), "checkpoint": c.checkpoint(), "customers": c.len() })
-            });
-            // Free space against the store's reserve: below it the ledger takes no input.
-            let storage = match s.store.space() {
-                Ok((free, reserve)) => {
-                    metrics::gauge!("touchledger_store_available_bytes").set(free.available as f64);
-                    metrics::gauge!("touchledger_store_reserve_bytes").set(reserve as f64);
-                    let full =
-                        !s.store.config().space_reserve.is_none() && free.available < reserve;
-                    json!({ "available_bytes": free.available, "reserve_bytes": reserve, "full": full })
-                }
-                Err(e) => json!({ "error": e.to_string(), "full": false }),
-            };
-            let full = storage["full"].as_bool().unwrap_or(false);
-            let ready = !full
-                && lag <= s.cfg.ready_max_lag
-                && s.cfg.current.as_ref().is_none_or(|c| c.is_ready());
-            let reason = if full {
-                Some(format!(
-                    "storage full: {} bytes free, the store keeps {} in reserve; intake is paused and resumes by itself when space is freed",
-                    storage["available_bytes"], storage["reserve_bytes"]
-                ))
-            } else if !ready {
-                Some("read models are catching up with the ledger".to_owned())
-            } else {
-                None
-            };
-            let body = json!({
-                "ready": ready,
-                "reason": reason,
-                "storage": storage,
-                "head": head,
-                "checkpoints": { "satisfaction": cps[0], "loyalty": cps[1], "churn": cps[2] },
-                "current": current,
-                "lag": lag,
-            });
-            let code = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            (code, Json(body)).into_response()
+/// One store's readiness: its projections and current views within `max_lag` of its log,
+/// and its free space above the reserve. `(ready, reason, body)`.
+fn store_ready(
+    store: &SledStore,
+    reads: &ReadModels,
+    current: Option<&Current>,
+    max_lag: u64,
+) -> Result<(bool, Option<String>, Value), ApiError> {
+    let head = store.head().position;
+    let cps = reads.checkpoints().map_err(internal)?;
+    let mut lag = cps
+        .iter()
+        .map(|c| head.saturating_sub(*c))
+        .max()
+        .unwrap_or(0);
+    // The current views count as a projection: not ready until their start-up
+    // re-evaluation is done and they follow the churn projection.
+    let current_body = current.map(|c| {
+        lag = lag.max(head.saturating_sub(c.checkpoint()));
+        json!({ "ready": c.is_ready(), "checkpoint": c.checkpoint(), "customers": c.len() })
+    });
+    // Free space against the store's reserve: below it the ledger takes no input.
+    let storage = match store.space() {
+        Ok((free, reserve)) => {
+            metrics::gauge!("touchledger_store_available_bytes").set(free.available as f64);
+            metrics::gauge!("touchledger_store_reserve_bytes").set(reserve as f64);
+            let full = !store.config().space_reserve.is_none() && free.available < reserve;
+            json!({ "available_bytes": free.available, "reserve_bytes": reserve, "full": full })
         }
-        Err(e) => internal(e).into_response(),
-    }
+        Err(e) => json!({ "error": e.to_string(), "full": false }),
+    };
+    let full = storage["full"].as_bool().unwrap_or(false);
+    let ready = !full && lag <= max_lag && current.is_none_or(|c| c.is_ready());
+    let reason = if full {
+        Some(format!(
+            "storage full: {} bytes free, the store keeps {} in reserve; intake is paused and resumes by itself when space is freed",
+            storage["available_bytes"], storage["reserve_bytes"]
+        ))
+    } else if !ready {
+        Some("read models are catching up with the ledger".to_owned())
+    } else {
+        None
+    };
+    let body = json!({
+        "ready": ready,
+        "reason": reason,
+        "storage": storage,
+        "head": head,
+        "checkpoints": { "satisfaction": cps[0], "loyalty": cps[1], "churn": cps[2] },
+        "current": current_body,
+        "lag": lag,
+    });
+    Ok((ready, reason, body))
+}
+
+/// `GET /readyz`: 200 once every projection is within `ready_max_lag` positions of the log
+/// (of every partition this process owns, for a process of a partitioned ledger; one that
+/// owns none only routes reads and is ready).
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let max_lag = s.cfg.ready_max_lag;
+    let (ready, body) = match &s.backend {
+        Backend::Local { store, reads } => {
+            let (store, reads, current) = (store.clone(), reads.clone(), s.cfg.current.clone());
+            match blocking(move || store_ready(&store, &reads, current.as_deref(), max_lag)).await {
+                Ok((ready, _, body)) => (ready, body),
+                Err(e) => return e.into_response(),
+            }
+        }
+        Backend::Partitioned(p) => {
+            let owned = p.owned.snapshot();
+            let count = p.router.partitions;
+            let r = blocking(move || {
+                let mut ready = true;
+                let mut reasons = Vec::new();
+                let mut parts = serde_json::Map::new();
+                for (n, o) in owned {
+                    let (ok, reason, body) =
+                        store_ready(&o.store, &o.reads, Some(&o.current), max_lag)?;
+                    metrics::gauge!("touchledger_partition_ready", "partition" => n.to_string())
+                        .set(if ok { 1.0 } else { 0.0 });
+                    ready &= ok;
+                    if let Some(r) = reason {
+                        reasons.push(format!("partition {n}: {r}"));
+                    }
+                    parts.insert(n.to_string(), body);
+                }
+                let reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+                Ok((
+                    ready,
+                    json!({
+                        "ready": ready,
+                        "reason": reason,
+                        "partitions": count,
+                        "owned": parts,
+                    }),
+                ))
+            })
+            .await;
+            match r {
+                Ok(x) => x,
+                Err(e) => return e.into_response(),
+            }
+        }
+    };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
@@ -650,9 +637,19 @@ async fn events(
                 .to_owned();
             let mut parts = rest.splitn(3, '.');
             let ev = match (parts.next(), parts.next(), parts.next()) {
-                (Some("view"), Some(model), Some(customer)) => SseEvent::default()
-                    .event("view")
-                    .data(json!({ "model": model, "customer_id": customer }).to_string()),
+                (Some("view"), Some(model), Some(customer)) => {
+                    // A partitioned ledger's views name their partition.
+                    let mut data = json!({ "model": model, "customer_id": customer });
+                    if let Some(p) = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(touchledger_bus::headers::PARTITION))
+                        .and_then(|p| p.as_str().parse::<u32>().ok())
+                    {
+                        data["partition"] = json!(p);
+                    }
+                    SseEvent::default().event("view").data(data.to_string())
+                }
                 (Some("alert"), Some("churn"), Some(_)) => {
                     let env = touchledger_proto::v1::Envelope::decode(m.payload.as_ref()).ok()?;
                     let e = Event::try_from(env).ok()?;
@@ -739,16 +736,24 @@ fn same_token(given: &str, token: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
-/// The router (exposed for tests).
+/// The router of an unpartitioned ledger's API (exposed for tests).
 pub fn router(
     store: Arc<SledStore>,
     reads: Arc<ReadModels>,
     client: async_nats::Client,
     cfg: HttpConfig,
 ) -> Router {
+    app(Backend::Local { store, reads }, client, cfg)
+}
+
+/// The router of a partitioned ledger's API, served by each of its processes.
+pub fn partitioned_router(p: Partitioned, client: async_nats::Client, cfg: HttpConfig) -> Router {
+    app(Backend::Partitioned(Box::new(p)), client, cfg)
+}
+
+fn app(backend: Backend, client: async_nats::Client, cfg: HttpConfig) -> Router {
     let state = Arc::new(AppState {
-        store,
-        reads,
+        backend,
         client,
         cfg,
     });
@@ -761,13 +766,14 @@ pub fn router(
         .route("/api/v1/customers/{id}", get(customer))
         .route("/api/v1/at-risk", get(at_risk))
         .route("/api/v1/overview", get(overview))
+        .route("/api/v1/partitions", get(partitions))
         .route("/api/v1/events", get(events))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such resource".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
 
-/// Serve HTTP until `shutdown`.
+/// Serve an unpartitioned ledger's HTTP API until `shutdown`.
 pub async fn run_http(
     store: Arc<SledStore>,
     reads: Arc<ReadModels>,
@@ -776,11 +782,30 @@ pub async fn run_http(
     shutdown: CancellationToken,
 ) -> Result<(), HttpError> {
     let addr = cfg.addr;
+    serve(addr, router(store, reads, client, cfg), shutdown).await
+}
+
+/// Serve the HTTP API of a process of a partitioned ledger until `shutdown`: every read goes
+/// through the router (any partition, wherever it is owned).
+pub async fn run_http_partitioned(
+    p: Partitioned,
+    client: async_nats::Client,
+    cfg: HttpConfig,
+    shutdown: CancellationToken,
+) -> Result<(), HttpError> {
+    let addr = cfg.addr;
+    serve(addr, partitioned_router(p, client, cfg), shutdown).await
+}
+
+async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+) -> Result<(), HttpError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })?;
     tracing::info!(%addr, "HTTP listening");
-    let app = router(store, reads, client, cfg);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -176,6 +176,69 @@ pub struct AtRiskPage {
     pub items: Vec<(String, ChurnView)>,
 }
 
+/// A buyer's keys in the rank orders of the current views ([`Current::rank_keys`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RankKeys {
+    /// The customer (ties in value are ranked by id).
+    pub customer: String,
+    /// The reporting currency of `value`.
+    pub currency: String,
+    /// Value (minor units of `currency`).
+    pub value: i64,
+    /// Last purchase-day (days since the epoch).
+    pub last_day: i64,
+    /// Purchase-days.
+    pub days: u32,
+}
+
+/// Counts of current buyers below a buyer's keys ([`Current::rank_counts`]); added up over
+/// partitions they give the ranks among every buyer of the ledger.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RankCounts {
+    /// Whether the current views were ready (their start-up re-evaluation done).
+    pub ready: bool,
+    /// The reporting currency the value counts are in (of one partition; empty once added).
+    pub currency: String,
+    /// Value per currency (what the ledger's reporting currency is chosen from).
+    pub totals: BTreeMap<String, i128>,
+    /// Current buyers.
+    pub buyers: u64,
+    /// Buyers whose last purchase-day is earlier.
+    pub less_recent: u64,
+    /// Buyers with fewer purchase-days.
+    pub less_frequent: u64,
+    /// Buyers before this one in the pyramid (more value, or as much and a smaller id).
+    pub ranked_before: u64,
+    /// Buyers with less value.
+    pub cheaper: u64,
+}
+
+impl RankCounts {
+    /// Add another partition's counts.
+    pub fn add(&mut self, o: &RankCounts) {
+        self.ready &= o.ready;
+        for (c, v) in &o.totals {
+            *self.totals.entry(c.clone()).or_default() += v;
+        }
+        self.buyers += o.buyers;
+        self.less_recent += o.less_recent;
+        self.less_frequent += o.less_frequent;
+        self.ranked_before += o.ranked_before;
+        self.cheaper += o.cheaper;
+    }
+
+    /// The ranks these counts give (as [`Current::ranks`] computes them on one index).
+    pub fn ranks(&self) -> Ranks {
+        let n = self.buyers as usize;
+        Ranks {
+            recency: quintile_score(self.less_recent as usize, n),
+            frequency: quintile_score(self.less_frequent as usize, n),
+            monetary: quintile_score(self.cheaper as usize, n),
+            tier: tier_at(self.ranked_before as usize, n),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Buyer {
     last_day: i64,
@@ -1098,19 +1161,46 @@ impl Current {
 
     /// A customer's RFM quintiles and pyramid tier among the current buyers, O(log n).
     pub fn ranks(&self, customer: &str) -> Option<Ranks> {
+        let keys = self.rank_keys(customer)?;
+        Some(self.rank_counts(&keys).ranks())
+    }
+
+    /// A buyer's keys in the rank orders (`None`: not a current buyer), O(1).
+    pub fn rank_keys(&self, customer: &str) -> Option<RankKeys> {
         let ix = self.read();
-        let (id, e) = ix.entries.get_key_value(customer)?;
-        let b = e.buyer.as_ref()?;
-        let n = ix.recency.len();
-        let tier_pos = ix.pyramid.count_less(&(Reverse(b.value), id.clone()));
-        let below = |o: &OrderIndex<Keyed>, k: i64| o.partition_point(|x| x.0 < k);
-        let cheaper = n - ix.pyramid.partition_point(|x| x.0.0 >= b.value);
-        Some(Ranks {
-            recency: quintile_score(below(&ix.recency, b.last_day), n),
-            frequency: quintile_score(below(&ix.frequency, i64::from(b.days)), n),
-            monetary: quintile_score(cheaper, n),
-            tier: tier_at(tier_pos, ix.pyramid.len()),
+        let b = ix.entries.get(customer)?.buyer.as_ref()?;
+        Some(RankKeys {
+            customer: customer.to_owned(),
+            currency: ix.currency.clone(),
+            value: b.value,
+            last_day: b.last_day,
+            days: b.days,
         })
+    }
+
+    /// How many current buyers rank below `keys` in each order, O(log n): additive over the
+    /// partitions of a ledger, so that ranks across partitions are exact
+    /// ([`RankCounts::add`]). The value counts are in this index's reporting currency
+    /// (`currency`); the caller checks it is the ledger's.
+    pub fn rank_counts(&self, keys: &RankKeys) -> RankCounts {
+        let ix = self.read();
+        let below = |o: &OrderIndex<Keyed>, k: i64| o.partition_point(|x| x.0 < k) as u64;
+        let id: Arc<str> = Arc::from(keys.customer.as_str());
+        RankCounts {
+            ready: self.is_ready(),
+            currency: ix.currency.clone(),
+            totals: ix
+                .totals
+                .iter()
+                .map(|(c, (v, _))| (code_name(c), *v))
+                .collect(),
+            buyers: ix.recency.len() as u64,
+            less_recent: below(&ix.recency, keys.last_day),
+            less_frequent: below(&ix.frequency, i64::from(keys.days)),
+            ranked_before: ix.pyramid.count_less(&(Reverse(keys.value), id)) as u64,
+            cheaper: (ix.pyramid.len() - ix.pyramid.partition_point(|x| x.0.0 >= keys.value))
+                as u64,
+        }
     }
 
     /// The customer pyramid of the current buyers (reporting currency, tiers, top-20 % share),

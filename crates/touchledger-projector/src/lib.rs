@@ -21,6 +21,7 @@ use touchledger_domain::EventKind;
 use touchledger_domain::facts::{Applied, CustomerFacts, KindSet};
 use touchledger_store::{Committed, ProjectionMeta, ProjectionTree, StoreError};
 
+pub mod api;
 pub mod bulk;
 pub mod current;
 pub mod model;

@@ -226,6 +226,11 @@ impl Merge {
         }
     }
 
+    /// A customer's ranks among everyone added (`None` without purchases).
+    pub fn ranks(&self, customer: &str) -> Option<crate::read::Ranks> {
+        crate::read::ranks_in(&self.builder, customer)
+    }
+
     /// The population figures.
     pub fn finish(self) -> PopulationView {
         self.builder.finish()

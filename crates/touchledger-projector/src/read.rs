@@ -144,19 +144,7 @@ impl ReadModels {
     /// A customer's population-relative ranks at `as_of`: RFM quintile scores and pyramid
     /// tier (one pass over every customer); `None` for a customer without purchases.
     pub fn ranks(&self, customer: &str, as_of: AsOf) -> Result<Option<Ranks>, ProjectorError> {
-        let b = self.population_builder(as_of)?;
-        let rfm = b.rfm_scores().remove(customer);
-        let tier = b
-            .pyramid_ranking()
-            .into_iter()
-            .find(|(c, _, _)| c == customer)
-            .map(|(_, _, t)| t);
-        Ok(rfm.zip(tier).map(|((r, f, m), tier)| Ranks {
-            recency: r,
-            frequency: f,
-            monetary: m,
-            tier,
-        }))
+        Ok(ranks_in(&self.population_builder(as_of)?, customer))
     }
 
     /// Every customer visible at `as_of`, accumulated (not yet finished).
@@ -173,6 +161,22 @@ impl ReadModels {
         }
         Ok(b)
     }
+}
+
+/// A customer's ranks among every customer of a population (`None` without purchases).
+pub fn ranks_in(b: &PopulationBuilder, customer: &str) -> Option<Ranks> {
+    let rfm = b.rfm_scores().remove(customer);
+    let tier = b
+        .pyramid_ranking()
+        .into_iter()
+        .find(|(c, _, _)| c == customer)
+        .map(|(_, _, t)| t);
+    rfm.zip(tier).map(|((r, f, m), tier)| Ranks {
+        recency: r,
+        frequency: f,
+        monetary: m,
+        tier,
+    })
 }
 
 /// A customer's population-relative ranks.
