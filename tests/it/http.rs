@@ -28,6 +28,16 @@ fn metrics_handle() -> Arc<dyn Fn() -> String + Send + Sync> {
 
 /// A plain HTTP/1.1 GET: (status, body).
 pub(crate) async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let (status, _, body) = get_with_head(port, path, token).await;
+    (status, body)
+}
+
+/// A plain HTTP/1.1 GET: (status, head, body).
+pub(crate) async fn get_with_head(
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String, String) {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -66,7 +76,7 @@ pub(crate) async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, Str
     } else {
         body.to_owned()
     };
-    (status, body)
+    (status, head.to_owned(), body)
 }
 
 fn json(body: &str) -> serde_json::Value {

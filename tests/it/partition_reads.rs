@@ -823,6 +823,46 @@ async fn http_reads_equal_the_single_ledger(
         assert_eq!(body, want, "overview through port {port}");
     }
 
+    // The "now" overview: summed in the partitions (RFM thresholds and pyramid cuts found
+    // across them, each partition adding up its own customers), equal to the single ledger's
+    // population at the reply's instant.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, head, body) =
+            crate::http::get_with_head(ports[2], "/api/v1/overview", None).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("x-touchledger-source: partitions_summed"),
+            "{head}"
+        );
+        let got: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let now: Timestamp = got["as_of"]["at"]
+            .as_str()
+            .or(got["as_of"].as_str())
+            .expect("as_of")
+            .parse()
+            .expect("time");
+        let want = serde_json::to_string(
+            &serde_json::to_value(
+                reference
+                    .reads
+                    .population(AsOf::business(now))
+                    .expect("population"),
+            )
+            .expect("json"),
+        )
+        .expect("json");
+        if body == want {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the summed now overview never equalled the single ledger's:\n{body}\nwant\n{want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Customer pages: one customer of each partition, through a process that does not own it
     // (every field but each record's position, version and recording time, which are the
     // partition log's).

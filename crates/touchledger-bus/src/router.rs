@@ -25,7 +25,9 @@ use touchledger_domain::partition::partition_of;
 use touchledger_domain::population::{PopulationView, Rules};
 use touchledger_domain::{Event, ModelFitted, TimeUnit, Timestamp};
 use touchledger_projector::api::{AtRiskAnswer, AtRiskRequest};
-use touchledger_projector::current::{RankCounts, RankKeys};
+use touchledger_projector::current::{
+    Current, PopulationPart, RankCounts, RankKeys, RankStats, Thresholds,
+};
 use touchledger_projector::model::FitStatsRequest;
 use touchledger_projector::partial::{Merge, PartialPage, PartialRequest};
 use touchledger_projector::read::Ranks;
@@ -47,6 +49,19 @@ pub(crate) const RANK_COUNTS: &str = "rankcounts";
 
 /// The model name of a partition's first rows of the at-risk list.
 pub(crate) const AT_RISK: &str = "atrisk";
+
+/// The model names of the steps of a "now" population read summed in the partitions.
+pub(crate) const RANK_STATS: &str = "rankstats";
+pub(crate) const VALUES_ABOVE: &str = "valuesabove";
+pub(crate) const BUYERS_VALUED: &str = "buyersvalued";
+pub(crate) const POPULATION_PART: &str = "poppart";
+
+/// The ledger's RFM thresholds and pyramid cut keys, sent to every partition for its part.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PartRequest {
+    pub thresholds: Thresholds,
+    pub cuts: [Option<(i64, String)>; 3],
+}
 
 /// A customer's page, asked of the customer's partition (JSON).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -235,20 +250,7 @@ impl Router {
         let mut after = None;
         loop {
             let m = self.request(partition, model, make(after).into()).await?;
-            if let Some(e) = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::headers::READ_ERROR))
-            {
-                let detail = e.to_string();
-                return Err(match detail.strip_prefix(NOT_READY_PREFIX) {
-                    Some(d) => ReadError::NotReady {
-                        partition,
-                        detail: d.to_owned(),
-                    },
-                    None => ReadError::Partition { partition, detail },
-                });
-            }
+            read_error(partition, &m)?;
             let (page, next) =
                 decode(&m.payload).map_err(|detail| ReadError::Partition { partition, detail })?;
             pages.push(page);
@@ -415,10 +417,207 @@ impl Router {
         .await
     }
 
+    /// The "now" population summed in the partitions, without moving a row per customer:
+    /// 1. every partition's rank keys in summary ([`RankStats`]): the RFM thresholds of
+    ///    recency and frequency are placed from their day histograms;
+    /// 2. the value thresholds and the pyramid's cut keys are found by a binary search over
+    ///    value, all at once, each step asking every partition how many buyers lie above the
+    ///    probes (O(log(value range)) rounds of P requests, O(log n) each), ties at a cut
+    ///    broken by id as in one index;
+    /// 3. every partition sums its customers under those ([`PopulationPart`]: its additive
+    ///    sums, its buyers per RFM cell and per tier), and the parts are added.
+    ///
+    /// Exact: the figures of one index of every customer. `None` when a partition's current
+    /// views are not ready or rank value in another currency than the ledger's (the caller
+    /// then adds up contributions instead).
+    pub async fn population_summed(
+        &self,
+        now: Timestamp,
+    ) -> Result<Option<PopulationView>, ReadError> {
+        let all = |model: &'static str, body: Vec<u8>| {
+            futures::future::try_join_all((0..self.partitions).map(move |p| {
+                let body = body.clone();
+                async move {
+                    let m = self.request(p, model, body.into()).await?;
+                    read_error(p, &m)?;
+                    Ok::<_, ReadError>((p, m.payload))
+                }
+            }))
+        };
+        let stats: Vec<RankStats> = all(RANK_STATS, b"{}".to_vec())
+            .await?
+            .iter()
+            .map(|(p, b)| decode_json(*p, b))
+            .collect::<Result<_, _>>()?;
+        let mut totals = std::collections::BTreeMap::new();
+        for s in &stats {
+            for (c, v) in &s.totals {
+                *totals.entry(c.clone()).or_insert(0i128) += v;
+            }
+        }
+        let currency =
+            touchledger_domain::population::reporting_currency(&self.rules.population, &totals);
+        if stats
+            .iter()
+            .any(|s| !s.ready || (s.buyers > 0 && s.currency != currency))
+        {
+            return Ok(None);
+        }
+        let n: u64 = stats.iter().map(|s| s.buyers).sum();
+        // The s-th RFM threshold is the key at ascending index ceil((s + 1) n / 5) − 1.
+        let at = |s: u64| ((s + 1) * n).div_ceil(5).checked_sub(1);
+        let kth = |h: &std::collections::BTreeMap<i64, u64>, j: u64| {
+            let mut seen = 0;
+            h.iter().find_map(|(k, c)| {
+                seen += c;
+                (seen > j).then_some(*k)
+            })
+        };
+        let sum_hist = |f: fn(&RankStats) -> &std::collections::BTreeMap<i64, u64>| {
+            let mut h = std::collections::BTreeMap::new();
+            for s in &stats {
+                for (k, c) in f(s) {
+                    *h.entry(*k).or_insert(0u64) += c;
+                }
+            }
+            h
+        };
+        let (recency, frequency) = (sum_hist(|s| &s.recency), sum_hist(|s| &s.frequency));
+        let mut thresholds: Thresholds = [[None; 4]; 3];
+        thresholds[0] = [0, 1, 2, 3].map(|s| at(s).and_then(|j| kth(&recency, j)));
+        thresholds[1] = [0, 1, 2, 3].map(|s| at(s).and_then(|j| kth(&frequency, j)));
+        // The value at ascending index j: the smallest v with at least j + 1 buyers ≤ v.
+        // Targets: the four monetary thresholds, then the three pyramid cuts (descending
+        // position c is ascending index n − 1 − c).
+        let cuts = touchledger_domain::population::tier_cuts(n as usize).map(|c| c as u64);
+        let mut targets: Vec<Option<u64>> = (0..4).map(at).collect();
+        targets.extend(cuts.iter().map(|c| (*c < n).then(|| n - 1 - c)));
+        let (lo0, hi0) = stats
+            .iter()
+            .filter_map(|s| s.values)
+            .fold((i64::MAX, i64::MIN), |(lo, hi), (a, b)| {
+                (lo.min(a), hi.max(b))
+            });
+        let mut bounds: Vec<(i64, i64)> = targets.iter().map(|_| (lo0, hi0)).collect();
+        loop {
+            let open: Vec<usize> = (0..targets.len())
+                .filter(|&i| targets[i].is_some() && bounds[i].0 < bounds[i].1)
+                .collect();
+            if open.is_empty() {
+                break;
+            }
+            let probes: Vec<i64> = open
+                .iter()
+                .map(|&i| {
+                    let (lo, hi) = bounds[i];
+                    (i128::from(lo) + (i128::from(hi) - i128::from(lo)) / 2) as i64
+                })
+                .collect();
+            let above = self.values_above(&probes).await?;
+            for ((&i, &v), a) in open.iter().zip(&probes).zip(above) {
+                let at_most = n - a;
+                if at_most > targets[i].unwrap_or_default() {
+                    bounds[i].1 = v;
+                } else {
+                    bounds[i].0 = v + 1;
+                }
+            }
+        }
+        thresholds[2] = [0, 1, 2, 3].map(|s| targets[s].map(|_| bounds[s].0));
+        let mut cut_keys: [Option<(i64, String)>; 3] = [None, None, None];
+        for (k, c) in cuts.iter().enumerate() {
+            if targets[4 + k].is_none() {
+                continue;
+            }
+            let v = bounds[4 + k].0;
+            let above = self.values_above(&[v]).await?[0];
+            let mut ids: Vec<String> = Vec::new();
+            for (p, b) in all(BUYERS_VALUED, v.to_string().into_bytes()).await? {
+                let more: Vec<String> = decode_json(p, &b)?;
+                ids.extend(more);
+            }
+            ids.sort();
+            let id = ids.into_iter().nth((c - above) as usize).ok_or_else(|| {
+                ReadError::Partition {
+                    partition: 0,
+                    detail: format!("no buyer at the pyramid's cut {c} (value {v}): the partitions changed meanwhile; retry"),
+                }
+            })?;
+            cut_keys[k] = Some((v, id));
+        }
+        let req = serde_json::to_vec(&PartRequest {
+            thresholds,
+            cuts: cut_keys,
+        })
+        .map_err(|e| ReadError::Partition {
+            partition: 0,
+            detail: e.to_string(),
+        })?;
+        let parts: Vec<PopulationPart> = all(POPULATION_PART, req)
+            .await?
+            .iter()
+            .map(|(p, b)| {
+                PopulationPart::decode(b).map_err(|detail| ReadError::Partition {
+                    partition: *p,
+                    detail,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let rules = self.rules.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut aggregate = touchledger_domain::population::Aggregate::default();
+            for p in &parts {
+                aggregate.merge(&p.aggregate);
+            }
+            let ranked = Current::ranked_from_parts(currency, n as usize, &parts);
+            Some(aggregate.view(AsOf::business(now), &rules.population, ranked))
+        })
+        .await
+        .map_err(|e| ReadError::Partition {
+            partition: 0,
+            detail: format!("sum task: {e}"),
+        })
+    }
+
+    /// Per probe, the buyers of every partition whose value is greater.
+    async fn values_above(&self, probes: &[i64]) -> Result<Vec<u64>, ReadError> {
+        let parts: Vec<Vec<u64>> = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.ask_json(p, VALUES_ABOVE, &probes)),
+        )
+        .await?;
+        let mut out = vec![0u64; probes.len()];
+        for part in parts {
+            for (o, a) in out.iter_mut().zip(part) {
+                *o += a;
+            }
+        }
+        Ok(out)
+    }
+
     /// The population of the whole ledger at `as_of`: every partition's customers, added up.
     /// `now` says the read is for the service clock (the partitions' current materialisations
     /// may answer on the business axis).
     pub async fn population(&self, as_of: AsOf, now: bool) -> Result<PopulationView, ReadError> {
+        Ok(self.population_from(as_of, now).await?.0)
+    }
+
+    /// [`Router::population`] and how it was made: `summed` in the partitions
+    /// ([`Router::population_summed`], a "now" read) or from every customer's `contributions`.
+    pub async fn population_from(
+        &self,
+        as_of: AsOf,
+        now: bool,
+    ) -> Result<(PopulationView, &'static str), ReadError> {
+        if now
+            && as_of.axis == touchledger_domain::facts::Axis::Business
+            && let Some(p) = self.population_summed(as_of.at).await?
+        {
+            return Ok((p, "summed"));
+        }
+        Ok((self.population_merged(as_of, now).await?, "contributions"))
+    }
+
+    async fn population_merged(&self, as_of: AsOf, now: bool) -> Result<PopulationView, ReadError> {
         let parts = futures::future::try_join_all(
             (0..self.partitions).map(|p| self.partial(p, as_of, now)),
         )
@@ -635,6 +834,32 @@ impl Router {
             ),
         }
     }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(partition: u32, b: &[u8]) -> Result<T, ReadError> {
+    serde_json::from_slice(b).map_err(|e| ReadError::Partition {
+        partition,
+        detail: format!("undecodable answer: {e}"),
+    })
+}
+
+/// The error a partition answered in the `Touchledger-Read-Error` header, if any.
+fn read_error(partition: u32, m: &async_nats::Message) -> Result<(), ReadError> {
+    let Some(e) = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(crate::headers::READ_ERROR))
+    else {
+        return Ok(());
+    };
+    let detail = e.to_string();
+    Err(match detail.strip_prefix(NOT_READY_PREFIX) {
+        Some(d) => ReadError::NotReady {
+            partition,
+            detail: d.to_owned(),
+        },
+        None => ReadError::Partition { partition, detail },
+    })
 }
 
 /// Why a fit across partitions failed.

@@ -777,7 +777,9 @@ fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::Fi
 /// * `page`: a customer's page without ranks ([`touchledger_projector::api::customer_page`])
 ///   and, for a "now" read the current views answer, the customer's rank keys;
 /// * `rankcounts`: how many of this partition's current buyers rank below given keys;
-/// * `atrisk`: the first rows of this partition's at-risk list.
+/// * `atrisk`: the first rows of this partition's at-risk list;
+/// * `rankstats`, `valuesabove`, `buyersvalued`, `poppart`: the steps of a "now" population
+///   summed here ([`crate::Router::population_summed`]; the part is bincode, not JSON).
 fn json_read_answer(
     model: &str,
     payload: &[u8],
@@ -806,6 +808,19 @@ fn json_read_answer(
                 current: now,
                 rank_keys,
             })
+        }
+        crate::router::RANK_STATS => serde_json::to_vec(&current.rank_stats()),
+        crate::router::VALUES_ABOVE => {
+            let probes: Vec<i64> = serde_json::from_slice(payload).map_err(bad)?;
+            serde_json::to_vec(&current.values_above(&probes))
+        }
+        crate::router::BUYERS_VALUED => {
+            let value: i64 = serde_json::from_slice(payload).map_err(bad)?;
+            serde_json::to_vec(&current.buyers_valued(value))
+        }
+        crate::router::POPULATION_PART => {
+            let req: crate::router::PartRequest = serde_json::from_slice(payload).map_err(bad)?;
+            return Ok(current.population_part(&req.thresholds, &req.cuts).encode());
         }
         crate::router::RANK_COUNTS => {
             let keys: touchledger_projector::current::RankKeys =
@@ -922,6 +937,10 @@ async fn serve_queries(
                 crate::router::PAGE,
                 crate::router::RANK_COUNTS,
                 crate::router::AT_RISK,
+                crate::router::RANK_STATS,
+                crate::router::VALUES_ABOVE,
+                crate::router::BUYERS_VALUED,
+                crate::router::POPULATION_PART,
             ]
             .contains(&model.as_str());
             if model == crate::router::PARTIAL || model == crate::router::FIT_STATS || json_read {

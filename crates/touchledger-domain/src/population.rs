@@ -496,7 +496,7 @@ pub struct Ranked {
 /// The additive part of the population: the sum of customers' [`Contribution`]s, updated by
 /// difference. [`Aggregate::view`] turns it (with the [`Ranked`] figures) into the population
 /// read model; cost O(reported months + cohorts × months + segments).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Aggregate {
     customers: u64,
     buyers: u64,
@@ -530,6 +530,45 @@ impl Aggregate {
     /// Customers counted.
     pub fn customers(&self) -> u64 {
         self.customers
+    }
+
+    /// Add another set of customers' sums (another partition's): the sums of the union.
+    pub fn merge(&mut self, o: &Aggregate) {
+        self.customers += o.customers;
+        self.buyers += o.buyers;
+        self.active += o.active;
+        for (m, k) in &o.months {
+            self.months.entry(*m).or_default().merge_signed(k, 1);
+        }
+        for (m, k) in &o.churn {
+            self.churn.entry(*m).or_default().merge_signed(k, 1);
+        }
+        for (k, n) in &o.cohort_sizes {
+            *self.cohort_sizes.entry(*k).or_default() += n;
+        }
+        for (k, n) in &o.cohort_active {
+            *self.cohort_active.entry(*k).or_default() += n;
+        }
+        self.recent_complainers += o.recent_complainers;
+        self.resolved += o.resolved;
+        self.recovered += o.recovered;
+        for (k, n) in &o.dick_basu {
+            *self.dick_basu.entry(*k).or_default() += n;
+        }
+        for (k, n) in &o.lifecycle {
+            *self.lifecycle.entry(*k).or_default() += n;
+        }
+        for (k, n) in &o.levels {
+            *self.levels.entry(*k).or_default() += n;
+        }
+        for (k, n) in &o.causes {
+            *self.causes.entry(k.clone()).or_default() += n;
+        }
+        for (k, (n, c)) in &o.segments {
+            let e = self.segments.entry(k.clone()).or_default();
+            e.0 += n;
+            e.1.merge_signed(c, 1);
+        }
     }
 
     fn apply(&mut self, c: &Contribution, sign: i64) {

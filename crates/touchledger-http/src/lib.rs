@@ -437,13 +437,17 @@ async fn overview(State(s): State<Arc<AppState>>, q: Params) -> Result<Response,
         Backend::Local { store, reads } => (store.clone(), reads.clone()),
         Backend::Partitioned(p) => {
             // Every partition's customers, added up (their current views for a "now" read).
-            let p = p
+            let (p, how) = p
                 .router
-                .population(at, is_now(&q))
+                .population_from(at, is_now(&q))
                 .await
                 .map_err(read_failed)?;
             let body = serde_json::to_value(&p).map(Json).map_err(internal)?;
-            return Ok(([("x-touchledger-source", "partitions")], body).into_response());
+            let source = match how {
+                "summed" => "partitions_summed",
+                _ => "partitions",
+            };
+            return Ok(([("x-touchledger-source", source)], body).into_response());
         }
     };
     let current = current_now(&s, &q);

@@ -239,6 +239,53 @@ impl RankCounts {
     }
 }
 
+/// A partition's rank keys in summary, the first step of a "now" population read across
+/// partitions ([`Current::rank_stats`]): enough to place the RFM thresholds of recency and
+/// frequency (their keys are days: few distinct values) and to search those of value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RankStats {
+    /// Whether the current views are ready.
+    pub ready: bool,
+    /// The reporting currency of `value` keys here.
+    pub currency: String,
+    /// Value per currency (the ledger's reporting currency is chosen from their sum).
+    pub totals: BTreeMap<String, i128>,
+    /// Current buyers.
+    pub buyers: u64,
+    /// Buyers per last purchase-day.
+    pub recency: BTreeMap<i64, u64>,
+    /// Buyers per number of purchase-days.
+    pub frequency: BTreeMap<i64, u64>,
+    /// The smallest and largest value (`None` without buyers).
+    pub values: Option<(i64, i64)>,
+}
+
+/// A partition's part of a "now" population read across partitions, under the ledger's RFM
+/// thresholds and pyramid cut keys ([`Current::population_part`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PopulationPart {
+    /// The additive sums of every customer here.
+    pub aggregate: Aggregate,
+    /// Buyers per RFM cell (125).
+    pub cells: Vec<u64>,
+    /// Per pyramid tier: buyers, their value, and the sum of their own counters.
+    pub tiers: Vec<(u64, i128, MonthCounters)>,
+}
+
+impl PopulationPart {
+    /// Binary form (bincode; the aggregate's maps have tuple and enum keys).
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
+    }
+
+    /// Read [`PopulationPart::encode`]'s form.
+    pub fn decode(bytes: &[u8]) -> Result<PopulationPart, String> {
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .map(|(p, _)| p)
+            .map_err(|e| format!("undecodable population part: {e}"))
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Buyer {
     last_day: i64,
@@ -281,7 +328,7 @@ fn tier_index(p: usize, n: usize) -> u8 {
 }
 
 /// Quintile thresholds per RFM dimension (recency, frequency, monetary).
-type Thresholds = [[Option<i64>; 4]; 3];
+pub type Thresholds = [[Option<i64>; 4]; 3];
 
 /// An RFM score: 1 + the thresholds the key is above (`None`: no buyer, every key above).
 fn score(t: &[Option<i64>; 4], k: i64) -> u8 {
@@ -545,13 +592,17 @@ impl Index {
         }
     }
 
-    /// Re-rank every buyer's value when the reporting currency changed; whether it did.
-    fn follow_currency(&mut self, rules: &Rules) -> bool {
-        let totals: BTreeMap<String, i128> = self
-            .totals
+    /// Value per currency, by name.
+    fn value_totals(&self) -> BTreeMap<String, i128> {
+        self.totals
             .iter()
             .map(|(c, (v, _))| (code_name(c), *v))
-            .collect();
+            .collect()
+    }
+
+    /// Re-rank every buyer's value when the reporting currency changed; whether it did.
+    fn follow_currency(&mut self, rules: &Rules) -> bool {
+        let totals = self.value_totals();
         let currency = reporting_currency(&rules.population, &totals);
         if currency == self.currency {
             return false;
@@ -768,58 +819,73 @@ impl Index {
     /// are prefix weights): O(log n).
     fn ranked(&self) -> Ranked {
         let (currency, pyramid, top20) = self.pyramid_figures();
-        let rfm_cells = self
-            .ranks
-            .cells
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(i, c)| (format!("{}{}{}", i / 25 + 1, i / 5 % 5 + 1, i % 5 + 1), *c))
-            .collect();
-        let tier_segments = TIERS
-            .iter()
-            .zip(&self.ranks.tiers)
-            .filter(|(_, t)| t.0 > 0)
-            .map(|(name, t)| (format!("tier:{name}"), t.clone()))
-            .collect();
         Ranked {
             currency,
             pyramid,
             top20,
-            rfm_cells,
-            tier_segments,
+            rfm_cells: cell_names(&self.ranks.cells),
+            tier_segments: tier_segments(self.ranks.tiers.iter().map(|t| (t.0, &t.1))),
         }
     }
 
     /// The customer pyramid (reporting currency, tiers, top-20 % share): O(log n).
     fn pyramid_figures(&self) -> (String, Vec<Tier>, Option<f64>) {
         let p = &self.pyramid;
-        let total = p.total_weight() as i64;
-        let share = |v: i64| {
-            if total > 0 {
-                100.0 * v as f64 / total as f64
-            } else {
-                0.0
-            }
-        };
         let [vip, major, ordinary] = tier_cuts(p.len());
         let bounds = [0, vip, major, ordinary, p.len()];
-        let tiers = TIERS
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let v = (p.prefix_weight(bounds[i + 1]) - p.prefix_weight(bounds[i])) as i64;
-                Tier {
-                    tier: t.to_owned(),
-                    customers: (bounds[i + 1] - bounds[i]) as u64,
-                    revenue_minor: v,
-                    revenue_share_pct: share(v),
-                }
-            })
-            .collect();
-        let top20 = (total > 0).then(|| share(p.prefix_weight(major) as i64));
+        let revenue =
+            [0, 1, 2, 3].map(|i| p.prefix_weight(bounds[i + 1]) - p.prefix_weight(bounds[i]));
+        let (tiers, top20) = pyramid_of(p.len(), revenue);
         (self.currency.clone(), tiers, top20)
     }
+}
+
+/// The pyramid's tiers and top-20 % share of `buyers` ranked by value, from each tier's value.
+fn pyramid_of(buyers: usize, revenue: [i128; 4]) -> (Vec<Tier>, Option<f64>) {
+    let total = revenue.iter().sum::<i128>() as i64;
+    let share = |v: i64| {
+        if total > 0 {
+            100.0 * v as f64 / total as f64
+        } else {
+            0.0
+        }
+    };
+    let [vip, major, ordinary] = tier_cuts(buyers);
+    let bounds = [0, vip, major, ordinary, buyers];
+    let tiers = TIERS
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| Tier {
+            tier: t.to_owned(),
+            customers: (bounds[i + 1] - bounds[i]) as u64,
+            revenue_minor: revenue[i] as i64,
+            revenue_share_pct: share(revenue[i] as i64),
+        })
+        .collect();
+    let top20 = (total > 0).then(|| share((revenue[0] + revenue[1]) as i64));
+    (tiers, top20)
+}
+
+/// The named RFM cells (`"RFM"`, 1–5 each) with buyers.
+fn cell_names(cells: &[u64]) -> BTreeMap<String, u64> {
+    cells
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .map(|(i, c)| (format!("{}{}{}", i / 25 + 1, i / 5 % 5 + 1, i % 5 + 1), *c))
+        .collect()
+}
+
+/// The tier segments (`tier:<name>`) with buyers, from each tier's buyers and counters.
+fn tier_segments<'a>(
+    tiers: impl Iterator<Item = (u64, &'a MonthCounters)>,
+) -> BTreeMap<String, (u64, MonthCounters)> {
+    TIERS
+        .iter()
+        .zip(tiers)
+        .filter(|(_, t)| t.0 > 0)
+        .map(|(name, t)| (format!("tier:{name}"), (t.0, t.1.clone())))
+        .collect()
 }
 
 /// The current materialisation (see the module docs). Shared by the writer (the assessor) and
@@ -1159,6 +1225,117 @@ impl Current {
         self.index.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// This partition's rank keys in summary ([`RankStats`]): O(distinct days × log n).
+    pub fn rank_stats(&self) -> RankStats {
+        let ix = self.read();
+        let histogram = |o: &OrderIndex<Keyed>| {
+            let mut h = BTreeMap::new();
+            let mut i = 0;
+            while let Some(x) = o.get(i) {
+                let key = x.0;
+                let j = o.partition_point(|y| y.0 <= key);
+                h.insert(key, (j - i) as u64);
+                i = j;
+            }
+            h
+        };
+        let n = ix.pyramid.len();
+        RankStats {
+            ready: self.is_ready(),
+            currency: ix.currency.clone(),
+            totals: ix.value_totals(),
+            buyers: n as u64,
+            recency: histogram(&ix.recency),
+            frequency: histogram(&ix.frequency),
+            values: ix
+                .pyramid
+                .get(n.saturating_sub(1))
+                .zip(ix.pyramid.get(0))
+                .map(|(lo, hi)| (lo.0.0, hi.0.0)),
+        }
+    }
+
+    /// Per probe, the buyers here whose value is greater: O(probes × log n).
+    pub fn values_above(&self, probes: &[i64]) -> Vec<u64> {
+        let ix = self.read();
+        probes
+            .iter()
+            .map(|v| ix.pyramid.partition_point(|x| x.0.0 > *v) as u64)
+            .collect()
+    }
+
+    /// The buyers here whose value is `value`, by id.
+    pub fn buyers_valued(&self, value: i64) -> Vec<String> {
+        let ix = self.read();
+        let a = ix.pyramid.partition_point(|x| x.0.0 > value);
+        ix.pyramid
+            .iter_from(a)
+            .take_while(|x| x.0.0 == value)
+            .map(|x| x.1.to_string())
+            .collect()
+    }
+
+    /// This partition's part of a population under the ledger's RFM `thresholds` and pyramid
+    /// `cuts` (the keys, value and id, at the ledger's tier cut positions; `None`: the cut is
+    /// past the last buyer): one pass over the buyers here, in memory.
+    pub fn population_part(
+        &self,
+        thresholds: &Thresholds,
+        cuts: &[Option<(i64, String)>; 3],
+    ) -> PopulationPart {
+        let ix = self.read();
+        let mut cells = vec![0u64; 125];
+        let mut tiers: Vec<(u64, i128, MonthCounters)> = vec![Default::default(); 4];
+        let cuts: Vec<(Reverse<i64>, &str)> = cuts
+            .iter()
+            .flatten()
+            .map(|(v, id)| (Reverse(*v), id.as_str()))
+            .collect();
+        for (Reverse(value), id) in ix.pyramid.iter() {
+            let Some(b) = ix.entries.get(id).and_then(|e| e.buyer.as_ref()) else {
+                continue;
+            };
+            cells[usize::from(b.cell_under(thresholds))] += 1;
+            let key = (Reverse(*value), id.as_ref());
+            let t = &mut tiers[cuts.iter().filter(|c| key >= **c).count()];
+            t.0 += 1;
+            t.1 += i128::from(*value);
+            if let Some(o) = &b.own {
+                t.2.merge(o);
+            }
+        }
+        PopulationPart {
+            aggregate: ix.aggregate.clone(),
+            cells,
+            tiers,
+        }
+    }
+
+    /// The rank-based figures of a population from its partitions' parts (in the reporting
+    /// `currency`, `buyers` in all): as [`Current::population`] computes them on one index.
+    pub fn ranked_from_parts(currency: String, buyers: usize, parts: &[PopulationPart]) -> Ranked {
+        let mut cells = [0u64; 125];
+        let mut tiers: Vec<(u64, i128, MonthCounters)> = vec![Default::default(); 4];
+        for p in parts {
+            for (c, n) in cells.iter_mut().zip(&p.cells) {
+                *c += n;
+            }
+            for (t, o) in tiers.iter_mut().zip(&p.tiers) {
+                t.0 += o.0;
+                t.1 += o.1;
+                t.2.merge(&o.2);
+            }
+        }
+        let (pyramid, top20) = pyramid_of(buyers, [0, 1, 2, 3].map(|i| tiers[i].1));
+        Ranked {
+            currency,
+            pyramid,
+            top20,
+            rfm_cells: cell_names(&cells),
+            tier_segments: tier_segments(tiers.iter().map(|t| (t.0, &t.2))),
+        }
+    }
+
     /// A customer's RFM quintiles and pyramid tier among the current buyers, O(log n).
     pub fn ranks(&self, customer: &str) -> Option<Ranks> {
         let keys = self.rank_keys(customer)?;
@@ -1189,11 +1366,7 @@ impl Current {
         RankCounts {
             ready: self.is_ready(),
             currency: ix.currency.clone(),
-            totals: ix
-                .totals
-                .iter()
-                .map(|(c, (v, _))| (code_name(c), *v))
-                .collect(),
+            totals: ix.value_totals(),
             buyers: ix.recency.len() as u64,
             less_recent: below(&ix.recency, keys.last_day),
             less_frequent: below(&ix.frequency, i64::from(keys.days)),
@@ -1413,11 +1586,7 @@ impl Index {
                 }
             }
         }
-        let totals: BTreeMap<String, i128> = self
-            .totals
-            .iter()
-            .map(|(c, (v, _))| (code_name(c), *v))
-            .collect();
+        let totals = self.value_totals();
         self.currency = reporting_currency(&rules.population, &totals);
         let reporting = code(&self.currency);
         let mut per_level: [[Vec<Keyed>; 4]; 5] = Default::default();
