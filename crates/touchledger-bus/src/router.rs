@@ -420,10 +420,10 @@ impl Router {
     /// The "now" population summed in the partitions, without moving a row per customer:
     /// 1. every partition's rank keys in summary ([`RankStats`]): the RFM thresholds of
     ///    recency and frequency are placed from their day histograms;
-    /// 2. the value thresholds and the pyramid's cut keys are found by a binary search over
-    ///    value, all at once, each step asking every partition how many buyers lie above the
-    ///    probes (O(log(value range)) rounds of P requests, O(log n) each), ties at a cut
-    ///    broken by id as in one index;
+    /// 2. the value thresholds and the pyramid's cut keys are found by a 16-way search over
+    ///    value, all at once, each round asking every partition how many buyers lie above the
+    ///    probes (O(log16(value range)) rounds of P requests, O(probes × log n) each), ties at
+    ///    a cut broken by id as in one index;
     /// 3. every partition sums its customers under those ([`PopulationPart`]: its additive
     ///    sums, its buyers per RFM cell and per tier), and the parts are added.
     ///
@@ -499,6 +499,9 @@ impl Router {
                 (lo.min(a), hi.max(b))
             });
         let mut bounds: Vec<(i64, i64)> = targets.iter().map(|_| (lo0, hi0)).collect();
+        // Each round splits every open range into SPLIT parts and asks every partition for the
+        // counts above all the probes at once: log_SPLIT(value range) rounds.
+        const SPLIT: i128 = 16;
         loop {
             let open: Vec<usize> = (0..targets.len())
                 .filter(|&i| targets[i].is_some() && bounds[i].0 < bounds[i].1)
@@ -506,21 +509,36 @@ impl Router {
             if open.is_empty() {
                 break;
             }
-            let probes: Vec<i64> = open
-                .iter()
-                .map(|&i| {
-                    let (lo, hi) = bounds[i];
-                    (i128::from(lo) + (i128::from(hi) - i128::from(lo)) / 2) as i64
-                })
-                .collect();
-            let above = self.values_above(&probes).await?;
-            for ((&i, &v), a) in open.iter().zip(&probes).zip(above) {
-                let at_most = n - a;
-                if at_most > targets[i].unwrap_or_default() {
-                    bounds[i].1 = v;
-                } else {
-                    bounds[i].0 = v + 1;
+            let mut probes: Vec<i64> = Vec::new();
+            let mut spans = Vec::new();
+            for &i in &open {
+                let (lo, hi) = (i128::from(bounds[i].0), i128::from(bounds[i].1));
+                let first = probes.len();
+                let mut last = None;
+                for k in 1..SPLIT {
+                    let v = (lo + (hi - lo) * k / SPLIT) as i64;
+                    if Some(v) != last && i128::from(v) < hi {
+                        probes.push(v);
+                        last = Some(v);
+                    }
                 }
+                spans.push((i, first, probes.len()));
+            }
+            let above = self.values_above(&probes).await?;
+            for (i, first, end) in spans {
+                let want = targets[i].unwrap_or_default();
+                // The first probe with at least want + 1 buyers at or below it bounds the
+                // value from above; the probe before it, from below.
+                let mut lo = bounds[i].0;
+                let mut hi = bounds[i].1;
+                for k in first..end {
+                    if n - above[k] > want {
+                        hi = probes[k];
+                        break;
+                    }
+                    lo = probes[k] + 1;
+                }
+                bounds[i] = (lo, hi);
             }
         }
         thresholds[2] = [0, 1, 2, 3].map(|s| targets[s].map(|_| bounds[s].0));
