@@ -71,7 +71,8 @@ while :; do
     OWNED=$(echo "$(date +%s.%N) - $K" | bc)
     echo "owned (both stores rebuilt from the feed, intake running) after $OWNED s"
   fi
-  if curl -sf "http://127.0.0.1:$HB/readyz" >/dev/null; then
+  # (A process that owns nothing only routes reads and is ready: wait for the takeover first.)
+  if [ -n "$OWNED" ] && curl -sf "http://127.0.0.1:$HB/readyz" >/dev/null; then
     echo "ready (read models folded) after $(echo "$(date +%s.%N) - $K" | bc) s"
     break
   fi

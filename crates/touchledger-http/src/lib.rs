@@ -639,17 +639,18 @@ async fn events(
                 .as_str()
                 .strip_prefix(&format!("{prefix}."))?
                 .to_owned();
+            // A partitioned ledger's views and alerts name their partition (a header on
+            // NATS, a `partition` field here).
+            let partition = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(touchledger_bus::headers::PARTITION))
+                .and_then(|p| p.as_str().parse::<u32>().ok());
             let mut parts = rest.splitn(3, '.');
             let ev = match (parts.next(), parts.next(), parts.next()) {
                 (Some("view"), Some(model), Some(customer)) => {
-                    // A partitioned ledger's views name their partition.
                     let mut data = json!({ "model": model, "customer_id": customer });
-                    if let Some(p) = m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(touchledger_bus::headers::PARTITION))
-                        .and_then(|p| p.as_str().parse::<u32>().ok())
-                    {
+                    if let Some(p) = partition {
                         data["partition"] = json!(p);
                     }
                     SseEvent::default().event("view").data(data.to_string())
@@ -657,9 +658,11 @@ async fn events(
                 (Some("alert"), Some("churn"), Some(_)) => {
                     let env = touchledger_proto::v1::Envelope::decode(m.payload.as_ref()).ok()?;
                     let e = Event::try_from(env).ok()?;
-                    SseEvent::default()
-                        .event("alert")
-                        .data(serde_json::to_string(&e).ok()?)
+                    let mut data = serde_json::to_value(&e).ok()?;
+                    if let Some(p) = partition {
+                        data["partition"] = json!(p);
+                    }
+                    SseEvent::default().event("alert").data(data.to_string())
                 }
                 _ => return None,
             };
