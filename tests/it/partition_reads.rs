@@ -937,6 +937,12 @@ async fn http_reads_equal_the_single_ledger(
     let (status, body) = crate::http::get(ports[0], "/api/v1/customers/nobody-at-all", None).await;
     assert_eq!(status, 404, "{body}");
 
+    // A page deeper than a partition may send in one message is refused, saying so.
+    let (status, body) =
+        crate::http::get(ports[0], "/api/v1/at-risk?per_page=500&page=3", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("at most the first 1000 rows"), "{body}");
+
     // The at-risk list at the instant, every order, two pages: the partitions' first rows
     // merged are the single ledger's page.
     for sort in ["score", "value", "since", "customer", "level"] {

@@ -88,6 +88,10 @@ pub(crate) struct PageAnswer {
 /// How a partition's `Touchledger-Read-Error` says it is not ready yet (retry), not failed.
 pub(crate) const NOT_READY_PREFIX: &str = "NOT_READY: ";
 
+/// The deepest at-risk row a partitioned ledger lists (each partition sends up to this many
+/// rows, which must fit in one NATS message).
+pub const MAX_AT_RISK_DEPTH: usize = 1000;
+
 /// Attempts to record a fitted model in one partition before the fit reports failure.
 const RECORD_ATTEMPTS: u32 = 6;
 
@@ -120,6 +124,12 @@ pub enum ReadError {
         /// What it is waiting for.
         detail: String,
     },
+    /// The request asks for more than a read across partitions gives (a page too deep).
+    #[error("{detail}")]
+    TooDeep {
+        /// What was asked, and the limit.
+        detail: String,
+    },
     /// The partition answered with an error, or the request could not be made.
     #[error("partition {partition}: {detail}")]
     Partition {
@@ -136,6 +146,7 @@ impl ReadError {
         match self {
             ReadError::Unavailable { .. } | ReadError::Timeout { .. } => "UNAVAILABLE",
             ReadError::NotReady { .. } => "NOT_READY",
+            ReadError::TooDeep { .. } => "BAD_REQUEST",
             ReadError::Partition { .. } => "INTERNAL",
         }
     }
@@ -380,6 +391,14 @@ impl Router {
     /// One page of the ledger's at-risk list: each partition's first `offset + limit` rows,
     /// merged in the list's order (O(P × (offset + limit)) rows moved); the total is the sum.
     pub async fn at_risk(&self, req: &AtRiskRequest) -> Result<AtRiskAnswer, ReadError> {
+        let depth = req.offset.saturating_add(req.limit);
+        if depth > MAX_AT_RISK_DEPTH {
+            return Err(ReadError::TooDeep {
+                detail: format!(
+                    "offset + per_page = {depth}: a partitioned ledger lists at most the first {MAX_AT_RISK_DEPTH} rows of an order (each partition sends that many); narrow the filters"
+                ),
+            });
+        }
         let each = AtRiskRequest {
             offset: 0,
             limit: req.offset.saturating_add(req.limit),
@@ -532,7 +551,7 @@ impl Router {
                 let mut lo = bounds[i].0;
                 let mut hi = bounds[i].1;
                 for k in first..end {
-                    if n - above[k] > want {
+                    if n.saturating_sub(above[k]) > want {
                         hi = probes[k];
                         break;
                     }
@@ -549,18 +568,26 @@ impl Router {
             }
             let v = bounds[4 + k].0;
             let above = self.values_above(&[v]).await?[0];
+            // The cut's id is the (c − above)-th smallest among the buyers with value v: among
+            // each partition's first c − above + 1 of them.
+            let changed = || ReadError::NotReady {
+                partition: 0,
+                detail: format!(
+                    "the partitions changed during the read (no buyer at the pyramid's cut {c}, value {v}); retry"
+                ),
+            };
+            let offset = c.checked_sub(above).ok_or_else(changed)?;
+            let req = serde_json::to_vec(&(v, offset + 1)).map_err(|e| ReadError::Partition {
+                partition: 0,
+                detail: e.to_string(),
+            })?;
             let mut ids: Vec<String> = Vec::new();
-            for (p, b) in all(BUYERS_VALUED, v.to_string().into_bytes()).await? {
+            for (p, b) in all(BUYERS_VALUED, req).await? {
                 let more: Vec<String> = decode_json(p, &b)?;
                 ids.extend(more);
             }
             ids.sort();
-            let id = ids.into_iter().nth((c - above) as usize).ok_or_else(|| {
-                ReadError::Partition {
-                    partition: 0,
-                    detail: format!("no buyer at the pyramid's cut {c} (value {v}): the partitions changed meanwhile; retry"),
-                }
-            })?;
+            let id = ids.into_iter().nth(offset as usize).ok_or_else(changed)?;
             cut_keys[k] = Some((v, id));
         }
         let req = serde_json::to_vec(&PartRequest {
@@ -628,11 +655,23 @@ impl Router {
     ) -> Result<(PopulationView, &'static str), ReadError> {
         if now
             && as_of.axis == touchledger_domain::facts::Axis::Business
-            && let Some(p) = self.population_summed(as_of.at).await?
+            && let Some(p) = self.summed_or_none(as_of.at).await?
         {
             return Ok((p, "summed"));
         }
         Ok((self.population_merged(as_of, now).await?, "contributions"))
+    }
+
+    async fn summed_or_none(&self, now: Timestamp) -> Result<Option<PopulationView>, ReadError> {
+        match self.population_summed(now).await {
+            // A partition could not answer a step (e.g. an answer over the server's payload
+            // limit): the contributions, paged, still can.
+            Err(e @ ReadError::Partition { .. }) => {
+                tracing::warn!(error = %e, "population not summed in the partitions; merging contributions");
+                Ok(None)
+            }
+            r => r,
+        }
     }
 
     async fn population_merged(&self, as_of: AsOf, now: bool) -> Result<PopulationView, ReadError> {

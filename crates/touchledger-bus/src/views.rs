@@ -815,8 +815,8 @@ fn json_read_answer(
             serde_json::to_vec(&current.values_above(&probes))
         }
         crate::router::BUYERS_VALUED => {
-            let value: i64 = serde_json::from_slice(payload).map_err(bad)?;
-            serde_json::to_vec(&current.buyers_valued(value))
+            let (value, limit): (i64, usize) = serde_json::from_slice(payload).map_err(bad)?;
+            serde_json::to_vec(&current.buyers_valued(value, limit))
         }
         crate::router::POPULATION_PART => {
             let req: crate::router::PartRequest = serde_json::from_slice(payload).map_err(bad)?;
@@ -963,6 +963,19 @@ async fn serve_queries(
                     .await
                     .unwrap_or_else(|e| Err(format!("partial read task: {e}")))
                 };
+                // An answer the server would refuse (over its max_payload) is an error now,
+                // not a reply that never arrives.
+                let limit = client.server_info().max_payload;
+                let answer = answer.and_then(|page| {
+                    if page.len() > limit {
+                        Err(format!(
+                            "the answer ({} bytes) exceeds the server's max_payload ({limit} bytes): ask for less (a smaller or shallower page)",
+                            page.len()
+                        ))
+                    } else {
+                        Ok(page)
+                    }
+                });
                 let sent = match answer {
                     Ok(page) => client.publish(reply, page.into()).await,
                     Err(e) => {

@@ -142,6 +142,7 @@ pub struct Partitioned {
 fn read_failed(e: touchledger_bus::ReadError) -> ApiError {
     match e.code() {
         "UNAVAILABLE" | "NOT_READY" => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        "BAD_REQUEST" => bad(e.to_string()),
         _ => internal(e),
     }
 }

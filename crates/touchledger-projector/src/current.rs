@@ -1264,13 +1264,14 @@ impl Current {
             .collect()
     }
 
-    /// The buyers here whose value is `value`, by id.
-    pub fn buyers_valued(&self, value: i64) -> Vec<String> {
+    /// The first `limit` buyers here whose value is `value`, by id.
+    pub fn buyers_valued(&self, value: i64, limit: usize) -> Vec<String> {
         let ix = self.read();
         let a = ix.pyramid.partition_point(|x| x.0.0 > value);
         ix.pyramid
             .iter_from(a)
             .take_while(|x| x.0.0 == value)
+            .take(limit)
             .map(|x| x.1.to_string())
             .collect()
     }
