@@ -18,24 +18,13 @@ CUSTOMERS="${CUSTOMERS:-50000}"
 cargo build --release --locked -p touchledger-cli
 BIN=./target/release/touchledger
 SERVER="$(bash deploy/ensure-nats-server.sh)"
-TMP="$(mktemp -d)"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {print int($2/1048576) " GiB"}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+# shellcheck source=deploy/bench-lib.sh
+source deploy/bench-lib.sh
 
 "$BIN" generate --out "$TMP/events.jsonl" --events "$EVENTS" --customers "$CUSTOMERS" --duplicates 0 --conflicts 0 --invalid 0 >/dev/null
 echo "events: $(wc -l <"$TMP/events.jsonl") ($(du -h "$TMP/events.jsonl" | cut -f1))"
 
-NPORT="$(free_port)"
-"$SERVER" -a 127.0.0.1 -p "$NPORT" -js -sd "$TMP/nats" -l "$TMP/nats.log" &
-PIDS+=($!)
-for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NPORT") 2>/dev/null && break; sleep 0.1; done
+start_nats "$TMP/nats"
 URL="nats://127.0.0.1:$NPORT"
 HA="$(free_port)"; HB="$(free_port)"
 "$BIN" serve --data "$TMP/a" --partitions 2 --own all --lease-ttl-secs "$LEASE_TTL" --nats-url "$URL" \

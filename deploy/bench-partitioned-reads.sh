@@ -18,16 +18,8 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk;
 cargo build --release --locked -p touchledger-cli
 BIN=./target/release/touchledger
 SERVER="$(bash deploy/ensure-nats-server.sh)"
-TMP="$(mktemp -d)"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {print int($2/1048576) " GiB"}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+# shellcheck source=deploy/bench-lib.sh
+source deploy/bench-lib.sh
 
 # The events, as a publisher would send them.
 FILE="${FILE:-../shared/data/cdnow/CDNOW_master.txt}"
@@ -37,12 +29,6 @@ FILE="${FILE:-../shared/data/cdnow/CDNOW_master.txt}"
 for line in sys.stdin: print(json.dumps(json.loads(line)["event"]))' >"$TMP/events.jsonl"
 echo "events: $(wc -l <"$TMP/events.jsonl")"
 
-start_nats() { # dir; sets NPORT
-  NPORT="$(free_port)"
-  "$SERVER" -a 127.0.0.1 -p "$NPORT" -js -sd "$1" -l "$1.log" >/dev/null 2>&1 &
-  PIDS+=($!)
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NPORT") 2>/dev/null && break; sleep 0.1; done
-}
 wait_ready() { # port
   until curl -sf "http://127.0.0.1:$1/readyz" >/dev/null; do sleep 0.5; done
 }

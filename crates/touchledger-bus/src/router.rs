@@ -369,17 +369,29 @@ impl Router {
         as_of: AsOf,
         now: bool,
     ) -> Result<Option<Ranks>, ReadError> {
+        let customer = customer.to_owned();
+        self.merged(as_of, now, move |m| m.ranks(&customer)).await
+    }
+
+    /// Every partition's customers' contributions at `as_of`, added into one [`Merge`], and
+    /// `then` of it (on a blocking thread).
+    async fn merged<T: Send + 'static>(
+        &self,
+        as_of: AsOf,
+        now: bool,
+        then: impl FnOnce(Merge) -> T + Send + 'static,
+    ) -> Result<T, ReadError> {
         let parts = futures::future::try_join_all(
             (0..self.partitions).map(|p| self.partial(p, as_of, now)),
         )
         .await?;
-        let (rules, customer) = (self.rules.clone(), customer.to_owned());
+        let rules = self.rules.clone();
         tokio::task::spawn_blocking(move || {
             let mut merge = Merge::new(as_of, &rules);
             for page in parts.into_iter().flatten() {
                 merge.add(page);
             }
-            merge.ranks(&customer)
+            then(merge)
         })
         .await
         .map_err(|e| ReadError::Partition {
@@ -675,23 +687,7 @@ impl Router {
     }
 
     async fn population_merged(&self, as_of: AsOf, now: bool) -> Result<PopulationView, ReadError> {
-        let parts = futures::future::try_join_all(
-            (0..self.partitions).map(|p| self.partial(p, as_of, now)),
-        )
-        .await?;
-        let rules = self.rules.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut merge = Merge::new(as_of, &rules);
-            for page in parts.into_iter().flatten() {
-                merge.add(page);
-            }
-            merge.finish()
-        })
-        .await
-        .map_err(|e| ReadError::Partition {
-            partition: 0,
-            detail: format!("merge task: {e}"),
-        })
+        self.merged(as_of, now, Merge::finish).await
     }
 
     /// One partition's buyers' BG/NBD statistics at `as_of`, page by page.
