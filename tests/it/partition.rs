@@ -760,13 +760,13 @@ async fn publish_purchases(js: &jetstream::Context, tag: &str, n: u32) -> Vec<(S
     sent
 }
 
-/// The holder of each partition's lease (its value: `host/pid/start`), `None` while free.
-pub(crate) async fn lease_holders(js: &jetstream::Context) -> Vec<Option<String>> {
+/// The holder of each of `p` partitions' lease (its value: `host/pid/start`), `None` while free.
+pub(crate) async fn lease_holders(js: &jetstream::Context, p: u32) -> Vec<Option<String>> {
     let mut out = Vec::new();
     let Ok(kv) = js.get_key_value("CRM_LEASES").await else {
-        return vec![None; 4];
+        return vec![None; p as usize];
     };
-    for n in 0..4 {
+    for n in 0..p {
         let holder = kv.get(touchledger_bus::lease_key(n)).await.ok().flatten();
         out.push(holder.map(|h| String::from_utf8_lossy(&h).into_owned()));
     }
@@ -780,16 +780,17 @@ pub(crate) fn held_by(holder: &Option<String>, pid: u32) -> bool {
         .is_some_and(|h| h.contains(&format!("/{pid}/")))
 }
 
-/// Until the lease holders satisfy `done`; returns how long it took.
+/// Until the lease holders of `p` partitions satisfy `done`; returns how long it took.
 pub(crate) async fn wait_leases(
     js: &jetstream::Context,
+    p: u32,
     what: &str,
     timeout: Duration,
     done: impl Fn(&[Option<String>]) -> bool,
 ) -> Duration {
     let started = tokio::time::Instant::now();
     loop {
-        let holders = lease_holders(js).await;
+        let holders = lease_holders(js, p).await;
         if done(&holders) {
             return started.elapsed();
         }
@@ -809,6 +810,7 @@ pub(crate) async fn wait_leases_held_by(
 ) -> Duration {
     wait_leases(
         js,
+        4,
         &format!("process {pid} holds every lease"),
         timeout,
         |h| h.iter().all(|x| held_by(x, pid)),
@@ -816,7 +818,6 @@ pub(crate) async fn wait_leases_held_by(
     .await
 }
 
-/// Two `serve` processes' data directories and logs, in one temporary directory.
 /// A failed-over partition's store, rebuilt from the feed, is byte-identical to the dead
 /// owner's up to the last record the dead owner got into the feed (the last it could have
 /// acknowledged): every record of the dead owner's store that the feed holds (same position and
@@ -826,54 +827,68 @@ pub(crate) async fn wait_leases_held_by(
 pub(crate) async fn assert_rebuilt_identical(js: &jetstream::Context, pair: &Pair) -> u64 {
     let mut compared = 0;
     for n in 0..4u32 {
-        if !pair.b.join(format!("p{n}")).exists() {
-            continue;
-        }
-        let mut feed = js
-            .get_stream(format!("CRM_LEDGER_EVENTS_P{n}"))
-            .await
-            .expect("feed stream");
-        let last = feed.info().await.expect("info").state.last_sequence;
-        let survivor = open_partition_store(&pair.a, n);
-        let dead = open_partition_store(&pair.b, n);
-        let mut reached_all = true;
-        for r in dead.read(&Default::default()) {
-            let r = r.expect("dead owner's record");
-            let in_feed = r.position <= last
-                && feed
-                    .get_raw_message(r.position)
-                    .await
-                    .ok()
-                    .and_then(|m| {
-                        m.headers
-                            .get(touchledger_bus::headers::HASH)
-                            .map(|h| h.as_str() == r.hash.to_hex())
-                    })
-                    .unwrap_or(false);
-            if !in_feed {
-                reached_all = false;
-                continue;
-            }
-            assert!(
-                reached_all,
-                "partition {n}: position {} is in the feed after one that is not",
-                r.position
-            );
-            let s = survivor
-                .get(r.position)
-                .expect("survivor read")
-                .unwrap_or_else(|| panic!("partition {n}: survivor lacks {}", r.position));
-            assert_eq!(s, r, "partition {n}, position {}", r.position);
-            assert_eq!(
-                touchledger_proto::encode_event(&s.event),
-                touchledger_proto::encode_event(&r.event)
-            );
-            compared += 1;
+        if pair.b.join(format!("p{n}")).exists() {
+            compared += assert_partition_rebuilt_identical(js, 4, n, &pair.a, &pair.b).await;
         }
     }
     compared
 }
 
+/// The same for partition `n` of `p`, taken over by the process with data directory
+/// `survivor` from the one with `dead`; returns how many records were compared.
+pub(crate) async fn assert_partition_rebuilt_identical(
+    js: &jetstream::Context,
+    p: u32,
+    n: u32,
+    survivor: &std::path::Path,
+    dead: &std::path::Path,
+) -> u64 {
+    let mut compared = 0;
+    let mut feed = js
+        .get_stream(format!("CRM_LEDGER_EVENTS_P{n}"))
+        .await
+        .expect("feed stream");
+    let last = feed.info().await.expect("info").state.last_sequence;
+    let survivor = open_partition_store_of(survivor, n, p);
+    let dead = open_partition_store_of(dead, n, p);
+    let mut reached_all = true;
+    for r in dead.read(&Default::default()) {
+        let r = r.expect("dead owner's record");
+        let in_feed = r.position <= last
+            && feed
+                .get_raw_message(r.position)
+                .await
+                .ok()
+                .and_then(|m| {
+                    m.headers
+                        .get(touchledger_bus::headers::HASH)
+                        .map(|h| h.as_str() == r.hash.to_hex())
+                })
+                .unwrap_or(false);
+        if !in_feed {
+            reached_all = false;
+            continue;
+        }
+        assert!(
+            reached_all,
+            "partition {n}: position {} is in the feed after one that is not",
+            r.position
+        );
+        let s = survivor
+            .get(r.position)
+            .expect("survivor read")
+            .unwrap_or_else(|| panic!("partition {n}: survivor lacks {}", r.position));
+        assert_eq!(s, r, "partition {n}, position {}", r.position);
+        assert_eq!(
+            touchledger_proto::encode_event(&s.event),
+            touchledger_proto::encode_event(&r.event)
+        );
+        compared += 1;
+    }
+    compared
+}
+
+/// Two `serve` processes' data directories and logs, in one temporary directory.
 pub(crate) struct Pair {
     _dir: tempfile::TempDir,
     pub(crate) a: std::path::PathBuf,
@@ -916,8 +931,13 @@ pub(crate) fn per_partition(sent: &[(String, String)]) -> Vec<u64> {
 
 /// The store of partition `n` of 4 in a partitioned data directory.
 pub(crate) fn open_partition_store(data: &std::path::Path, n: u32) -> SledStore {
+    open_partition_store_of(data, n, 4)
+}
+
+/// The store of partition `n` of `p` in a partitioned data directory.
+pub(crate) fn open_partition_store_of(data: &std::path::Path, n: u32, p: u32) -> SledStore {
     let mut cfg = StoreConfig::new(data.join(format!("p{n}")));
-    cfg.partition = PartitionId::new(n, 4).expect("layout");
+    cfg.partition = PartitionId::new(n, p).expect("layout");
     SledStore::open(cfg).expect("open partition")
 }
 
@@ -1243,10 +1263,16 @@ async fn auto_owners_share_the_partitions_and_the_survivor_takes_a_killed_ones()
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
     let (a, b) = (first.id(), second.id());
-    let settled = wait_leases(&js, "two partitions each", Duration::from_secs(60), |h| {
-        h.iter().filter(|x| held_by(x, a)).count() == 2
-            && h.iter().filter(|x| held_by(x, b)).count() == 2
-    })
+    let settled = wait_leases(
+        &js,
+        4,
+        "two partitions each",
+        Duration::from_secs(60),
+        |h| {
+            h.iter().filter(|x| held_by(x, a)).count() == 2
+                && h.iter().filter(|x| held_by(x, b)).count() == 2
+        },
+    )
     .await;
     eprintln!("balanced two and two after {settled:?}");
 

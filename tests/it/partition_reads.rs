@@ -29,14 +29,14 @@ const PER_PUBLISHER: usize = 10_000;
 /// The population is compared at this business instant: after every generated touchpoint
 /// (they span 2024–2025) and before the service clock, so the assessments the partitions'
 /// assessors record (at the service clock) are not part of it.
-const AS_OF: &str = "2026-01-15T00:00:00Z";
+pub(crate) const AS_OF: &str = "2026-01-15T00:00:00Z";
 
 /// Each publisher's messages: its customers' valid events in order, every 10th message a
 /// re-send of one of its earlier events under a new message id (only the ledger can tell), every
 /// 50th undecodable. Returns (subject, message id, bytes) per publisher and the undecodable count.
-type Outgoing = Vec<(String, String, Vec<u8>)>;
+pub(crate) type Outgoing = Vec<(String, String, Vec<u8>)>;
 
-fn messages(events: &[Event]) -> (Vec<Outgoing>, u64) {
+pub(crate) fn messages(events: &[Event]) -> (Vec<Outgoing>, u64) {
     // A customer's events all go through one publisher, in order (a retraction follows its
     // target), as a producer owning that customer would send them.
     let mut per: Vec<Vec<&Event>> = vec![Vec::new(); PUBLISHERS];
@@ -82,16 +82,67 @@ fn messages(events: &[Event]) -> (Vec<Outgoing>, u64) {
     (out, bad)
 }
 
+/// `touchledger cluster status --partitions 8 --json` of the ledger on `urls`.
+pub(crate) async fn cluster_status(urls: &str) -> serde_json::Value {
+    let (code, out, err) = crate::cli::cli_blocking(&[
+        "cluster",
+        "status",
+        "--nats-url",
+        urls,
+        "--partitions",
+        "8",
+        "--json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    serde_json::from_str(&out).expect("status JSON")
+}
+
+/// `n` events of the generator's realistic mix (purchases, complaints, callbacks, surveys,
+/// retractions) of 1,500 customers over 2024–25, by `touchledger generate --seed seed` into a
+/// file in `dir`.
+pub(crate) fn generated(dir: &std::path::Path, n: u32, seed: &str) -> Vec<Event> {
+    let file = dir.join("events.jsonl");
+    let n = n.to_string();
+    let (code, _, err) = crate::cli::cli(&[
+        "generate",
+        "--out",
+        file.to_str().expect("utf8"),
+        "--events",
+        &n,
+        "--customers",
+        "1500",
+        "--seed",
+        seed,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::read_to_string(&file)
+        .expect("read")
+        .lines()
+        .map(|l| touchledger_domain::json::parse_event(l.as_bytes()).expect("generated event"))
+        .collect()
+}
+
 /// The population and customer replies of a single-partition ledger of `events`, folded in
 /// this process.
-struct Reference {
+pub(crate) struct Reference {
     _dir: tempfile::TempDir,
     store: SledStore,
     projectors: Vec<touchledger_projector::Projector>,
-    reads: touchledger_projector::ReadModels,
+    pub(crate) reads: touchledger_projector::ReadModels,
 }
 
 impl Reference {
+    /// The reply to a population query at `at` on the business axis.
+    pub(crate) fn population_at(&self, at: Timestamp) -> Vec<u8> {
+        population_reply(
+            &self
+                .reads
+                .population(AsOf::business(at))
+                .expect("population"),
+        )
+    }
+
     /// Append the ledger's own events (a model fit) and fold them.
     fn append_ledger_events(&mut self, events: Vec<Event>) {
         self.store
@@ -101,7 +152,7 @@ impl Reference {
     }
 }
 
-fn reference(events: &[Event]) -> Reference {
+pub(crate) fn reference(events: &[Event]) -> Reference {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = StoreConfig::new(dir.path());
     cfg.cache_capacity = 32 * 1024 * 1024;
@@ -126,14 +177,14 @@ fn reference(events: &[Event]) -> Reference {
     }
 }
 
-fn population_reply(p: &touchledger_domain::population::PopulationView) -> Vec<u8> {
+pub(crate) fn population_reply(p: &touchledger_domain::population::PopulationView) -> Vec<u8> {
     v1::QueryReply {
         result: Some(v1::query_reply::Result::Population(views::population(p))),
     }
     .encode_to_vec()
 }
 
-fn query(customer: &str, as_of: Option<Timestamp>) -> Vec<u8> {
+pub(crate) fn query(customer: &str, as_of: Option<Timestamp>) -> Vec<u8> {
     v1::QueryRequest {
         customer_id: customer.to_owned(),
         as_of: as_of.map(touchledger_proto::to_pb_time),
@@ -143,7 +194,7 @@ fn query(customer: &str, as_of: Option<Timestamp>) -> Vec<u8> {
 }
 
 /// The pid in a `Touchledger-Answered-By` header (`host/pid/start`).
-fn answered_by(m: &async_nats::Message) -> u32 {
+pub(crate) fn answered_by(m: &async_nats::Message) -> u32 {
     let h = m
         .headers
         .as_ref()
@@ -184,25 +235,7 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
             .collect()
     };
     assert_eq!(events.len(), 6_919);
-    let file = dir.path().join("events.jsonl");
-    let (code, _, err) = crate::cli::cli(&[
-        "generate",
-        "--out",
-        file.to_str().expect("utf8"),
-        "--events",
-        "28281",
-        "--customers",
-        "1500",
-        "--seed",
-        "11",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    events.extend(
-        std::fs::read_to_string(&file)
-            .expect("read")
-            .lines()
-            .map(|l| touchledger_domain::json::parse_event(l.as_bytes()).expect("generated event")),
-    );
+    events.extend(generated(dir.path(), 28_281, "11"));
     let (outgoing, bad) = messages(&events);
     // About 4 x 10,000 messages (a publisher's share follows its customers).
     let total = outgoing.iter().map(Vec::len).sum::<usize>();
@@ -273,12 +306,7 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
     .await
     .expect("reference");
     let at: Timestamp = AS_OF.parse().expect("time");
-    let want_population = population_reply(
-        &reference
-            .reads
-            .population(AsOf::business(at))
-            .expect("population"),
-    );
+    let want_population = reference.population_at(at);
 
     // The population through the ledger-wide subject: once every partition has folded what it
     // was sent, it equals the single ledger's. Asked until each of the three processes has
@@ -406,12 +434,7 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
             panic!("{now_reply:?}");
         };
         let now_at = touchledger_proto::from_pb_time("as_of", now_pop.as_of).expect("as_of");
-        let want_now = population_reply(
-            &reference
-                .reads
-                .population(AsOf::business(now_at))
-                .expect("population"),
-        );
+        let want_now = reference.population_at(now_at);
         if m.payload.as_ref() == want_now.as_slice() {
             break;
         }
@@ -471,12 +494,7 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         "{again:?}"
     );
     reference.append_ledger_events(vec![event]);
-    let want_population = population_reply(
-        &reference
-            .reads
-            .population(AsOf::business(at))
-            .expect("population"),
-    );
+    let want_population = reference.population_at(at);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let m = client
@@ -546,18 +564,8 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
 
     // An operator's view: every partition owned by the process given it, its feed holding its
     // records, nothing waiting for it in the intake.
-    let (code, out, err) = crate::cli::cli_blocking(&[
-        "cluster",
-        "status",
-        "--nats-url",
-        &server.url(),
-        "--partitions",
-        "8",
-        "--json",
-    ])
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    let status = cluster_status(&server.url()).await;
+    let out = status.to_string();
     let parts = status["partitions"].as_array().expect("partitions");
     assert_eq!(parts.len(), 8, "{out}");
     for (n, p) in parts.iter().enumerate() {
@@ -639,21 +647,7 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         let mut cfg = StoreConfig::new(data.join(format!("p{n}")));
         cfg.partition = PartitionId::new(n, P).expect("layout");
         let store = SledStore::open(cfg).expect("open partition");
-        for r in store.read(&Default::default()) {
-            let r = r.expect("record");
-            if r.event.kind() == EventKind::ModelFitted {
-                continue;
-            }
-            assert_eq!(partition_of(&r.event.customer_id, P), n);
-            if r.event.kind() == EventKind::ChurnRiskAssessed {
-                continue;
-            }
-            assert!(
-                stored.insert(r.event.event_id.clone()),
-                "{} twice",
-                r.event.event_id
-            );
-        }
+        collect_touchpoints(&store, n, P, &mut stored);
         rejected += store.rejections().count() as u64;
     }
     let want: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
@@ -683,6 +677,27 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
     assert!(remote.lines().count() >= stored.len());
     for line in remote.lines() {
         assert!(offline.contains(line), "{line}");
+    }
+}
+
+/// Add the event ids of partition `n` of `p`'s touchpoints in `store` to `stored`, checking
+/// each is its customer's partition's and none is there twice (the ledger's own records besides
+/// them: model fits, and the assessors' `ChurnRiskAssessed` of the partition's customers).
+pub(crate) fn collect_touchpoints(store: &SledStore, n: u32, p: u32, stored: &mut HashSet<String>) {
+    for r in store.read(&Default::default()) {
+        let r = r.expect("record");
+        if r.event.kind() == EventKind::ModelFitted {
+            continue;
+        }
+        assert_eq!(partition_of(&r.event.customer_id, p), n);
+        if r.event.kind() == EventKind::ChurnRiskAssessed {
+            continue;
+        }
+        assert!(
+            stored.insert(r.event.event_id.clone()),
+            "{} twice",
+            r.event.event_id
+        );
     }
 }
 
