@@ -315,8 +315,12 @@ async fn survives(fault: Fault, seed: &str) {
             .unwrap_or_else(|| panic!("partition {n} held by {:?}", holders[n as usize]));
         &datas[i]
     };
-    for child in children.iter_mut().flatten() {
+    // All at once, as a whole ledger is stopped: one by one, each stop would hand its
+    // partitions to the others on their way out.
+    for child in children.iter().flatten() {
         signal(child, "-TERM");
+    }
+    for child in children.iter_mut().flatten() {
         let exit = child.wait().expect("wait");
         assert!(exit.success(), "serve: {exit}\n{}", logs());
     }
