@@ -147,9 +147,30 @@ pub async fn run_feed(
             r = head.changed() => if r.is_err() { break },
         }
     }
+    // Stopped (by `run_ledger` once the store's writers have stopped): what they appended is
+    // final; publish it, so that a leased partition's next owner finds it in the feed rather
+    // than this store ending in records the feed lacks (which this process would refuse when
+    // it takes the partition again). Bounded: what cannot be published now is published by
+    // the next start's resync, or, in a leased partition whose lease is gone, never (it was
+    // never acknowledged; the next owner stores it from the intake).
+    let target = store.head().position;
+    if published < target {
+        let never = CancellationToken::new();
+        let last = publish_range(&js, &client, &store, &cfg, &mut published, target, &never);
+        match tokio::time::timeout(FINAL_PUBLISH, last).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, published, target, "feed incomplete at stop")
+            }
+            Err(_) => tracing::warn!(published, target, "feed incomplete at stop: timed out"),
+        }
+    }
     tracing::info!(published, "feed stopped");
     Ok(())
 }
+
+/// How long a stopping feed tries to publish the store's last records.
+const FINAL_PUBLISH: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where the feed stands: the stream's last sequence, after checking that its last message is
 /// this store's record at that position (same position header, same hash). Anything else —

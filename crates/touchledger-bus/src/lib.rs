@@ -674,46 +674,84 @@ async fn ensure_streams_now(js: &jetstream::Context, cfg: &BusConfig) -> Result<
 }
 
 /// Run intake, synchronous append and the feed until `shutdown` is cancelled; then stop
-/// fetching, finish the batch in hand, flush the store and drain the connection.
+/// fetching, finish the batch in hand, publish what was appended to the feed, flush the store
+/// and drain the connection.
 pub async fn run_ledger(
     client: async_nats::Client,
     store: Arc<SledStore>,
     cfg: BusConfig,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
+    run_ledger_until(client, store, cfg, shutdown, None).await
+}
+
+/// Which of the ledger's tasks finished.
+#[derive(Clone, Copy, PartialEq)]
+enum LedgerTask {
+    /// Intake or synchronous append: appends to the store.
+    Writer,
+    /// Replay: reads only.
+    Reader,
+    /// The feed.
+    Feed,
+}
+
+/// [`run_ledger`], whose feed, once the ledger's own writers have stopped, also waits for
+/// `other_writers` (cancelled when whatever else appends to the store, e.g. a partition's
+/// assessors, has stopped) before it publishes the store's last records and stops. So a
+/// stopped ledger leaves nothing in its store that its feed lacks, as long as the feed can be
+/// reached (and, in a leased partition, the lease is still held): the next owner of the
+/// partition continues from everything this one stored, and this store stays a prefix of the
+/// partition's history.
+pub async fn run_ledger_until(
+    client: async_nats::Client,
+    store: Arc<SledStore>,
+    cfg: BusConfig,
+    shutdown: CancellationToken,
+    other_writers: Option<CancellationToken>,
+) -> Result<(), BusError> {
     check_server(&client)?;
     let cfg = cfg.scoped();
     let js = jetstream::new(client.clone());
     ensure_streams(&js, &cfg).await?;
+    let feed_stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(run_intake(
-        js.clone(),
-        store.clone(),
-        cfg.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(serve_append(
-        client.clone(),
-        store.clone(),
-        cfg.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(serve_replay(
-        client.clone(),
-        store.clone(),
-        cfg.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(run_feed(
+    let (j, s, c, sd) = (js.clone(), store.clone(), cfg.clone(), shutdown.clone());
+    tasks.spawn(async move { (LedgerTask::Writer, run_intake(j, s, c, sd).await) });
+    let (cl, s, c, sd) = (client.clone(), store.clone(), cfg.clone(), shutdown.clone());
+    tasks.spawn(async move { (LedgerTask::Writer, serve_append(cl, s, c, sd).await) });
+    let (cl, s, c, sd) = (client.clone(), store.clone(), cfg.clone(), shutdown.clone());
+    tasks.spawn(async move { (LedgerTask::Reader, serve_replay(cl, s, c, sd).await) });
+    let (j, cl, s, c, fs) = (
         js.clone(),
         client.clone(),
         store.clone(),
         cfg.clone(),
-        shutdown.clone(),
-    ));
+        feed_stop.clone(),
+    );
+    tasks.spawn(async move { (LedgerTask::Feed, run_feed(j, cl, s, c, fs).await) });
+    let mut writers = 2;
     let mut result = Ok(());
     while let Some(r) = tasks.join_next().await {
-        let r = r.map_err(|e| nats_err("task", e)).and_then(|r| r);
+        let (task, r) = match r {
+            Ok((task, r)) => (Some(task), r),
+            Err(e) => (None, Err(nats_err("task", e))),
+        };
+        match task {
+            Some(LedgerTask::Writer) => writers -= 1,
+            // A task that panicked may have been a writer: the feed stops with the rest.
+            None => writers = 0,
+            Some(LedgerTask::Reader | LedgerTask::Feed) => {}
+        }
+        if writers == 0 && !feed_stop.is_cancelled() {
+            let (feed_stop, others) = (feed_stop.clone(), other_writers.clone());
+            tokio::spawn(async move {
+                if let Some(others) = others {
+                    others.cancelled().await;
+                }
+                feed_stop.cancel();
+            });
+        }
         if let Err(e) = r {
             tracing::error!(error = %e, "ledger task failed; shutting down");
             shutdown.cancel();

@@ -262,7 +262,11 @@ where
             };
             // The partition's read models, on its own store and subjects, for as long as the
             // partition is owned here.
+            // The feed publishes the store's last records once the ledger's writers and the
+            // views (whose assessors append) have stopped.
+            let views_done = CancellationToken::new();
             let views = async {
+                let _done = views_done.clone().drop_guard();
                 let Some(v) = &own.views else {
                     return Ok(());
                 };
@@ -282,8 +286,14 @@ where
                 r
             };
             let ledger = async {
-                let r = crate::run_ledger(client.clone(), store.clone(), ledger_cfg, stop.clone())
-                    .await;
+                let r = crate::run_ledger_until(
+                    client.clone(),
+                    store.clone(),
+                    ledger_cfg,
+                    stop.clone(),
+                    Some(views_done.clone()),
+                )
+                .await;
                 stop.cancel();
                 r
             };
