@@ -104,8 +104,33 @@ fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
     ))
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the race window is tiny).
+/// A free TCP port on 127.0.0.1, chosen below the kernel's ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` comes from the ephemeral range (32768–60999 on
+/// Linux), the same range every outgoing connection takes its local port from. Between choosing
+/// such a port and the server binding it, any client connection of a test running alongside
+/// (a ledger process connecting to NATS, say) can take it: CI saw a cluster node fail with
+/// "address already in use" that way. Ports here come from 20000–32767 instead, which no
+/// outgoing connection uses, walked by a process-wide cursor (so two tests of one binary are
+/// never given the same port) that starts at an offset taken from the process id (so test
+/// binaries running at once start far apart); each is checked free by binding it.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 32_768 - LOW;
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(2_654_435_761)) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + CURSOR.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -299,6 +324,21 @@ impl NatsCluster {
     }
 
     fn start_nodes(configs: &[Option<PathBuf>]) -> NatsCluster {
+        // A port taken between choosing and binding it (another test binary's server) fails
+        // the node at start-up with "address already in use"; start the cluster again on
+        // other ports rather than fail the test.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start_nodes(configs) {
+                Ok(cluster) => return cluster,
+                Err(e) if e.0.contains("address already in use") => last = e.0,
+                Err(e) => panic!("cannot start the cluster: {e}"),
+            }
+        }
+        panic!("cannot start the cluster: ports kept being taken; last: {last}")
+    }
+
+    fn try_start_nodes(configs: &[Option<PathBuf>]) -> Result<NatsCluster, StartError> {
         let n = configs.len();
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = cluster_ports
@@ -324,12 +364,12 @@ impl NatsCluster {
             }
             let config = configs[i].clone().map(|c| (c, Vec::new()));
             let mut node = NatsServer::prepare(config, args)
-                .unwrap_or_else(|e| panic!("cannot start cluster node {i}: {e}"));
+                .map_err(|e| StartError(format!("cluster node {i}: {e}")))?;
             node.spawn()
-                .unwrap_or_else(|e| panic!("cannot start cluster node {i}: {e}"));
+                .map_err(|e| StartError(format!("cluster node {i}: {e}")))?;
             nodes.push(node);
         }
-        NatsCluster { nodes }
+        Ok(NatsCluster { nodes })
     }
 
     /// Every node's client URL, comma-separated (what a client is given to fail over).
