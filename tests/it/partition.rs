@@ -1306,3 +1306,234 @@ async fn auto_owners_share_the_partitions_and_the_survivor_takes_a_killed_ones()
         "no record of the killed owner reached the feed"
     );
 }
+
+/// Own the unpartitioned ledger's partition with the store in `dir`, as `owner`, until the
+/// returned token is cancelled.
+fn own_with(
+    server: &NatsServer,
+    own: touchledger_bus::Ownership,
+    dir: std::path::PathBuf,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), touchledger_bus::BusError>>,
+) {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let url = server.url();
+    let store = Arc::new(crate::support::fixed_clock_store(&dir));
+    let task = tokio::spawn(async move {
+        let connect = || {
+            let url = url.clone();
+            async move {
+                async_nats::connect(url)
+                    .await
+                    .map_err(|e| touchledger_bus::BusError::Nats {
+                        what: "connect",
+                        detail: e.to_string(),
+                    })
+            }
+        };
+        touchledger_bus::own_partition(connect, store, partitioned(0, 1), &own, &stop).await
+    });
+    (shutdown, task)
+}
+
+/// Append `events` synchronously once a ledger answers (retrying while none owns the
+/// partition); the positions they were given.
+async fn append_when_owned(
+    client: &async_nats::Client,
+    events: Vec<touchledger_domain::Event>,
+) -> Vec<u64> {
+    use prost::Message;
+    use touchledger_proto::v1;
+    let body = v1::AppendRequest {
+        items: events
+            .iter()
+            .map(|e| v1::AppendItem {
+                event: Some(v1::Envelope::from(e)),
+                expected_customer_version: None,
+            })
+            .collect(),
+    }
+    .encode_to_vec();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request("crm.ledger.append", body.clone().into()),
+        )
+        .await;
+        if let Ok(Ok(reply)) = reply {
+            let reply = v1::AppendReply::decode(reply.payload.as_ref()).expect("reply decodes");
+            return reply
+                .outcomes
+                .into_iter()
+                .map(|o| match o.outcome {
+                    Some(v1::append_outcome::Outcome::Appended(a)) => a.position,
+                    other => panic!("not appended: {other:?}"),
+                })
+                .collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ledger answered: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The directories `dir` was set aside as (`<dir>.diverged-…`).
+fn set_aside_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let name = dir
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let mut found: Vec<_> = std::fs::read_dir(dir.parent().expect("parent"))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy()
+                    .starts_with(&format!("{name}.diverged-"))
+            })
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// A process coming back with a stale store that diverges from the partition's feed (it holds a
+/// record at a position where the feed, written by another owner meanwhile, holds another)
+/// does not stop, and does not merge: the store is set aside whole (still verifiable, with the
+/// record the feed lacks), the partition is rebuilt from the feed into a new store and takes
+/// appends again. When the feed itself ends before the head the last global checkpoint
+/// certified (the feed lost acknowledged history), the store is kept and the partition refused
+/// with `FeedMismatch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_stale_store_is_set_aside_and_the_partition_rebuilt_from_the_feed() {
+    let server = NatsServer::start();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    std::fs::create_dir_all(&a).expect("mkdir");
+    std::fs::create_dir_all(&b).expect("mkdir");
+    let (a, b) = (a.join("p0"), b.join("p0"));
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let (leases, ttl) = touchledger_bus::lease_bucket(&js, "crm", Duration::from_secs(2), 1)
+        .await
+        .expect("lease bucket");
+    let owner = |name: &str| touchledger_bus::Ownership {
+        client: client.clone(),
+        leases: leases.clone(),
+        ttl,
+        owner: name.into(),
+        global_every: Duration::from_secs(3600),
+        balance: None,
+        views: None,
+    };
+    let first: Vec<_> = (1..=3)
+        .map(|i| purchase(&format!("e{i}"), "c1", 100 * i64::from(i)))
+        .collect();
+
+    // A appends three; B takes over (catching up from the feed) and appends a fourth.
+    let (stop, task) = own_with(&server, owner("A"), a.clone());
+    assert_eq!(append_when_owned(&client, first).await, vec![1, 2, 3]);
+    stop.cancel();
+    task.await.expect("join").expect("A stops cleanly");
+    let (stop, task) = own_with(&server, owner("B"), b.clone());
+    assert_eq!(
+        append_when_owned(&client, vec![purchase("b4", "c2", 40)]).await,
+        vec![4]
+    );
+    stop.cancel();
+    task.await.expect("join").expect("B stops cleanly");
+
+    // A's store, offline, gets another record at position 4: it never reaches the feed.
+    {
+        let store = crate::support::fixed_clock_store(&a);
+        let out = store
+            .append(vec![AppendItem::new(purchase("a4", "c3", 7))])
+            .expect("append");
+        assert!(
+            matches!(out[0], AppendOutcome::Appended { position: 4, .. }),
+            "{out:?}"
+        );
+    }
+
+    // A comes back: its store is set aside, the partition rebuilt from the feed, and it appends.
+    let (stop, task) = own_with(&server, owner("A"), a.clone());
+    assert_eq!(
+        append_when_owned(&client, vec![purchase("a5", "c1", 50)]).await,
+        vec![5]
+    );
+    assert!(!task.is_finished(), "the partition's owner stopped");
+    stop.cancel();
+    task.await.expect("join").expect("A stops cleanly");
+
+    let aside = set_aside_dirs(&a);
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = crate::support::fixed_clock_store(&aside[0]);
+    assert_eq!(kept.head().position, 4);
+    assert_eq!(kept.get(4).expect("get").expect("a4").event.event_id, "a4");
+    assert!(kept.verify().expect("verify").is_ok());
+    let rebuilt = crate::support::fixed_clock_store(&a);
+    let other = crate::support::fixed_clock_store(&b);
+    assert_eq!(rebuilt.head().position, 5);
+    assert!(rebuilt.verify().expect("verify").is_ok());
+    for p in 1..=4 {
+        let (x, y) = (
+            rebuilt.get(p).expect("get").expect("rebuilt"),
+            other.get(p).expect("get").expect("B's"),
+        );
+        assert_eq!(
+            (x.hash, &x.event.event_id),
+            (y.hash, &y.event.event_id),
+            "position {p}"
+        );
+    }
+    assert_eq!(
+        rebuilt.get(5).expect("get").expect("a5").event.event_id,
+        "a5"
+    );
+    drop((kept, rebuilt));
+
+    // B's store, offline, diverges at 5; the last global checkpoint says the partition reached
+    // position 9, which the feed (ending at 5) lacks: B refuses and keeps its store.
+    let out = other
+        .append(vec![AppendItem::new(purchase("b5", "c3", 9))])
+        .expect("append");
+    assert!(
+        matches!(out[0], AppendOutcome::Appended { position: 5, .. }),
+        "{out:?}"
+    );
+    drop(other);
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "CRM_GLOBAL_CHECKPOINTS".into(),
+        subjects: vec!["crm.ledger.global_checkpoint".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("checkpoint stream");
+    let certified = touchledger_store::GlobalCheckpoint {
+        heads: vec![(9, touchledger_store::Hash([7; 32]))],
+    };
+    js.publish("crm.ledger.global_checkpoint", certified.to_text().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let (_stop, task) = own_with(&server, owner("B"), b.clone());
+    let err = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("B must refuse, not hang")
+        .expect("join")
+        .expect_err("B must refuse the partition");
+    assert!(
+        matches!(&err, touchledger_bus::BusError::FeedMismatch { detail, .. }
+            if detail.contains("lost acknowledged history")),
+        "{err}"
+    );
+    assert!(set_aside_dirs(&b).is_empty());
+    assert_eq!(crate::support::fixed_clock_store(&b).head().position, 5);
+}

@@ -374,10 +374,11 @@ const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// recomputes each hash and refuses a record that does not continue the store's chain. Returns
 /// the number of records restored.
 ///
-/// A store that ends *beyond* the feed is left to the feed's own resync, which publishes the
-/// missing records if the store agrees with the feed at the stream's last position and refuses
-/// with [`BusError::FeedMismatch`] otherwise. A store whose history differs from the feed (it
-/// appended records another owner never saw) is refused here the same way: it is never merged.
+/// A store that ends *beyond* the feed must hold the feed's last record as the feed has it (its
+/// further records are published by the feed when the ledger starts). A store whose history
+/// differs from the feed (it appended records another owner never saw) is refused with
+/// [`BusError::FeedMismatch`]: it is never merged ([`crate::own_partition`] sets such a store
+/// aside and rebuilds the partition from the feed, unless the feed lacks certified history).
 pub async fn catch_up_from_feed(
     js: &jetstream::Context,
     store: &Arc<SledStore>,
@@ -401,13 +402,27 @@ pub async fn catch_up_from_feed(
         return Ok(0);
     };
     let head = store.head().position;
-    if last.sequence <= head {
-        return Ok(0);
-    }
     let mismatch = |detail: String| BusError::FeedMismatch {
         stream: name.clone(),
         detail,
     };
+    if last.sequence <= head {
+        // The store is at or beyond the feed: it must hold the feed's last record as the feed
+        // has it (what is beyond is published by the feed when the ledger starts).
+        let at = last.sequence;
+        let s = store.clone();
+        let stored = tokio::task::spawn_blocking(move || s.get(at))
+            .await
+            .map_err(|e| nats_err("feed catch-up task", e))??;
+        return match stored {
+            Some(r) if last.position == Some(at) && r.hash.to_hex() == last.hash => Ok(0),
+            Some(r) => Err(mismatch(format!(
+                "position {at} has hash {} in the stream, {} in the store",
+                last.hash, r.hash
+            ))),
+            None => Err(mismatch(format!("the store lacks position {at}"))),
+        };
+    }
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
@@ -469,4 +484,48 @@ pub async fn catch_up_from_feed(
         "store caught up from the feed"
     );
     Ok(restored)
+}
+
+/// The head of partition `index` as the newest global checkpoint certifies it (`None`: no
+/// checkpoint yet). Global checkpoints are read from the feeds, so a feed that ends before this
+/// position has lost history the ledger had acknowledged and certified.
+pub async fn certified_head(
+    js: &jetstream::Context,
+    subjects: &crate::Subjects,
+    index: u32,
+) -> Result<Option<(u64, touchledger_store::Hash)>, BusError> {
+    let name = crate::global_checkpoint_stream(subjects);
+    let stream = match js.get_stream(&name).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(js_err("global checkpoint stream")(&e)),
+    };
+    let msg = match stream
+        .get_last_raw_message_by_subject(&crate::global_checkpoint_subject(subjects))
+        .await
+    {
+        Ok(m) => m,
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(js_err("last global checkpoint")(&e)),
+    };
+    let text = String::from_utf8_lossy(&msg.payload);
+    let checkpoint = touchledger_store::GlobalCheckpoint::parse(&text).map_err(|detail| {
+        BusError::FeedMismatch {
+            stream: name.clone(),
+            detail: format!("last global checkpoint does not parse: {detail}"),
+        }
+    })?;
+    Ok(checkpoint.heads.get(index as usize).copied())
 }

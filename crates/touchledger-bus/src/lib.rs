@@ -37,7 +37,7 @@ use touchledger_domain::partition::PartitionId;
 use touchledger_store::SledStore;
 
 pub use append::serve_append;
-pub use feed::{FeedProgress, catch_up_from_feed, run_feed};
+pub use feed::{FeedProgress, catch_up_from_feed, certified_head, run_feed};
 pub use global::{
     feed_heads, global_checkpoint_stream, global_checkpoint_subject, run_global_checkpoints,
 };

@@ -195,7 +195,7 @@ async fn take(
 /// tenure's ledger runs on (and drains when it stops).
 pub async fn own_partition<C, F>(
     connect: C,
-    store: Arc<SledStore>,
+    mut store: Arc<SledStore>,
     cfg: BusConfig,
     own: &Ownership,
     shutdown: &CancellationToken,
@@ -219,12 +219,20 @@ where
         }
         let fence = lease.fence();
         metrics::gauge!("touchledger_partition_owned", "partition" => label.clone()).set(1.0);
+        // Set when the store is refused by the catch-up: its history differs from the feed's.
+        let diverged = std::sync::atomic::AtomicBool::new(false);
         let tenure = async {
             // Until the ledger runs, a handover or shutdown simply abandons the preparation.
             let prepare = async {
                 let client = connect().await?;
                 let js = jetstream::new(client.clone());
-                let restored = crate::catch_up_from_feed(&js, &store, &cfg).await?;
+                let restored = match crate::catch_up_from_feed(&js, &store, &cfg).await {
+                    Err(e @ BusError::FeedMismatch { .. }) => {
+                        diverged.store(true, Ordering::Release);
+                        return Err(e);
+                    }
+                    r => r?,
+                };
                 metrics::counter!("touchledger_partition_restored_records_total", "partition" => label.clone())
                     .increment(restored);
                 fence.check("taking the partition")?;
@@ -318,6 +326,12 @@ where
             // the lease up so that another process takes over at once.
             lease.release().await;
             match r {
+                Err(BusError::FeedMismatch { detail, .. })
+                    if diverged.load(Ordering::Acquire) && !shutdown.is_cancelled() =>
+                {
+                    store = set_aside_diverged(own, store, &cfg, &detail).await?;
+                    continue;
+                }
                 Ok(()) if handed_over => {
                     tracing::info!(partition = index, "partition handed over");
                     continue;
@@ -353,6 +367,66 @@ where
             "lease lost: the partition stopped here; waiting to own it again"
         );
     }
+}
+
+/// A partition's store that the catch-up refused (its history differs from the feed's): move it
+/// aside (`p<n>.diverged-<nanos>`, kept whole for an auditor) and open an empty store in its
+/// place, which the next tenure rebuilds from the feed. Safe because in a leased partition
+/// nothing is acknowledged before it is in the feed: the records only the store has were never
+/// acknowledged, and their touchpoints are redelivered from the intake. Refused (the error is
+/// returned, the process stops, the store stays) when the feed ends before the head the newest
+/// global checkpoint certified for the partition: then the feed, not the store, lost history.
+async fn set_aside_diverged(
+    own: &Ownership,
+    store: Arc<SledStore>,
+    cfg: &BusConfig,
+    detail: &str,
+) -> Result<Arc<SledStore>, BusError> {
+    let index = cfg.partition.index;
+    let stream = cfg.clone().scoped().subjects.feed_stream();
+    let js = jetstream::new(own.client.clone());
+    let certified =
+        crate::certified_head(&js, &Subjects::new(cfg.subjects.prefix().to_owned()), index).await?;
+    let mut feed = js
+        .get_stream(&stream)
+        .await
+        .map_err(|e| js_err("feed stream")(&e))?;
+    let feed_last = crate::feed::last_message(&mut feed)
+        .await?
+        .map_or(0, |h| h.sequence);
+    if let Some((position, _)) = certified
+        && feed_last < position
+    {
+        return Err(BusError::FeedMismatch {
+            stream,
+            detail: format!(
+                "{detail}; the feed ends at {feed_last}, before position {position} that the last \
+                 global checkpoint certified: the feed lost acknowledged history, the store is kept"
+            ),
+        });
+    }
+    let config = store.config().clone();
+    drop(store);
+    let (moved, reopened) = tokio::task::spawn_blocking(move || {
+        let moved = touchledger_store::set_aside(&config.path).map_err(|e| {
+            BusError::Store(touchledger_store::StoreError::Prepare {
+                path: config.path.clone(),
+                source: e,
+            })
+        })?;
+        Ok::<_, BusError>((moved, SledStore::open(config)?))
+    })
+    .await
+    .map_err(|e| crate::nats_err("set-aside task", e))??;
+    metrics::counter!("touchledger_partition_set_aside_total", "partition" => index.to_string())
+        .increment(1);
+    tracing::error!(
+        partition = index,
+        moved_to = %moved.display(),
+        why = detail,
+        "the partition's store diverged from its feed (records that never reached the feed were never acknowledged): set aside, rebuilding the partition from the feed"
+    );
+    Ok(Arc::new(reopened))
 }
 
 /// Scheduled model refits of a partitioned ledger: every `every`, the process that holds

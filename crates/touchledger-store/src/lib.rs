@@ -33,7 +33,7 @@ use std::sync::Arc;
 pub use error::StoreError;
 pub use global::GlobalCheckpoint;
 pub use projection::{DueIndex, ProjectionDb, ProjectionMeta, ProjectionTree};
-pub use recover::{QUARANTINE_DIR, Quarantined, quarantine_leftovers};
+pub use recover::{QUARANTINE_DIR, Quarantined, quarantine_leftovers, set_aside};
 pub use sled_store::{LEDGER_MARKER, SledStore};
 pub use space::{FreeSpace, SpaceReserve, free_space};
 pub use tokio::sync::watch;

@@ -120,6 +120,32 @@ fn quarantine(dir: &Path, name: &str, why: &'static str) -> std::io::Result<Quar
     Ok(Quarantined { from, to, why })
 }
 
+/// Move a whole store directory aside, beside itself, as `<dir>.diverged-<unix nanos>` (same
+/// filesystem: an atomic rename, made durable in the parent), and return where it went. A
+/// partition's store that diverges from its replicated feed is set aside this way before the
+/// partition is rebuilt from the feed (docs/partitions.md): nothing is deleted, the records the
+/// feed lacks stay readable and verifiable in the moved directory. A handle still open on the
+/// store keeps working on the moved files; a new store can be opened at `dir` at once.
+pub fn set_aside(dir: &Path) -> std::io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let name = dir
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no name", dir.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let to = dir.with_file_name(format!("{name}.diverged-{stamp}"));
+    std::fs::rename(dir, &to)?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::File::open(parent)?.sync_all()?;
+    Ok(to)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
