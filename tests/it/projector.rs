@@ -836,3 +836,46 @@ fn customers_with_only_assessments_in_a_batch_are_marked_assessed_only() {
         vec!["a".to_owned()]
     );
 }
+
+/// A projector whose changes nobody reads any more (its channel full) still stops when the
+/// ledger shuts down, with its folded batches checkpointed: a serve stopped while its views lag
+/// far behind once hung here until its 15-second shutdown bound killed it.
+#[test]
+fn a_projector_blocked_on_unread_changes_stops_at_shutdown() {
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    use touchledger_projector::{RunConfig, run_in_process};
+    let (_dir, store) = crate::support::temp_store();
+    for b in 0..10 {
+        let items = (0..10)
+            .map(|i| AppendItem::new(purchase(&format!("e{b}-{i}"), &format!("c{i}"), 100)))
+            .collect();
+        store.append(items).expect("append");
+    }
+    let store = Arc::new(store);
+    let (_pdir, ps) = empty_projectors();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        // Room for one change; nothing ever receives (the receiver is kept, not dropped).
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_in_process(
+            store.clone(),
+            ps,
+            RunConfig { batch: 10 },
+            Some(tx),
+            shutdown.clone(),
+        ));
+        // The first change fills the channel; the projector then waits to send the second.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !task.is_finished(),
+            "the projector waits on the full channel"
+        );
+        shutdown.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the projector stops within 10 s of the shutdown");
+        r.expect("task").expect("no error");
+    });
+}

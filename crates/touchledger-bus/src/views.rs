@@ -1315,6 +1315,8 @@ pub async fn run_views(
         }
     }
     shutdown.cancel();
+    // Nothing reads the changes any more: a projector waiting to send one stops at once.
+    drop(rx);
     if !folding.is_finished() {
         match folding.await {
             Ok(Err(e)) if result.is_ok() => result = Err(projector_err(e)),

@@ -130,10 +130,13 @@ pub async fn run_in_process<S: EventStore + 'static>(
             }
         };
         if let Some(tx) = &changes {
-            // Empty changes too: they carry the new checkpoint (projection lag metrics).
+            // Empty changes too: they carry the new checkpoint (projection lag metrics). A full
+            // channel whose reader has stopped reading must not hold the projector past a
+            // shutdown: the batch is folded and checkpointed, only its report is not sent.
             for c in batch_changes {
-                if tx.send(c).await.is_err() {
-                    break;
+                tokio::select! {
+                    r = tx.send(c) => if r.is_err() { break },
+                    _ = shutdown.cancelled() => break,
                 }
             }
         }
