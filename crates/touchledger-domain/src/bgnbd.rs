@@ -12,8 +12,7 @@
 //!   inputs return finite values (probabilities clamped to [0, 1]).
 //! * Time is in whatever unit the caller chooses (days or weeks) — consistently for t_x, T and t.
 
-use argmin::core::{CostFunction, Executor, State};
-use argmin::solver::neldermead::NelderMead;
+use argmin::core::CostFunction;
 use statrs::function::beta::ln_beta;
 use statrs::function::gamma::ln_gamma;
 
@@ -226,24 +225,8 @@ pub fn fit(customers: &[Rfm]) -> Result<Fit, ModelError> {
         c.check()?;
     }
     // Start from r = α = a = b = 1 (in log space: 0) with a unit simplex.
-    let start = vec![0.0; 4];
-    let mut simplex = vec![start.clone()];
-    for i in 0..4 {
-        let mut v = start.clone();
-        v[i] += 1.0;
-        simplex.push(v);
-    }
-    let solver = NelderMead::new(simplex)
-        .with_sd_tolerance(1e-12)
-        .map_err(|e| ModelError::Fit(e.to_string()))?;
-    let res = Executor::new(NegLl::new(customers), solver)
-        .configure(|s| s.max_iters(5000))
-        .run()
-        .map_err(|e| ModelError::Fit(e.to_string()))?;
-    let state = res.state();
-    let best = state
-        .get_best_param()
-        .ok_or_else(|| ModelError::Fit("no best parameters".into()))?;
+    let (best, iterations) =
+        crate::simplex::minimise(NegLl::new(customers), vec![0.0; 4]).map_err(ModelError::Fit)?;
     let params = Params {
         r: best[0].exp(),
         alpha: best[1].exp(),
@@ -259,7 +242,7 @@ pub fn fit(customers: &[Rfm]) -> Result<Fit, ModelError> {
     Ok(Fit {
         params,
         log_likelihood: log_likelihood(&params, customers),
-        iterations: state.get_iter(),
+        iterations,
     })
 }
 

@@ -9,11 +9,13 @@ pub mod bgnbd;
 pub mod churn;
 pub mod event;
 pub mod facts;
+pub mod gammagamma;
 pub mod json;
 pub mod loyalty;
 pub mod partition;
 pub mod population;
 pub mod satisfaction;
+mod simplex;
 pub mod time;
 pub mod validate;
 
