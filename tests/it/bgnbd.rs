@@ -188,3 +188,32 @@ fn gamma_gamma_reproduces_the_published_cdnow_spend_model() {
     );
     println!("Gamma-Gamma on the CDNOW sample: {fit:?}, E(Z) = {population}, observed {observed}");
 }
+
+#[test]
+fn pareto_nbd_reproduces_the_published_cdnow_estimates() {
+    use touchledger_domain::paretonbd;
+    let customers = cdnow_sample();
+    let fit = paretonbd::fit(&customers).expect("fit");
+    // Fader, Hardie & Lee (2005), Marketing Science, the Pareto/NBD column of Table 1 (their
+    // benchmark for BG/NBD): r = 0.553, α = 10.578, s = 0.606, β = 11.669, LL = −9595.0.
+    for (name, got, want) in [
+        ("r", fit.params.r, 0.553),
+        ("alpha", fit.params.alpha, 10.578),
+        ("s", fit.params.s, 0.606),
+        ("beta", fit.params.beta, 11.669),
+    ] {
+        assert!(
+            (got - want).abs() / want < 0.005,
+            "{name} = {got}, published {want} ({fit:?})"
+        );
+    }
+    assert!(
+        (fit.log_likelihood - -9595.0).abs() < 0.5,
+        "LL = {}",
+        fit.log_likelihood
+    );
+    // BG/NBD fits these data slightly better (−9582.4), as the paper reports.
+    let bg = bgnbd::fit(&customers).expect("BG/NBD");
+    assert!(bg.log_likelihood > fit.log_likelihood);
+    println!("Pareto/NBD on the CDNOW sample: {fit:?}");
+}

@@ -216,14 +216,17 @@ impl CostFunction for NegLl {
     }
 }
 
-/// Maximum-likelihood fit over all customers.
-pub fn fit(customers: &[Rfm]) -> Result<Fit, ModelError> {
+/// Something to fit, and every customer's statistics usable.
+pub(crate) fn check_all(customers: &[Rfm]) -> Result<(), ModelError> {
     if customers.is_empty() {
         return Err(ModelError::Empty);
     }
-    for c in customers {
-        c.check()?;
-    }
+    customers.iter().try_for_each(Rfm::check)
+}
+
+/// Maximum-likelihood fit over all customers.
+pub fn fit(customers: &[Rfm]) -> Result<Fit, ModelError> {
+    check_all(customers)?;
     // Start from r = α = a = b = 1 (in log space: 0) with a unit simplex.
     let (best, iterations) =
         crate::simplex::minimise(NegLl::new(customers), vec![0.0; 4]).map_err(ModelError::Fit)?;
@@ -272,7 +275,7 @@ pub fn p_alive(p: &Params, c: &Rfm) -> f64 {
 }
 
 /// Gauss hypergeometric 2F1(a, b; c; z) for 0 ≤ z < 1 by its power series.
-fn hyp2f1(a: f64, b: f64, c: f64, z: f64) -> f64 {
+pub(crate) fn hyp2f1(a: f64, b: f64, c: f64, z: f64) -> f64 {
     let mut term = 1.0;
     let mut sum = 1.0;
     for k in 0..100_000u32 {

@@ -31,7 +31,6 @@
 //!   Nelder–Mead (argmin), as the BG/NBD fit does; the population mean exists only for q > 1,
 //!   which is checked ([`SpendError::NoMean`]), never returned as a negative or infinite value.
 
-use argmin::core::CostFunction;
 use statrs::function::gamma::ln_gamma;
 
 /// A customer's repeat transactions: how many, and their mean value.
@@ -160,29 +159,11 @@ pub struct Fit {
     pub iterations: u64,
 }
 
-/// The negative log-likelihood per customer (see the BG/NBD fit for why per customer).
-struct NegLl<'a> {
-    customers: &'a [Spend],
-}
-
 fn params_of(v: &[f64]) -> Params {
     Params {
         p: v[0].exp(),
         q: v[1].exp(),
         gamma: v[2].exp(),
-    }
-}
-
-impl CostFunction for NegLl<'_> {
-    type Param = Vec<f64>;
-    type Output = f64;
-    fn cost(&self, v: &Self::Param) -> Result<f64, argmin::core::Error> {
-        let ll = log_likelihood(&params_of(v), self.customers);
-        Ok(if ll.is_finite() {
-            -ll / self.customers.len() as f64
-        } else {
-            f64::MAX
-        })
     }
 }
 
@@ -197,9 +178,12 @@ pub fn fit(customers: &[Spend]) -> Result<Fit, SpendError> {
     // Start from p = q = 1 and γ = the overall mean value (the scale of the data), in log space,
     // with a unit simplex.
     let overall = customers.iter().map(|s| s.mean).sum::<f64>() / customers.len() as f64;
+    let cost = crate::simplex::MeanNegLl {
+        data: customers,
+        ll: |v, data| log_likelihood(&params_of(v), data),
+    };
     let (best, iterations) =
-        crate::simplex::minimise(NegLl { customers }, vec![0.0, 0.0, overall.ln()])
-            .map_err(SpendError::Fit)?;
+        crate::simplex::minimise(cost, vec![0.0, 0.0, overall.ln()]).map_err(SpendError::Fit)?;
     let params = params_of(&best);
     params.check()?;
     // The shapes off beyond e^±13 (or γ beyond e^13 times the data's scale): the simplex walks

@@ -12,6 +12,7 @@ pub mod facts;
 pub mod gammagamma;
 pub mod json;
 pub mod loyalty;
+pub mod paretonbd;
 pub mod partition;
 pub mod population;
 pub mod satisfaction;

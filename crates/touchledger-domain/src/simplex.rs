@@ -30,3 +30,25 @@ where
         .ok_or_else(|| "no best parameters".to_owned())?;
     Ok((best.clone(), state.get_iter()))
 }
+
+/// The cost of a model whose log-likelihood is a sum over customers: the negative
+/// log-likelihood **per customer** (the stopping rule then means the same relative precision
+/// at any population size), at `ll(point, data)`; outside the numerically valid region the
+/// simplex is pushed back with `f64::MAX`, never given NaN.
+pub(crate) struct MeanNegLl<'a, T> {
+    pub data: &'a [T],
+    pub ll: fn(&[f64], &[T]) -> f64,
+}
+
+impl<T> CostFunction for MeanNegLl<'_, T> {
+    type Param = Vec<f64>;
+    type Output = f64;
+    fn cost(&self, v: &Self::Param) -> Result<f64, argmin::core::Error> {
+        let ll = (self.ll)(v, self.data);
+        Ok(if ll.is_finite() {
+            -ll / self.data.len() as f64
+        } else {
+            f64::MAX
+        })
+    }
+}
