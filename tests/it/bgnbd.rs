@@ -217,3 +217,54 @@ fn pareto_nbd_reproduces_the_published_cdnow_estimates() {
     assert!(bg.log_likelihood > fit.log_likelihood);
     println!("Pareto/NBD on the CDNOW sample: {fit:?}");
 }
+
+/// CLV of the CDNOW sample's customers from the count model fitted in weeks and the same data
+/// fitted in days: the typed horizon and unit make them the same (to the fits' precision).
+#[test]
+fn clv_does_not_depend_on_the_unit_the_model_was_fitted_in() {
+    use touchledger_domain::clv::{self, CountModel, MonthlyDiscount, Months};
+    use touchledger_domain::event::TimeUnit;
+    use touchledger_domain::gammagamma::{self, Spend};
+    let weeks = cdnow_sample();
+    let days: Vec<Rfm> = weeks
+        .iter()
+        .map(|c| Rfm {
+            x: c.x,
+            t_x: c.t_x * 7.0,
+            t: c.t * 7.0,
+        })
+        .collect();
+    let in_weeks = CountModel {
+        params: bgnbd::fit(&weeks).expect("weeks").params,
+        unit: TimeUnit::Weeks,
+    };
+    let in_days = CountModel {
+        params: bgnbd::fit(&days).expect("days").params,
+        unit: TimeUnit::Days,
+    };
+    let spend = gammagamma::Params {
+        p: 6.25,
+        q: 3.74,
+        gamma: 15.44,
+    };
+    let discount = MonthlyDiscount::from_annual(0.10).expect("rate");
+    let mut total = 0.0;
+    for (w, d) in weeks.iter().zip(&days).take(200) {
+        // Customer 1's repeat mean is $22.35 (the published summary); the others the population's.
+        let v = if w.x == 2.0 && (w.t_x - 30.43).abs() < 1e-9 {
+            spend
+                .expected_average_value(Some(&Spend {
+                    x: 2.0,
+                    mean: 22.35,
+                }))
+                .expect("value")
+        } else {
+            spend.population_mean().expect("mean")
+        };
+        let a = clv::residual_value(&in_weeks, w, v, Months(12), discount).expect("weeks");
+        let b = clv::residual_value(&in_days, d, v, Months(12), discount).expect("days");
+        assert!((a - b).abs() <= 1e-3 * a.max(1.0), "{w:?}: {a} vs {b}");
+        total += a;
+    }
+    assert!(total > 0.0);
+}

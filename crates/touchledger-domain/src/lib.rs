@@ -7,6 +7,7 @@
 
 pub mod bgnbd;
 pub mod churn;
+pub mod clv;
 pub mod event;
 pub mod facts;
 pub mod gammagamma;
