@@ -858,6 +858,7 @@ fn a_projector_blocked_on_unread_changes_stops_at_shutdown() {
     rt.block_on(async {
         // Room for one change; nothing ever receives (the receiver is kept, not dropped).
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let full = tx.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_in_process(
             store.clone(),
@@ -866,8 +867,14 @@ fn a_projector_blocked_on_unread_changes_stops_at_shutdown() {
             Some(tx),
             shutdown.clone(),
         ));
-        // The first change fills the channel; the projector then waits to send the second.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The first change fills the channel; the projector then waits to send the second
+        // (three projections: each batch reports three changes).
+        let waited = std::time::Instant::now();
+        while full.capacity() > 0 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "no change sent");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
             !task.is_finished(),
             "the projector waits on the full channel"

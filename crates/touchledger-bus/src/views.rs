@@ -635,14 +635,14 @@ async fn serve_fits(
         // log up to the head as of the request.
         let target = store.head().position;
         // (The guard `wait_for` returns is dropped at the end of this statement.)
-        let caught_up = matches!(
-            tokio::time::timeout(
+        // A shutdown ends the wait (the projector stops, the checkpoint would never come).
+        let caught_up = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = tokio::time::timeout(
                 Duration::from_secs(120),
                 churn_checkpoint.wait_for(|c| *c >= target),
-            )
-            .await,
-            Ok(Ok(_))
-        );
+            ) => matches!(r, Ok(Ok(_))),
+        };
         if !caught_up {
             let reply = v1::FitReply {
                 error: Some(v1::QueryError {

@@ -274,7 +274,8 @@ pub fn p_alive(p: &Params, c: &Rfm) -> f64 {
     .clamp(0.0, 1.0)
 }
 
-/// Gauss hypergeometric 2F1(a, b; c; z) for 0 ≤ z < 1 by its power series.
+/// Gauss hypergeometric 2F1(a, b; c; z) for 0 ≤ z < 1 by its power series; NaN when the
+/// series has not converged in 100,000 terms (z very near 1), never a silently short sum.
 pub(crate) fn hyp2f1(a: f64, b: f64, c: f64, z: f64) -> f64 {
     let mut term = 1.0;
     let mut sum = 1.0;
@@ -283,10 +284,10 @@ pub(crate) fn hyp2f1(a: f64, b: f64, c: f64, z: f64) -> f64 {
         term *= (a + k) * (b + k) / ((c + k) * (k + 1.0)) * z;
         sum += term;
         if term.abs() <= 1e-15 * sum.abs() {
-            break;
+            return sum;
         }
     }
-    sum
+    f64::NAN
 }
 
 /// E[Y(t) | x, t_x, T]: expected purchases in the next `t` (paper eq. 10). The closed form is

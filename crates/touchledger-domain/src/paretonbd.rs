@@ -76,10 +76,19 @@ fn ln_f(p: &Params, x: f64, t: f64) -> f64 {
 fn ln_a0(p: &Params, c: &Rfm) -> f64 {
     let (hi, lo) = (ln_f(p, c.x, c.t_x), ln_f(p, c.x, c.t));
     let d = lo - hi;
+    if d.is_nan() {
+        return f64::NAN;
+    }
     if d >= 0.0 {
         return f64::NEG_INFINITY;
     }
-    hi + (-d.exp()).ln_1p()
+    // ln(1 − e^d), accurate on both sides of d = −ln 2.
+    let ln_1m = if d > -std::f64::consts::LN_2 {
+        (-d.exp_m1()).ln()
+    } else {
+        (-d.exp()).ln_1p()
+    };
+    hi + ln_1m
 }
 
 /// The two terms of the braces, in logs: alive at T, and died in (t_x, T].
