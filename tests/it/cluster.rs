@@ -144,7 +144,26 @@ async fn survives(fault: Fault, seed: &str) {
             *leaders.entry(leader).or_default() += 1;
         }
     }
-    phase(&format!("balanced; feed leaders {leaders:?}"));
+    // The partitions' intake consumers too (placement.rs: partition n prefers the n-th of the
+    // sorted peers, so 8 groups on 3 nodes are led 3/3/2).
+    let intake = js.get_stream("CRM_TOUCHPOINTS").await.expect("intake");
+    let mut consumer_leaders = std::collections::BTreeMap::<String, u32>::new();
+    for n in 0..P {
+        let name = format!("touchledger-ledger-p{n}");
+        let info = intake.consumer_info(&name).await.expect("consumer info");
+        let leader = info.cluster.and_then(|c| c.leader).expect("a leader");
+        *consumer_leaders.entry(leader).or_default() += 1;
+    }
+    phase(&format!(
+        "balanced; feed leaders {leaders:?}, intake consumer leaders {consumer_leaders:?}"
+    ));
+    for (what, spread) in [("feed", &leaders), ("intake consumer", &consumer_leaders)] {
+        assert_eq!(spread.len(), 3, "{what} leaders on every node: {spread:?}");
+        assert!(
+            spread.values().all(|&k| (2..=3).contains(&k)),
+            "{what} leaders spread 3/3/2 over the nodes: {spread:?}"
+        );
+    }
 
     // The publishers, and the same events in a single-partition ledger meanwhile.
     let (progress, mut acked) = tokio::sync::watch::channel(0usize);

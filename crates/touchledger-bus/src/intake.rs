@@ -52,6 +52,7 @@ pub async fn run_intake(
     } else {
         (cfg.consumer.clone(), String::new())
     };
+    let created = stream.consumer_info(&name).await.is_err();
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &name,
@@ -66,6 +67,11 @@ pub async fn run_intake(
         )
         .await
         .map_err(|e| js_err("intake consumer")(&e))?;
+    if created && cfg.partition.count > 1 {
+        // A new partition consumer's Raft leader goes to the partition's peer, like its feed's.
+        let group = crate::Group::Consumer(cfg.subjects.intake_stream(), name.clone());
+        crate::placement::spread_leader(&js, &group, cfg.partition.index).await;
+    }
     tracing::info!(stream = %cfg.subjects.intake_stream(), consumer = %name, partition = %cfg.partition, "intake started");
 
     // One continuous pull: the client keeps about a batch requested ahead, so JetStream

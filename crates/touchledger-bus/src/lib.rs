@@ -20,6 +20,7 @@ mod global;
 mod intake;
 mod lease;
 mod ownership;
+mod placement;
 mod remote;
 mod replay;
 mod router;
@@ -46,6 +47,7 @@ pub use lease::{Acquire, Fence, Lease, lease_bucket, lease_key};
 pub use ownership::{
     Balance, Ownership, own_partition, owner_name, run_balancer, run_scheduled_refits,
 };
+pub use placement::{Group, Placement, place_leader, preferred_peer};
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
 pub use router::{FitFailed, ReadError, Router, run_router};
@@ -667,6 +669,13 @@ async fn ensure_streams_now(js: &jetstream::Context, cfg: &BusConfig) -> Result<
                 js.create_stream(config)
                     .await
                     .map_err(|e| js_err("stream create")(&e))?;
+                // A new partition feed's Raft leader goes to the partition's peer
+                // (placement.rs), so the feeds' writes are spread over a cluster's nodes.
+                if let (Some(n), true) =
+                    (cfg.subjects.partition(), name == cfg.subjects.feed_stream())
+                {
+                    placement::spread_leader(js, &placement::Group::Stream(name), n).await;
+                }
             }
         }
     }
