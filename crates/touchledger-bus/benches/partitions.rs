@@ -137,18 +137,10 @@ async fn partitioned_replicated(
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let Some(n) = common::bench_events(100_000) else {
         return;
-    }
-    let n: u64 = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    };
+    let rt = common::runtime();
     let events: Vec<(String, String, Vec<u8>)> = (0..n)
         .map(|i| {
             let e = event(i, CUSTOMERS);

@@ -116,6 +116,7 @@ pub async fn plain_consumer_replicated(
 /// The baseline: a plain durable pull consumer on a stream configured like the intake stream,
 /// fetching 500 and acking each message with no processing, while `events` are published.
 /// Returns the time from the first publish to the last ack.
+#[allow(dead_code)]
 pub async fn plain_baseline(
     js: &jetstream::Context,
     events: &[(String, String, Vec<u8>)],
@@ -159,4 +160,29 @@ pub async fn plain_baseline_replicated(
     publish_all(js, "plain", events).await;
     consume.await.expect("consumer task");
     start.elapsed()
+}
+
+/// `BENCH_EVENTS` (else `default`), or `None` when the harness only lists benchmarks
+/// (`--list`: nothing to run).
+#[allow(dead_code)]
+pub fn bench_events(default: u64) -> Option<u64> {
+    if std::env::args().any(|a| a == "--list") {
+        return None;
+    }
+    Some(
+        std::env::var("BENCH_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+/// The benchmarks' runtime: two workers, like the machine's cores.
+#[allow(dead_code)]
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
