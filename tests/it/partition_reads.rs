@@ -30,6 +30,8 @@ const PER_PUBLISHER: usize = 10_000;
 /// (they span 2024–2025) and before the service clock, so the assessments the partitions'
 /// assessors record (at the service clock) are not part of it.
 pub(crate) const AS_OF: &str = "2026-01-15T00:00:00Z";
+/// A closed month end inside the generated touchpoints: the router keeps its population.
+const MONTH_END: &str = "2025-07-01T00:00:00Z";
 
 /// Each publisher's messages: its customers' valid events in order, every 10th message a
 /// re-send of one of its earlier events under a new message id (only the ledger can tell), every
@@ -141,6 +143,22 @@ impl Reference {
                 .population(AsOf::business(at))
                 .expect("population"),
         )
+    }
+
+    /// Append touchpoints and fold them.
+    fn append_touchpoints(&mut self, events: Vec<Event>) {
+        self.store
+            .append(events.into_iter().map(AppendItem::new).collect())
+            .expect("append");
+        touchledger_projector::catch_up(&self.store, &mut self.projectors, 10_000).expect("fold");
+    }
+
+    /// The overview (HTTP JSON) at `as_of`.
+    fn overview(&self, as_of: AsOf) -> String {
+        serde_json::to_string(
+            &serde_json::to_value(self.reads.population(as_of).expect("population")).expect("json"),
+        )
+        .expect("json")
     }
 
     /// Append the ledger's own events (a model fit) and fold them.
@@ -541,6 +559,70 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
 
     http_reads_equal_the_single_ledger(&children, &reference, &customers, at).await;
 
+    // A late arrival: a purchase that occurred before the kept month end, published now. Its
+    // partition's check finds it, so the next month-end read is merged again and counts it
+    // (the single ledger given the same purchase says so), then kept again.
+    let late = {
+        let mut e = events
+            .iter()
+            .find(|e| {
+                e.kind() == EventKind::Purchase
+                    && !e.customer_id.starts_with("cdnow-")
+                    && e.occurred_at < MONTH_END.parse().expect("time")
+            })
+            .expect("a purchase before the month end")
+            .clone();
+        e.event_id = "late-arrival-1".into();
+        e.occurred_at = "2025-06-20T12:00:00Z".parse().expect("time");
+        if let touchledger_domain::Payload::Purchase(p) = &mut e.payload {
+            p.order_id = "late-order-1".into();
+            p.amount_minor += 123_456;
+        }
+        e
+    };
+    let me_path = format!("/api/v1/overview?as_of={MONTH_END}");
+    let cached = http_ok(children[1].http_port(), &me_path).await;
+    js.publish(
+        format!("crm.touchpoint.purchase.{}", late.customer_id),
+        encode_event(&late).into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    reference.append_touchpoints(vec![late.clone()]);
+    let want = reference.overview(AsOf::business(MONTH_END.parse().expect("time")));
+    assert_ne!(
+        cached, want,
+        "the late purchase changes the month-end population"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, head, body) =
+            crate::http::get_with_head(children[1].http_port(), &me_path, None).await;
+        if body == want {
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("x-touchledger-source: partitions\r"),
+                "merged again: {head}"
+            );
+            break;
+        }
+        assert_eq!(body, cached, "either the kept population or the new one");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the month-end population never counted the late purchase"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, head, body) = crate::http::get_with_head(children[1].http_port(), &me_path, None).await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-touchledger-source: partitions_month_end"),
+        "{head}"
+    );
+    assert_eq!(body, want);
+
     for (what, sub) in [("view", &mut live), ("alert", &mut alerts)] {
         for _ in 0..50 {
             let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
@@ -650,7 +732,11 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         collect_touchpoints(&store, n, P, &mut stored);
         rejected += store.rejections().count() as u64;
     }
-    let want: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    let want: HashSet<String> = events
+        .iter()
+        .chain([&late])
+        .map(|e| e.event_id.clone())
+        .collect();
     assert_eq!(stored.len(), want.len());
     assert_eq!(stored, want);
     assert_eq!(rejected, bad);
@@ -836,6 +922,33 @@ async fn http_reads_equal_the_single_ledger(
     for port in &ports {
         let body = http_ok(*port, &format!("/api/v1/overview?as_of={AS_OF}")).await;
         assert_eq!(body, want, "overview through port {port}");
+    }
+
+    // A closed month end, on both axes: the first read merges every partition's
+    // contributions, the next is the population the router kept (every partition saying
+    // nothing it logged since could change it), both the single ledger's byte for byte.
+    for axis in ["business", "knowledge"] {
+        let at: Timestamp = MONTH_END.parse().expect("time");
+        let as_of = if axis == "business" {
+            AsOf::business(at)
+        } else {
+            AsOf {
+                at,
+                axis: touchledger_domain::facts::Axis::Knowledge,
+            }
+        };
+        let want = reference.overview(as_of);
+        let path = format!("/api/v1/overview?as_of={MONTH_END}&axis={axis}");
+        for source in ["partitions", "partitions_month_end"] {
+            let (status, head, body) = crate::http::get_with_head(ports[1], &path, None).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains(&format!("x-touchledger-source: {source}\r")),
+                "{axis} month end, {source} expected: {head}"
+            );
+            assert_eq!(body, want, "{axis} month end from {source}");
+        }
     }
 
     // The "now" overview: summed in the partitions (RFM thresholds and pyramid cuts found

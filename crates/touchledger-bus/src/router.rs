@@ -56,6 +56,40 @@ pub(crate) const VALUES_ABOVE: &str = "valuesabove";
 pub(crate) const BUYERS_VALUED: &str = "buyersvalued";
 pub(crate) const POPULATION_PART: &str = "poppart";
 
+/// The model name of a partition's check of a month-end population the router keeps.
+pub(crate) const MONTH_END: &str = "monthend";
+
+/// Asked of a partition about a month-end population: its read models' position, and whether
+/// anything it logged after `from` (up to that position) could change the population at `as_of`
+/// ([`touchledger_projector::monthend::unchanged_since`]). `from: None` asks the position only.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MonthEndCheck {
+    pub as_of: AsOf,
+    pub from: Option<u64>,
+}
+
+/// A partition's answer to a [`MonthEndCheck`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MonthEndState {
+    /// The position its read models have folded (what a population read of it reflects).
+    pub folded: u64,
+    /// Nothing in `from + 1 ..= folded` can change the population at the instant.
+    pub unchanged: bool,
+}
+
+/// Month-end populations a router keeps (the most recent, by instant and axis).
+const MONTH_ENDS_KEPT: usize = 48;
+
+/// A month-end population merged from every partition, and per partition the position up to
+/// which its log is known not to change it.
+#[derive(Clone, Debug)]
+struct MonthEndEntry {
+    view: PopulationView,
+    checked: Vec<u64>,
+}
+
+type MonthEndCache = std::sync::Mutex<std::collections::BTreeMap<(i64, u8), MonthEndEntry>>;
+
 /// The ledger's RFM thresholds and pyramid cut keys, sent to every partition for its part.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PartRequest {
@@ -171,6 +205,8 @@ pub struct Router {
     /// This process's name ([`crate::owner_name`]), sent with every answer in the
     /// `Touchledger-Answered-By` header (which process answered a read).
     pub name: String,
+    /// The month-end populations this router merged (see [`Router::population_from`]).
+    month_ends: Arc<MonthEndCache>,
 }
 
 impl Router {
@@ -189,6 +225,7 @@ impl Router {
             timeout: Duration::from_secs(30),
             page_bytes: 256 * 1024,
             name: crate::owner_name(),
+            month_ends: Arc::default(),
         }
     }
 
@@ -654,16 +691,24 @@ impl Router {
     /// The population of the whole ledger at `as_of`: every partition's customers, added up.
     /// `now` says the read is for the service clock (the partitions' current materialisations
     /// may answer on the business axis).
-    pub async fn population(&self, as_of: AsOf, now: bool) -> Result<PopulationView, ReadError> {
-        Ok(self.population_from(as_of, now).await?.0)
+    pub async fn population(
+        &self,
+        as_of: AsOf,
+        now: bool,
+        clock: Timestamp,
+    ) -> Result<PopulationView, ReadError> {
+        Ok(self.population_from(as_of, now, clock).await?.0)
     }
 
     /// [`Router::population`] and how it was made: `summed` in the partitions
-    /// ([`Router::population_summed`], a "now" read) or from every customer's `contributions`.
+    /// ([`Router::population_summed`], a "now" read), a kept `month_end` population
+    /// ([`Router::population_month_end`]), or from every customer's `contributions`. `clock` is
+    /// the service clock: only a month end it has passed is kept.
     pub async fn population_from(
         &self,
         as_of: AsOf,
         now: bool,
+        clock: Timestamp,
     ) -> Result<(PopulationView, &'static str), ReadError> {
         if now
             && as_of.axis == touchledger_domain::facts::Axis::Business
@@ -671,7 +716,74 @@ impl Router {
         {
             return Ok((p, "summed"));
         }
+        if !now && touchledger_projector::monthend::is_month_end(as_of.at) && as_of.at < clock {
+            return self.population_month_end(as_of).await;
+        }
         Ok((self.population_merged(as_of, now).await?, "contributions"))
+    }
+
+    /// The population at a passed month end, the audit's common read, kept by this router: the
+    /// first read merges every partition's contributions (a pass over every customer) and keeps
+    /// the result with each partition's folded position, taken before the merge; a later read
+    /// asks every partition whether anything it has folded since could change it (a late
+    /// arrival, a backdated fit: [`touchledger_projector::monthend::unchanged_since`], a scan of
+    /// the events logged since) and answers the kept population if none could — P small
+    /// requests instead of every customer moved. Returns `month_end` when kept, else
+    /// `contributions`. Kept per process, in memory (the newest 48).
+    pub async fn population_month_end(
+        &self,
+        as_of: AsOf,
+    ) -> Result<(PopulationView, &'static str), ReadError> {
+        let key = (
+            as_of.at.unix_nanos(),
+            matches!(as_of.axis, touchledger_domain::facts::Axis::Knowledge) as u8,
+        );
+        let kept = self
+            .month_ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let check = |from: Option<&Vec<u64>>| {
+            futures::future::try_join_all((0..self.partitions).map(move |p| {
+                let req = MonthEndCheck {
+                    as_of,
+                    from: from.map(|f| f[p as usize]),
+                };
+                async move { self.ask_json::<_, MonthEndState>(p, MONTH_END, &req).await }
+            }))
+        };
+        if let Some(entry) = kept {
+            let states = check(Some(&entry.checked)).await?;
+            if states.iter().all(|s| s.unchanged) {
+                let checked = states.iter().map(|s| s.folded).collect();
+                if let Some(e) = self
+                    .month_ends
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&key)
+                {
+                    e.checked = checked;
+                }
+                return Ok((entry.view, "month_end"));
+            }
+        }
+        // Positions first: whatever the merge then reads is at or beyond them, so a later
+        // check from them sees every event the kept population may lack.
+        let checked: Vec<u64> = check(None).await?.iter().map(|s| s.folded).collect();
+        let view = self.population_merged(as_of, false).await?;
+        let mut kept = self.month_ends.lock().unwrap_or_else(|p| p.into_inner());
+        kept.insert(
+            key,
+            MonthEndEntry {
+                view: view.clone(),
+                checked,
+            },
+        );
+        while kept.len() > MONTH_ENDS_KEPT {
+            kept.pop_first();
+        }
+        Ok((view, "contributions"))
     }
 
     async fn summed_or_none(&self, now: Timestamp) -> Result<Option<PopulationView>, ReadError> {
@@ -867,7 +979,7 @@ impl Router {
                     Ok(a) => a,
                     Err(e) => return err("BAD_REQUEST", e),
                 };
-                match self.population(as_of, req.as_of.is_none()).await {
+                match self.population(as_of, req.as_of.is_none(), now).await {
                     Ok(p) => reply(R::Population(views::population(&p))),
                     Err(e) => err(e.code(), e.to_string()),
                 }

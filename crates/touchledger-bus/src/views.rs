@@ -779,7 +779,9 @@ fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::Fi
 /// * `rankcounts`: how many of this partition's current buyers rank below given keys;
 /// * `atrisk`: the first rows of this partition's at-risk list;
 /// * `rankstats`, `valuesabove`, `buyersvalued`, `poppart`: the steps of a "now" population
-///   summed here ([`crate::Router::population_summed`]; the part is bincode, not JSON).
+///   summed here ([`crate::Router::population_summed`]; the part is bincode, not JSON);
+/// * `monthend`: whether this partition's log since a position can change a month-end
+///   population the router keeps ([`crate::Router::population_month_end`]).
 fn json_read_answer(
     model: &str,
     payload: &[u8],
@@ -821,6 +823,20 @@ fn json_read_answer(
         crate::router::POPULATION_PART => {
             let req: crate::router::PartRequest = serde_json::from_slice(payload).map_err(bad)?;
             return Ok(current.population_part(&req.thresholds, &req.cuts).encode());
+        }
+        crate::router::MONTH_END => {
+            let req: crate::router::MonthEndCheck = serde_json::from_slice(payload).map_err(bad)?;
+            let folded = reads.checkpoints().map_err(|e| e.to_string())?[2];
+            let unchanged = match req.from {
+                Some(from) if from <= folded => {
+                    touchledger_projector::monthend::unchanged_since(store, req.as_of, from, folded)
+                        .map_err(|e| e.to_string())?
+                }
+                // Its read models are behind what was checked (a new owner still catching up),
+                // or only the position was asked.
+                _ => false,
+            };
+            serde_json::to_vec(&crate::router::MonthEndState { folded, unchanged })
         }
         crate::router::RANK_COUNTS => {
             let keys: touchledger_projector::current::RankKeys =
@@ -941,6 +957,7 @@ async fn serve_queries(
                 crate::router::VALUES_ABOVE,
                 crate::router::BUYERS_VALUED,
                 crate::router::POPULATION_PART,
+                crate::router::MONTH_END,
             ]
             .contains(&model.as_str());
             if model == crate::router::PARTIAL || model == crate::router::FIT_STATS || json_read {

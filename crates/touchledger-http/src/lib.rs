@@ -440,12 +440,13 @@ async fn overview(State(s): State<Arc<AppState>>, q: Params) -> Result<Response,
             // Every partition's customers, added up (their current views for a "now" read).
             let (p, how) = p
                 .router
-                .population_from(at, is_now(&q))
+                .population_from(at, is_now(&q), (s.cfg.clock)())
                 .await
                 .map_err(read_failed)?;
             let body = serde_json::to_value(&p).map(Json).map_err(internal)?;
             let source = match how {
                 "summed" => "partitions_summed",
+                "month_end" => "partitions_month_end",
                 _ => "partitions",
             };
             return Ok(([("x-touchledger-source", source)], body).into_response());

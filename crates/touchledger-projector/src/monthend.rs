@@ -93,7 +93,7 @@ impl MonthEnds {
                 bincode::config::standard(),
             )
             && snap.checked_to <= folded
-            && self.unchanged(store, as_of, snap.checked_to, folded)?
+            && unchanged_since(store, as_of, snap.checked_to, folded)?
             && let Ok(view) = serde_json::from_slice::<PopulationView>(&snap.view)
         {
             if snap.checked_to < folded {
@@ -130,39 +130,6 @@ impl MonthEnds {
         Ok(taken)
     }
 
-    /// Whether no event in `from + 1 ..= to` can change the population at `as_of`.
-    fn unchanged(
-        &self,
-        store: &dyn EventStore,
-        as_of: AsOf,
-        from: u64,
-        to: u64,
-    ) -> Result<bool, ProjectorError> {
-        if from >= to {
-            return Ok(true);
-        }
-        match as_of.axis {
-            // Positions are recorded in order: only the first new one can be recorded by then.
-            Axis::Knowledge => Ok(store
-                .get(from + 1)?
-                .is_none_or(|c| c.recorded_at > as_of.at)),
-            Axis::Business => {
-                let late = store
-                    .read(&ReadFilter {
-                        from_position: from + 1,
-                        to_position: Some(to),
-                        occurred_until: Some(Timestamp::from_unix_nanos(
-                            as_of.at.unix_nanos().saturating_add(1),
-                        )),
-                        ..Default::default()
-                    })
-                    .next()
-                    .transpose()?;
-                Ok(late.is_none())
-            }
-        }
-    }
-
     fn put(&self, k: &str, view: &[u8], checked_to: u64) -> Result<(), ProjectorError> {
         let snap = Snapshot {
             view: view.to_vec(),
@@ -177,5 +144,40 @@ impl MonthEnds {
         self.tree
             .apply([(k, bytes.as_slice())], std::iter::empty(), Some(meta))?;
         Ok(())
+    }
+}
+
+/// Whether no event at positions `from + 1 ..= to` of `store` can change the population at
+/// `as_of`: on the business axis none occurred by `as_of.at` (a late arrival, a backdated fit),
+/// on the knowledge axis none was recorded by it. What keeps a month-end snapshot valid, here and
+/// in a partitioned ledger's router (each partition checks its own log).
+pub fn unchanged_since(
+    store: &dyn EventStore,
+    as_of: AsOf,
+    from: u64,
+    to: u64,
+) -> Result<bool, ProjectorError> {
+    if from >= to {
+        return Ok(true);
+    }
+    match as_of.axis {
+        // Positions are recorded in order: only the first new one can be recorded by then.
+        Axis::Knowledge => Ok(store
+            .get(from + 1)?
+            .is_none_or(|c| c.recorded_at > as_of.at)),
+        Axis::Business => {
+            let late = store
+                .read(&ReadFilter {
+                    from_position: from + 1,
+                    to_position: Some(to),
+                    occurred_until: Some(Timestamp::from_unix_nanos(
+                        as_of.at.unix_nanos().saturating_add(1),
+                    )),
+                    ..Default::default()
+                })
+                .next()
+                .transpose()?;
+            Ok(late.is_none())
+        }
     }
 }
