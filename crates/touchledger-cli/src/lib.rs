@@ -423,6 +423,27 @@ enum Command {
         #[command(flatten)]
         nats: serve::NatsArgs,
     },
+    /// How well the churn model and the churn warnings predicted what happened: BG/NBD fitted
+    /// on what had happened by `--calibration-end`, each buyer's warning evaluated then, both
+    /// compared with the purchases up to `--holdout-end` (model fit by calibration frequency,
+    /// holdout totals and tracking; precision, recall, lift and AUC of the warnings against
+    /// recency and BG/NBD alone). Offline on the data directory; appends nothing.
+    Evaluate {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Calibration end T1 (RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        calibration_end: Timestamp,
+        /// Holdout end T2, after T1.
+        #[arg(long)]
+        holdout_end: Timestamp,
+        /// Time unit of the model.
+        #[arg(long, value_enum, default_value_t = models::UnitArg::Weeks)]
+        unit: models::UnitArg,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// A running ledger as NATS sees it.
     Cluster {
         #[command(subcommand)]
@@ -1151,6 +1172,20 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             as_of.unwrap_or_else(Timestamp::now),
             unit.into(),
             dry_run,
+            out,
+        ),
+        Command::Evaluate {
+            data,
+            calibration_end,
+            holdout_end,
+            unit,
+            json,
+        } => models::evaluate(
+            &open(&data)?,
+            calibration_end,
+            holdout_end,
+            unit.into(),
+            json,
             out,
         ),
         Command::Cluster {

@@ -354,6 +354,133 @@ pub fn fit(
     Ok(crate::EXIT_OK)
 }
 
+/// `touchledger evaluate`: the churn model and warnings, calibration against holdout.
+pub fn evaluate(
+    store: &SledStore,
+    calibration_end: Timestamp,
+    holdout_end: Timestamp,
+    unit: TimeUnit,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    caught_up(store, None)?;
+    let reads = ReadModels::open(store, Rules::default())?;
+    let t = Instant::now();
+    let e =
+        match touchledger_projector::evaluate::evaluate(&reads, calibration_end, holdout_end, unit)
+        {
+            Ok(e) => e,
+            Err(err @ touchledger_projector::evaluate::EvaluateError::Periods { .. }) => {
+                writeln!(out, "{err}")?;
+                return Ok(crate::EXIT_USAGE);
+            }
+            Err(err) => return Err(err.into()),
+        };
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &e)?;
+        writeln!(out)?;
+        return Ok(crate::EXIT_OK);
+    }
+    let v = &e.evaluation;
+    writeln!(
+        out,
+        "evaluated in {:.2} s: {} buyers by {}; holdout to {} ({:.1} {:?})",
+        t.elapsed().as_secs_f64(),
+        v.customers,
+        e.calibration_end,
+        e.holdout_end,
+        v.holdout_length,
+        e.model.time_unit
+    )?;
+    print_fit(&e.model, out)?;
+    writeln!(out, "\ncalibration repeat purchases   actual   predicted")?;
+    for b in &v.frequency {
+        writeln!(
+            out,
+            "  {:>4}                     {:>8} {:>11.1}",
+            b.repeat_purchases, b.actual, b.predicted
+        )?;
+    }
+    writeln!(
+        out,
+        "\nholdout repeat purchase-days: actual {}, predicted {:.1}",
+        v.holdout_actual, v.holdout_predicted
+    )?;
+    writeln!(
+        out,
+        "by calibration frequency   buyers   actual mean   predicted mean"
+    )?;
+    for b in &v.conditional {
+        writeln!(
+            out,
+            "  {:>4}                  {:>8} {:>13.3} {:>16.3}",
+            b.repeat_purchases, b.customers, b.actual_mean, b.predicted_mean
+        )?;
+    }
+    if let (Some(first), Some(last)) = (v.tracking.first(), v.tracking.last()) {
+        let at_t1 = v
+            .tracking
+            .iter()
+            .rev()
+            .find(|p| !p.holdout)
+            .unwrap_or(first);
+        writeln!(
+            out,
+            "tracking (cumulative repeat purchase-days, {} weeks): at the calibration end actual {} / predicted {:.1}; at the holdout end actual {} / predicted {:.1}",
+            v.tracking.len(),
+            at_t1.actual,
+            at_t1.predicted,
+            last.actual,
+            last.predicted
+        )?;
+    }
+    let w = &v.warnings;
+    writeln!(
+        out,
+        "\nchurn warnings at the calibration end; churned = no purchase in the holdout: {} of {} ({:.1} %)",
+        w.churned,
+        v.customers,
+        100.0 * w.base_rate
+    )?;
+    writeln!(out, "  level      buyers   churned")?;
+    for l in &w.levels {
+        writeln!(
+            out,
+            "  {:<9} {:>7} {:>8.1} %",
+            format!("{:?}", l.level).to_lowercase(),
+            l.customers,
+            100.0 * l.churned_share
+        )?;
+    }
+    writeln!(
+        out,
+        "  flagged at     n    rules P / R / lift        recency P / R / lift      BG/NBD P / R / lift"
+    )?;
+    for t in &w.thresholds {
+        let c = |c: &touchledger_domain::evaluation::Classification| {
+            format!("{:.3} / {:.3} / {:.2}", c.precision, c.recall, c.lift)
+        };
+        writeln!(
+            out,
+            "  {:<9} {:>7}   {:<24}  {:<24}  {}",
+            format!("{:?}+", t.at_least).to_lowercase(),
+            t.flagged,
+            c(&t.rules),
+            c(&t.recency),
+            c(&t.model)
+        )?;
+    }
+    let a = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.3}"));
+    writeln!(
+        out,
+        "  ROC AUC: churn score {}, days since last purchase {}, BG/NBD P(no purchase) {}",
+        a(w.auc.rules_score),
+        a(w.auc.recency),
+        a(w.auc.model)
+    )?;
+    Ok(crate::EXIT_OK)
+}
+
 /// Print a fit.
 pub fn print_fit(m: &touchledger_domain::ModelFitted, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(

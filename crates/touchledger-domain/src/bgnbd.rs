@@ -308,6 +308,23 @@ pub fn expected_purchases(p: &Params, c: &Rfm, t: f64) -> Option<f64> {
     v.is_finite().then_some(v.max(0.0))
 }
 
+/// E[X(t)]: the expected purchases of a new customer in a period of length `t` after their
+/// first purchase (paper eq. 9); what the "tracking" plot sums over a cohort. `None` at a = 1
+/// exactly, for t < 0, or when the series does not converge.
+pub fn expected_transactions(p: &Params, t: f64) -> Option<f64> {
+    let Params { r, alpha, a, b } = *p;
+    if (a - 1.0).abs() < 1e-12 || t < 0.0 {
+        return None;
+    }
+    if t == 0.0 {
+        return Some(0.0);
+    }
+    let z = t / (alpha + t);
+    let v = (a + b - 1.0) / (a - 1.0)
+        * (1.0 - (alpha / (alpha + t)).powf(r) * hyp2f1(r, b, a + b - 1.0, z));
+    v.is_finite().then_some(v.max(0.0))
+}
+
 /// P(X(t) = n): the probability that a new customer makes `n` purchases in a period of length
 /// `t` (paper eq. 8).
 pub fn p_purchases(p: &Params, t: f64, n: u32) -> f64 {

@@ -24,6 +24,7 @@ use touchledger_store::{Committed, ProjectionMeta, ProjectionTree, StoreError};
 pub mod api;
 pub mod bulk;
 pub mod current;
+pub mod evaluate;
 pub mod model;
 pub mod monthend;
 pub mod order;
