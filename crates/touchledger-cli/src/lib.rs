@@ -443,6 +443,10 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Record the evaluation as a `ModelEvaluated` event (the model version, the periods and
+        /// the summary figures), so auditors see how the model behind the warnings performed.
+        #[arg(long)]
+        record: bool,
     },
     /// A running ledger as NATS sees it.
     Cluster {
@@ -1180,12 +1184,14 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             holdout_end,
             unit,
             json,
+            record,
         } => models::evaluate(
             &open(&data)?,
             calibration_end,
             holdout_end,
             unit.into(),
             json,
+            record,
             out,
         ),
         Command::Cluster {

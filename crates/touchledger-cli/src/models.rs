@@ -361,6 +361,7 @@ pub fn evaluate(
     holdout_end: Timestamp,
     unit: TimeUnit,
     json: bool,
+    record: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     caught_up(store, None)?;
@@ -376,10 +377,36 @@ pub fn evaluate(
             }
             Err(err) => return Err(err.into()),
         };
+    // Recorded first, so that a refused record (e.g. a holdout end in the future) is reported
+    // before any figure is taken for recorded.
+    let recorded = if record {
+        let outcome = store
+            .append_ledger_events(vec![AppendItem::new(e.event())])?
+            .pop();
+        caught_up(store, None)?;
+        match outcome {
+            Some(AppendOutcome::Appended { position, .. }) => {
+                Some(format!("recorded as ModelEvaluated at position {position}"))
+            }
+            Some(AppendOutcome::Duplicate { position, .. }) => {
+                Some(format!("already recorded at position {position}"))
+            }
+            Some(AppendOutcome::Rejected(r)) => {
+                writeln!(out, "ModelEvaluated not recorded: {r}")?;
+                return Ok(crate::EXIT_REJECTED);
+            }
+            other => anyhow::bail!("ModelEvaluated was not recorded: {other:?}"),
+        }
+    } else {
+        None
+    };
     if json {
         serde_json::to_writer_pretty(&mut *out, &e)?;
         writeln!(out)?;
         return Ok(crate::EXIT_OK);
+    }
+    if let Some(r) = &recorded {
+        writeln!(out, "{r}")?;
     }
     let v = &e.evaluation;
     writeln!(

@@ -70,6 +70,8 @@ pub enum Payload {
     ModelFitted(ModelFitted),
     /// Derived: the assessor's churn verdict for a customer.
     ChurnRiskAssessed(ChurnRiskAssessed),
+    /// Derived: how well a churn model and the warnings predicted a holdout.
+    ModelEvaluated(ModelEvaluated),
 }
 
 impl Payload {
@@ -83,6 +85,7 @@ impl Payload {
             Payload::Retraction(_) => EventKind::Retraction,
             Payload::ModelFitted(_) => EventKind::ModelFitted,
             Payload::ChurnRiskAssessed(_) => EventKind::ChurnRiskAssessed,
+            Payload::ModelEvaluated(_) => EventKind::ModelEvaluated,
         }
     }
 }
@@ -105,11 +108,13 @@ pub enum EventKind {
     ModelFitted,
     /// `churn_risk_assessed` (derived)
     ChurnRiskAssessed,
+    /// `model_evaluated` (derived)
+    ModelEvaluated,
 }
 
 impl EventKind {
     /// All kinds, in code order.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Purchase,
         EventKind::Complaint,
         EventKind::Callback,
@@ -117,6 +122,7 @@ impl EventKind {
         EventKind::Retraction,
         EventKind::ModelFitted,
         EventKind::ChurnRiskAssessed,
+        EventKind::ModelEvaluated,
     ];
 
     /// Stable name: the NATS subject token and the JSON payload key.
@@ -129,6 +135,7 @@ impl EventKind {
             EventKind::Retraction => "retraction",
             EventKind::ModelFitted => "model_fitted",
             EventKind::ChurnRiskAssessed => "churn_risk_assessed",
+            EventKind::ModelEvaluated => "model_evaluated",
         }
     }
 
@@ -142,6 +149,7 @@ impl EventKind {
             EventKind::Retraction => 5,
             EventKind::ModelFitted => 6,
             EventKind::ChurnRiskAssessed => 7,
+            EventKind::ModelEvaluated => 8,
         }
     }
 
@@ -152,7 +160,10 @@ impl EventKind {
 
     /// Derived kinds are written by the ledger itself, with `source = "ledger"`.
     pub fn is_derived(self) -> bool {
-        matches!(self, EventKind::ModelFitted | EventKind::ChurnRiskAssessed)
+        matches!(
+            self,
+            EventKind::ModelFitted | EventKind::ChurnRiskAssessed | EventKind::ModelEvaluated
+        )
     }
 }
 
@@ -385,6 +396,56 @@ pub struct ModelFitted {
     pub time_unit: TimeUnit,
     /// Calibration end used for T.
     pub calibration_end: Timestamp,
+}
+
+/// Derived: a calibration/holdout evaluation of a churn model and of the warnings it raised
+/// (`touchledger evaluate --record`; `touchledger_domain::evaluation`), recorded so that an
+/// auditor sees how well the model behind the warnings performed. `customer_id` is
+/// [`MODEL_CUSTOMER`]; `occurred_at` is the holdout end.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEvaluated {
+    /// The `model_version` of the fit evaluated (fitted at the calibration end).
+    pub model_version: String,
+    /// Calibration end T1.
+    pub calibration_end: Timestamp,
+    /// Holdout end T2.
+    pub holdout_end: Timestamp,
+    /// Buyers at T1.
+    pub customers: u64,
+    /// Repeat purchase-days in the holdout.
+    pub holdout_actual: u64,
+    /// Σ E[Y(T2 − T1) | x, tₓ, T].
+    pub holdout_predicted: f64,
+    /// Buyers with no purchase in the holdout.
+    pub churned: u64,
+    /// The warning rules flagging at each level and above (watch … lost).
+    pub thresholds: Vec<EvaluatedThreshold>,
+    /// ROC AUC of the churn score (`None`: only one class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auc_score: Option<f64>,
+    /// ROC AUC of days since the last purchase alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auc_recency: Option<f64>,
+    /// ROC AUC of BG/NBD's P(no purchase in the holdout length) alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auc_model: Option<f64>,
+}
+
+/// One threshold of a [`ModelEvaluated`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatedThreshold {
+    /// Flagged: level ≥ this.
+    pub at_least: ChurnLevel,
+    /// Buyers flagged.
+    pub flagged: u64,
+    /// Churned among the flagged, of the flagged.
+    pub precision: f64,
+    /// Churned among the flagged, of all churned.
+    pub recall: f64,
+    /// Precision over the base rate.
+    pub lift: f64,
 }
 
 /// Churn warning levels (§4.3), in increasing order of severity.

@@ -410,6 +410,8 @@ impl CustomerFacts {
                 },
                 |f| &f.stamp,
             ),
+            // An evaluation is an audit record: no read model depends on it.
+            Payload::ModelEvaluated(_) => {}
             Payload::ChurnRiskAssessed(a) => insert_sorted(
                 &mut self.assessments,
                 AssessmentFact {

@@ -9,8 +9,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::event::{
-    Callback, ChurnRiskAssessed, Complaint, Event, ModelFitted, Payload, Purchase, Retraction,
-    Survey,
+    Callback, ChurnRiskAssessed, Complaint, Event, ModelEvaluated, ModelFitted, Payload, Purchase,
+    Retraction, Survey,
 };
 use crate::time::Timestamp;
 use crate::validate::{RejectCode, Rejection};
@@ -47,6 +47,8 @@ pub struct JsonEvent {
     model_fitted: Option<ModelFitted>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     churn_risk_assessed: Option<ChurnRiskAssessed>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    model_evaluated: Option<ModelEvaluated>,
 }
 
 impl TryFrom<JsonEvent> for Event {
@@ -61,6 +63,7 @@ impl TryFrom<JsonEvent> for Event {
         payloads.extend(j.retraction.map(Payload::Retraction));
         payloads.extend(j.model_fitted.map(Payload::ModelFitted));
         payloads.extend(j.churn_risk_assessed.map(Payload::ChurnRiskAssessed));
+        payloads.extend(j.model_evaluated.map(Payload::ModelEvaluated));
         if payloads.len() > 1 {
             let kinds: Vec<_> = payloads.iter().map(|p| p.kind().as_str()).collect();
             return Err(Rejection::new(
@@ -117,6 +120,7 @@ impl From<Event> for JsonEvent {
             Payload::Retraction(p) => j.retraction = Some(p),
             Payload::ModelFitted(p) => j.model_fitted = Some(p),
             Payload::ChurnRiskAssessed(p) => j.churn_risk_assessed = Some(p),
+            Payload::ModelEvaluated(p) => j.model_evaluated = Some(p),
         }
         j
     }

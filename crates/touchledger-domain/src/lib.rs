@@ -24,8 +24,9 @@ pub mod validate;
 
 pub use event::{
     Callback, CallbackOutcome, CallbackPurpose, Channel, ChurnLevel, ChurnRiskAssessed, Complaint,
-    ComplaintCategory, Event, EventKind, LEDGER_SOURCE, LeavingReason, MODEL_CUSTOMER, ModelFitted,
-    Payload, Purchase, Retraction, RiskReason, SCHEMA_VERSION, Survey, TimeUnit,
+    ComplaintCategory, EvaluatedThreshold, Event, EventKind, LEDGER_SOURCE, LeavingReason,
+    MODEL_CUSTOMER, ModelEvaluated, ModelFitted, Payload, Purchase, Retraction, RiskReason,
+    SCHEMA_VERSION, Survey, TimeUnit,
 };
 pub use time::Timestamp;
 pub use validate::{RejectCode, Rejection, ValidationPolicy};

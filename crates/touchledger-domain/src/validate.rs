@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{
-    Callback, ChurnRiskAssessed, Complaint, Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelFitted,
-    Payload, Purchase, Retraction, SCHEMA_VERSION, Survey,
+    Callback, ChurnRiskAssessed, Complaint, Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelEvaluated,
+    ModelFitted, Payload, Purchase, Retraction, SCHEMA_VERSION, Survey,
 };
 use crate::time::Timestamp;
 
@@ -401,14 +401,19 @@ impl Event {
             );
         }
         match (&self.payload, self.customer_id.starts_with('_')) {
-            (Payload::ModelFitted(_), _) if self.customer_id != MODEL_CUSTOMER => {
+            (Payload::ModelFitted(_) | Payload::ModelEvaluated(_), _)
+                if self.customer_id != MODEL_CUSTOMER =>
+            {
                 return fail(
                     RejectCode::CustomerIdReserved,
                     "customer_id",
-                    format!("model_fitted events use customer_id \"{MODEL_CUSTOMER}\""),
+                    format!(
+                        "{} events use customer_id \"{MODEL_CUSTOMER}\"",
+                        self.kind()
+                    ),
                 );
             }
-            (Payload::ModelFitted(_), _) => {}
+            (Payload::ModelFitted(_) | Payload::ModelEvaluated(_), _) => {}
             (_, true) => {
                 return fail(
                     RejectCode::CustomerIdReserved,
@@ -447,6 +452,7 @@ impl Event {
             Payload::Retraction(r) => retraction(policy, r),
             Payload::ModelFitted(m) => model_fitted(policy, m),
             Payload::ChurnRiskAssessed(c) => churn_risk(policy, c),
+            Payload::ModelEvaluated(m) => model_evaluated(policy, m),
         }
     }
 }
@@ -587,6 +593,56 @@ fn model_fitted(policy: &ValidationPolicy, m: &ModelFitted) -> Check {
             "model_fitted.log_likelihood",
             "must be finite",
         );
+    }
+    Ok(())
+}
+
+fn model_evaluated(policy: &ValidationPolicy, m: &ModelEvaluated) -> Check {
+    policy.id("model_evaluated.model_version", &m.model_version)?;
+    if m.holdout_end <= m.calibration_end {
+        return fail(
+            RejectCode::ValueInvalid,
+            "model_evaluated.holdout_end",
+            "must be after calibration_end",
+        );
+    }
+    let share = |field: &str, v: f64| -> Check {
+        if v.is_finite() && (0.0..=1.0).contains(&v) {
+            Ok(())
+        } else {
+            fail(
+                RejectCode::ValueInvalid,
+                field,
+                format!("{v} is outside 0..=1"),
+            )
+        }
+    };
+    if !(m.holdout_predicted.is_finite() && m.holdout_predicted >= 0.0) {
+        return fail(
+            RejectCode::ValueInvalid,
+            "model_evaluated.holdout_predicted",
+            "must be finite and >= 0",
+        );
+    }
+    for (field, auc) in [
+        ("model_evaluated.auc_score", m.auc_score),
+        ("model_evaluated.auc_recency", m.auc_recency),
+        ("model_evaluated.auc_model", m.auc_model),
+    ] {
+        if let Some(v) = auc {
+            share(field, v)?;
+        }
+    }
+    for t in &m.thresholds {
+        share("model_evaluated.thresholds.precision", t.precision)?;
+        share("model_evaluated.thresholds.recall", t.recall)?;
+        if !(t.lift.is_finite() && t.lift >= 0.0) {
+            return fail(
+                RejectCode::ValueInvalid,
+                "model_evaluated.thresholds.lift",
+                "must be finite and >= 0",
+            );
+        }
     }
     Ok(())
 }

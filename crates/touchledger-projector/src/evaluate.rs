@@ -14,7 +14,10 @@
 use serde::{Deserialize, Serialize};
 use touchledger_domain::evaluation::{self, Buyer, Evaluation};
 use touchledger_domain::facts::{AsOf, day_of};
-use touchledger_domain::{ModelFitted, TimeUnit, Timestamp};
+use touchledger_domain::{
+    EvaluatedThreshold, Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelEvaluated, ModelFitted, Payload,
+    SCHEMA_VERSION, TimeUnit, Timestamp,
+};
 
 use crate::ReadModels;
 use crate::model::{FitError, fitted_event, unit_days};
@@ -113,4 +116,53 @@ pub fn evaluate(
         calibration_end,
         holdout_end,
     })
+}
+
+impl ModelEvaluation {
+    /// The `ModelEvaluated` event that records this evaluation: the model version, the periods
+    /// and the summary figures (not the per-bin and weekly series, which `evaluate` recomputes).
+    /// Its id is derived from the model version and the holdout end, so recording the same
+    /// evaluation twice is a duplicate; `occurred_at` is the holdout end.
+    pub fn event(&self) -> Event {
+        let v = &self.evaluation;
+        let w = &v.warnings;
+        let recorded = ModelEvaluated {
+            model_version: self.model.model_version.clone(),
+            calibration_end: self.calibration_end,
+            holdout_end: self.holdout_end,
+            customers: v.customers,
+            holdout_actual: v.holdout_actual,
+            holdout_predicted: v.holdout_predicted,
+            churned: w.churned,
+            thresholds: w
+                .thresholds
+                .iter()
+                .map(|t| EvaluatedThreshold {
+                    at_least: t.at_least,
+                    flagged: t.flagged,
+                    precision: t.rules.precision,
+                    recall: t.rules.recall,
+                    lift: t.rules.lift,
+                })
+                .collect(),
+            auc_score: w.auc.rules_score,
+            auc_recency: w.auc.recency,
+            auc_model: w.auc.model,
+        };
+        let end = self.holdout_end.to_string();
+        Event {
+            event_id: format!(
+                "evaluation-{}-{}",
+                self.model.model_version,
+                end.get(..10).unwrap_or(&end)
+            ),
+            customer_id: MODEL_CUSTOMER.into(),
+            occurred_at: self.holdout_end,
+            source: LEDGER_SOURCE.into(),
+            schema_version: SCHEMA_VERSION,
+            correlation_id: None,
+            causation_id: None,
+            payload: Payload::ModelEvaluated(recorded),
+        }
+    }
 }

@@ -33,9 +33,10 @@ pub struct Change {
     pub checkpoint: u64,
     /// Customers whose state changed.
     pub customers: Vec<String>,
-    /// Those of `customers` whose only events in the batch were churn assessments (the
-    /// ledger's own `ChurnRiskAssessed` records): no view and no population figure depends on
-    /// them, so there is nothing to re-evaluate or republish for these customers.
+    /// Those of `customers` whose only events in the batch were audit records of the ledger's
+    /// own (`ChurnRiskAssessed`, `ModelEvaluated`): no view and no population figure depends on
+    /// them, so there is nothing to re-evaluate or republish for these customers (and an
+    /// evaluation of the model does not make every customer due, as a new fit does).
     pub assessed_only: BTreeSet<String>,
 }
 
@@ -46,7 +47,10 @@ impl Change {
         let mut assessed = HashSet::new();
         for c in events {
             let e = &c.event;
-            if matches!(e.payload, Payload::ChurnRiskAssessed(_)) {
+            if matches!(
+                e.payload,
+                Payload::ChurnRiskAssessed(_) | Payload::ModelEvaluated(_)
+            ) {
                 assessed.insert(e.customer_id.as_str());
             } else {
                 others.insert(e.customer_id.as_str());

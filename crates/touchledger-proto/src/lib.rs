@@ -97,7 +97,10 @@ pub fn peek_record(record: &[u8]) -> Option<(d::EventKind, &str)> {
     for f in fields(envelope?) {
         match f? {
             (2, Some(v)) => customer = Some(std::str::from_utf8(v).ok()?),
-            (tag @ 10..=16, Some(_)) => kind = d::EventKind::ALL.get(tag as usize - 10).copied(),
+            // The payload oneof: tag 10 + the kind's index in `EventKind::ALL` (events.proto).
+            (tag, Some(_)) if (10..10 + d::EventKind::ALL.len() as u32).contains(&tag) => {
+                kind = d::EventKind::ALL.get(tag as usize - 10).copied()
+            }
             _ => {}
         }
     }
@@ -402,6 +405,41 @@ fn payload_from(p: P) -> Result<d::Payload, Rejection> {
                 calibration_end: from_pb_time("model_fitted.calibration_end", m.calibration_end)?,
             })
         }
+        P::ModelEvaluated(m) => {
+            let thresholds = m
+                .thresholds
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    Ok(d::EvaluatedThreshold {
+                        at_least: level(
+                            &format!("model_evaluated.thresholds[{i}].at_least"),
+                            t.at_least,
+                        )?,
+                        flagged: t.flagged,
+                        precision: t.precision,
+                        recall: t.recall,
+                        lift: t.lift,
+                    })
+                })
+                .collect::<Result<Vec<_>, Rejection>>()?;
+            d::Payload::ModelEvaluated(d::ModelEvaluated {
+                model_version: m.model_version,
+                calibration_end: from_pb_time(
+                    "model_evaluated.calibration_end",
+                    m.calibration_end,
+                )?,
+                holdout_end: from_pb_time("model_evaluated.holdout_end", m.holdout_end)?,
+                customers: m.customers,
+                holdout_actual: m.holdout_actual,
+                holdout_predicted: m.holdout_predicted,
+                churned: m.churned,
+                thresholds,
+                auc_score: m.auc_score,
+                auc_recency: m.auc_recency,
+                auc_model: m.auc_model,
+            })
+        }
         P::ChurnRiskAssessed(c) => {
             let reasons = c
                 .reasons
@@ -535,6 +573,29 @@ fn payload_to(p: &d::Payload) -> P {
             } as i32,
             calibration_end: Some(to_pb_time(m.calibration_end)),
         }),
+        d::Payload::ModelEvaluated(m) => P::ModelEvaluated(v1::ModelEvaluated {
+            model_version: m.model_version.clone(),
+            calibration_end: Some(to_pb_time(m.calibration_end)),
+            holdout_end: Some(to_pb_time(m.holdout_end)),
+            customers: m.customers,
+            holdout_actual: m.holdout_actual,
+            holdout_predicted: m.holdout_predicted,
+            churned: m.churned,
+            thresholds: m
+                .thresholds
+                .iter()
+                .map(|t| v1::EvaluatedThreshold {
+                    at_least: level_to(t.at_least),
+                    flagged: t.flagged,
+                    precision: t.precision,
+                    recall: t.recall,
+                    lift: t.lift,
+                })
+                .collect(),
+            auc_score: m.auc_score,
+            auc_recency: m.auc_recency,
+            auc_model: m.auc_model,
+        }),
         d::Payload::ChurnRiskAssessed(c) => P::ChurnRiskAssessed(v1::ChurnRiskAssessed {
             level: level_to(c.level),
             previous_level: level_to(c.previous_level),
@@ -624,6 +685,34 @@ mod tests {
             peek_record(&record(&e)),
             Some((d::EventKind::Retraction, "cust-42"))
         );
+        // The last kind of the oneof (tag 17), whatever the envelope's other fields.
+        e.customer_id = d::MODEL_CUSTOMER.into();
+        e.payload = d::Payload::ModelEvaluated(d::ModelEvaluated {
+            model_version: "bgnbd-1997-09-30-weeks-0123456789ab".into(),
+            calibration_end: Timestamp::from_unix_nanos(875_577_600_000_000_000),
+            holdout_end: Timestamp::from_unix_nanos(899_164_800_000_000_000),
+            customers: 2357,
+            holdout_actual: 1882,
+            holdout_predicted: 1653.4,
+            churned: 1673,
+            thresholds: vec![d::EvaluatedThreshold {
+                at_least: d::ChurnLevel::Warning,
+                flagged: 1850,
+                precision: 0.8,
+                recall: 0.9,
+                lift: 1.1,
+            }],
+            auc_score: Some(0.75),
+            auc_recency: None,
+            auc_model: Some(0.76),
+        });
+        e.correlation_id = Some("corr".into());
+        assert_eq!(
+            peek_record(&record(&e)),
+            Some((d::EventKind::ModelEvaluated, d::MODEL_CUSTOMER))
+        );
+        let wire = encode_event(&e);
+        assert_eq!(decode_event(&wire).expect("decode"), e);
         let bytes = record(&e);
         assert_eq!(peek_record(&bytes[..bytes.len() - 3]), None);
         assert_eq!(peek_record(b"\xff\xff\xff"), None);
