@@ -65,15 +65,26 @@ pub(crate) const MONTH_END: &str = "monthend";
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct MonthEndCheck {
     pub as_of: AsOf,
-    pub from: Option<u64>,
+    pub from: Option<LogPoint>,
+}
+
+/// A position of a partition's log and the hash of its record there (empty at position 0):
+/// the same position with another hash is another history (a store rebuilt from the feed after
+/// an owner's unacknowledged records were set aside).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LogPoint {
+    pub position: u64,
+    pub hash: String,
 }
 
 /// A partition's answer to a [`MonthEndCheck`].
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct MonthEndState {
-    /// The position its read models have folded (what a population read of it reflects).
-    pub folded: u64,
-    /// Nothing in `from + 1 ..= folded` can change the population at the instant.
+    /// The position its read models have folded (what a population read of it reflects), with
+    /// the hash of the record there.
+    pub folded: LogPoint,
+    /// Its log still holds the record asked about, and nothing in `from + 1 ..= folded` can
+    /// change the population at the instant.
     pub unchanged: bool,
 }
 
@@ -85,7 +96,7 @@ const MONTH_ENDS_KEPT: usize = 48;
 #[derive(Clone, Debug)]
 struct MonthEndEntry {
     view: PopulationView,
-    checked: Vec<u64>,
+    checked: Vec<LogPoint>,
 }
 
 type MonthEndCache = std::sync::Mutex<std::collections::BTreeMap<(i64, u8), MonthEndEntry>>;
@@ -744,11 +755,11 @@ impl Router {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
             .cloned();
-        let check = |from: Option<&Vec<u64>>| {
+        let check = |from: Option<&Vec<LogPoint>>| {
             futures::future::try_join_all((0..self.partitions).map(move |p| {
                 let req = MonthEndCheck {
                     as_of,
-                    from: from.map(|f| f[p as usize]),
+                    from: from.map(|f| f[p as usize].clone()),
                 };
                 async move { self.ask_json::<_, MonthEndState>(p, MONTH_END, &req).await }
             }))
@@ -756,7 +767,7 @@ impl Router {
         if let Some(entry) = kept {
             let states = check(Some(&entry.checked)).await?;
             if states.iter().all(|s| s.unchanged) {
-                let checked = states.iter().map(|s| s.folded).collect();
+                let checked = states.into_iter().map(|s| s.folded).collect();
                 if let Some(e) = self
                     .month_ends
                     .lock()
@@ -770,7 +781,7 @@ impl Router {
         }
         // Positions first: whatever the merge then reads is at or beyond them, so a later
         // check from them sees every event the kept population may lack.
-        let checked: Vec<u64> = check(None).await?.iter().map(|s| s.folded).collect();
+        let checked: Vec<LogPoint> = check(None).await?.into_iter().map(|s| s.folded).collect();
         let view = self.population_merged(as_of, false).await?;
         let mut kept = self.month_ends.lock().unwrap_or_else(|p| p.into_inner());
         kept.insert(

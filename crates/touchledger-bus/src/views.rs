@@ -826,17 +826,38 @@ fn json_read_answer(
         }
         crate::router::MONTH_END => {
             let req: crate::router::MonthEndCheck = serde_json::from_slice(payload).map_err(bad)?;
-            let folded = reads.checkpoints().map_err(|e| e.to_string())?[2];
-            let unchanged = match req.from {
-                Some(from) if from <= folded => {
-                    touchledger_projector::monthend::unchanged_since(store, req.as_of, from, folded)
+            let point = |position: u64| -> Result<crate::router::LogPoint, String> {
+                let hash = match position {
+                    0 => String::new(),
+                    p => store
+                        .get(p)
                         .map_err(|e| e.to_string())?
+                        .map(|c| c.hash.to_hex())
+                        .unwrap_or_default(),
+                };
+                Ok(crate::router::LogPoint { position, hash })
+            };
+            let folded = reads.checkpoints().map_err(|e| e.to_string())?[2];
+            let unchanged = match &req.from {
+                // The same history up to what was checked (not a store rebuilt differently
+                // since), and nothing after it that changes the instant.
+                Some(from) if from.position <= folded && point(from.position)? == *from => {
+                    touchledger_projector::monthend::unchanged_since(
+                        store,
+                        req.as_of,
+                        from.position,
+                        folded,
+                    )
+                    .map_err(|e| e.to_string())?
                 }
                 // Its read models are behind what was checked (a new owner still catching up),
-                // or only the position was asked.
+                // its log differs there, or only the position was asked.
                 _ => false,
             };
-            serde_json::to_vec(&crate::router::MonthEndState { folded, unchanged })
+            serde_json::to_vec(&crate::router::MonthEndState {
+                folded: point(folded)?,
+                unchanged,
+            })
         }
         crate::router::RANK_COUNTS => {
             let keys: touchledger_projector::current::RankKeys =
