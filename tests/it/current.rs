@@ -393,8 +393,9 @@ proptest! {
 
 /// Month-end snapshots: a passed month end is a full pass the first time and a lookup after,
 /// on both axes; a late arrival that occurred by the month end invalidates the business-axis
-/// snapshot (recomputed, and equal to the new full pass) but not the knowledge-axis one; an
-/// event after the month end changes nothing.
+/// snapshot (recomputed, and equal to the new full pass) but not the knowledge-axis one, as does
+/// a retraction recorded later of an event before the month end; an event after the month end
+/// changes nothing.
 #[test]
 fn month_end_snapshots_equal_the_full_pass_and_follow_late_arrivals() {
     use touchledger_domain::facts::Axis;
@@ -472,4 +473,20 @@ fn month_end_snapshots_equal_the_full_pass_and_follow_late_arrivals() {
         read(&live, Axis::Knowledge).1,
         "the ledger did not know it at the month end"
     );
+    // A retraction dated after the month end of a purchase made before it: the corrected
+    // history (business axis) loses the purchase; what was known then (knowledge axis) keeps it.
+    let (before, _) = read(&live, Axis::Business);
+    live.append_and_fold(vec![touchpoint("oops", 5, 5, 300, 0, "e5")]);
+    let (after, hit) = read(&live, Axis::Business);
+    assert!(
+        !hit,
+        "the retraction invalidates the business-axis snapshot"
+    );
+    assert_ne!(
+        json!(&after),
+        json!(&before),
+        "the retracted purchase is gone"
+    );
+    assert!(read(&live, Axis::Business).1);
+    assert!(read(&live, Axis::Knowledge).1);
 }

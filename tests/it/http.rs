@@ -32,6 +32,17 @@ pub(crate) async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, Str
     (status, body)
 }
 
+/// The value of header `name` (any case) in a response head from [`get_with_head`], trimmed;
+/// `None` when absent.
+pub(crate) fn header(head: &str, name: &str) -> Option<String> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
 /// A plain HTTP/1.1 GET: (status, head, body).
 pub(crate) async fn get_with_head(
     port: u16,

@@ -52,7 +52,12 @@ pub async fn run_intake(
     } else {
         (cfg.consumer.clone(), String::new())
     };
-    let created = stream.consumer_info(&name).await.is_err();
+    // Placed only when it was not there (not when its lookup merely failed, as during an
+    // election): moving a working consumer's leader would interrupt its deliveries.
+    let created = matches!(
+        stream.consumer_info(&name).await,
+        Err(e) if crate::status::consumer_missing(&e.kind())
+    );
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &name,
@@ -70,7 +75,10 @@ pub async fn run_intake(
     if created && cfg.partition.count > 1 {
         // A new partition consumer's Raft leader goes to the partition's peer, like its feed's.
         let group = crate::Group::Consumer(cfg.subjects.intake_stream(), name.clone());
-        crate::placement::spread_leader(&js, &group, cfg.partition.index).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = crate::placement::spread_leader(&js, &group, cfg.partition.index) => {}
+        }
     }
     tracing::info!(stream = %cfg.subjects.intake_stream(), consumer = %name, partition = %cfg.partition, "intake started");
 

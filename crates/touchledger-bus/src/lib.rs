@@ -97,6 +97,10 @@ pub mod headers {
     /// Which process answered a ledger-wide read of a partitioned ledger (its owner name,
     /// `host/pid/start`).
     pub const ANSWERED_BY: &str = "Touchledger-Answered-By";
+    /// On a partition's page of contributions: the position its read models had folded when
+    /// the page was read, and the hash of the record there (`<position>:<hex>`; the page
+    /// reflects at least that much of the partition's log).
+    pub const FOLDED: &str = "Touchledger-Folded";
 }
 
 /// Subject layout under a prefix (default `crm`).
@@ -601,17 +605,32 @@ static ENSURE_STREAMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(()
 const ENSURE_STREAMS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Create or update the intake and feed streams (idempotent).
+///
+/// A partition feed this call created has its Raft leader moved to the partition's preferred
+/// peer (placement.rs) in the background, outside the lock and the timeout: a placement waits
+/// for elections, and a slow one must not hold up another partition's start.
 pub async fn ensure_streams(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
-    let _one_at_a_time = ENSURE_STREAMS.lock().await;
-    tokio::time::timeout(ENSURE_STREAMS_TIMEOUT, ensure_streams_now(js, cfg))
-        .await
-        .map_err(|_| BusError::JetStream {
-            what: "stream create/update",
-            detail: format!("no answer within {ENSURE_STREAMS_TIMEOUT:?}"),
-        })?
+    let created = {
+        let _one_at_a_time = ENSURE_STREAMS.lock().await;
+        tokio::time::timeout(ENSURE_STREAMS_TIMEOUT, ensure_streams_now(js, cfg))
+            .await
+            .map_err(|_| BusError::JetStream {
+                what: "stream create/update",
+                detail: format!("no answer within {ENSURE_STREAMS_TIMEOUT:?}"),
+            })??
+    };
+    if let Some((group, n)) = created {
+        let js = js.clone();
+        tokio::spawn(async move { placement::spread_leader(&js, &group, n).await });
+    }
+    Ok(())
 }
 
-async fn ensure_streams_now(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
+/// Create or update the streams; the partition feed it created, if any, with its partition.
+async fn ensure_streams_now(
+    js: &jetstream::Context,
+    cfg: &BusConfig,
+) -> Result<Option<(placement::Group, u32)>, BusError> {
     let intake = intake_stream_config(cfg);
     let deadletter = stream::Config {
         name: cfg.subjects.deadletter_stream(),
@@ -631,6 +650,7 @@ async fn ensure_streams_now(js: &jetstream::Context, cfg: &BusConfig) -> Result<
         ..Default::default()
     };
     let intake_name = intake.name.clone();
+    let mut created = None;
     for config in [intake, feed, deadletter] {
         let name = config.name.clone();
         match js.get_stream(&name).await {
@@ -665,21 +685,25 @@ async fn ensure_streams_now(js: &jetstream::Context, cfg: &BusConfig) -> Result<
                     .await
                     .map_err(|e| js_err("stream update")(&e))?;
             }
-            Err(_) => {
+            Err(e) => {
                 js.create_stream(config)
                     .await
                     .map_err(|e| js_err("stream create")(&e))?;
                 // A new partition feed's Raft leader goes to the partition's peer
-                // (placement.rs), so the feeds' writes are spread over a cluster's nodes.
-                if let (Some(n), true) =
-                    (cfg.subjects.partition(), name == cfg.subjects.feed_stream())
-                {
-                    placement::spread_leader(js, &placement::Group::Stream(name), n).await;
+                // (placement.rs), so the feeds' writes are spread over a cluster's nodes. Only
+                // a feed that was not there: a failed lookup of an existing one (a timeout
+                // during an election) must not move its leader.
+                if let (true, Some(n), true) = (
+                    status::stream_missing(&e.kind()),
+                    cfg.subjects.partition(),
+                    name == cfg.subjects.feed_stream(),
+                ) {
+                    created = Some((placement::Group::Stream(name), n));
                 }
             }
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Run intake, synchronous append and the feed until `shutdown` is cancelled; then stop

@@ -30,8 +30,9 @@ use crate::{BusError, parse_server_version};
 /// The first nats-server whose leader stepdown takes a preferred peer.
 const PREFERRED_STEPDOWN_VERSION: (u32, u32, u32) = (2, 11, 0);
 
-/// How long a new group may take to elect its first leader before spreading gives up on it.
-const FIRST_LEADER_WAIT: Duration = Duration::from_secs(10);
+/// How long a new group may take to elect its first leader, and then the preferred peer,
+/// before spreading gives up on it.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// A Raft group of the ledger whose leader can be placed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,9 +120,9 @@ struct ApiError {
 }
 
 /// Ask `group`'s leader to step down for the peer partition `index` prefers
-/// ([`preferred_peer`]), once the group has elected a first leader. Waits for that election
-/// up to 10 s; does nothing on an unreplicated group or a server older than
-/// 2.11.
+/// ([`preferred_peer`]), once the group has elected a first leader, and wait until the
+/// preferred peer leads it. Each wait (the first election, the move) lasts up to 10 s; does
+/// nothing on an unreplicated group or a server older than 2.11.
 pub async fn place_leader(
     js: &jetstream::Context,
     group: &Group,
@@ -130,27 +131,8 @@ pub async fn place_leader(
     if parse_server_version(&js.client().server_info().version) < PREFERRED_STEPDOWN_VERSION {
         return Ok(Placement::NotApplicable);
     }
-    let deadline = tokio::time::Instant::now() + FIRST_LEADER_WAIT;
-    let (leader, peers) = loop {
-        let Some(cluster) = group.cluster(js).await? else {
-            return Ok(Placement::NotApplicable);
-        };
-        let mut peers: Vec<String> = cluster.replicas.iter().map(|p| p.name.clone()).collect();
-        match cluster.leader {
-            Some(leader) => {
-                peers.push(leader.clone());
-                break (leader, peers);
-            }
-            None if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            None => {
-                return Err(BusError::JetStream {
-                    what: "leader placement",
-                    detail: format!("{group:?} elected no leader within {FIRST_LEADER_WAIT:?}"),
-                });
-            }
-        }
+    let Some((leader, peers)) = wait_for_leader(js, group, |_| true).await? else {
+        return Ok(Placement::NotApplicable);
     };
     let Some(preferred) = preferred_peer(&peers, index) else {
         return Ok(Placement::NotApplicable);
@@ -173,15 +155,61 @@ pub async fn place_leader(
             detail: e.to_string(),
         })?;
     match reply.error {
-        Some(e) => Err(BusError::JetStream {
-            what: "leader stepdown",
-            detail: format!("{group:?} to {preferred}: {} ({})", e.description, e.code),
-        }),
-        None if !reply.success => Err(BusError::JetStream {
-            what: "leader stepdown",
-            detail: format!("{group:?} to {preferred}: not done"),
-        }),
-        None => Ok(Placement::Moved(leader, preferred)),
+        Some(e) => {
+            return Err(BusError::JetStream {
+                what: "leader stepdown",
+                detail: format!("{group:?} to {preferred}: {} ({})", e.description, e.code),
+            });
+        }
+        None if !reply.success => {
+            return Err(BusError::JetStream {
+                what: "leader stepdown",
+                detail: format!("{group:?} to {preferred}: not done"),
+            });
+        }
+        None => {}
+    }
+    // The stepdown's reply comes before the election: the move is done when the preferred
+    // peer leads.
+    match wait_for_leader(js, group, |l| l == preferred).await? {
+        Some(_) => Ok(Placement::Moved(leader, preferred)),
+        None => Ok(Placement::NotApplicable),
+    }
+}
+
+/// Wait (up to 10 s) until `group` has a leader that `wanted` accepts; the leader and every
+/// peer. `None`: the group is not replicated. Errors of the info requests (a leader being
+/// elected answers none) are retried until the deadline.
+async fn wait_for_leader(
+    js: &jetstream::Context,
+    group: &Group,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Option<(String, Vec<String>)>, BusError> {
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        let last = match group.cluster(js).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(cluster)) => {
+                let mut peers: Vec<String> =
+                    cluster.replicas.iter().map(|p| p.name.clone()).collect();
+                match cluster.leader {
+                    Some(leader) if wanted(&leader) => {
+                        peers.push(leader.clone());
+                        return Ok(Some((leader, peers)));
+                    }
+                    Some(leader) => format!("led by {leader}"),
+                    None => "no leader".to_owned(),
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BusError::JetStream {
+                what: "leader placement",
+                detail: format!("{group:?}: not led as wanted within {LEADER_WAIT:?} ({last})"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

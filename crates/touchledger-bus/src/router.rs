@@ -77,6 +77,17 @@ pub(crate) struct LogPoint {
     pub hash: String,
 }
 
+impl LogPoint {
+    /// From a [`crate::headers::FOLDED`] value, `<position>:<hash>`.
+    fn parse(value: &str) -> Option<LogPoint> {
+        let (position, hash) = value.split_once(':')?;
+        Some(LogPoint {
+            position: position.parse().ok()?,
+            hash: hash.to_owned(),
+        })
+    }
+}
+
 /// A partition's answer to a [`MonthEndCheck`].
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct MonthEndState {
@@ -305,17 +316,43 @@ impl Router {
         make: impl Fn(Option<String>) -> Vec<u8>,
         decode: impl Fn(&[u8]) -> Result<(T, Option<String>), String>,
     ) -> Result<Vec<T>, ReadError> {
+        Ok(self.pages_folded(partition, model, make, decode).await?.0)
+    }
+
+    /// [`Router::pages`], and the least folded position the pages say they reflect
+    /// ([`crate::headers::FOLDED`]; `None` when a page does not say: a partition of an
+    /// earlier version, or a read that does not report it). The pages of one answer may come
+    /// from two processes (a partition's owner changed meanwhile, the new one still catching
+    /// up): the least is what all of them reflect.
+    async fn pages_folded<T>(
+        &self,
+        partition: u32,
+        model: &str,
+        make: impl Fn(Option<String>) -> Vec<u8>,
+        decode: impl Fn(&[u8]) -> Result<(T, Option<String>), String>,
+    ) -> Result<(Vec<T>, Option<LogPoint>), ReadError> {
         let mut pages = Vec::new();
         let mut after = None;
+        let mut least: Option<Option<LogPoint>> = None;
         loop {
             let m = self.request(partition, model, make(after).into()).await?;
             read_error(partition, &m)?;
             let (page, next) =
                 decode(&m.payload).map_err(|detail| ReadError::Partition { partition, detail })?;
             pages.push(page);
+            let folded = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::headers::FOLDED))
+                .and_then(|v| LogPoint::parse(v.as_str()));
+            least = Some(match (least, folded) {
+                (None, f) => f,
+                (Some(Some(a)), Some(b)) => Some(if b.position < a.position { b } else { a }),
+                _ => None,
+            });
             after = next;
             if after.is_none() {
-                return Ok(pages);
+                return Ok((pages, least.flatten()));
             }
         }
     }
@@ -429,12 +466,24 @@ impl Router {
         now: bool,
         then: impl FnOnce(Merge) -> T + Send + 'static,
     ) -> Result<T, ReadError> {
+        Ok(self.merged_folded(as_of, now, then).await?.0)
+    }
+
+    /// [`Router::merged`], and per partition the least folded position its pages reflect
+    /// ([`Router::pages_folded`]).
+    async fn merged_folded<T: Send + 'static>(
+        &self,
+        as_of: AsOf,
+        now: bool,
+        then: impl FnOnce(Merge) -> T + Send + 'static,
+    ) -> Result<(T, Vec<Option<LogPoint>>), ReadError> {
         let parts = futures::future::try_join_all(
             (0..self.partitions).map(|p| self.partial(p, as_of, now)),
         )
         .await?;
+        let (parts, folded): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
         let rules = self.rules.clone();
-        tokio::task::spawn_blocking(move || {
+        let merged = tokio::task::spawn_blocking(move || {
             let mut merge = Merge::new(as_of, &rules);
             for page in parts.into_iter().flatten() {
                 merge.add(page);
@@ -445,7 +494,8 @@ impl Router {
         .map_err(|e| ReadError::Partition {
             partition: 0,
             detail: format!("merge task: {e}"),
-        })
+        })?;
+        Ok((merged, folded))
     }
 
     /// One page of the ledger's at-risk list: each partition's first `offset + limit` rows,
@@ -477,7 +527,7 @@ impl Router {
         partition: u32,
         as_of: AsOf,
         now: bool,
-    ) -> Result<Vec<PartialPage>, ReadError> {
+    ) -> Result<(Vec<PartialPage>, Option<LogPoint>), ReadError> {
         let make = |after| {
             PartialRequest {
                 as_of,
@@ -487,7 +537,7 @@ impl Router {
             }
             .encode()
         };
-        self.pages(partition, PARTIAL, make, |b| {
+        self.pages_folded(partition, PARTIAL, make, |b| {
             PartialPage::decode(b).map(|p| {
                 let next = p.next.clone();
                 (p, next)
@@ -735,7 +785,7 @@ impl Router {
 
     /// The population at a passed month end, the audit's common read, kept by this router: the
     /// first read merges every partition's contributions (a pass over every customer) and keeps
-    /// the result with each partition's folded position, taken before the merge; a later read
+    /// the result with the least folded position each partition's pages reflect; a later read
     /// asks every partition whether anything it has folded since could change it (a late
     /// arrival, a backdated fit: [`touchledger_projector::monthend::unchanged_since`], a scan of
     /// the events logged since) and answers the kept population if none could — P small
@@ -755,17 +805,15 @@ impl Router {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
             .cloned();
-        let check = |from: Option<&Vec<LogPoint>>| {
-            futures::future::try_join_all((0..self.partitions).map(move |p| {
+        if let Some(entry) = kept {
+            let states = futures::future::try_join_all((0..self.partitions).map(|p| {
                 let req = MonthEndCheck {
                     as_of,
-                    from: from.map(|f| f[p as usize].clone()),
+                    from: Some(entry.checked[p as usize].clone()),
                 };
                 async move { self.ask_json::<_, MonthEndState>(p, MONTH_END, &req).await }
             }))
-        };
-        if let Some(entry) = kept {
-            let states = check(Some(&entry.checked)).await?;
+            .await?;
             if states.iter().all(|s| s.unchanged) {
                 let checked = states.into_iter().map(|s| s.folded).collect();
                 if let Some(e) = self
@@ -779,20 +827,23 @@ impl Router {
                 return Ok((entry.view, "month_end"));
             }
         }
-        // Positions first: whatever the merge then reads is at or beyond them, so a later
-        // check from them sees every event the kept population may lack.
-        let checked: Vec<LogPoint> = check(None).await?.into_iter().map(|s| s.folded).collect();
-        let view = self.population_merged(as_of, false).await?;
-        let mut kept = self.month_ends.lock().unwrap_or_else(|p| p.into_inner());
-        kept.insert(
-            key,
-            MonthEndEntry {
-                view: view.clone(),
-                checked,
-            },
-        );
-        while kept.len() > MONTH_ENDS_KEPT {
-            kept.pop_first();
+        // Each partition's pages say what they reflect at least (the least folded position
+        // of the pages, which may come from two owners): a later check from there sees every
+        // event the kept population may lack. A partition that does not say (an earlier
+        // version) leaves nothing kept.
+        let (view, folded) = self.merged_folded(as_of, false, Merge::finish).await?;
+        if let Some(checked) = folded.into_iter().collect::<Option<Vec<LogPoint>>>() {
+            let mut kept = self.month_ends.lock().unwrap_or_else(|p| p.into_inner());
+            kept.insert(
+                key,
+                MonthEndEntry {
+                    view: view.clone(),
+                    checked,
+                },
+            );
+            while kept.len() > MONTH_ENDS_KEPT {
+                kept.pop_first();
+            }
         }
         Ok((view, "contributions"))
     }

@@ -102,12 +102,12 @@ where
     }
 }
 
-fn stream_missing(k: &jetstream::context::GetStreamErrorKind) -> bool {
+pub(crate) fn stream_missing(k: &jetstream::context::GetStreamErrorKind) -> bool {
     matches!(k, jetstream::context::GetStreamErrorKind::JetStream(e)
         if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
-fn consumer_missing(k: &jetstream::context::ConsumerInfoErrorKind) -> bool {
+pub(crate) fn consumer_missing(k: &jetstream::context::ConsumerInfoErrorKind) -> bool {
     use jetstream::context::ConsumerInfoErrorKind as K;
     match k {
         K::NotFound => true,

@@ -826,17 +826,7 @@ fn json_read_answer(
         }
         crate::router::MONTH_END => {
             let req: crate::router::MonthEndCheck = serde_json::from_slice(payload).map_err(bad)?;
-            let point = |position: u64| -> Result<crate::router::LogPoint, String> {
-                let hash = match position {
-                    0 => String::new(),
-                    p => store
-                        .get(p)
-                        .map_err(|e| e.to_string())?
-                        .map(|c| c.hash.to_hex())
-                        .unwrap_or_default(),
-                };
-                Ok(crate::router::LogPoint { position, hash })
-            };
+            let point = |position| log_point(store, position);
             let folded = reads.checkpoints().map_err(|e| e.to_string())?[2];
             let unchanged = match &req.from {
                 // The same history up to what was checked (not a store rebuilt differently
@@ -983,6 +973,7 @@ async fn serve_queries(
             .contains(&model.as_str());
             if model == crate::router::PARTIAL || model == crate::router::FIT_STATS || json_read {
                 let max = client.server_info().max_payload / 2;
+                let mut folded_header = None;
                 let answer = if json_read {
                     tokio::task::spawn_blocking(move || {
                         json_read_answer(&model, &msg.payload, &store, &reads, &current)
@@ -992,14 +983,26 @@ async fn serve_queries(
                 } else if model == crate::router::FIT_STATS {
                     fit_stats_answer(&reads, &store, &mut churn_checkpoint, msg.payload, max).await
                 } else {
-                    tokio::task::spawn_blocking(move || {
+                    let (reads, store) = (reads.clone(), store.clone());
+                    let answer = tokio::task::spawn_blocking(move || {
                         let mut req = PartialRequest::decode(msg.payload.as_ref())?;
                         req.max_bytes = req.max_bytes.clamp(1, max.max(1));
+                        // Taken before the page is read: the page reflects at least this (a
+                        // read at an instant; a "now" read may come from the current views).
+                        let folded = match req.now {
+                            false => Some(folded_point(&reads, &store)?),
+                            true => None,
+                        };
                         partial::page(&reads, Some(current.as_ref()), &req)
+                            .map(|page| (page, folded))
                             .map_err(|e| e.to_string())
                     })
                     .await
-                    .unwrap_or_else(|e| Err(format!("partial read task: {e}")))
+                    .unwrap_or_else(|e| Err(format!("partial read task: {e}")));
+                    answer.map(|(page, folded)| {
+                        folded_header = folded.map(|f| format!("{}:{}", f.position, f.hash));
+                        page
+                    })
                 };
                 // An answer the server would refuse (over its max_payload) is an error now,
                 // not a reply that never arrives.
@@ -1015,7 +1018,14 @@ async fn serve_queries(
                     }
                 });
                 let sent = match answer {
-                    Ok(page) => client.publish(reply, page.into()).await,
+                    Ok(page) => match folded_header {
+                        Some(folded) => {
+                            let mut h = async_nats::HeaderMap::new();
+                            h.insert(crate::headers::FOLDED, folded.as_str());
+                            client.publish_with_headers(reply, h, page.into()).await
+                        }
+                        None => client.publish(reply, page.into()).await,
+                    },
                     Err(e) => {
                         let mut h = async_nats::HeaderMap::new();
                         h.insert(crate::headers::READ_ERROR, e.as_str());
@@ -1052,6 +1062,26 @@ fn query_error(code: &str, message: String) -> v1::QueryReply {
             message,
         })),
     }
+}
+
+/// The position `position` of this partition's log and the hash of its record there (empty at
+/// position 0).
+fn log_point(store: &SledStore, position: u64) -> Result<crate::router::LogPoint, String> {
+    let hash = match position {
+        0 => String::new(),
+        p => store
+            .get(p)
+            .map_err(|e| e.to_string())?
+            .map(|c| c.hash.to_hex())
+            .unwrap_or_default(),
+    };
+    Ok(crate::router::LogPoint { position, hash })
+}
+
+/// What this partition's population reads reflect: the churn projection's checkpoint.
+fn folded_point(reads: &ReadModels, store: &SledStore) -> Result<crate::router::LogPoint, String> {
+    let folded = reads.checkpoints().map_err(|e| e.to_string())?[2];
+    log_point(store, folded)
 }
 
 /// One page of this partition's buyers' statistics for a fit across partitions. The first page

@@ -7,7 +7,8 @@
 //! * A snapshot is exactly the full pass ([`ReadModels::population`]) at its instant, stored as
 //!   JSON with the log position it reflects (`checked_to`). It stays valid while no event after
 //!   that position could change it: on the business axis an event that occurred by the instant
-//!   (a late arrival, a backdated fit); on the knowledge axis an event recorded by the instant.
+//!   (a late arrival, a backdated fit) or any retraction (it corrects history whenever it is
+//!   recorded); on the knowledge axis an event recorded by the instant.
 //!   Each read checks only the events appended since the last check (the store skips blocks
 //!   whose business-time range cannot match), then moves `checked_to`; an invalid snapshot is
 //!   recomputed by the read that finds it so.
@@ -16,9 +17,9 @@
 //!   the current materialisation, and reset with the projections.
 
 use serde::{Deserialize, Serialize};
-use touchledger_domain::Timestamp;
 use touchledger_domain::facts::{AsOf, Axis, day_of, day_start};
 use touchledger_domain::population::{PopulationView, Rules, month_of, month_start};
+use touchledger_domain::{EventKind, Timestamp};
 use touchledger_store::{EventStore, ProjectionMeta, ProjectionTree, ReadFilter};
 
 use crate::{ProjectorError, ReadModels};
@@ -148,8 +149,9 @@ impl MonthEnds {
 }
 
 /// Whether no event at positions `from + 1 ..= to` of `store` can change the population at
-/// `as_of`: on the business axis none occurred by `as_of.at` (a late arrival, a backdated fit),
-/// on the knowledge axis none was recorded by it. What keeps a month-end snapshot valid, here and
+/// `as_of`: on the business axis none occurred by `as_of.at` (a late arrival, a backdated fit)
+/// and none is a retraction (it takes its event out of every business-axis read, whenever it was
+/// recorded); on the knowledge axis none was recorded by it. What keeps a month-end snapshot valid, here and
 /// in a partitioned ledger's router (each partition checks its own log).
 pub fn unchanged_since(
     store: &dyn EventStore,
@@ -177,7 +179,22 @@ pub fn unchanged_since(
                 })
                 .next()
                 .transpose()?;
-            Ok(late.is_none())
+            if late.is_some() {
+                return Ok(false);
+            }
+            // The business axis drops a retracted fact whenever the retraction was recorded,
+            // so any retraction since may take away an event that occurred by the instant.
+            // (Retractions are rare: the kind index finds them without reading the rest.)
+            let retraction = store
+                .read(&ReadFilter {
+                    from_position: from + 1,
+                    to_position: Some(to),
+                    kind: Some(EventKind::Retraction),
+                    ..Default::default()
+                })
+                .next()
+                .transpose()?;
+            Ok(retraction.is_none())
         }
     }
 }
