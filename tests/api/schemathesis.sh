@@ -61,6 +61,7 @@ status=0
   --url "$base" \
   -H "Authorization: Bearer $token" \
   --exclude-path "/api/v1/events" \
+  --exclude-path "/api/v1/models/evaluation" \
   --checks all \
   --exclude-checks negative_data_rejection \
   --max-examples "$EXAMPLES" \
@@ -68,6 +69,23 @@ status=0
   --workers 2 \
   --generation-database none \
   --report junit --report-dir "$root/target/schemathesis" || status=$?
+# The model evaluation takes two instants whose relation (T1 < T2 <= now) a schema cannot state,
+# so schema-valid requests are often rightly refused (400) or unfittable (422): fuzzed for
+# server errors and conformance, without the check that valid data is accepted (each request
+# is a fit, so fewer examples).
+if [ "$status" -eq 0 ]; then
+  "$venv/bin/st" run "$base/api/v1/openapi.json" \
+    --url "$base" \
+    -H "Authorization: Bearer $token" \
+    --include-path "/api/v1/models/evaluation" \
+    --checks all \
+    --exclude-checks negative_data_rejection,positive_data_acceptance \
+    --max-examples 40 \
+    --seed 20261204 \
+    --workers 2 \
+    --generation-database none \
+    --report junit --report-dir "$root/target/schemathesis" || status=$?
+fi
 if ! kill -0 "$serve_pid" 2>/dev/null; then
   echo "serve died during the API fuzzing; its log:" >&2
   cat "$work/serve.log" >&2

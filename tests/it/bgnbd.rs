@@ -289,18 +289,25 @@ fn cdnow_sample_holdout_days() -> std::collections::BTreeMap<u32, u32> {
         .collect()
 }
 
+/// A temporary directory holding a ledger (`ledger`) with the CDNOW sample imported.
+fn cdnow_sample_ledger() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("ledger");
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/cdnow/CDNOW_sample.txt");
+    let d = data.to_str().expect("utf8");
+    let (code, out, err) = crate::cli::cli(&["import", "cdnow", "--data", d, "--file", sample]);
+    assert_eq!(code, 0, "{out}{err}");
+    (dir, data)
+}
+
 /// `touchledger evaluate` on the CDNOW sample imported into a ledger, with FHL's periods
 /// (calibration to 1997-09-30, 39-week holdout to 1998-06-30): the fit at T1 is the published
 /// one, the actual holdout purchases are what the raw log says, the model's holdout prediction
 /// is checked against FHL's, and the warnings' figures are consistent.
 #[test]
 fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("ledger");
+    let (_dir, data) = cdnow_sample_ledger();
     let d = data.to_str().expect("utf8");
-    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/cdnow/CDNOW_sample.txt");
-    let (code, out, err) = crate::cli::cli(&["import", "cdnow", "--data", d, "--file", sample]);
-    assert_eq!(code, 0, "{out}{err}");
     // FHL's periods: calibration to 1997-09-30, a 39-week holdout to 1998-06-30.
     let evaluate = |last: &str| {
         let (code, out, err) = crate::cli::cli(&[
@@ -432,4 +439,200 @@ fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
     // Its wire form round-trips exactly (the log's hash is over it).
     let bytes = touchledger_proto::encode_event(r);
     assert_eq!(&touchledger_proto::decode_event(&bytes).expect("decode"), r);
+}
+
+/// `evaluate --tune` on the CDNOW sample: every rule set of the grid tried on one fit and ranked
+/// by the AUC of the churn score, the given rules (the defaults, which are in the grid) among
+/// them with the same figures; the best written as a rules file that `evaluate --rules` then
+/// reproduces; a rules file with a misspelt or contradictory rule is refused with its name.
+#[test]
+fn tuning_on_the_cdnow_sample_ranks_rule_sets_and_writes_rules_evaluate_reproduces() {
+    let (dir, data) = cdnow_sample_ledger();
+    let d = data.to_str().expect("utf8");
+    let periods = [
+        "--calibration-end",
+        "1997-09-30",
+        "--holdout-end",
+        "1998-06-30",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["evaluate", "--data", d];
+        args.extend_from_slice(&periods);
+        args.extend_from_slice(extra);
+        crate::cli::cli(&args)
+    };
+    let rules_file = dir.path().join("tuned.json");
+    let tuned = rules_file.to_str().expect("utf8");
+    let (code, out, err) = run(&["--tune", "--json", "--write-rules", tuned]);
+    assert_eq!(code, 0, "{out}{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let tried = t["tried"].as_array().expect("tried");
+    assert_eq!(tried.len(), 5 * 5 * 4 * 4, "every combination of the grid");
+    let auc = |x: &serde_json::Value| x["warnings"]["auc"]["rules_score"].as_f64().expect("auc");
+    assert!(
+        tried.windows(2).all(|w| auc(&w[0]) >= auc(&w[1])),
+        "best first"
+    );
+    // The given rules (defaults) are one of the grid's rule sets, with the same figures.
+    let given = &t["given"];
+    let same = tried
+        .iter()
+        .find(|x| x["rules"] == given["rules"])
+        .expect("the defaults are in the grid");
+    assert_eq!(same["warnings"], given["warnings"]);
+    let best = &tried[0];
+    eprintln!(
+        "given AUC {:.4}, best AUC {:.4} with {}",
+        auc(given),
+        auc(best),
+        best["rules"]
+    );
+    assert!(auc(best) >= auc(given));
+    // Every rule set classifies every buyer at some level.
+    for x in tried {
+        let n: u64 = x["warnings"]["levels"]
+            .as_array()
+            .expect("levels")
+            .iter()
+            .map(|l| l["customers"].as_u64().expect("n"))
+            .sum();
+        assert_eq!(n, 2357);
+    }
+
+    // The written rules file: the best churn thresholds; evaluate with it reproduces them.
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rules_file).expect("rules file"))
+            .expect("rules JSON");
+    assert_eq!(written["churn"], best["rules"]);
+    let (code, out, err) = run(&["--json", "--rules", tuned]);
+    assert_eq!(code, 0, "{out}{err}");
+    let e: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(e["evaluation"]["warnings"], best["warnings"]);
+    let (code, out, err) = run(&["--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let e: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(e["evaluation"]["warnings"], given["warnings"]);
+
+    // A partial rules file keeps the other defaults; a misspelt or contradictory rule is
+    // refused, naming it.
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_str().expect("utf8").to_owned()
+    };
+    let partial = write("partial.json", r#"{"churn": {"lost_after_days": 180}}"#);
+    let (code, out, err) = run(&["--tune", "--json", "--rules", &partial]);
+    assert_eq!(code, 0, "{out}{err}");
+    let p: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(p["given"]["rules"]["lost_after_days"], 180);
+    assert_eq!(
+        p["given"]["rules"]["overdue_watch_k"],
+        given["rules"]["overdue_watch_k"]
+    );
+    let misspelt = write("misspelt.json", r#"{"churn": {"lost_after_dayz": 180}}"#);
+    let (code, out, err) = run(&["--rules", &misspelt]);
+    assert_ne!(code, 0);
+    assert!(err.contains("lost_after_dayz"), "{out}{err}");
+    let contradictory = write(
+        "contradictory.json",
+        r#"{"churn": {"alive_watch_below": 0.2, "alive_warning_below": 0.4}}"#,
+    );
+    let (code, out, err) = run(&["--rules", &contradictory]);
+    assert_ne!(code, 0);
+    assert!(err.contains("churn.alive_warning_below"), "{out}{err}");
+}
+
+/// `GET /api/v1/models/evaluation` on the CDNOW sample answers exactly what `touchledger
+/// evaluate --json` prints; bad periods are a 400 naming the problem, instants without buyers
+/// a 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_evaluation_is_the_cli_evaluation() {
+    use std::sync::Arc;
+    let (_dir, data) = cdnow_sample_ledger();
+    let d = data.to_str().expect("utf8");
+    let (code, out, err) = crate::cli::cli(&[
+        "evaluate",
+        "--data",
+        d,
+        "--calibration-end",
+        "1997-09-30",
+        "--holdout-end",
+        "1998-06-30",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let cli: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+
+    let server = touchledger_testkit::NatsServer::start();
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let store = Arc::new(
+        touchledger_store::SledStore::open(touchledger_store::StoreConfig::new(&data))
+            .expect("open"),
+    );
+    let reads = Arc::new(
+        touchledger_projector::ReadModels::open(&store, Default::default()).expect("reads"),
+    );
+    let port = touchledger_testkit::free_port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(touchledger_http::run_http(
+        store.clone(),
+        reads,
+        client,
+        touchledger_http::HttpConfig {
+            addr: ([127, 0, 0, 1], port).into(),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "HTTP never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let get = |path: String| async move { crate::http::get(port, &path, None).await };
+    let (status, body) =
+        get("/api/v1/models/evaluation?calibration_end=1997-09-30&holdout_end=1998-06-30".into())
+            .await;
+    assert_eq!(status, 200, "{body}");
+    let http: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        http, cli,
+        "the same evaluation over HTTP as on the command line"
+    );
+
+    for (query, status, says) in [
+        ("holdout_end=1998-06-30", 400, "calibration_end: required"),
+        (
+            "calibration_end=1998-06-30&holdout_end=1997-09-30",
+            400,
+            "must be after",
+        ),
+        (
+            "calibration_end=1997-09-30&holdout_end=2261-01-01",
+            400,
+            "has not passed",
+        ),
+        (
+            "calibration_end=1997-09-30&holdout_end=1998-06-30&unit=months",
+            400,
+            "unit",
+        ),
+        (
+            "calibration_end=1990-01-01&holdout_end=1991-01-01",
+            422,
+            "no model at calibration_end",
+        ),
+    ] {
+        let (got, body) = get(format!("/api/v1/models/evaluation?{query}")).await;
+        assert_eq!(got, status, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    shutdown.cancel();
+    task.await.expect("join").expect("http");
 }

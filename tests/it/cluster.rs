@@ -124,45 +124,53 @@ async fn survives(fault: Fault, seed: &str) {
         },
     )
     .await;
-    // Every stream of the ledger is replicated three times, and the feeds' Raft leaders are
-    // spread over the nodes.
-    let mut leaders = std::collections::BTreeMap::<String, u32>::new();
-    for name in ["CRM_TOUCHPOINTS", "KV_CRM_LEASES"]
-        .into_iter()
-        .map(str::to_owned)
-        .chain((0..P).map(|n| format!("CRM_LEDGER_EVENTS_P{n}")))
-    {
-        let mut s = js.get_stream(&name).await.expect("stream");
-        let info = s.info().await.expect("info");
-        assert_eq!(info.config.num_replicas, 3, "{name}");
-        if name.starts_with("CRM_LEDGER_EVENTS_P") {
-            let leader = info
-                .cluster
-                .clone()
-                .and_then(|c| c.leader)
-                .expect("a leader");
-            *leaders.entry(leader).or_default() += 1;
-        }
-    }
-    // The partitions' intake consumers too (placement.rs: partition n prefers the n-th of the
-    // sorted peers, so 8 groups on 3 nodes are led 3/3/2).
+    // Every stream of the ledger is replicated three times, and the feeds' and the partitions'
+    // intake consumers' Raft leaders are spread over the nodes (placement.rs: partition n
+    // prefers the n-th of the sorted peers, so 8 groups on 3 nodes are led 3/3/2). Placement
+    // runs in the background after a group is created: polled until spread, within 30 s.
     let intake = js.get_stream("CRM_TOUCHPOINTS").await.expect("intake");
-    let mut consumer_leaders = std::collections::BTreeMap::<String, u32>::new();
-    for n in 0..P {
-        let name = format!("touchledger-ledger-p{n}");
-        let info = intake.consumer_info(&name).await.expect("consumer info");
-        let leader = info.cluster.and_then(|c| c.leader).expect("a leader");
-        *consumer_leaders.entry(leader).or_default() += 1;
-    }
-    phase(&format!(
-        "balanced; feed leaders {leaders:?}, intake consumer leaders {consumer_leaders:?}"
-    ));
-    for (what, spread) in [("feed", &leaders), ("intake consumer", &consumer_leaders)] {
-        assert_eq!(spread.len(), 3, "{what} leaders on every node: {spread:?}");
+    let placed_by = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut leaders = std::collections::BTreeMap::<String, u32>::new();
+        for name in ["CRM_TOUCHPOINTS", "KV_CRM_LEASES"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain((0..P).map(|n| format!("CRM_LEDGER_EVENTS_P{n}")))
+        {
+            let mut s = js.get_stream(&name).await.expect("stream");
+            let info = s.info().await.expect("info");
+            assert_eq!(info.config.num_replicas, 3, "{name}");
+            if name.starts_with("CRM_LEDGER_EVENTS_P") {
+                let leader = info
+                    .cluster
+                    .clone()
+                    .and_then(|c| c.leader)
+                    .unwrap_or_default();
+                *leaders.entry(leader).or_default() += 1;
+            }
+        }
+        let mut consumer_leaders = std::collections::BTreeMap::<String, u32>::new();
+        for n in 0..P {
+            let name = format!("touchledger-ledger-p{n}");
+            let info = intake.consumer_info(&name).await.expect("consumer info");
+            let leader = info.cluster.and_then(|c| c.leader).unwrap_or_default();
+            *consumer_leaders.entry(leader).or_default() += 1;
+        }
+        let spread = |s: &std::collections::BTreeMap<String, u32>| {
+            s.len() == 3 && !s.contains_key("") && s.values().all(|&k| (2..=3).contains(&k))
+        };
+        if spread(&leaders) && spread(&consumer_leaders) {
+            phase(&format!(
+                "balanced; feed leaders {leaders:?}, intake consumer leaders {consumer_leaders:?}"
+            ));
+            break;
+        }
         assert!(
-            spread.values().all(|&k| (2..=3).contains(&k)),
-            "{what} leaders spread 3/3/2 over the nodes: {spread:?}"
+            tokio::time::Instant::now() < placed_by,
+            "leaders not spread 3/3/2 over the nodes within 30 s: feeds {leaders:?}, intake consumers {consumer_leaders:?}\n{}",
+            logs()
         );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
     // The publishers, and the same events in a single-partition ledger meanwhile.

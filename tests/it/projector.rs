@@ -601,6 +601,33 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     assert_eq!(v["ranks"]["frequency"], 4);
     let p = v["churn"]["p_active"].as_f64().expect("p");
     assert!(p > 0.0 && p < 1.0);
+    // A repeat buyer's P(active) is P(alive); the expected purchases over the next 365 d.
+    assert_eq!(v["churn"]["p_alive"], v["churn"]["p_active"]);
+    assert_eq!(v["churn"]["expected_purchases_days"], 365);
+    // FHL's worked example is this customer: E[Y(39 weeks)] = 1.226. With a 273-day (39-week)
+    // horizon set in a rules file, the churn view says the same (our fit is the published one
+    // to ±0.5 %).
+    let rules = std::path::Path::new(data).with_extension("rules.json");
+    std::fs::write(&rules, r#"{"churn": {"expected_purchases_days": 273}}"#).expect("rules");
+    let (code, out, err) = cli(&[
+        "query",
+        "--data",
+        data,
+        "--customer",
+        "cdnow-1",
+        "--as-of",
+        "1997-09-30",
+        "--json",
+        "--rules",
+        rules.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v39: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v39["churn"]["expected_purchases_days"], 273);
+    let e = v39["churn"]["expected_purchases"].as_f64().expect("E[Y]");
+    assert!((e / 1.226 - 1.0).abs() < 0.01, "E[Y(39)] = {e}");
+    let e365 = v["churn"]["expected_purchases"].as_f64().expect("E[Y]");
+    assert!(e365 > e, "a longer horizon expects more: {e365} vs {e}");
     // Refitting the same data is idempotent.
     let (code, out, _) = cli(&[
         "fit",

@@ -75,10 +75,11 @@ pub async fn run_intake(
     if created && cfg.partition.count > 1 {
         // A new partition consumer's Raft leader goes to the partition's peer, like its feed's.
         let group = crate::Group::Consumer(cfg.subjects.intake_stream(), name.clone());
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = crate::placement::spread_leader(&js, &group, cfg.partition.index) => {}
-        }
+        // In the background, bounded by its own deadlines: a partition handed to another
+        // process right after it was created (the balancer does that at start-up) stops this
+        // intake, and its consumer must still end up placed.
+        let (js, index) = (js.clone(), cfg.partition.index);
+        tokio::spawn(async move { crate::placement::spread_leader(&js, &group, index).await });
     }
     tracing::info!(stream = %cfg.subjects.intake_stream(), consumer = %name, partition = %cfg.partition, "intake started");
 

@@ -148,6 +148,8 @@ enum Command {
         data: DataArgs,
         #[command(flatten)]
         nats: serve::NatsArgs,
+        #[command(flatten)]
+        rules: RulesArgs,
         /// Messages per intake batch (one flush each).
         #[arg(long, env = "TOUCHLEDGER_BATCH", default_value_t = 500)]
         batch: usize,
@@ -400,6 +402,8 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        rules: RulesArgs,
     },
     /// Fit the BG/NBD churn model on the population at `--as-of` and record it as a
     /// `ModelFitted` event (assessments name the version they used). Offline on the data
@@ -445,8 +449,19 @@ enum Command {
         json: bool,
         /// Record the evaluation as a `ModelEvaluated` event (the model version, the periods and
         /// the summary figures), so auditors see how the model behind the warnings performed.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tune")]
         record: bool,
+        #[command(flatten)]
+        rules: RulesArgs,
+        /// Instead of one evaluation: try the churn thresholds that a purchase history can
+        /// tune (P(alive), overdue multiples, lost after, one-time horizon; 400 combinations
+        /// around the defaults) on one fit, ranked by the ROC AUC of the churn score.
+        #[arg(long)]
+        tune: bool,
+        /// With `--tune`: write the best rules (the `--rules` given, with the best churn
+        /// thresholds) to this file, for `--rules`.
+        #[arg(long, requires = "tune")]
+        write_rules: Option<PathBuf>,
     },
     /// A running ledger as NATS sees it.
     Cluster {
@@ -516,6 +531,28 @@ enum ImportCommand {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+}
+
+/// The read models' rules.
+#[derive(clap::Args, Debug)]
+struct RulesArgs {
+    /// A JSON file of rules (any subset, grouped as `satisfaction`, `loyalty`, `churn`,
+    /// `population`; the rest keep their defaults; docs/read-models.md). Unknown names and
+    /// out-of-range values are refused. Every process of a partitioned ledger needs the same.
+    #[arg(long, env = "TOUCHLEDGER_RULES")]
+    rules: Option<PathBuf>,
+}
+
+impl RulesArgs {
+    fn load(&self) -> anyhow::Result<touchledger_domain::population::Rules> {
+        let Some(path) = &self.rules else {
+            return Ok(touchledger_domain::population::Rules::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("rules file {}: {e}", path.display()))?;
+        touchledger_domain::population::Rules::from_json(&text)
+            .map_err(|e| anyhow::anyhow!("rules file {}: {e}", path.display()))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -857,6 +894,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
         Command::Serve {
             data,
             nats,
+            rules,
             batch,
             fetch_wait_ms,
             ack_wait_secs,
@@ -881,6 +919,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 http_addr,
                 http_token,
                 shutdown: std::time::Duration::from_secs(shutdown_secs.max(1)),
+                rules: rules.load()?,
             };
             if data.partitions > 1 {
                 let auto = own.trim() == "auto";
@@ -1149,8 +1188,10 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             as_of,
             axis,
             json,
+            rules,
         } => models::query(
             &open(&data)?,
+            &rules.load()?,
             customer.as_deref(),
             model,
             models::as_of(as_of, axis),
@@ -1185,15 +1226,35 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             unit,
             json,
             record,
-        } => models::evaluate(
-            &open(&data)?,
-            calibration_end,
-            holdout_end,
-            unit.into(),
-            json,
-            record,
-            out,
-        ),
+            rules,
+            tune,
+            write_rules,
+        } => {
+            let store = open(&data)?;
+            let rules = rules.load()?;
+            if tune {
+                models::tune(
+                    &store,
+                    &rules,
+                    (calibration_end, holdout_end),
+                    unit.into(),
+                    json,
+                    write_rules.as_deref(),
+                    out,
+                )
+            } else {
+                models::evaluate(
+                    &store,
+                    &rules,
+                    calibration_end,
+                    holdout_end,
+                    unit.into(),
+                    json,
+                    record,
+                    out,
+                )
+            }
+        }
         Command::Cluster {
             what:
                 ClusterCommand::Status {

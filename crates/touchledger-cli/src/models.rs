@@ -82,6 +82,7 @@ pub enum Model {
 /// `touchledger query`.
 pub fn query(
     store: &SledStore,
+    rules: &Rules,
     customer: Option<&str>,
     model: Model,
     as_of: AsOf,
@@ -89,7 +90,7 @@ pub fn query(
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     caught_up(store, None)?;
-    let reads = ReadModels::open(store, Rules::default())?;
+    let reads = ReadModels::open(store, rules.clone())?;
     match customer {
         Some(id) => {
             let Some(v) = reads.customer(id, as_of)? else {
@@ -230,6 +231,13 @@ fn print_customer(
             c.since.map_or("-".into(), |t| t.to_string())
         )?;
         writeln!(out, "  P(active)       {}", opt(c.p_active, 3))?;
+        writeln!(out, "  P(alive)        {}", opt(c.p_alive, 3))?;
+        writeln!(
+            out,
+            "  E[purchases]    {} in the next {} d",
+            opt(c.expected_purchases, 2),
+            c.expected_purchases_days
+        )?;
         writeln!(
             out,
             "  model           {}",
@@ -355,8 +363,10 @@ pub fn fit(
 }
 
 /// `touchledger evaluate`: the churn model and warnings, calibration against holdout.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     store: &SledStore,
+    rules: &Rules,
     calibration_end: Timestamp,
     holdout_end: Timestamp,
     unit: TimeUnit,
@@ -365,7 +375,7 @@ pub fn evaluate(
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     caught_up(store, None)?;
-    let reads = ReadModels::open(store, Rules::default())?;
+    let reads = ReadModels::open(store, rules.clone())?;
     let t = Instant::now();
     let e =
         match touchledger_projector::evaluate::evaluate(&reads, calibration_end, holdout_end, unit)
@@ -461,12 +471,21 @@ pub fn evaluate(
             last.predicted
         )?;
     }
-    let w = &v.warnings;
+    print_warnings(&v.warnings, v.customers, out)?;
+    Ok(crate::EXIT_OK)
+}
+
+/// Print the warnings' figures of an evaluation of `customers` buyers.
+fn print_warnings(
+    w: &touchledger_domain::evaluation::WarningEvaluation,
+    customers: u64,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     writeln!(
         out,
         "\nchurn warnings at the calibration end; churned = no purchase in the holdout: {} of {} ({:.1} %)",
         w.churned,
-        v.customers,
+        customers,
         100.0 * w.base_rate
     )?;
     writeln!(out, "  level      buyers   churned")?;
@@ -505,6 +524,106 @@ pub fn evaluate(
         a(w.auc.recency),
         a(w.auc.model)
     )?;
+    Ok(())
+}
+
+/// `touchledger evaluate --tune`: the purchase-driven churn thresholds tried on one fit, best
+/// first by the ROC AUC of the churn score; the best written as a rules file if asked.
+pub fn tune(
+    store: &SledStore,
+    rules: &Rules,
+    (calibration_end, holdout_end): (Timestamp, Timestamp),
+    unit: TimeUnit,
+    json: bool,
+    write_rules: Option<&std::path::Path>,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    use touchledger_projector::evaluate::{EvaluateError, TuningGrid, tune};
+    caught_up(store, None)?;
+    let reads = ReadModels::open(store, rules.clone())?;
+    let t = Instant::now();
+    let grid = TuningGrid::default();
+    let tuning = match tune(
+        &reads,
+        calibration_end,
+        holdout_end,
+        unit,
+        &rules.churn,
+        &grid,
+    ) {
+        Ok(t) => t,
+        Err(err @ EvaluateError::Periods { .. }) => {
+            writeln!(out, "{err}")?;
+            return Ok(crate::EXIT_USAGE);
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let Some(best) = tuning.tried.first() else {
+        anyhow::bail!("no rule set of the grid passed the rules' checks");
+    };
+    if let Some(path) = write_rules {
+        let chosen = Rules {
+            churn: best.rules.clone(),
+            ..rules.clone()
+        };
+        let mut text = serde_json::to_string_pretty(&chosen)?;
+        text.push('\n');
+        std::fs::write(path, text)
+            .map_err(|e| anyhow::anyhow!("rules file {}: {e}", path.display()))?;
+    }
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &tuning)?;
+        writeln!(out)?;
+        return Ok(crate::EXIT_OK);
+    }
+    writeln!(
+        out,
+        "tuned in {:.2} s: {} rule sets on {} buyers by {}, holdout to {}",
+        t.elapsed().as_secs_f64(),
+        tuning.tried.len(),
+        tuning.customers,
+        tuning.calibration_end,
+        tuning.holdout_end
+    )?;
+    let row = |t: &touchledger_projector::evaluate::Tried| {
+        let r = &t.rules;
+        let at = |level: touchledger_domain::ChurnLevel| {
+            t.warnings
+                .thresholds
+                .iter()
+                .find(|x| x.at_least == level)
+                .map_or("-".to_owned(), |x| {
+                    format!(
+                        "{:>5} {:.3}/{:.3}/{:.2}",
+                        x.flagged, x.rules.precision, x.rules.recall, x.rules.lift
+                    )
+                })
+        };
+        format!(
+            "{:.3}  {:>4}/{:<4}  {:>3}/{:<3}  {:>5}  {:>5}   {}   {}",
+            t.auc(),
+            r.alive_watch_below,
+            r.alive_warning_below,
+            r.overdue_watch_k,
+            r.overdue_warning_k,
+            r.lost_after_days,
+            r.one_time_horizon_days,
+            at(touchledger_domain::ChurnLevel::Watch),
+            at(touchledger_domain::ChurnLevel::Warning),
+        )
+    };
+    writeln!(
+        out,
+        "  AUC    P(alive) <   overdue k  lost  1-time   watch+: n P/R/lift          warning+: n P/R/lift"
+    )?;
+    writeln!(out, "  {}   (given)", row(&tuning.given))?;
+    for tried in tuning.tried.iter().take(10) {
+        writeln!(out, "  {}", row(tried))?;
+    }
+    print_warnings(&best.warnings, tuning.customers, out)?;
+    if let Some(path) = write_rules {
+        writeln!(out, "\nthe best rules written to {}", path.display())?;
+    }
     Ok(crate::EXIT_OK)
 }
 

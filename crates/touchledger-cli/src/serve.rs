@@ -249,6 +249,8 @@ pub struct ViewTiming {
     pub http_token: Option<String>,
     /// How long tasks get to stop after shutdown was requested (signal or fatal error).
     pub shutdown: Duration,
+    /// The read models' rules (`--rules`, else the defaults).
+    pub rules: touchledger_domain::population::Rules,
 }
 
 /// Run the service until SIGINT/SIGTERM: the ledger (intake, synchronous append, feed,
@@ -274,6 +276,7 @@ pub fn serve(
             subjects: cfg.subjects.clone(),
             sweep_interval: views.sweep,
             refit_every: views.refit,
+            rules: views.rules.clone(),
             ..touchledger_bus::ViewConfig::default()
         };
         // One current materialisation, maintained by the read-model service and read by HTTP.
@@ -414,6 +417,7 @@ pub fn serve_partitions(
         let view_cfg = touchledger_bus::ViewConfig {
             sweep_interval: views.sweep,
             owned: Some(owned_views.clone()),
+            rules: views.rules.clone(),
             ..touchledger_bus::ViewConfig::default()
         };
         // Any process answers any ledger-wide read or fit, whatever partitions it owns.

@@ -42,12 +42,15 @@ pub mod codes {
 
 /// Configurable churn rules; defaults follow the brief (§4.3).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ChurnRules {
     /// ALIVE_PROB_LOW: P < this → watch. Default 0.5.
     pub alive_watch_below: f64,
     /// ALIVE_PROB_LOW: P < this → warning. Default 0.3.
     pub alive_warning_below: f64,
-    /// One-time buyers: P(active) = P(some purchase in the next this many days). Default 365.
+    /// One-time buyers: P(active) = P(some purchase in the next this many days). Default 365
+    /// (90 ranks the CDNOW cohort better, but flags every new buyer on their first day:
+    /// docs/read-models.md, "Tuning").
     pub one_time_horizon_days: i64,
     /// OVERDUE_VISIT: silence ≥ k × interval → watch. Default 1.5.
     pub overdue_watch_k: f64,
@@ -83,6 +86,9 @@ pub struct ChurnRules {
     pub dissatisfied_csat_at_most: u32,
     /// Lost after this many silent days. Default 365.
     pub lost_after_days: i64,
+    /// The churn view's expected purchases E[Y(t)] are over the next this many days. Default
+    /// 365.
+    pub expected_purchases_days: i64,
 }
 
 impl Default for ChurnRules {
@@ -108,6 +114,7 @@ impl Default for ChurnRules {
             dissatisfied_c_below: 0.95,
             dissatisfied_csat_at_most: 2,
             lost_after_days: 365,
+            expected_purchases_days: 365,
         }
     }
 }
@@ -135,6 +142,14 @@ pub struct ChurnView {
     pub currency: String,
     /// P(alive) (or P(purchase in the horizon) for one-time buyers) from the model.
     pub p_active: Option<f64>,
+    /// BG/NBD P(alive) itself (1 for a one-time buyer: the model has seen no sign of them
+    /// dropping out), when a model applies.
+    pub p_alive: Option<f64>,
+    /// BG/NBD E[Y(t) | x, tₓ, T]: the purchase-days expected in the next
+    /// `expected_purchases_days`, when a model applies.
+    pub expected_purchases: Option<f64>,
+    /// The horizon of `expected_purchases`, days.
+    pub expected_purchases_days: i64,
     /// The `model_version` of the fit used, if any.
     pub model_version: Option<String>,
 }
@@ -192,6 +207,77 @@ pub fn rfm_of(days: &[i64], today: i64, unit: f64) -> Option<Rfm> {
 }
 
 impl ChurnRules {
+    /// The rules' ranges, and each pair of thresholds in the order of its levels.
+    pub fn check(&self) -> Result<(), crate::population::RulesError> {
+        let bad = |field: &'static str, detail: String| {
+            Err(crate::population::RulesError::Value { field, detail })
+        };
+        let unit = |v: f64| (0.0..=1.0).contains(&v);
+        if !unit(self.alive_watch_below) || !unit(self.alive_warning_below) {
+            return bad(
+                "churn.alive_watch_below",
+                "the P(alive) thresholds are probabilities (0 … 1)".into(),
+            );
+        }
+        if self.alive_warning_below > self.alive_watch_below {
+            return bad(
+                "churn.alive_warning_below",
+                format!(
+                    "{} is above alive_watch_below ({}): a warning needs a lower P(alive) than a watch",
+                    self.alive_warning_below, self.alive_watch_below
+                ),
+            );
+        }
+        if !(self.overdue_watch_k > 0.0 && self.overdue_watch_k <= self.overdue_warning_k) {
+            return bad(
+                "churn.overdue_watch_k",
+                format!(
+                    "need 0 < overdue_watch_k ≤ overdue_warning_k, have {} and {}",
+                    self.overdue_watch_k, self.overdue_warning_k
+                ),
+            );
+        }
+        if !(self.frequency_recent_days > 0
+            && self.frequency_recent_days < self.frequency_window_days)
+        {
+            return bad(
+                "churn.frequency_recent_days",
+                format!(
+                    "need 0 < frequency_recent_days < frequency_window_days, have {} and {}",
+                    self.frequency_recent_days, self.frequency_window_days
+                ),
+            );
+        }
+        for (field, days) in [
+            ("churn.one_time_horizon_days", self.one_time_horizon_days),
+            ("churn.textbook_silent_days", self.textbook_silent_days),
+            ("churn.complaint_window_days", self.complaint_window_days),
+            (
+                "churn.dissatisfied_window_days",
+                self.dissatisfied_window_days,
+            ),
+            ("churn.lost_after_days", self.lost_after_days),
+            (
+                "churn.expected_purchases_days",
+                self.expected_purchases_days,
+            ),
+        ] {
+            if days <= 0 {
+                return bad(field, format!("{days}: a number of days must be positive"));
+            }
+        }
+        if self.complaints_watch > self.complaints_warning {
+            return bad(
+                "churn.complaints_watch",
+                format!(
+                    "{} is above complaints_warning ({})",
+                    self.complaints_watch, self.complaints_warning
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// P(active) at day `today`: P(alive) for repeat buyers, P(a purchase within the one-time
     /// horizon) for one-time buyers.
     fn p_active(&self, p: &Params, unit: f64, days: &[i64], today: i64) -> Option<f64> {
@@ -632,6 +718,16 @@ impl ChurnRules {
         let score = p_active
             .map_or(floor, |p| (1.0 - p).max(floor))
             .clamp(0.0, 1.0);
+        // What the model says about the customer beyond the warning: P(alive) and the
+        // purchase-days it expects over the rules' horizon.
+        let expectation = model.and_then(model_params).and_then(|(p, unit)| {
+            let rfm = rfm_of(&facts.purchase_days(as_of), day_of(as_of.at), unit)?;
+            rfm.check().ok()?;
+            Some((
+                bgnbd::p_alive(&p, &rfm),
+                bgnbd::expected_purchases(&p, &rfm, self.expected_purchases_days as f64 / unit),
+            ))
+        });
         let currency = behaviour.main_currency().unwrap_or_default().to_owned();
         let value_at_risk_minor = if level == ChurnLevel::None {
             0
@@ -657,6 +753,9 @@ impl ChurnRules {
             value_at_risk_minor,
             currency,
             p_active,
+            p_alive: expectation.map(|(a, _)| a),
+            expected_purchases: expectation.and_then(|(_, e)| e),
+            expected_purchases_days: self.expected_purchases_days,
             model_version: model.map(|m| m.model_version.clone()),
         }
     }

@@ -300,7 +300,9 @@ fn tracking(
     out
 }
 
-fn warnings(params: &Params, buyers: &[Buyer], holdout_length: f64) -> WarningEvaluation {
+/// The warnings' figures alone: the buyers' levels and scores against their holdout purchases,
+/// and the two baselines (`holdout_length` in the model's unit).
+pub fn warnings(params: &Params, buyers: &[Buyer], holdout_length: f64) -> WarningEvaluation {
     let churned_flags: Vec<bool> = buyers.iter().map(|b| b.holdout == 0).collect();
     let churned = churned_flags.iter().filter(|c| **c).count() as u64;
     let n = buyers.len() as u64;

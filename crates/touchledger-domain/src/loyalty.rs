@@ -20,6 +20,7 @@ use crate::time::Timestamp;
 
 /// Configurable loyalty rules; defaults documented per field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoyaltyRules {
     /// Attitude A at or above this is "high". Default 0.7 (NPS 7/10, intent ≈ 4/5).
     pub attitude_high_at: f64,

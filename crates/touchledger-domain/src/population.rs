@@ -50,6 +50,7 @@ pub fn month_label(m: i32) -> String {
 
 /// Configurable population rules.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PopulationRules {
     /// Months reported (ending with the month of `as_of`). Default 12.
     pub months: u32,
@@ -1048,6 +1049,7 @@ pub fn cause_name(c: LeavingReason) -> &'static str {
 
 /// Rules of all three read models and the population, evaluated together.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Rules {
     /// §4.1.
     pub satisfaction: SatisfactionRules,
@@ -1057,6 +1059,40 @@ pub struct Rules {
     pub churn: ChurnRules,
     /// Population figures.
     pub population: PopulationRules,
+}
+
+/// Why a rules file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    /// Not JSON of the rules' shape (an unknown rule name is refused, not ignored).
+    #[error("not a rules file: {0}")]
+    Shape(String),
+    /// A rule's value is out of its range or contradicts another.
+    #[error("rule {field}: {detail}")]
+    Value {
+        /// The rule, as `model.field`.
+        field: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl Rules {
+    /// Rules from JSON: any subset of the rules, grouped by read model (`satisfaction`,
+    /// `loyalty`, `churn`, `population`); what is left out keeps its default. Unknown names are
+    /// refused (a misspelt rule must not silently keep its default), and the values are
+    /// [`Rules::check`]ed.
+    pub fn from_json(text: &str) -> Result<Rules, RulesError> {
+        let rules: Rules =
+            serde_json::from_str(text).map_err(|e| RulesError::Shape(e.to_string()))?;
+        rules.check()?;
+        Ok(rules)
+    }
+
+    /// Whether the thresholds are usable: ranges, and the pairs that set two levels in order.
+    pub fn check(&self) -> Result<(), RulesError> {
+        self.churn.check()
+    }
 }
 
 impl Rules {

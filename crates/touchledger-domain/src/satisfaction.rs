@@ -22,6 +22,7 @@ const NANOS_PER_DAY: f64 = 86_400.0 * NANOS_PER_SEC as f64;
 
 /// Configurable satisfaction rules. Defaults follow the brief (§4.1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SatisfactionRules {
     /// C at or above this is "delighted". Default 1.10.
     pub delighted_at: f64,

@@ -113,6 +113,8 @@ struct AppState {
     backend: Backend,
     client: async_nats::Client,
     cfg: HttpConfig,
+    /// One model evaluation at a time (each is a fit and a pass over every customer).
+    evaluating: tokio::sync::Semaphore,
 }
 
 /// Where the reads come from.
@@ -282,6 +284,69 @@ async fn customer(
         };
         page.insert("ranks".into(), json!(ranks));
         Ok(Json(Value::Object(page)).into_response())
+    })
+    .await
+}
+
+/// `GET /api/v1/models/evaluation`: `touchledger evaluate` on the ledger this process serves —
+/// BG/NBD fitted at `calibration_end`, each buyer's warning evaluated then with the rules in
+/// force, both compared with the purchases up to `holdout_end` (which must have passed).
+async fn model_evaluation(State(s): State<Arc<AppState>>, q: Params) -> Result<Response, ApiError> {
+    use touchledger_projector::evaluate::{EvaluateError, evaluate};
+    use touchledger_projector::model::FitError;
+    let q = params(q)?;
+    let instant = |key: &str| -> Result<Timestamp, ApiError> {
+        match q.get(key).map(String::as_str) {
+            None | Some("") => Err(bad(format!("{key}: required (RFC 3339 or YYYY-MM-DD)"))),
+            Some(v) => v.parse().map_err(|e| {
+                bad(format!(
+                    "{key}: {e} (use RFC 3339, e.g. 2026-03-03T12:00:00Z, or YYYY-MM-DD)"
+                ))
+            }),
+        }
+    };
+    let (t1, t2) = (instant("calibration_end")?, instant("holdout_end")?);
+    let unit = match q.get("unit").map(String::as_str) {
+        None | Some("") | Some("weeks") => touchledger_domain::TimeUnit::Weeks,
+        Some("days") => touchledger_domain::TimeUnit::Days,
+        Some(other) => return Err(bad(format!("unit: {other:?} is not weeks or days"))),
+    };
+    if t2 <= t1 {
+        return Err(bad(format!(
+            "holdout_end ({t2}) must be after calibration_end ({t1})"
+        )));
+    }
+    let now = (s.cfg.clock)();
+    if t2 > now {
+        return Err(bad(format!(
+            "holdout_end ({t2}) has not passed yet (now {now}): nothing to compare with"
+        )));
+    }
+    let reads = match &s.backend {
+        Backend::Local { reads, .. } => reads.clone(),
+        Backend::Partitioned(_) => {
+            return Err(ApiError(
+                StatusCode::NOT_IMPLEMENTED,
+                "a partitioned ledger is not evaluated over HTTP yet: its buyers are spread over the partitions' processes".into(),
+            ));
+        }
+    };
+    let Ok(_one) = s.evaluating.try_acquire() else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another evaluation is running; retry when it is done".into(),
+        ));
+    };
+    blocking(move || match evaluate(&reads, t1, t2, unit) {
+        Ok(e) => Ok(Json(e).into_response()),
+        Err(e @ EvaluateError::Periods { .. }) => Err(bad(e.to_string())),
+        // The data cannot be fitted (no buyer by the calibration end, a degenerate
+        // likelihood): a property of the instants asked for, not a server failure.
+        Err(EvaluateError::Fit(FitError::Model(e))) => Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("no model at calibration_end {t1}: {e}"),
+        )),
+        Err(e) => Err(internal(e)),
     })
     .await
 }
@@ -765,6 +830,7 @@ fn app(backend: Backend, client: async_nats::Client, cfg: HttpConfig) -> Router 
         backend,
         client,
         cfg,
+        evaluating: tokio::sync::Semaphore::new(1),
     });
     Router::new()
         .route("/", get(index))
@@ -777,6 +843,7 @@ fn app(backend: Backend, client: async_nats::Client, cfg: HttpConfig) -> Router 
         .route("/api/v1/overview", get(overview))
         .route("/api/v1/partitions", get(partitions))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/models/evaluation", get(model_evaluation))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such resource".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)

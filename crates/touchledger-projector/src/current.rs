@@ -48,7 +48,7 @@ use crate::{ProjectorError, ReadModels};
 pub const TREE: &str = "current";
 
 /// Bump when [`CurrentRow`] or its encoding changes.
-const LAYOUT: u32 = 2;
+const LAYOUT: u32 = 3;
 
 /// The rule codes of the churn view, in the order of the reason bit mask.
 pub const REASON_CODES: [&str; 7] = [

@@ -12,11 +12,13 @@
 //! ledger that wants "as known then" replays the knowledge axis instead; not offered yet.
 
 use serde::{Deserialize, Serialize};
-use touchledger_domain::evaluation::{self, Buyer, Evaluation};
-use touchledger_domain::facts::{AsOf, day_of};
+use touchledger_domain::bgnbd::{Params, Rfm};
+use touchledger_domain::churn::ChurnRules;
+use touchledger_domain::evaluation::{self, Buyer, Evaluation, WarningEvaluation};
+use touchledger_domain::facts::{AsOf, CustomerFacts, day_of};
 use touchledger_domain::{
-    EvaluatedThreshold, Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelEvaluated, ModelFitted, Payload,
-    SCHEMA_VERSION, TimeUnit, Timestamp,
+    ChurnLevel, EvaluatedThreshold, Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelEvaluated,
+    ModelFitted, Payload, SCHEMA_VERSION, TimeUnit, Timestamp,
 };
 
 use crate::ReadModels;
@@ -54,67 +56,260 @@ pub struct ModelEvaluation {
 }
 
 /// Evaluate on `models` with calibration end `calibration_end` and holdout end `holdout_end`,
-/// the model in `unit`. One pass over every customer; the fit is the unpartitioned ledger's
-/// fit at T1 (same customer order, so the same parameters and model version).
+/// the model in `unit`, the warnings by `models`' churn rules. One pass over every customer;
+/// the fit is the unpartitioned ledger's fit at T1 (same customer order, so the same parameters
+/// and model version).
 pub fn evaluate(
     models: &ReadModels,
     calibration_end: Timestamp,
     holdout_end: Timestamp,
     unit: TimeUnit,
 ) -> Result<ModelEvaluation, EvaluateError> {
-    if holdout_end <= calibration_end {
-        return Err(EvaluateError::Periods {
+    let prepared = Prepared::new(models, calibration_end, holdout_end, unit)?;
+    Ok(prepared.evaluate(&models.rules.churn))
+}
+
+/// Every buyer at the calibration end with the facts their warning is evaluated on, and the
+/// model fitted then: what an evaluation needs before the warning rules are applied, so that
+/// several rule sets can be evaluated on one fit ([`tune`]).
+pub struct Prepared {
+    model: ModelFitted,
+    params: Params,
+    unit_days: f64,
+    calibration_end: Timestamp,
+    holdout_end: Timestamp,
+    buyers: Vec<PreparedBuyer>,
+}
+
+struct PreparedBuyer {
+    facts: CustomerFacts,
+    /// Purchase-days by the calibration end.
+    days: Vec<i64>,
+    /// Purchase-days by the holdout end.
+    later: Vec<i64>,
+    holdout: u32,
+    calibration: Rfm,
+}
+
+impl Prepared {
+    /// Read every customer's facts and fit BG/NBD at the calibration end.
+    pub fn new(
+        models: &ReadModels,
+        calibration_end: Timestamp,
+        holdout_end: Timestamp,
+        unit: TimeUnit,
+    ) -> Result<Prepared, EvaluateError> {
+        if holdout_end <= calibration_end {
+            return Err(EvaluateError::Periods {
+                calibration_end,
+                holdout_end,
+            });
+        }
+        let (t1, t2) = (AsOf::business(calibration_end), AsOf::business(holdout_end));
+        let d1 = day_of(calibration_end);
+        let u = unit_days(unit);
+        let mut buyers = Vec::new();
+        for r in models.customers() {
+            let (_, facts) = r.map_err(FitError::from)?;
+            let days = facts.purchase_days(t1);
+            let Some(calibration) = touchledger_domain::churn::rfm_of(&days, d1, u) else {
+                continue;
+            };
+            let later = facts.purchase_days(t2);
+            let holdout = later.iter().filter(|d| **d > d1).count() as u32;
+            buyers.push(PreparedBuyer {
+                facts,
+                days,
+                later,
+                holdout,
+                calibration,
+            });
+        }
+        let stats: Vec<Rfm> = buyers.iter().map(|b| b.calibration).collect();
+        let (model, _) = fitted_event(&stats, calibration_end, unit)?;
+        let params = Params {
+            r: model.r,
+            alpha: model.alpha,
+            a: model.a,
+            b: model.b,
+        };
+        Ok(Prepared {
+            model,
+            params,
+            unit_days: u,
             calibration_end,
             holdout_end,
-        });
-    }
-    let (t1, t2) = (AsOf::business(calibration_end), AsOf::business(holdout_end));
-    let (d1, d2) = (day_of(calibration_end), day_of(holdout_end));
-    let u = unit_days(unit);
-    // Statistics first (the fit needs all of them), facts kept only as far as the warning needs.
-    let mut stats = Vec::new();
-    let mut partial = Vec::new();
-    for r in models.customers() {
-        let (_, facts) = r.map_err(FitError::from)?;
-        let days = facts.purchase_days(t1);
-        let Some(rfm) = touchledger_domain::churn::rfm_of(&days, d1, u) else {
-            continue;
-        };
-        let later = facts.purchase_days(t2);
-        let holdout = later.iter().filter(|d| **d > d1).count() as u32;
-        stats.push(rfm);
-        partial.push((facts, days, later, holdout));
-    }
-    let (model, _) = fitted_event(&stats, calibration_end, unit)?;
-    let params = touchledger_domain::bgnbd::Params {
-        r: model.r,
-        alpha: model.alpha,
-        a: model.a,
-        b: model.b,
-    };
-    let rules = &models.rules.churn;
-    let buyers: Vec<Buyer> = partial
-        .into_iter()
-        .zip(stats)
-        .map(|((facts, days, later, holdout), calibration)| {
-            let view = rules.evaluate(&facts, Some(&model), t1);
-            let first_day = days[0];
-            Buyer {
-                calibration,
-                first_day,
-                repeat_days: later.into_iter().skip(1).collect(),
-                holdout,
-                level: view.level,
-                score: view.score,
-                days_since_last: d1 - days[days.len() - 1],
-            }
+            buyers,
         })
-        .collect();
-    Ok(ModelEvaluation {
-        evaluation: evaluation::evaluate(&params, u, &buyers, d1, d2),
-        model,
+    }
+
+    /// The buyers with their warnings at the calibration end under `rules`.
+    fn buyers(&self, rules: &ChurnRules) -> Vec<Buyer> {
+        let t1 = AsOf::business(self.calibration_end);
+        let d1 = day_of(self.calibration_end);
+        self.buyers
+            .iter()
+            .map(|b| {
+                let view = rules.evaluate(&b.facts, Some(&self.model), t1);
+                Buyer {
+                    calibration: b.calibration,
+                    first_day: b.days[0],
+                    repeat_days: b.later.iter().skip(1).copied().collect(),
+                    holdout: b.holdout,
+                    level: view.level,
+                    score: view.score,
+                    days_since_last: d1 - b.days[b.days.len() - 1],
+                }
+            })
+            .collect()
+    }
+
+    fn holdout_length(&self) -> f64 {
+        (day_of(self.holdout_end) - day_of(self.calibration_end)) as f64 / self.unit_days
+    }
+
+    /// The whole evaluation with the warnings of `rules`.
+    pub fn evaluate(&self, rules: &ChurnRules) -> ModelEvaluation {
+        let buyers = self.buyers(rules);
+        ModelEvaluation {
+            evaluation: evaluation::evaluate(
+                &self.params,
+                self.unit_days,
+                &buyers,
+                day_of(self.calibration_end),
+                day_of(self.holdout_end),
+            ),
+            model: self.model.clone(),
+            calibration_end: self.calibration_end,
+            holdout_end: self.holdout_end,
+        }
+    }
+
+    /// Only the warnings' figures under `rules` (no model-fit figures: what tuning compares).
+    pub fn warnings(&self, rules: &ChurnRules) -> WarningEvaluation {
+        evaluation::warnings(&self.params, &self.buyers(rules), self.holdout_length())
+    }
+}
+
+/// The values [`tune`] tries for the churn thresholds that depend on a customer's purchases
+/// (the others — complaints, dissatisfaction, frequency drop — are rarely or never on record
+/// in a purchase log, so a purchase history cannot tune them). Every combination is tried.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuningGrid {
+    /// (`alive_watch_below`, `alive_warning_below`) pairs.
+    pub alive: Vec<(f64, f64)>,
+    /// (`overdue_watch_k`, `overdue_warning_k`) pairs.
+    pub overdue: Vec<(f64, f64)>,
+    /// `lost_after_days`.
+    pub lost_after_days: Vec<i64>,
+    /// `one_time_horizon_days`.
+    pub one_time_horizon_days: Vec<i64>,
+}
+
+impl Default for TuningGrid {
+    /// Around the brief's defaults (which are in it): 5 × 5 × 4 × 4 = 400 rule sets.
+    fn default() -> Self {
+        TuningGrid {
+            alive: vec![(0.7, 0.5), (0.6, 0.4), (0.5, 0.3), (0.4, 0.2), (0.3, 0.15)],
+            overdue: vec![(1.0, 2.0), (1.5, 3.0), (2.0, 4.0), (3.0, 6.0), (4.0, 8.0)],
+            lost_after_days: vec![180, 270, 365, 540],
+            one_time_horizon_days: vec![90, 180, 365, 730],
+        }
+    }
+}
+
+/// One rule set tried by [`tune`] and how its warnings did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tried {
+    /// The rules (the given ones with the grid's values set).
+    pub rules: ChurnRules,
+    /// The warnings against the holdout.
+    pub warnings: WarningEvaluation,
+}
+
+impl Tried {
+    /// What [`tune`] ranks by: the ROC AUC of the churn score (0 when it has none).
+    pub fn auc(&self) -> f64 {
+        self.warnings.auc.rules_score.unwrap_or(0.0)
+    }
+}
+
+/// What [`tune`] found.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tuning {
+    /// The model fitted at the calibration end (the same for every rule set).
+    pub model: ModelFitted,
+    /// The calibration end.
+    pub calibration_end: Timestamp,
+    /// The holdout end.
+    pub holdout_end: Timestamp,
+    /// Buyers at the calibration end.
+    pub customers: u64,
+    /// The rules given (the ledger's), as they did.
+    pub given: Tried,
+    /// Every rule set of the grid, best first: by the AUC of the churn score, then by the lift
+    /// of the warning threshold, then in the grid's order.
+    pub tried: Vec<Tried>,
+}
+
+/// Try every combination of `grid` on `rules` (the other thresholds as given), each with its
+/// warnings evaluated at the calibration end against the holdout, on one fit. The ranking is by
+/// the ROC AUC of the churn score: a threshold-free measure of how well the score orders
+/// customers by risk, which is what the at-risk list is sorted by.
+pub fn tune(
+    models: &ReadModels,
+    calibration_end: Timestamp,
+    holdout_end: Timestamp,
+    unit: TimeUnit,
+    rules: &ChurnRules,
+    grid: &TuningGrid,
+) -> Result<Tuning, EvaluateError> {
+    let prepared = Prepared::new(models, calibration_end, holdout_end, unit)?;
+    let try_rules = |r: ChurnRules| Tried {
+        warnings: prepared.warnings(&r),
+        rules: r,
+    };
+    let mut tried = Vec::new();
+    for &(alive_watch_below, alive_warning_below) in &grid.alive {
+        for &(overdue_watch_k, overdue_warning_k) in &grid.overdue {
+            for &lost_after_days in &grid.lost_after_days {
+                for &one_time_horizon_days in &grid.one_time_horizon_days {
+                    let r = ChurnRules {
+                        alive_watch_below,
+                        alive_warning_below,
+                        overdue_watch_k,
+                        overdue_warning_k,
+                        lost_after_days,
+                        one_time_horizon_days,
+                        ..rules.clone()
+                    };
+                    if r.check().is_ok() {
+                        tried.push(try_rules(r));
+                    }
+                }
+            }
+        }
+    }
+    let warning_lift = |t: &Tried| {
+        t.warnings
+            .thresholds
+            .iter()
+            .find(|r| r.at_least == ChurnLevel::Warning)
+            .map_or(0.0, |r| r.rules.lift)
+    };
+    // Stable: equal rule sets keep the grid's order.
+    tried.sort_by(|a, b| {
+        b.auc()
+            .total_cmp(&a.auc())
+            .then(warning_lift(b).total_cmp(&warning_lift(a)))
+    });
+    Ok(Tuning {
+        model: prepared.model.clone(),
         calibration_end,
         holdout_end,
+        customers: prepared.buyers.len() as u64,
+        given: try_rules(rules.clone()),
+        tried,
     })
 }
 

@@ -131,6 +131,9 @@ pub fn churn(customer: &str, v: &ChurnView) -> v1::ChurnView {
         currency: v.currency.clone(),
         p_active: v.p_active,
         model_version: v.model_version.clone().unwrap_or_default(),
+        p_alive: v.p_alive,
+        expected_purchases: v.expected_purchases,
+        expected_purchases_days: v.expected_purchases_days,
     }
 }
 
