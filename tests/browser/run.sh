@@ -84,29 +84,45 @@ node -e '
   console.log(`dashboard API overview == touchledger query (customers ${a.customers}, NPS ${a.nps})`);
 ' "$work/api.json" "$work/cli.json"
 
+# A ledger in DATA served by its own serve on its own nats-server (NAME names the logs), waited
+# for until ready (projections folded, every current view materialised) for up to LIMIT s;
+# sets served_base and served_log.
+serve_ledger() {
+  local name="$1" data="$2" limit="$3" nport hport pid started
+  nport="$(free_port)"
+  hport="$(free_port)"
+  "$nats_server" -js -a 127.0.0.1 -p "$nport" -sd "$work/nats-$name" >"$work/nats-$name.log" 2>&1 &
+  pids+=($!)
+  served_log="$work/serve-$name.log"
+  "$bin" serve --data "$data" --nats-url "nats://127.0.0.1:$nport" \
+    --http-addr "127.0.0.1:$hport" --refit-hours 0 >"$served_log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  served_base="http://127.0.0.1:$hport"
+  started=$SECONDS
+  until curl -fsS "$served_base/readyz" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { tail -n 40 "$served_log" >&2; exit 1; }
+    [ $((SECONDS - started)) -lt "$limit" ] || { echo "serve ($name) did not become ready" >&2; tail -n 20 "$served_log" >&2; exit 1; }
+    sleep 0.5
+  done
+  echo "$name store ready after $((SECONDS - started)) s"
+}
+
 # At scale (issue 10): a store of 100,000 demo customers grown through the append path (no
 # NATS), served by a second serve on its own nats-server; the overview and a customer page must
 # each load within a second.
 scale_customers="${TOUCHLEDGER_SCALE_CUSTOMERS:-100000}"
 "$bin" demo --data "$work/big" --customers "$scale_customers" --history-days 120 --rate 0
-nats2_port="$(free_port)"
-http2_port="$(free_port)"
-"$nats_server" -js -a 127.0.0.1 -p "$nats2_port" -sd "$work/nats2" >"$work/nats2.log" 2>&1 &
-pids+=($!)
-"$bin" serve --data "$work/big" --nats-url "nats://127.0.0.1:$nats2_port" \
-  --http-addr "127.0.0.1:$http2_port" --refit-hours 0 >"$work/serve2.log" 2>&1 &
-serve2_pid=$!
-pids+=("$serve2_pid")
-base2="http://127.0.0.1:$http2_port"
-started=$SECONDS
-# Ready = projections folded and every current view materialised (up to 20 minutes).
-until curl -fsS "$base2/readyz" >/dev/null 2>&1; do
-  kill -0 "$serve2_pid" 2>/dev/null || { tail -n 40 "$work/serve2.log" >&2; exit 1; }
-  [ $((SECONDS - started)) -lt 1200 ] || { echo "serve did not become ready" >&2; tail -n 20 "$work/serve2.log" >&2; exit 1; }
-  sleep 1
-done
-echo "scale store ready after $((SECONDS - started)) s"
-if ! node tests/browser/scale.mjs "$base2" "$artefacts" "$scale_customers"; then
-  tail -n 40 "$work/serve2.log" >&2
+serve_ledger scale "$work/big" 1200
+if ! node tests/browser/scale.mjs "$served_base" "$artefacts" "$scale_customers"; then
+  tail -n 40 "$served_log" >&2
+  exit 1
+fi
+
+# The Models page (issue 13) on real data: the CDNOW sample imported into its own ledger.
+"$bin" import cdnow --data "$work/cdnow" --file tests/data/cdnow/CDNOW_sample.txt >/dev/null
+serve_ledger cdnow "$work/cdnow" 300
+if ! node tests/browser/models.mjs "$served_base" "$artefacts"; then
+  tail -n 40 "$served_log" >&2
   exit 1
 fi

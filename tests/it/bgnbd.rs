@@ -391,6 +391,7 @@ fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
     }
     // Tracking: weekly to the holdout end, the last actual point is every repeat purchase-day.
     let tracking = e["tracking"].as_array().expect("tracking");
+    let tracking_len = tracking.len();
     let last = tracking.last().expect("points");
     assert_eq!(last["day"], e["tracking"][tracking.len() - 1]["day"]);
     assert!(last["holdout"].as_bool().expect("flag"));
@@ -439,6 +440,58 @@ fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
     // Its wire form round-trips exactly (the log's hash is over it).
     let bytes = touchledger_proto::encode_event(r);
     assert_eq!(&touchledger_proto::decode_event(&bytes).expect("decode"), r);
+
+    // The plots as files: FHL's three figures, drawn from the figures above.
+    drop(store);
+    let plots = data.with_extension("plots");
+    let (code, out, err) = crate::cli::cli(&[
+        "evaluate",
+        "--data",
+        d,
+        "--calibration-end",
+        "1997-09-30",
+        "--holdout-end",
+        "1998-06-30",
+        "--svg",
+        plots.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("plots written"), "{out}");
+    let svg = |name: &str| std::fs::read_to_string(plots.join(name)).expect(name);
+    for name in ["frequency.svg", "tracking.svg", "conditional.svg"] {
+        let doc = svg(name);
+        assert!(
+            doc.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\"")
+                && doc.ends_with("</svg>\n"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        svg("frequency.svg").matches("<rect class=\"bar\"").count(),
+        16
+    );
+    // The tracking plot: a point per week for each series, the actual one ending highest at
+    // the last week's total.
+    let tracking = svg("tracking.svg");
+    let line = |series: &str| -> Vec<(f64, f64)> {
+        let start = tracking
+            .find(&format!("data-series=\"{series}\""))
+            .expect(series);
+        let rest = &tracking[start..];
+        let points = rest.split("points=\"").nth(1).expect("points");
+        points[..points.find('"').expect("end")]
+            .split(' ')
+            .map(|p| {
+                let (x, y) = p.split_once(',').expect("x,y");
+                (x.parse().expect("x"), y.parse().expect("y"))
+            })
+            .collect()
+    };
+    let actual = line("actual");
+    assert_eq!(actual.len(), tracking_len);
+    assert_eq!(line("BG/NBD").len(), tracking_len);
+    // A cumulative count never falls (SVG's y grows downwards).
+    assert!(actual.windows(2).all(|w| w[1].1 <= w[0].1 + 1e-9));
 }
 
 /// `evaluate --tune` on the CDNOW sample: every rule set of the grid tried on one fit and ranked

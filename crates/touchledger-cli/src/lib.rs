@@ -462,6 +462,10 @@ enum Command {
         /// thresholds) to this file, for `--rules`.
         #[arg(long, requires = "tune")]
         write_rules: Option<PathBuf>,
+        /// Also write the plots (frequency.svg, tracking.svg, conditional.svg: FHL's figures
+        /// 2–4, as on the dashboard's Models page) into this directory (created if missing).
+        #[arg(long, conflicts_with = "tune")]
+        svg: Option<PathBuf>,
     },
     /// A running ledger as NATS sees it.
     Cluster {
@@ -1229,6 +1233,7 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             rules,
             tune,
             write_rules,
+            svg,
         } => {
             let store = open(&data)?;
             let rules = rules.load()?;
@@ -1246,11 +1251,13 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
                 models::evaluate(
                     &store,
                     &rules,
-                    calibration_end,
-                    holdout_end,
+                    (calibration_end, holdout_end),
                     unit.into(),
-                    json,
-                    record,
+                    models::EvaluateOutput {
+                        json,
+                        record,
+                        svg: svg.as_deref(),
+                    },
                     out,
                 )
             }

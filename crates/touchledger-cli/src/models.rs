@@ -362,16 +362,23 @@ pub fn fit(
     Ok(crate::EXIT_OK)
 }
 
+/// What `touchledger evaluate` does with an evaluation besides printing it.
+pub struct EvaluateOutput<'a> {
+    /// Print JSON instead of tables.
+    pub json: bool,
+    /// Append it as a `ModelEvaluated` event.
+    pub record: bool,
+    /// Write the plots into this directory.
+    pub svg: Option<&'a std::path::Path>,
+}
+
 /// `touchledger evaluate`: the churn model and warnings, calibration against holdout.
-#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     store: &SledStore,
     rules: &Rules,
-    calibration_end: Timestamp,
-    holdout_end: Timestamp,
+    (calibration_end, holdout_end): (Timestamp, Timestamp),
     unit: TimeUnit,
-    json: bool,
-    record: bool,
+    EvaluateOutput { json, record, svg }: EvaluateOutput,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     caught_up(store, None)?;
@@ -410,10 +417,28 @@ pub fn evaluate(
     } else {
         None
     };
+    let plots = match svg {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|err| anyhow::anyhow!("--svg {}: {err}", dir.display()))?;
+            let mut written = Vec::new();
+            for (name, doc) in touchledger_projector::plots::evaluation_svgs(&e.evaluation) {
+                let path = dir.join(name);
+                std::fs::write(&path, doc)
+                    .map_err(|err| anyhow::anyhow!("--svg {}: {err}", path.display()))?;
+                written.push(path.display().to_string());
+            }
+            Some(written)
+        }
+        None => None,
+    };
     if json {
         serde_json::to_writer_pretty(&mut *out, &e)?;
         writeln!(out)?;
         return Ok(crate::EXIT_OK);
+    }
+    if let Some(plots) = &plots {
+        writeln!(out, "plots written: {}", plots.join(", "))?;
     }
     if let Some(r) = &recorded {
         writeln!(out, "{r}")?;

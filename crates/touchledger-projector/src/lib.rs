@@ -29,6 +29,7 @@ pub mod model;
 pub mod monthend;
 pub mod order;
 pub mod partial;
+pub mod plots;
 pub mod read;
 mod runtime;
 
