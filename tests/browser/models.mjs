@@ -4,7 +4,7 @@
 //
 // Checks: the three fit plots and the warnings table render from GET /api/v1/models/evaluation
 // (8 frequency bins × 2 series of bars, one tracking point per week for each series, the four
-// thresholds); the summary states the holdout's 1,882 actual repeat purchase-days (FHL's figure,
+// thresholds, BG/NBD and Pareto/NBD side by side); the summary states the holdout's 1,882 actual repeat purchase-days (FHL's figure,
 // recomputed from the raw log by tests/it/bgnbd.rs); a holdout end before the calibration end
 // shows the API's message instead of plots; nothing overflows at 390 px. Screenshots are kept.
 //
@@ -40,15 +40,18 @@ try {
     new RegExp(`^${e.holdout_actual} actual / ${e.holdout_predicted.toFixed(1)} predicted$`));
   assert.equal(await page.locator("svg[data-chart=frequency] rect.bar").count(), 2 * e.frequency.length);
   assert.equal(e.frequency.length, 8, "bins 0 … 7+");
-  for (const chart of ["tracking", "conditional"]) {
-    assert.equal(await page.locator(`svg[data-chart=${chart}] polyline.series`).count(), 2, chart);
-  }
+  assert.equal(await page.locator("svg[data-chart=tracking] polyline.series").count(), 2);
   const points = await page.getAttribute("svg[data-chart=tracking] polyline[data-series=actual]", "points");
   assert.equal(points.trim().split(/\s+/).length, e.tracking.length, "a point per week");
   assert.deepEqual(
     await page.locator("#warnings tr[data-threshold]").evaluateAll(rows => rows.map(r => r.dataset.threshold)),
     e.warnings.thresholds.map(t => t.at_least));
   assert.match(await page.textContent("#auc"), new RegExp(e.warnings.auc.rules_score.toFixed(3)));
+  // BG/NBD and Pareto/NBD side by side, and Pareto/NBD's means as a third series of fig. 4.
+  assert.deepEqual(
+    await page.locator("#count-models tr[data-model]").evaluateAll(rows => rows.map(r => r.dataset.model)),
+    ["BG/NBD", "Pareto/NBD"]);
+  assert.equal(await page.locator("svg[data-chart=conditional] polyline.series").count(), 3);
   await page.screenshot({ path: join(artefacts, "models-1280.png"), fullPage: true });
 
   // The form: a holdout end before the calibration end gets the API's message, no plots.

@@ -496,6 +496,28 @@ pub fn evaluate(
             last.predicted
         )?;
     }
+    if !v.count_models.is_empty() {
+        writeln!(
+            out,
+            "\ncount models on the same holdout   calibration LL   holdout predicted   mean |error| by frequency"
+        )?;
+        for m in &v.count_models {
+            let params: Vec<String> = m
+                .parameters
+                .iter()
+                .map(|(k, x)| format!("{k} {x:.4}"))
+                .collect();
+            writeln!(
+                out,
+                "  {:<11} {:>21.2} {:>19.1} {:>27.3}   ({})",
+                m.model,
+                m.log_likelihood,
+                m.holdout_predicted,
+                m.conditional_mean_abs_error,
+                params.join(", ")
+            )?;
+        }
+    }
     print_warnings(&v.warnings, v.customers, out)?;
     Ok(crate::EXIT_OK)
 }

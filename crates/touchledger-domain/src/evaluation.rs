@@ -145,6 +145,68 @@ pub struct WarningEvaluation {
     pub auc: Auc,
 }
 
+/// One count model fitted at the calibration end and its holdout predictions, for comparing
+/// BG/NBD with Pareto/NBD on the same buyers and holdout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CountModelCheck {
+    /// `BG/NBD` or `Pareto/NBD`.
+    pub model: String,
+    /// The parameters by name (r, alpha, a, b or r, alpha, s, beta).
+    pub parameters: Vec<(String, f64)>,
+    /// The calibration log-likelihood (higher fits the calibration data better).
+    pub log_likelihood: f64,
+    /// Σ E[Y(holdout) | x, tₓ, T] over the buyers.
+    pub holdout_predicted: f64,
+    /// Mean E[Y(holdout)] per calibration-frequency bin (the bins of `conditional`).
+    pub conditional_predicted_means: Vec<f64>,
+    /// Mean absolute error of those means against the actual ones, weighted by the bins'
+    /// buyers (0 is perfect).
+    pub conditional_mean_abs_error: f64,
+}
+
+impl CountModelCheck {
+    /// The check of a model whose per-buyer holdout expectation is `expect` (`None` counts 0).
+    pub fn of(
+        model: &str,
+        parameters: Vec<(String, f64)>,
+        log_likelihood: f64,
+        buyers: &[Buyer],
+        expect: impl Fn(&Rfm) -> Option<f64>,
+    ) -> CountModelCheck {
+        let mut sums = [(0u64, 0u64, 0.0f64); LAST_BIN + 1];
+        let mut total = 0.0;
+        for b in buyers {
+            let e = expect(&b.calibration).unwrap_or(0.0);
+            total += e;
+            let s = &mut sums[bin_of(b.calibration.x)];
+            s.0 += 1;
+            s.1 += u64::from(b.holdout);
+            s.2 += e;
+        }
+        let n = buyers.len().max(1) as f64;
+        let mut error = 0.0;
+        let means = sums
+            .iter()
+            .map(|&(k, actual, predicted)| {
+                if k == 0 {
+                    return 0.0;
+                }
+                let mean = predicted / k as f64;
+                error += k as f64 * (mean - actual as f64 / k as f64).abs();
+                mean
+            })
+            .collect();
+        CountModelCheck {
+            model: model.to_owned(),
+            parameters,
+            log_likelihood,
+            holdout_predicted: total,
+            conditional_predicted_means: means,
+            conditional_mean_abs_error: error / n,
+        }
+    }
+}
+
 /// Everything [`evaluate`] reports.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
@@ -164,6 +226,10 @@ pub struct Evaluation {
     pub tracking: Vec<TrackingPoint>,
     /// The warnings.
     pub warnings: WarningEvaluation,
+    /// The count models fitted at the calibration end, side by side on the same holdout
+    /// (filled by the caller, which fits them; empty from [`evaluate`] alone).
+    #[serde(default)]
+    pub count_models: Vec<CountModelCheck>,
 }
 
 /// The highest frequency bin; it holds every buyer with this many repeat purchases or more.
@@ -246,6 +312,7 @@ pub fn evaluate(
         conditional,
         tracking: tracking(params, unit_days, buyers, calibration_end, holdout_end),
         warnings: warnings(params, buyers, holdout_length),
+        count_models: Vec::new(),
     }
 }
 

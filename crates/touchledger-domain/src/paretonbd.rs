@@ -126,6 +126,32 @@ pub fn p_alive(p: &Params, c: &Rfm) -> f64 {
     (1.0 / (1.0 + odds)).clamp(0.0, 1.0)
 }
 
+/// E[Y(t) | x, t_x, T]: expected purchases in the next `t` (Schmittlein, Morrison & Colombo
+/// 1987; Fader & Hardie 2005, eq. (26)):
+///
+/// ```text
+///   (r+x)(β+T) / ((α+T)(s−1)) · [1 − ((β+T)/(β+T+t))^(s−1)] · P(alive)
+/// ```
+///
+/// with its limit (r+x)(β+T)/(α+T) · ln((β+T+t)/(β+T)) · P(alive) at s = 1. `None` for t < 0
+/// or unusable parameters.
+pub fn expected_purchases(p: &Params, c: &Rfm, t: f64) -> Option<f64> {
+    if t < 0.0 || !p.usable() {
+        return None;
+    }
+    let Params { r, alpha, s, beta } = *p;
+    let ratio = (beta + c.t) / (beta + c.t + t);
+    // [1 − ratio^(s−1)] / (s−1), continuous through s = 1 (−ln ratio there).
+    let k = s - 1.0;
+    let growth = if k.abs() < 1e-9 {
+        -ratio.ln()
+    } else {
+        -(k * ratio.ln()).exp_m1() / k
+    };
+    let e = (r + c.x) * (beta + c.t) / (alpha + c.t) * growth * p_alive(p, c);
+    e.is_finite().then_some(e)
+}
+
 /// A fitted Pareto/NBD model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Fit {
@@ -240,6 +266,77 @@ mod tests {
                 );
                 let alive = p_alive(&p, &c);
                 assert!((0.0..=1.0).contains(&alive), "{alive}");
+            }
+        }
+    }
+
+    /// E[Y(t) | data] by the same integration: alive at T given (λ, μ) with weight
+    /// λ^x e^(−(λ+μ)T), then expecting λ/μ (1 − e^(−μt)) purchases; over the likelihood.
+    #[test]
+    fn expected_purchases_equal_the_integral() {
+        use statrs::distribution::{Continuous, Gamma};
+        for p in [
+            Params {
+                r: 0.553,
+                alpha: 10.578,
+                s: 0.606,
+                beta: 11.669,
+            },
+            Params {
+                r: 1.2,
+                alpha: 8.0,
+                s: 1.0,
+                beta: 3.0,
+            },
+            Params {
+                r: 1.2,
+                alpha: 8.0,
+                s: 2.5,
+                beta: 3.0,
+            },
+        ] {
+            let lam = Gamma::new(p.r, p.alpha).expect("gamma");
+            let mu = Gamma::new(p.s, p.beta).expect("gamma");
+            for (c, t) in [
+                (
+                    Rfm {
+                        x: 2.0,
+                        t_x: 30.43,
+                        t: 38.86,
+                    },
+                    39.0,
+                ),
+                (
+                    Rfm {
+                        x: 0.0,
+                        t_x: 0.0,
+                        t: 20.0,
+                    },
+                    10.0,
+                ),
+            ] {
+                let (n, lo, hi) = (900, -32.0f64, 4.0f64);
+                let h = (hi - lo) / n as f64;
+                let (mut num, mut den) = (0.0, 0.0);
+                for i in 0..n {
+                    let l = (lo + h * (i as f64 + 0.5)).exp();
+                    let wl = lam.pdf(l) * l * h;
+                    for j in 0..n {
+                        let m = (lo + h * (j as f64 + 0.5)).exp();
+                        let w = wl * mu.pdf(m) * m * h;
+                        let alive = l.powf(c.x) * (-(l + m) * c.t).exp();
+                        let died = l.powf(c.x) * m / (l + m)
+                            * ((-(l + m) * c.t_x).exp() - (-(l + m) * c.t).exp());
+                        den += w * (alive + died);
+                        num += w * alive * l / m * (1.0 - (-m * t).exp());
+                    }
+                }
+                let closed = expected_purchases(&p, &c, t).expect("E[Y]");
+                assert!(
+                    (closed / (num / den) - 1.0).abs() < 1e-3,
+                    "{p:?} {c:?}: closed {closed}, integral {}",
+                    num / den
+                );
             }
         }
     }

@@ -14,8 +14,9 @@
 use serde::{Deserialize, Serialize};
 use touchledger_domain::bgnbd::{Params, Rfm};
 use touchledger_domain::churn::ChurnRules;
-use touchledger_domain::evaluation::{self, Buyer, Evaluation, WarningEvaluation};
+use touchledger_domain::evaluation::{self, Buyer, CountModelCheck, Evaluation, WarningEvaluation};
 use touchledger_domain::facts::{AsOf, CustomerFacts, day_of};
+use touchledger_domain::paretonbd;
 use touchledger_domain::{
     ChurnLevel, EvaluatedThreshold, Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelEvaluated,
     ModelFitted, Payload, SCHEMA_VERSION, TimeUnit, Timestamp,
@@ -168,17 +169,49 @@ impl Prepared {
         (day_of(self.holdout_end) - day_of(self.calibration_end)) as f64 / self.unit_days
     }
 
-    /// The whole evaluation with the warnings of `rules`.
+    /// The whole evaluation with the warnings of `rules`, and BG/NBD against Pareto/NBD (fitted
+    /// here on the same calibration statistics) on the same holdout. A Pareto/NBD fit that
+    /// fails (a degenerate likelihood) leaves BG/NBD alone in the comparison, logged.
     pub fn evaluate(&self, rules: &ChurnRules) -> ModelEvaluation {
         let buyers = self.buyers(rules);
+        let mut evaluation = evaluation::evaluate(
+            &self.params,
+            self.unit_days,
+            &buyers,
+            day_of(self.calibration_end),
+            day_of(self.holdout_end),
+        );
+        let length = self.holdout_length();
+        let named = |pairs: [(&str, f64); 4]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect::<Vec<_>>()
+        };
+        let p = &self.params;
+        evaluation.count_models.push(CountModelCheck::of(
+            "BG/NBD",
+            named([("r", p.r), ("alpha", p.alpha), ("a", p.a), ("b", p.b)]),
+            self.model.log_likelihood,
+            &buyers,
+            |c| touchledger_domain::bgnbd::expected_purchases(p, c, length),
+        ));
+        let stats: Vec<Rfm> = buyers.iter().map(|b| b.calibration).collect();
+        match paretonbd::fit(&stats) {
+            Ok(fit) => {
+                let q = fit.params;
+                evaluation.count_models.push(CountModelCheck::of(
+                    "Pareto/NBD",
+                    named([("r", q.r), ("alpha", q.alpha), ("s", q.s), ("beta", q.beta)]),
+                    fit.log_likelihood,
+                    &buyers,
+                    |c| paretonbd::expected_purchases(&q, c, length),
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "Pareto/NBD not fitted for the comparison"),
+        }
         ModelEvaluation {
-            evaluation: evaluation::evaluate(
-                &self.params,
-                self.unit_days,
-                &buyers,
-                day_of(self.calibration_end),
-                day_of(self.holdout_end),
-            ),
+            evaluation,
             model: self.model.clone(),
             calibration_end: self.calibration_end,
             holdout_end: self.holdout_end,
