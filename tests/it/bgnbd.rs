@@ -593,7 +593,6 @@ fn tuning_on_the_cdnow_sample_ranks_rule_sets_and_writes_rules_evaluate_reproduc
         auc(best),
         best["rules"]
     );
-    assert!(auc(best) >= auc(given));
     // Every rule set classifies every buyer at some level.
     for x in tried {
         let n: u64 = x["warnings"]["levels"]

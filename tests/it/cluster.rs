@@ -131,6 +131,9 @@ async fn survives(fault: Fault, seed: &str) {
     let intake = js.get_stream("CRM_TOUCHPOINTS").await.expect("intake");
     let placed_by = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
+        // Each group led by its partition's preferred peer (not only a 3/3/2 count, which a
+        // lucky election could give).
+        let mut misplaced = Vec::new();
         let mut leaders = std::collections::BTreeMap::<String, u32>::new();
         for name in ["CRM_TOUCHPOINTS", "KV_CRM_LEASES"]
             .into_iter()
@@ -140,12 +143,16 @@ async fn survives(fault: Fault, seed: &str) {
             let mut s = js.get_stream(&name).await.expect("stream");
             let info = s.info().await.expect("info");
             assert_eq!(info.config.num_replicas, 3, "{name}");
-            if name.starts_with("CRM_LEDGER_EVENTS_P") {
-                let leader = info
-                    .cluster
-                    .clone()
-                    .and_then(|c| c.leader)
-                    .unwrap_or_default();
+            if let Some(n) = name.strip_prefix("CRM_LEDGER_EVENTS_P") {
+                let cluster = info.cluster.clone().unwrap_or_default();
+                let leader = cluster.leader.clone().unwrap_or_default();
+                let mut peers: Vec<String> =
+                    cluster.replicas.iter().map(|r| r.name.clone()).collect();
+                peers.push(leader.clone());
+                let n: u32 = n.parse().expect("partition");
+                if touchledger_bus::preferred_peer(&peers, n).as_deref() != Some(leader.as_str()) {
+                    misplaced.push(format!("feed {n} led by {leader:?}"));
+                }
                 *leaders.entry(leader).or_default() += 1;
             }
         }
@@ -153,13 +160,19 @@ async fn survives(fault: Fault, seed: &str) {
         for n in 0..P {
             let name = format!("touchledger-ledger-p{n}");
             let info = intake.consumer_info(&name).await.expect("consumer info");
-            let leader = info.cluster.and_then(|c| c.leader).unwrap_or_default();
+            let cluster = info.cluster.unwrap_or_default();
+            let leader = cluster.leader.clone().unwrap_or_default();
+            let mut peers: Vec<String> = cluster.replicas.iter().map(|r| r.name.clone()).collect();
+            peers.push(leader.clone());
+            if touchledger_bus::preferred_peer(&peers, n).as_deref() != Some(leader.as_str()) {
+                misplaced.push(format!("intake consumer {n} led by {leader:?}"));
+            }
             *consumer_leaders.entry(leader).or_default() += 1;
         }
         let spread = |s: &std::collections::BTreeMap<String, u32>| {
             s.len() == 3 && !s.contains_key("") && s.values().all(|&k| (2..=3).contains(&k))
         };
-        if spread(&leaders) && spread(&consumer_leaders) {
+        if misplaced.is_empty() && spread(&leaders) && spread(&consumer_leaders) {
             phase(&format!(
                 "balanced; feed leaders {leaders:?}, intake consumer leaders {consumer_leaders:?}"
             ));
@@ -167,7 +180,7 @@ async fn survives(fault: Fault, seed: &str) {
         }
         assert!(
             tokio::time::Instant::now() < placed_by,
-            "leaders not spread 3/3/2 over the nodes within 30 s: feeds {leaders:?}, intake consumers {consumer_leaders:?}\n{}",
+            "leaders not placed within 30 s: {misplaced:?}; feeds {leaders:?}, intake consumers {consumer_leaders:?}\n{}",
             logs()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;

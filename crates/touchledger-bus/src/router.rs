@@ -822,11 +822,14 @@ impl Router {
             });
             if !states.is_empty() && states.iter().all(|s| s.unchanged) {
                 let checked = states.into_iter().map(|s| s.folded).collect();
+                // Only the entry that was checked moves on: another read may have replaced it
+                // meanwhile (merged from a lagging owner), and its positions are its own.
                 if let Some(e) = self
                     .month_ends
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get_mut(&key)
+                    && e.checked == entry.checked
                 {
                     e.checked = checked;
                 }
@@ -1173,4 +1176,30 @@ pub async fn run_router(
     }
     let _ = fitting.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogPoint;
+
+    #[test]
+    fn a_folded_header_is_a_position_and_a_hash() {
+        assert_eq!(
+            LogPoint::parse("42:ab12"),
+            Some(LogPoint {
+                position: 42,
+                hash: "ab12".into()
+            })
+        );
+        assert_eq!(
+            LogPoint::parse("0:"),
+            Some(LogPoint {
+                position: 0,
+                hash: String::new()
+            })
+        );
+        for bad in ["", "42", "x:ab", "-1:ab"] {
+            assert_eq!(LogPoint::parse(bad), None, "{bad:?}");
+        }
+    }
 }

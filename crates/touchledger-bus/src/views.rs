@@ -464,7 +464,10 @@ fn view_messages(
         "loyalty" => views::loyalty(customer, &rules.loyalty.evaluate(&f, as_of)).encode_to_vec(),
         _ => {
             let model = reads.model(as_of).map_err(projector_err)?;
-            views::churn(customer, &rules.churn.evaluate(&f, model.as_ref(), as_of)).encode_to_vec()
+            let view = rules
+                .churn
+                .evaluate_with_expectation(&f, model.as_ref(), as_of);
+            views::churn(customer, &view).encode_to_vec()
         }
     };
     Ok(Some((subjects.view(projection, customer), bytes)))

@@ -143,10 +143,11 @@ pub struct ChurnView {
     /// P(alive) (or P(purchase in the horizon) for one-time buyers) from the model.
     pub p_active: Option<f64>,
     /// BG/NBD P(alive) itself (1 for a one-time buyer: the model has seen no sign of them
-    /// dropping out), when a model applies.
+    /// dropping out), when a model applies; in a customer's own view only
+    /// ([`ChurnRules::evaluate_with_expectation`]).
     pub p_alive: Option<f64>,
     /// BG/NBD E[Y(t) | x, tₓ, T]: the purchase-days expected in the next
-    /// `expected_purchases_days`, when a model applies.
+    /// `expected_purchases_days`, when a model applies; in a customer's own view only.
     pub expected_purchases: Option<f64>,
     /// The horizon of `expected_purchases`, days.
     pub expected_purchases_days: i64,
@@ -251,6 +252,8 @@ impl ChurnRules {
         for (field, days) in [
             ("churn.one_time_horizon_days", self.one_time_horizon_days),
             ("churn.textbook_silent_days", self.textbook_silent_days),
+            ("churn.frequency_recent_days", self.frequency_recent_days),
+            ("churn.frequency_window_days", self.frequency_window_days),
             ("churn.complaint_window_days", self.complaint_window_days),
             (
                 "churn.dissatisfied_window_days",
@@ -261,10 +264,30 @@ impl ChurnRules {
                 "churn.expected_purchases_days",
                 self.expected_purchases_days,
             ),
+            (
+                "churn.complaint_sla_hours",
+                self.complaint_sla_hours.saturating_add(23) / 24,
+            ),
         ] {
-            if days <= 0 {
-                return bad(field, format!("{days}: a number of days must be positive"));
+            crate::population::check_days(field, days)?;
+        }
+        for (field, v) in [
+            (
+                "churn.textbook_visits_per_year",
+                self.textbook_visits_per_year,
+            ),
+            ("churn.frequency_drop_below", self.frequency_drop_below),
+            ("churn.dissatisfied_c_below", self.dissatisfied_c_below),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(field, format!("{v}: need a finite value > 0"));
             }
+        }
+        if !(1..=5).contains(&self.dissatisfied_csat_at_most) {
+            return bad(
+                "churn.dissatisfied_csat_at_most",
+                format!("{}: CSAT is 1 … 5", self.dissatisfied_csat_at_most),
+            );
         }
         if self.complaints_watch > self.complaints_warning {
             return bad(
@@ -307,6 +330,30 @@ impl ChurnRules {
             }
         }
         hi
+    }
+
+    /// [`ChurnRules::evaluate`] with what the model says about the customer beyond the
+    /// warning: BG/NBD P(alive) and the purchase-days it expects over
+    /// `expected_purchases_days` ([`ChurnView::p_alive`], [`ChurnView::expected_purchases`]).
+    /// For a customer's own view (query, 360, the churn view on NATS); population passes and
+    /// the at-risk list use [`ChurnRules::evaluate`], which leaves them out (a hypergeometric
+    /// series per customer that no population figure uses).
+    pub fn evaluate_with_expectation(
+        &self,
+        facts: &CustomerFacts,
+        model: Option<&ModelFitted>,
+        as_of: AsOf,
+    ) -> ChurnView {
+        let mut view = self.evaluate(facts, model, as_of);
+        if let Some((p, unit)) = model.and_then(model_params)
+            && let Some(rfm) = rfm_of(&facts.purchase_days(as_of), day_of(as_of.at), unit)
+            && rfm.check().is_ok()
+        {
+            view.p_alive = Some(bgnbd::p_alive(&p, &rfm));
+            view.expected_purchases =
+                bgnbd::expected_purchases(&p, &rfm, self.expected_purchases_days as f64 / unit);
+        }
+        view
     }
 
     /// Evaluate the churn warning of `facts` at `as_of`, with the model fitted at the time
@@ -446,7 +493,10 @@ impl ChurnRules {
                 ));
             }
         }
-        let window_start = as_of.at.unix_nanos() - self.complaint_window_days * NANOS_PER_DAY;
+        let window_start = as_of
+            .at
+            .unix_nanos()
+            .saturating_sub(self.complaint_window_days.saturating_mul(NANOS_PER_DAY));
         let recent: Vec<Timestamp> = facts
             .complaints_at(as_of)
             .map(|c| c.stamp.occurred_at)
@@ -474,7 +524,10 @@ impl ChurnRules {
         }
 
         // DISSATISFIED
-        let dis_start = as_of.at.unix_nanos() - self.dissatisfied_window_days * NANOS_PER_DAY;
+        let dis_start = as_of
+            .at
+            .unix_nanos()
+            .saturating_sub(self.dissatisfied_window_days.saturating_mul(NANOS_PER_DAY));
         let mut last_c = None;
         let mut last_csat = None;
         let mut last_nps = None;
@@ -631,16 +684,16 @@ impl ChurnRules {
         for c in facts.complaints_at(as_of) {
             let t = c.stamp.occurred_at.unix_nanos();
             consider(Timestamp::from_unix_nanos(t.saturating_add(sla)));
-            consider(Timestamp::from_unix_nanos(
-                t.saturating_add(self.complaint_window_days * NANOS_PER_DAY),
-            ));
+            consider(Timestamp::from_unix_nanos(t.saturating_add(
+                self.complaint_window_days.saturating_mul(NANOS_PER_DAY),
+            )));
         }
         for s in facts.surveys_at(as_of) {
             consider(Timestamp::from_unix_nanos(
                 s.stamp
                     .occurred_at
                     .unix_nanos()
-                    .saturating_add(self.dissatisfied_window_days * NANOS_PER_DAY),
+                    .saturating_add(self.dissatisfied_window_days.saturating_mul(NANOS_PER_DAY)),
             ));
         }
         best
@@ -701,7 +754,10 @@ impl ChurnRules {
         } else if !burden.is_empty()
             || facts.complaints_at(as_of).any(|c| {
                 c.stamp.occurred_at.unix_nanos()
-                    > as_of.at.unix_nanos() - self.complaint_window_days * NANOS_PER_DAY
+                    > as_of
+                        .at
+                        .unix_nanos()
+                        .saturating_sub(self.complaint_window_days.saturating_mul(NANOS_PER_DAY))
             })
         {
             Some(LeavingReason::Disappointment)
@@ -718,16 +774,7 @@ impl ChurnRules {
         let score = p_active
             .map_or(floor, |p| (1.0 - p).max(floor))
             .clamp(0.0, 1.0);
-        // What the model says about the customer beyond the warning: P(alive) and the
-        // purchase-days it expects over the rules' horizon.
-        let expectation = model.and_then(model_params).and_then(|(p, unit)| {
-            let rfm = rfm_of(&facts.purchase_days(as_of), day_of(as_of.at), unit)?;
-            rfm.check().ok()?;
-            Some((
-                bgnbd::p_alive(&p, &rfm),
-                bgnbd::expected_purchases(&p, &rfm, self.expected_purchases_days as f64 / unit),
-            ))
-        });
+
         let currency = behaviour.main_currency().unwrap_or_default().to_owned();
         let value_at_risk_minor = if level == ChurnLevel::None {
             0
@@ -753,8 +800,8 @@ impl ChurnRules {
             value_at_risk_minor,
             currency,
             p_active,
-            p_alive: expectation.map(|(a, _)| a),
-            expected_purchases: expectation.and_then(|(_, e)| e),
+            p_alive: None,
+            expected_purchases: None,
             expected_purchases_days: self.expected_purchases_days,
             model_version: model.map(|m| m.model_version.clone()),
         }

@@ -1061,6 +1061,22 @@ pub struct Rules {
     pub population: PopulationRules,
 }
 
+/// The longest span a rule may give in days (100 years): day counts are multiplied into
+/// nanoseconds, which must not overflow.
+pub const MAX_DAYS: i64 = 36_500;
+
+/// `days` is a usable number of days for `field`: 1 ..= [`MAX_DAYS`].
+pub(crate) fn check_days(field: &'static str, days: i64) -> Result<(), RulesError> {
+    if (1..=MAX_DAYS).contains(&days) {
+        Ok(())
+    } else {
+        Err(RulesError::Value {
+            field,
+            detail: format!("{days}: a number of days must be 1 … {MAX_DAYS}"),
+        })
+    }
+}
+
 /// Why a rules file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
@@ -1089,8 +1105,80 @@ impl Rules {
         Ok(rules)
     }
 
-    /// Whether the thresholds are usable: ranges, and the pairs that set two levels in order.
+    /// Whether the thresholds are usable: ranges (every number of days in 1 ..= 36,500), and
+    /// the pairs that set two levels in order.
     pub fn check(&self) -> Result<(), RulesError> {
+        let bad = |field: &'static str, detail: String| Err(RulesError::Value { field, detail });
+        let (s, l, p) = (&self.satisfaction, &self.loyalty, &self.population);
+        for (field, d) in [
+            ("satisfaction.trend_lag_days", s.trend_lag_days),
+            (
+                "satisfaction.complaint_window_days",
+                s.complaint_window_days,
+            ),
+            ("loyalty.window_days", l.window_days),
+            ("loyalty.decline_one_time_days", l.decline_one_time_days),
+        ] {
+            check_days(field, d)?;
+        }
+        if !(s.met_at.is_finite()
+            && s.met_at > 0.0
+            && s.met_at <= s.delighted_at
+            && s.delighted_at.is_finite())
+        {
+            return bad(
+                "satisfaction.met_at",
+                format!(
+                    "need 0 < met_at ≤ delighted_at, have {} and {}",
+                    s.met_at, s.delighted_at
+                ),
+            );
+        }
+        if !(s.half_life_days.is_finite()
+            && s.half_life_days > 0.0
+            && s.half_life_days <= MAX_DAYS as f64)
+        {
+            return bad(
+                "satisfaction.half_life_days",
+                format!("{}: need 0 < days ≤ {MAX_DAYS}", s.half_life_days),
+            );
+        }
+        if !(s.trend_flat_within.is_finite() && s.trend_flat_within >= 0.0) {
+            return bad(
+                "satisfaction.trend_flat_within",
+                format!("{}: need a finite value ≥ 0", s.trend_flat_within),
+            );
+        }
+        if !(1..=5).contains(&s.recovered_at) {
+            return bad(
+                "satisfaction.recovered_at",
+                format!("{}: a resolution is rated 1 … 5", s.recovered_at),
+            );
+        }
+        if !(0.0..=1.0).contains(&l.attitude_high_at) {
+            return bad(
+                "loyalty.attitude_high_at",
+                format!("{}: attitude is 0 … 1", l.attitude_high_at),
+            );
+        }
+        if !(l.decline_k.is_finite() && l.decline_k > 0.0) {
+            return bad(
+                "loyalty.decline_k",
+                format!("{}: need a finite value > 0", l.decline_k),
+            );
+        }
+        if !(1..=1200).contains(&p.months) {
+            return bad(
+                "population.months",
+                format!("{}: need 1 … 1200 months", p.months),
+            );
+        }
+        if p.reporting_currency.as_deref().is_some_and(str::is_empty) {
+            return bad(
+                "population.reporting_currency",
+                "empty: leave it out for the currency with the largest total".into(),
+            );
+        }
         self.churn.check()
     }
 }
@@ -1139,7 +1227,24 @@ impl Rules {
         best
     }
 
-    /// Evaluate one customer's three views from the projections' facts.
+    /// One customer's three views from the projections' facts, the churn view with the model's
+    /// expectation ([`ChurnRules::evaluate_with_expectation`]): a customer's own read.
+    pub fn customer_views(
+        &self,
+        satisfaction: &CustomerFacts,
+        loyalty: &CustomerFacts,
+        churn: &CustomerFacts,
+        model: Option<&crate::event::ModelFitted>,
+        as_of: AsOf,
+    ) -> CustomerViews {
+        CustomerViews {
+            churn: self.churn.evaluate_with_expectation(churn, model, as_of),
+            ..self.customer(satisfaction, loyalty, churn, model, as_of)
+        }
+    }
+
+    /// Evaluate one customer's three views from the projections' facts (the churn view without
+    /// the model's expectation: what population passes fold).
     pub fn customer(
         &self,
         satisfaction: &CustomerFacts,
@@ -1161,6 +1266,59 @@ mod tests {
     use super::*;
     use crate::event::Survey;
     use crate::facts::test_support::{Log, day};
+
+    #[test]
+    fn rules_files_keep_defaults_and_refuse_bad_values_by_name() {
+        assert_eq!(Rules::from_json("{}").expect("empty"), Rules::default());
+        let partial = Rules::from_json(r#"{"loyalty": {"window_days": 180}}"#).expect("partial");
+        assert_eq!(partial.loyalty.window_days, 180);
+        assert_eq!(partial.churn, ChurnRules::default());
+        for (json, field) in [
+            (
+                r#"{"satisfaction": {"half_life_days": 0}}"#,
+                "satisfaction.half_life_days",
+            ),
+            (
+                r#"{"satisfaction": {"met_at": 1.2}}"#,
+                "satisfaction.met_at",
+            ),
+            (
+                r#"{"satisfaction": {"recovered_at": 6}}"#,
+                "satisfaction.recovered_at",
+            ),
+            (r#"{"loyalty": {"window_days": -1}}"#, "loyalty.window_days"),
+            (
+                r#"{"loyalty": {"attitude_high_at": 1.5}}"#,
+                "loyalty.attitude_high_at",
+            ),
+            (r#"{"population": {"months": 0}}"#, "population.months"),
+            (
+                r#"{"churn": {"complaint_window_days": 200000}}"#,
+                "churn.complaint_window_days",
+            ),
+            (
+                r#"{"churn": {"complaint_sla_hours": 0}}"#,
+                "churn.complaint_sla_hours",
+            ),
+            (
+                r#"{"churn": {"alive_watch_below": 1.5}}"#,
+                "churn.alive_watch_below",
+            ),
+            (
+                r#"{"churn": {"overdue_watch_k": 4}}"#,
+                "churn.overdue_watch_k",
+            ),
+        ] {
+            match Rules::from_json(json) {
+                Err(RulesError::Value { field: f, .. }) => assert_eq!(f, field, "{json}"),
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            Rules::from_json(r#"{"churn": {"lost_after_dayz": 10}}"#),
+            Err(RulesError::Shape(m)) if m.contains("lost_after_dayz")
+        ));
+    }
 
     #[test]
     fn months() {

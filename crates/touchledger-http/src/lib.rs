@@ -113,8 +113,9 @@ struct AppState {
     backend: Backend,
     client: async_nats::Client,
     cfg: HttpConfig,
-    /// One model evaluation at a time (each is a fit and a pass over every customer).
-    evaluating: tokio::sync::Semaphore,
+    /// One model evaluation at a time (each is a fit and a pass over every customer); the
+    /// permit goes with the blocking task, so a client that hangs up does not free it early.
+    evaluating: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where the reads come from.
@@ -331,14 +332,19 @@ async fn model_evaluation(State(s): State<Arc<AppState>>, q: Params) -> Result<R
             ));
         }
     };
-    let Ok(_one) = s.evaluating.try_acquire() else {
-        return Err(ApiError(
+    let Ok(one) = s.evaluating.clone().try_acquire_owned() else {
+        return Ok((
             StatusCode::SERVICE_UNAVAILABLE,
-            "another evaluation is running; retry when it is done".into(),
-        ));
+            [(header::RETRY_AFTER, "5")],
+            Json(json!({ "error": "another evaluation is running; retry when it is done" })),
+        )
+            .into_response());
     };
     blocking(move || match evaluate(&reads, t1, t2, unit) {
-        Ok(e) => Ok(Json(e).into_response()),
+        Ok(e) => {
+            drop(one);
+            Ok(Json(e).into_response())
+        }
         Err(e @ EvaluateError::Periods { .. }) => Err(bad(e.to_string())),
         // The data cannot be fitted (no buyer by the calibration end, a degenerate
         // likelihood): a property of the instants asked for, not a server failure.
@@ -830,7 +836,7 @@ fn app(backend: Backend, client: async_nats::Client, cfg: HttpConfig) -> Router 
         backend,
         client,
         cfg,
-        evaluating: tokio::sync::Semaphore::new(1),
+        evaluating: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     Router::new()
         .route("/", get(index))

@@ -107,7 +107,13 @@ impl ReadModels {
             return Ok(None);
         }
         let model = self.model(as_of)?;
-        Ok(Some(self.rules.customer(&s, &l, &c, model.as_ref(), as_of)))
+        Ok(Some(self.rules.customer_views(
+            &s,
+            &l,
+            &c,
+            model.as_ref(),
+            as_of,
+        )))
     }
 
     /// Every customer, with their churn-projection facts (which hold every kind), in id order.
