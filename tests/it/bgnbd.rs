@@ -309,8 +309,8 @@ fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
     let (_dir, data) = cdnow_sample_ledger();
     let d = data.to_str().expect("utf8");
     // FHL's periods: calibration to 1997-09-30, a 39-week holdout to 1998-06-30.
-    let evaluate = |last: &str| {
-        let (code, out, err) = crate::cli::cli(&[
+    let evaluate = |last: &[&str]| {
+        let mut args = vec![
             "evaluate",
             "--data",
             d,
@@ -318,12 +318,13 @@ fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
             "1997-09-30",
             "--holdout-end",
             "1998-06-30",
-            last,
-        ]);
+        ];
+        args.extend_from_slice(last);
+        let (code, out, err) = crate::cli::cli(&args);
         assert_eq!(code, 0, "{out}{err}");
         out
     };
-    let out = evaluate("--json");
+    let out = evaluate(&["--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let e = &v["evaluation"];
     eprintln!(
@@ -452,7 +453,7 @@ fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
     // Recorded for auditors: one ModelEvaluated in the log with the figures printed; recording
     // again is a duplicate.
     let record = |expect: &str| {
-        let out = evaluate("--record");
+        let out = evaluate(&["--record"]);
         assert!(out.contains(expect), "{out}");
     };
     record("recorded as ModelEvaluated at position");
@@ -497,18 +498,7 @@ fn evaluate_on_the_cdnow_sample_reproduces_the_published_holdout_check() {
     // The plots as files: FHL's three figures, drawn from the figures above.
     drop(store);
     let plots = data.with_extension("plots");
-    let (code, out, err) = crate::cli::cli(&[
-        "evaluate",
-        "--data",
-        d,
-        "--calibration-end",
-        "1997-09-30",
-        "--holdout-end",
-        "1998-06-30",
-        "--svg",
-        plots.to_str().expect("utf8"),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    let out = evaluate(&["--svg", plots.to_str().expect("utf8")]);
     assert!(out.contains("plots written"), "{out}");
     let svg = |name: &str| std::fs::read_to_string(plots.join(name)).expect(name);
     for name in ["frequency.svg", "tracking.svg", "conditional.svg"] {

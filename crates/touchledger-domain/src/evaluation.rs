@@ -173,38 +173,64 @@ impl CountModelCheck {
         buyers: &[Buyer],
         expect: impl Fn(&Rfm) -> Option<f64>,
     ) -> CountModelCheck {
-        let mut sums = [(0u64, 0u64, 0.0f64); LAST_BIN + 1];
-        let mut total = 0.0;
-        for b in buyers {
-            let e = expect(&b.calibration).unwrap_or(0.0);
-            total += e;
-            let s = &mut sums[bin_of(b.calibration.x)];
-            s.0 += 1;
-            s.1 += u64::from(b.holdout);
-            s.2 += e;
-        }
-        let n = buyers.len().max(1) as f64;
-        let mut error = 0.0;
-        let means = sums
+        let (bins, total) = conditional_bins(
+            buyers,
+            buyers.iter().map(|b| expect(&b.calibration).unwrap_or(0.0)),
+        );
+        Self::from_conditional(model, parameters, log_likelihood, total, &bins)
+    }
+
+    /// The check from a model's holdout total and its means by calibration frequency (an
+    /// [`Evaluation`]'s `holdout_predicted` and `conditional`, for the model it was made with).
+    pub fn from_conditional(
+        model: &str,
+        parameters: Vec<(String, f64)>,
+        log_likelihood: f64,
+        holdout_predicted: f64,
+        bins: &[ConditionalBin],
+    ) -> CountModelCheck {
+        let n = bins.iter().map(|b| b.customers).sum::<u64>().max(1) as f64;
+        let error: f64 = bins
             .iter()
-            .map(|&(k, actual, predicted)| {
-                if k == 0 {
-                    return 0.0;
-                }
-                let mean = predicted / k as f64;
-                error += k as f64 * (mean - actual as f64 / k as f64).abs();
-                mean
-            })
-            .collect();
+            .map(|b| b.customers as f64 * (b.predicted_mean - b.actual_mean).abs())
+            .sum();
         CountModelCheck {
             model: model.to_owned(),
             parameters,
             log_likelihood,
-            holdout_predicted: total,
-            conditional_predicted_means: means,
+            holdout_predicted,
+            conditional_predicted_means: bins.iter().map(|b| b.predicted_mean).collect(),
             conditional_mean_abs_error: error / n,
         }
     }
+}
+
+/// The buyers' holdout purchases by calibration frequency, actual and `expected` (one value per
+/// buyer, in order), and the expected total.
+fn conditional_bins(
+    buyers: &[Buyer],
+    expected: impl Iterator<Item = f64>,
+) -> (Vec<ConditionalBin>, f64) {
+    let mut sums = [(0u64, 0u64, 0.0f64); LAST_BIN + 1];
+    let mut total = 0.0;
+    for (b, e) in buyers.iter().zip(expected) {
+        total += e;
+        let s = &mut sums[bin_of(b.calibration.x)];
+        s.0 += 1;
+        s.1 += u64::from(b.holdout);
+        s.2 += e;
+    }
+    let bins = sums
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, actual, predicted))| ConditionalBin {
+            repeat_purchases: bin_label(i),
+            customers: n,
+            actual_mean: if n > 0 { actual as f64 / n as f64 } else { 0.0 },
+            predicted_mean: if n > 0 { predicted / n as f64 } else { 0.0 },
+        })
+        .collect();
+    (bins, total)
 }
 
 /// Everything [`evaluate`] reports.
@@ -279,29 +305,13 @@ pub fn evaluate(
     }
 
     // The holdout, in total and by calibration frequency (Figure 4).
-    let expected: Vec<f64> = buyers
-        .iter()
-        .map(|b| bgnbd::expected_purchases(params, &b.calibration, holdout_length).unwrap_or(0.0))
-        .collect();
-    let mut sums = [(0u64, 0u64, 0.0f64); LAST_BIN + 1];
-    for (b, e) in buyers.iter().zip(&expected) {
-        let s = &mut sums[bin_of(b.calibration.x)];
-        s.0 += 1;
-        s.1 += u64::from(b.holdout);
-        s.2 += e;
-    }
-    let conditional = sums
-        .iter()
-        .enumerate()
-        .map(|(i, &(n, actual, predicted))| ConditionalBin {
-            repeat_purchases: bin_label(i),
-            customers: n,
-            actual_mean: if n > 0 { actual as f64 / n as f64 } else { 0.0 },
-            predicted_mean: if n > 0 { predicted / n as f64 } else { 0.0 },
-        })
-        .collect();
+    let (conditional, holdout_predicted) = conditional_bins(
+        buyers,
+        buyers.iter().map(|b| {
+            bgnbd::expected_purchases(params, &b.calibration, holdout_length).unwrap_or(0.0)
+        }),
+    );
     let holdout_actual = buyers.iter().map(|b| u64::from(b.holdout)).sum();
-    let holdout_predicted = expected.iter().sum();
 
     Evaluation {
         customers: buyers.len() as u64,

@@ -189,13 +189,15 @@ impl Prepared {
                 .collect::<Vec<_>>()
         };
         let p = &self.params;
-        evaluation.count_models.push(CountModelCheck::of(
+        // BG/NBD's holdout figures are the evaluation's own.
+        let bgnbd = CountModelCheck::from_conditional(
             "BG/NBD",
             named([("r", p.r), ("alpha", p.alpha), ("a", p.a), ("b", p.b)]),
             self.model.log_likelihood,
-            &buyers,
-            |c| touchledger_domain::bgnbd::expected_purchases(p, c, length),
-        ));
+            evaluation.holdout_predicted,
+            &evaluation.conditional,
+        );
+        evaluation.count_models.push(bgnbd);
         let stats: Vec<Rfm> = buyers.iter().map(|b| b.calibration).collect();
         match paretonbd::fit(&stats) {
             Ok(fit) => {
