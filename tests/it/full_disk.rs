@@ -214,8 +214,19 @@ async fn serve_whose_store_fails_exits_within_the_bound_and_the_store_reopens() 
     // More space, a new process: the directory opens (half-written snapshots are
     // quarantined), and every acknowledged publish ends up stored exactly once.
     fs.resize(400);
-    let child = spawn_serve(&data, &server.url(), free_port(), &[]);
+    let http = free_port();
+    let child = spawn_serve(&data, &server.url(), http, &[]);
     wait_drained(&js, N, Duration::from_secs(240)).await;
+    // The first process may have taken every publish before it failed: the stream is drained
+    // at once. Stop the new one only once it serves, as an operator would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(readyz(http), Some((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "the reopened store never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let exit = stop(child);
     assert!(exit.success(), "serve did not stop cleanly: {exit}");
     check_store(&data, N);

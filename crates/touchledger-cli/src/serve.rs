@@ -596,39 +596,52 @@ pub fn project(dir: &std::path::Path, nats: &NatsArgs, batch: usize) -> anyhow::
     })
 }
 
-/// A token cancelled on SIGINT/SIGTERM. Signals are caught from the start, so a SIGTERM
-/// during connect is a clean stop too. Call inside the runtime.
+/// A token cancelled on SIGINT/SIGTERM. The handlers are registered here, before this returns
+/// (not when a task first runs), so a signal at any later instant, during connect included, is
+/// a clean stop and never the default action's kill. Call inside the runtime.
 fn shutdown_on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
+    let signals = Signals::register();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("shutdown requested");
         signal.cancel();
     });
     shutdown
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, registered.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    registered: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                registered: signal(SignalKind::interrupt())
+                    .and_then(|i| Ok((i, signal(SignalKind::terminate())?)))
+                    .ok(),
+            }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    async fn recv(self) {
+        #[cfg(unix)]
+        if let Some((mut interrupt, mut terminate)) = self.registered {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
