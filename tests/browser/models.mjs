@@ -6,7 +6,8 @@
 // (8 frequency bins × 2 series of bars, one tracking point per week for each series, the four
 // thresholds, BG/NBD and Pareto/NBD side by side); the summary states the holdout's 1,882 actual repeat purchase-days (FHL's figure,
 // recomputed from the raw log by tests/it/bgnbd.rs); a holdout end before the calibration end
-// shows the API's message instead of plots; nothing overflows at 390 px. Screenshots are kept.
+// shows the API's message instead of plots; nothing overflows at 390 px; a customer page shows
+// the CLV of the recorded fit as the API states it. Screenshots are kept.
 //
 // Usage: node models.mjs BASE_URL ARTEFACT_DIR
 
@@ -68,6 +69,16 @@ try {
   const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 0, `horizontal overflow of ${overflow} px at 390 px`);
   await phone.screenshot({ path: join(artefacts, "models-390.png"), fullPage: true });
+  // A customer's page: the CLV of the recorded fit (BG/NBD with Gamma-Gamma), as the API has it.
+  const c1 = await (await fetch(`${base}/api/v1/customers/cdnow-1`)).json();
+  const v = c1.loyalty.value;
+  assert.ok(v && v.currency === "USD" && v.clv_minor > 0, JSON.stringify(c1.loyalty.value));
+  await page.goto(`${base}/#/customer/cdnow-1`);
+  await page.waitForSelector("#clv");
+  const clv = await page.textContent("#clv");
+  assert.ok(clv.includes(`over ${v.horizon_months} months`), clv);
+  const amount = await page.evaluate((m) => (m / 100).toLocaleString(undefined, {maximumFractionDigits: 0}), v.clv_minor);
+  assert.ok(clv.startsWith(`${amount} USD over`), `${clv} vs ${amount}`);
   console.log(`models page: CDNOW sample, holdout ${e.holdout_actual} actual / ${e.holdout_predicted.toFixed(1)} predicted, AUC ${e.warnings.auc.rules_score.toFixed(3)}`);
 } catch (err) {
   console.error(err);

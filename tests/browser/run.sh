@@ -121,6 +121,8 @@ fi
 
 # The Models page (issue 13) on real data: the CDNOW sample imported into its own ledger.
 "$bin" import cdnow --data "$work/cdnow" --file tests/data/cdnow/CDNOW_sample.txt >/dev/null
+# A recorded fit (BG/NBD with Gamma-Gamma) gives the customer pages their CLV.
+"$bin" fit --data "$work/cdnow" --as-of 1997-09-30 --unit weeks >/dev/null
 serve_ledger cdnow "$work/cdnow" 300
 if ! node tests/browser/models.mjs "$served_base" "$artefacts"; then
   tail -n 40 "$served_log" >&2

@@ -573,21 +573,48 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
         m.log_likelihood
     );
     assert_eq!(m.customers, 2357);
+    // The spend model fitted with it: Fader, Hardie & Lee (2005, "RFM and CLV") on the 946
+    // repeat buyers, p = 6.25, q = 3.74, γ = $15.44 (in cents here: every CDNOW value is USD).
+    let spend = m.spend.as_ref().expect("a spend model");
+    assert_eq!(spend.currency, "USD");
+    assert_eq!(spend.customers, 946);
+    for (name, got, want) in [
+        ("p", spend.p, 6.25),
+        ("q", spend.q, 3.74),
+        ("gamma", spend.gamma, 1544.0),
+    ] {
+        assert!((got / want - 1.0).abs() < 0.005, "{name} = {got} vs {want}");
+    }
+    assert!(
+        out.contains("Gamma-Gamma spend model on 946 repeat buyers paying in USD"),
+        "{out}"
+    );
     assert_eq!(fits[0].event.source, "ledger");
     drop(store);
+    // Customer 1 at 1997-09-30, under a rules file (`name`, with `rules`) when given.
+    let query_under = |rules: Option<(&str, &str)>| -> serde_json::Value {
+        let mut args = vec![
+            "query",
+            "--data",
+            data,
+            "--customer",
+            "cdnow-1",
+            "--as-of",
+            "1997-09-30",
+            "--json",
+        ];
+        let path;
+        if let Some((name, rules)) = rules {
+            path = std::path::Path::new(data).with_extension(name);
+            std::fs::write(&path, rules).expect("rules");
+            args.extend(["--rules", path.to_str().expect("utf8")]);
+        }
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).expect("json")
+    };
     // Queries use it: customer 1 of the sample (x = 2, t_x = 30.43, T = 38.86).
-    let (code, out, err) = cli(&[
-        "query",
-        "--data",
-        data,
-        "--customer",
-        "cdnow-1",
-        "--as-of",
-        "1997-09-30",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let v = query_under(None);
     assert_eq!(
         v["churn"]["model_version"],
         serde_json::json!(m.model_version)
@@ -607,27 +634,52 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     // FHL's worked example is this customer: E[Y(39 weeks)] = 1.226. With a 273-day (39-week)
     // horizon set in a rules file, the churn view says the same (our fit is the published one
     // to ±0.5 %).
-    let rules = std::path::Path::new(data).with_extension("rules.json");
-    std::fs::write(&rules, r#"{"churn": {"expected_purchases_days": 273}}"#).expect("rules");
-    let (code, out, err) = cli(&[
-        "query",
-        "--data",
-        data,
-        "--customer",
-        "cdnow-1",
-        "--as-of",
-        "1997-09-30",
-        "--json",
-        "--rules",
-        rules.to_str().expect("utf8"),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v39: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let v39 = query_under(Some((
+        "rules.json",
+        r#"{"churn": {"expected_purchases_days": 273}}"#,
+    )));
     assert_eq!(v39["churn"]["expected_purchases_days"], 273);
     let e = v39["churn"]["expected_purchases"].as_f64().expect("E[Y]");
     assert!((e / 1.226 - 1.0).abs() < 0.01, "E[Y(39)] = {e}");
     let e365 = v["churn"]["expected_purchases"].as_f64().expect("E[Y]");
     assert!(e365 > e, "a longer horizon expects more: {e365} vs {e}");
+    // Customer 1's value. By 1997-09-30 their repeat purchase-days were $29.73 (1997-01-18) and
+    // $14.96 (1997-08-02): x = 2, mean 2,234.5 cents. Gamma-Gamma's expectation is
+    // p(γ + x·m)/(px + q − 1), computed here from the recorded parameters.
+    let value = &v["loyalty"]["value"];
+    assert_eq!(value["currency"], "USD", "{value}");
+    assert_eq!(value["model_version"], serde_json::json!(m.model_version));
+    assert_eq!(value["horizon_months"], 12);
+    let z = spend.p * (spend.gamma + 2.0 * 2_234.5) / (spend.p * 2.0 + spend.q - 1.0);
+    let got = value["expected_average_value_minor"]
+        .as_f64()
+        .expect("E[Z]");
+    assert!((got - z).abs() < 1e-6 * z, "E[Z] = {got} vs {z}");
+    // Undiscounted over 9 months (39.1 weeks) CLV is E[Z] · E[Y(9 months)], and E[Y(39 weeks)]
+    // is the paper's 1.226; discounted at the default 1 %/month over 12 months it is less than
+    // undiscounted over 12.
+    let v9 = query_under(Some((
+        "clv.json",
+        r#"{"loyalty": {"clv_horizon_months": 9, "clv_monthly_discount": 0.0}}"#,
+    )));
+    let ey9 = v9["loyalty"]["value"]["expected_purchases"]
+        .as_f64()
+        .expect("E[Y(9 months)]");
+    assert!((ey9 / 1.226 - 1.0).abs() < 0.01, "E[Y(9 months)] = {ey9}");
+    let clv9 = v9["loyalty"]["value"]["clv_minor"].as_f64().expect("clv");
+    assert!(
+        (clv9 - z * ey9).abs() < 1e-6 * clv9,
+        "{clv9} vs {}",
+        z * ey9
+    );
+    let clv12 = value["clv_minor"].as_f64().expect("clv");
+    let ey12 = value["expected_purchases"]
+        .as_f64()
+        .expect("E[Y(12 months)]");
+    assert!(
+        clv12 < z * ey12 && clv12 > z * ey12 / 1.01f64.powi(12),
+        "{clv12}"
+    );
     // Refitting the same data is idempotent.
     let (code, out, _) = cli(&[
         "fit",

@@ -368,7 +368,7 @@ async fn remote_projectors_follow_the_feed_and_equal_a_rebuild() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_demand_refit_over_nats_is_recorded_and_used() {
+async fn on_demand_refit_and_evaluation_over_nats_are_recorded_and_used() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().expect("tmp");
     // The CDNOW sample, imported offline before the ledger starts.
@@ -505,6 +505,74 @@ async fn on_demand_refit_over_nats_is_recorded_and_used() {
             }
         }
     }
+    // The evaluation over NATS (`evaluate --remote`, `<prefix>.model.evaluate`) is the
+    // evaluation of the same projections in this process, figure for figure.
+    let remote = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "evaluate",
+            "--remote",
+            "--nats-url",
+            &server.url(),
+            "--calibration-end",
+            "1997-09-30",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect();
+        if !extra.contains(&"--holdout-end") {
+            args.extend(["--holdout-end".into(), "1998-06-30".into()]);
+        }
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::cli::cli(&args)
+        })
+    };
+    let join = |t: std::thread::JoinHandle<(i32, String, String)>| async move {
+        tokio::task::spawn_blocking(move || t.join().expect("cli thread"))
+            .await
+            .expect("join")
+    };
+    let (code, out, err) = join(remote(&["--json"])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let over_nats: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let reads = touchledger_projector::ReadModels::open(&store, Default::default()).expect("reads");
+    let here = touchledger_projector::evaluate::evaluate(
+        &reads,
+        at("1997-09-30"),
+        at("1998-06-30"),
+        touchledger_domain::TimeUnit::Weeks,
+    )
+    .expect("evaluate");
+    assert_eq!(over_nats, serde_json::to_value(&here).expect("JSON"));
+    assert_eq!(over_nats["evaluation"]["holdout_actual"], 1882);
+    // Recorded when asked, once: a repeat is the same record.
+    let (code, out, err) = join(remote(&["--record"])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let position: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("recorded as ModelEvaluated at position "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no position in {out}"));
+    assert_eq!(
+        store
+            .get(position)
+            .expect("read")
+            .expect("stored")
+            .event
+            .kind(),
+        EventKind::ModelEvaluated
+    );
+    let (code, out, _) = join(remote(&["--record"])).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("already recorded at position {position}")),
+        "{out}"
+    );
+    // A holdout that has not ended is refused with the reason, as offline.
+    let (code, out, _) = join(remote(&["--holdout-end", "2261-01-01"])).await;
+    assert_ne!(code, 0);
+    assert!(out.contains("has not passed"), "{out}");
     shutdown.cancel();
     for t in tasks {
         t.await.expect("join").expect("clean");

@@ -298,6 +298,12 @@ impl Subjects {
         format!("{}.model.fit", self.reads())
     }
 
+    /// `<prefix>.model.evaluate`: on-demand calibration/holdout evaluations (request/reply;
+    /// served where fits are).
+    pub fn model_evaluate(&self) -> String {
+        format!("{}.model.evaluate", self.reads())
+    }
+
     /// `<prefix>.partition.<n>.model.record` (`<prefix>.model.record` unpartitioned, unused):
     /// a partitioned ledger's fitted model, recorded in each partition's log.
     pub fn model_record(&self) -> String {

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use touchledger_domain::bgnbd::Rfm;
 use touchledger_domain::facts::AsOf;
 use touchledger_domain::partition::partition_of;
 use touchledger_domain::population::{PopulationView, Rules};
@@ -28,6 +27,7 @@ use touchledger_projector::api::{AtRiskAnswer, AtRiskRequest};
 use touchledger_projector::current::{
     Current, PopulationPart, RankCounts, RankKeys, RankStats, Thresholds,
 };
+use touchledger_projector::model::FitRow;
 use touchledger_projector::model::FitStatsRequest;
 use touchledger_projector::partial::{Merge, PartialPage, PartialRequest};
 use touchledger_projector::read::Ranks;
@@ -879,7 +879,7 @@ impl Router {
         partition: u32,
         as_of: Timestamp,
         unit: TimeUnit,
-    ) -> Result<Vec<(String, Rfm)>, ReadError> {
+    ) -> Result<Vec<(String, FitRow)>, ReadError> {
         let make = |after| {
             FitStatsRequest {
                 as_of,
@@ -913,10 +913,10 @@ impl Router {
         .await
         .map_err(FitFailed::Read)?;
         tokio::task::spawn_blocking(move || {
-            let mut all: Vec<(String, Rfm)> = parts.into_iter().flatten().collect();
+            let mut all: Vec<(String, FitRow)> = parts.into_iter().flatten().collect();
             all.sort_by(|a, b| a.0.cmp(&b.0));
-            let stats: Vec<Rfm> = all.into_iter().map(|(_, x)| x).collect();
-            touchledger_projector::model::fitted_event(&stats, as_of, unit)
+            let rows: Vec<FitRow> = all.into_iter().map(|(_, x)| x).collect();
+            touchledger_projector::model::fitted_event(&rows, as_of, unit)
         })
         .await
         .map_err(|e| FitFailed::Fit(format!("fit task: {e}")))?

@@ -88,9 +88,10 @@ pub struct ViewConfig {
     /// The ownership fence of a leased partition: checked before the assessor appends (the
     /// default always holds).
     pub fence: crate::Fence,
-    /// Serve on-demand model fits (`<prefix>.model.fit`). Default true; off in a partition of
-    /// a partitioned ledger, whose model would have to be fitted on every partition's
-    /// customers, not one partition's.
+    /// Serve on-demand model fits and evaluations (`<prefix>.model.fit`,
+    /// `<prefix>.model.evaluate`). Default true; off in a partition of a partitioned ledger,
+    /// whose model would have to be fitted on every partition's customers, not one
+    /// partition's.
     pub fits: bool,
     /// How far the partition's committed-event feed holds its records
     /// ([`crate::FeedProgress`]): a recorded model fit is acknowledged only once it is in the
@@ -461,7 +462,14 @@ fn view_messages(
         "satisfaction" => {
             views::satisfaction(customer, &rules.satisfaction.evaluate(&f, as_of)).encode_to_vec()
         }
-        "loyalty" => views::loyalty(customer, &rules.loyalty.evaluate(&f, as_of)).encode_to_vec(),
+        "loyalty" => {
+            let model = reads.model(as_of).map_err(projector_err)?;
+            views::loyalty(
+                customer,
+                &rules.loyalty.with_value(&f, model.as_ref(), as_of),
+            )
+            .encode_to_vec()
+        }
         _ => {
             let model = reads.model(as_of).map_err(projector_err)?;
             let view = rules
@@ -614,7 +622,173 @@ fn fit_now(
     }
 }
 
-async fn serve_fits(
+/// Evaluate the churn model and the warnings on `req`'s periods (`touchledger evaluate` on
+/// the running ledger) and record the evaluation when asked.
+fn evaluate_now(
+    reads: &ReadModels,
+    store: &SledStore,
+    req: &v1::EvaluateRequest,
+    now: Timestamp,
+) -> v1::EvaluateReply {
+    use touchledger_projector::evaluate::{EvaluateError, evaluate};
+    use touchledger_projector::model::FitError;
+    let err = |code: &str, message: String| v1::EvaluateReply {
+        error: Some(v1::QueryError {
+            code: code.into(),
+            message,
+        }),
+        ..Default::default()
+    };
+    let instant = |field: &str, t: Option<prost_types::Timestamp>| match t {
+        None => Err(format!("{field} is required")),
+        Some(t) => touchledger_proto::from_pb_time(field, Some(t)).map_err(|e| e.to_string()),
+    };
+    let periods = instant("calibration_end", req.calibration_end)
+        .and_then(|t1| Ok((t1, instant("holdout_end", req.holdout_end)?)));
+    let (t1, t2) = match periods {
+        Ok(x) => x,
+        Err(e) => return err("BAD_REQUEST", e),
+    };
+    if t2 > now {
+        return err(
+            "BAD_REQUEST",
+            format!("holdout_end ({t2}) has not passed yet (now {now}): nothing to compare with"),
+        );
+    }
+    let unit = match v1::TimeUnit::try_from(req.unit) {
+        Ok(v1::TimeUnit::Days) => TimeUnit::Days,
+        Ok(_) => TimeUnit::Weeks,
+        Err(_) => return err("BAD_REQUEST", format!("unknown time unit {}", req.unit)),
+    };
+    let e = match evaluate(reads, t1, t2, unit) {
+        Ok(e) => e,
+        Err(e @ EvaluateError::Periods { .. }) => return err("BAD_REQUEST", e.to_string()),
+        Err(EvaluateError::Fit(FitError::Model(e))) => {
+            return err("NO_MODEL", format!("no model at calibration_end {t1}: {e}"));
+        }
+        Err(e) => return err("INTERNAL", e.to_string()),
+    };
+    let event = e.event();
+    let mut reply = v1::EvaluateReply {
+        evaluation_json: match serde_json::to_string(&e) {
+            Ok(j) => j,
+            Err(e) => return err("INTERNAL", e.to_string()),
+        },
+        event: Some(v1::Envelope::from(&event)),
+        ..Default::default()
+    };
+    if req.record {
+        match store.append_ledger_events(vec![AppendItem::new(event)]) {
+            Ok(mut o) => match o.pop() {
+                Some(AppendOutcome::Appended { position, .. }) => reply.position = position,
+                Some(AppendOutcome::Duplicate { position, .. }) => {
+                    reply.position = position;
+                    reply.duplicate = true;
+                }
+                Some(AppendOutcome::Rejected(r)) => {
+                    return err("REJECTED", format!("ModelEvaluated not recorded: {r}"));
+                }
+                other => {
+                    return err(
+                        "INTERNAL",
+                        format!("ModelEvaluated not recorded: {other:?}"),
+                    );
+                }
+            },
+            Err(e) => return err("INTERNAL", e.to_string()),
+        }
+    }
+    reply
+}
+
+/// Answer a `FitRequest`'s bytes.
+fn fit_answer(reads: &ReadModels, store: &SledStore, payload: &[u8], now: Timestamp) -> Vec<u8> {
+    match v1::FitRequest::decode(payload) {
+        Ok(req) => fit_now(reads, store, &req, now),
+        Err(e) => v1::FitReply {
+            error: Some(v1::QueryError {
+                code: "BAD_REQUEST".into(),
+                message: format!("undecodable FitRequest: {e}"),
+            }),
+            ..Default::default()
+        },
+    }
+    .encode_to_vec()
+}
+
+/// Answer an `EvaluateRequest`'s bytes.
+fn evaluate_answer(
+    reads: &ReadModels,
+    store: &SledStore,
+    payload: &[u8],
+    now: Timestamp,
+) -> Vec<u8> {
+    match v1::EvaluateRequest::decode(payload) {
+        Ok(req) => evaluate_now(reads, store, &req, now),
+        Err(e) => v1::EvaluateReply {
+            error: Some(v1::QueryError {
+                code: "BAD_REQUEST".into(),
+                message: format!("undecodable EvaluateRequest: {e}"),
+            }),
+            ..Default::default()
+        },
+    }
+    .encode_to_vec()
+}
+
+/// A request on one of the model subjects: fit or evaluate.
+#[derive(Clone, Copy)]
+enum ModelRequest {
+    Fit,
+    Evaluate,
+}
+
+impl ModelRequest {
+    fn subject(self, s: &Subjects) -> String {
+        match self {
+            ModelRequest::Fit => s.model_fit(),
+            ModelRequest::Evaluate => s.model_evaluate(),
+        }
+    }
+
+    fn answer(
+        self,
+        reads: &ReadModels,
+        store: &SledStore,
+        payload: &[u8],
+        now: Timestamp,
+    ) -> Vec<u8> {
+        match self {
+            ModelRequest::Fit => fit_answer(reads, store, payload, now),
+            ModelRequest::Evaluate => evaluate_answer(reads, store, payload, now),
+        }
+    }
+
+    fn not_ready(self, target: u64) -> Vec<u8> {
+        let error = Some(v1::QueryError {
+            code: "NOT_READY".into(),
+            message: format!("the projections have not reached position {target} yet; retry"),
+        });
+        match self {
+            ModelRequest::Fit => v1::FitReply {
+                error,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            ModelRequest::Evaluate => v1::EvaluateReply {
+                error,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        }
+    }
+}
+
+/// Serve `what` (`<prefix>.model.fit` or `<prefix>.model.evaluate`) until `shutdown`: each
+/// request waits until the churn projection has folded the log up to the head as of the
+/// request, then runs on a blocking thread, one at a time (they are rare and CPU-bound).
+async fn serve_model_requests(
+    what: ModelRequest,
     client: async_nats::Client,
     reads: Arc<ReadModels>,
     store: Arc<SledStore>,
@@ -623,9 +797,9 @@ async fn serve_fits(
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let mut sub = client
-        .queue_subscribe(cfg.subjects.model_fit(), cfg.queue_group.clone())
+        .queue_subscribe(what.subject(&cfg.subjects), cfg.queue_group.clone())
         .await
-        .map_err(|e| nats_err("fit subscribe", e))?;
+        .map_err(|e| nats_err("model request subscribe", e))?;
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -634,8 +808,6 @@ async fn serve_fits(
         let Some(reply_subject) = msg.reply.clone() else {
             continue;
         };
-        // Fit on everything committed so far: wait until the churn projection has folded the
-        // log up to the head as of the request.
         let target = store.head().position;
         // (The guard `wait_for` returns is dropped at the end of this statement.)
         // A shutdown ends the wait (the projector stops, the checkpoint would never come).
@@ -647,41 +819,19 @@ async fn serve_fits(
             ) => matches!(r, Ok(Ok(_))),
         };
         if !caught_up {
-            let reply = v1::FitReply {
-                error: Some(v1::QueryError {
-                    code: "NOT_READY".into(),
-                    message: format!(
-                        "the projections have not reached position {target} yet; retry"
-                    ),
-                }),
-                ..Default::default()
-            };
             let _ = client
-                .publish(reply_subject.clone(), reply.encode_to_vec().into())
+                .publish(reply_subject.clone(), what.not_ready(target).into())
                 .await;
             continue;
         }
-        // One fit at a time: they are rare and CPU-bound.
         let (reads, store, clock) = (reads.clone(), store.clone(), cfg.clock.clone());
         let answer = tokio::task::spawn_blocking(move || {
-            match v1::FitRequest::decode(msg.payload.as_ref()) {
-                Ok(req) => fit_now(&reads, &store, &req, clock()),
-                Err(e) => v1::FitReply {
-                    error: Some(v1::QueryError {
-                        code: "BAD_REQUEST".into(),
-                        message: format!("undecodable FitRequest: {e}"),
-                    }),
-                    ..Default::default()
-                },
-            }
+            what.answer(&reads, &store, msg.payload.as_ref(), clock())
         })
         .await
-        .map_err(|e| nats_err("fit task", e))?;
-        if let Err(e) = client
-            .publish(reply_subject, answer.encode_to_vec().into())
-            .await
-        {
-            tracing::warn!(error = %e, "fit reply failed");
+        .map_err(|e| nats_err("model request task", e))?;
+        if let Err(e) = client.publish(reply_subject, answer.into()).await {
+            tracing::warn!(error = %e, "model request reply failed");
         }
     }
     Ok(())
@@ -1213,14 +1363,22 @@ pub async fn run_views(
         shutdown.clone(),
     ));
     let fits = if cfg.fits {
-        tokio::spawn(serve_fits(
-            client.clone(),
-            reads.clone(),
-            store.clone(),
-            cfg.clone(),
-            checkpoint_rx,
-            shutdown.clone(),
-        ))
+        let serve = |what| {
+            serve_model_requests(
+                what,
+                client.clone(),
+                reads.clone(),
+                store.clone(),
+                cfg.clone(),
+                checkpoint_rx.clone(),
+                shutdown.clone(),
+            )
+        };
+        let (fit, evaluate) = (serve(ModelRequest::Fit), serve(ModelRequest::Evaluate));
+        tokio::spawn(async move {
+            tokio::try_join!(fit, evaluate)?;
+            Ok(())
+        })
     } else if cfg.subjects.partition().is_some() {
         // A partition of a partitioned ledger records the fits the router makes.
         tokio::spawn(serve_model_records(

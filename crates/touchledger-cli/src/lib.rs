@@ -466,6 +466,13 @@ enum Command {
         /// 2–4, as on the dashboard's Models page) into this directory (created if missing).
         #[arg(long, conflicts_with = "tune")]
         svg: Option<PathBuf>,
+        /// Ask a running ledger over NATS (`<prefix>.model.evaluate`) instead of opening the
+        /// data directory (which `serve` holds). It evaluates under the rules it serves with;
+        /// `--rules` applies to offline runs only.
+        #[arg(long, conflicts_with = "tune")]
+        remote: bool,
+        #[command(flatten)]
+        nats: serve::NatsArgs,
     },
     /// A running ledger as NATS sees it.
     Cluster {
@@ -1234,32 +1241,32 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             tune,
             write_rules,
             svg,
+            remote,
+            nats,
         } => {
+            let periods = (calibration_end, holdout_end);
+            let output = models::EvaluateOutput {
+                json,
+                record,
+                svg: svg.as_deref(),
+            };
+            if remote {
+                return remote::evaluate(&nats, periods, unit.into(), output, out);
+            }
             let store = open(&data)?;
             let rules = rules.load()?;
             if tune {
                 models::tune(
                     &store,
                     &rules,
-                    (calibration_end, holdout_end),
+                    periods,
                     unit.into(),
                     json,
                     write_rules.as_deref(),
                     out,
                 )
             } else {
-                models::evaluate(
-                    &store,
-                    &rules,
-                    (calibration_end, holdout_end),
-                    unit.into(),
-                    models::EvaluateOutput {
-                        json,
-                        record,
-                        svg: svg.as_deref(),
-                    },
-                    out,
-                )
+                models::evaluate(&store, &rules, periods, unit.into(), output, out)
             }
         }
         Command::Cluster {

@@ -210,6 +210,19 @@ fn print_customer(
         for (t, s) in &l.stage_history {
             writeln!(out, "    {t}  {s:?}")?;
         }
+        match &l.value {
+            Some(c) => writeln!(
+                out,
+                "  CLV             {:.0} {} over {} months at {}%/month ({:.2} purchase-days × {:.0} expected)",
+                c.clv_minor,
+                c.currency,
+                c.horizon_months,
+                c.monthly_discount * 100.0,
+                c.expected_purchases,
+                c.expected_average_value_minor
+            )?,
+            None => writeln!(out, "  CLV             -")?,
+        }
     }
     if matches!(model, Model::All | Model::Churn) {
         let c = &v.churn;
@@ -417,6 +430,19 @@ pub fn evaluate(
     } else {
         None
     };
+    present_evaluation(&e, recorded, json, svg, t.elapsed(), out)
+}
+
+/// Print an evaluation (`--json`: as JSON; else tables) after writing its plots into `svg`;
+/// `recorded` says where it was recorded.
+pub fn present_evaluation(
+    e: &touchledger_projector::evaluate::ModelEvaluation,
+    recorded: Option<String>,
+    json: bool,
+    svg: Option<&Path>,
+    elapsed: std::time::Duration,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
     let plots = match svg {
         Some(dir) => {
             std::fs::create_dir_all(dir)
@@ -447,7 +473,7 @@ pub fn evaluate(
     writeln!(
         out,
         "evaluated in {:.2} s: {} buyers by {}; holdout to {} ({:.1} {:?})",
-        t.elapsed().as_secs_f64(),
+        elapsed.as_secs_f64(),
         v.customers,
         e.calibration_end,
         e.holdout_end,
@@ -686,6 +712,23 @@ pub fn print_fit(m: &touchledger_domain::ModelFitted, out: &mut dyn Write) -> an
     writeln!(out, "  a     = {:.4}", m.a)?;
     writeln!(out, "  b     = {:.4}", m.b)?;
     writeln!(out, "  log-likelihood = {:.2}", m.log_likelihood)?;
+    match &m.spend {
+        Some(s) => {
+            writeln!(
+                out,
+                "Gamma-Gamma spend model on {} repeat buyers paying in {}",
+                s.customers, s.currency
+            )?;
+            writeln!(out, "  p     = {:.4}", s.p)?;
+            writeln!(out, "  q     = {:.4}", s.q)?;
+            writeln!(out, "  gamma = {:.2} (minor units)", s.gamma)?;
+            writeln!(out, "  log-likelihood = {:.2}", s.log_likelihood)?;
+        }
+        None => writeln!(
+            out,
+            "no Gamma-Gamma spend model (no repeat buyers in one currency, or no usable fit): no CLV"
+        )?,
+    }
     writeln!(out, "  model_version  = {}", m.model_version)?;
     Ok(())
 }

@@ -360,6 +360,76 @@ pub fn fit(
     })
 }
 
+/// `touchledger evaluate --remote`: the evaluation made by a running ledger
+/// (`<prefix>.model.evaluate`), printed as the offline command prints it.
+pub fn evaluate(
+    nats: &NatsArgs,
+    (calibration_end, holdout_end): (touchledger_domain::Timestamp, touchledger_domain::Timestamp),
+    unit: touchledger_domain::TimeUnit,
+    output: crate::models::EvaluateOutput,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    use touchledger_proto::prost::Message;
+    use touchledger_proto::v1;
+    let started = std::time::Instant::now();
+    let reply = runtime()?.block_on(async {
+        let client = nats.connect().await?;
+        let req = v1::EvaluateRequest {
+            calibration_end: Some(touchledger_proto::to_pb_time(calibration_end)),
+            holdout_end: Some(touchledger_proto::to_pb_time(holdout_end)),
+            unit: match unit {
+                touchledger_domain::TimeUnit::Days => v1::TimeUnit::Days,
+                touchledger_domain::TimeUnit::Weeks => v1::TimeUnit::Weeks,
+            } as i32,
+            record: output.record,
+        };
+        let subject = format!("{}.model.evaluate", nats.prefix);
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(300),
+            client.request(subject.clone(), req.encode_to_vec().into()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no reply on {subject} within 300 s"))?
+        .with_context(|| {
+            format!(
+                "request on {subject} (a partitioned ledger's router does not evaluate: its \
+                 buyers are spread over the partitions' processes)"
+            )
+        })?;
+        anyhow::Ok(v1::EvaluateReply::decode(reply.payload.as_ref())?)
+    })?;
+    if let Some(e) = reply.error {
+        if e.code == "BAD_REQUEST" {
+            writeln!(out, "{}", e.message)?;
+            return Ok(crate::EXIT_USAGE);
+        }
+        if e.code == "REJECTED" {
+            writeln!(out, "{}", e.message)?;
+            return Ok(crate::EXIT_REJECTED);
+        }
+        anyhow::bail!("evaluation failed: {} {}", e.code, e.message);
+    }
+    let evaluation: touchledger_projector::evaluate::ModelEvaluation =
+        serde_json::from_str(&reply.evaluation_json)
+            .context("the reply's evaluation is not an evaluation")?;
+    let recorded = match (output.record, reply.duplicate) {
+        (false, _) => None,
+        (true, false) => Some(format!(
+            "recorded as ModelEvaluated at position {}",
+            reply.position
+        )),
+        (true, true) => Some(format!("already recorded at position {}", reply.position)),
+    };
+    crate::models::present_evaluation(
+        &evaluation,
+        recorded,
+        output.json,
+        output.svg,
+        started.elapsed(),
+        out,
+    )
+}
+
 /// `touchledger cluster status`: the ledger's partitions as NATS sees them.
 pub fn cluster_status(
     nats: &NatsArgs,

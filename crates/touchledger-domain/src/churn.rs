@@ -826,6 +826,7 @@ mod tests {
             customers: 2357,
             time_unit: TimeUnit::Weeks,
             calibration_end: day(0),
+            spend: None,
         }
     }
 

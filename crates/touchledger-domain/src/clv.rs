@@ -15,8 +15,12 @@
 //! conversion (a month is 365.25 / 12 days) is done here, once. Passing a horizon in weeks to a
 //! model fitted in days — the classic `lifetimes` pitfall — cannot be written.
 
+use serde::{Deserialize, Serialize};
+
 use crate::bgnbd::{self, Rfm};
-use crate::event::TimeUnit;
+use crate::event::{ModelFitted, TimeUnit};
+use crate::facts::{AsOf, CustomerFacts, day_of};
+use crate::gammagamma::Spend;
 
 /// A horizon, in whole months.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -82,6 +86,84 @@ pub fn residual_value(
         before = by;
     }
     total.is_finite().then_some(total)
+}
+
+/// A customer's expected value from the fitted models (the loyalty view's `value`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CustomerValue {
+    /// The currency of the spend model, which the customer paid in.
+    pub currency: String,
+    /// Gamma-Gamma's expected value of one purchase-day, minor units.
+    pub expected_average_value_minor: f64,
+    /// BG/NBD's expected purchase-days over the horizon.
+    pub expected_purchases: f64,
+    /// Discounted expected residual value over the horizon, minor units.
+    pub clv_minor: f64,
+    /// The horizon, months.
+    pub horizon_months: u32,
+    /// The discount rate per month.
+    pub monthly_discount: f64,
+    /// The fit used.
+    pub model_version: String,
+}
+
+/// The expected value of the buyer with `facts` at `as_of` under `model` (BG/NBD with its
+/// Gamma-Gamma spend model) over `horizon`, discounted monthly. `None` without a spend model,
+/// for a non-buyer, for a buyer who paid in any currency other than the spend model's (values
+/// are never converted), or where an expectation is undefined.
+pub fn customer_value(
+    facts: &CustomerFacts,
+    model: &ModelFitted,
+    as_of: AsOf,
+    horizon: Months,
+    discount: MonthlyDiscount,
+) -> Option<CustomerValue> {
+    let spend_model = model.spend.as_ref()?;
+    if facts
+        .purchases_at(as_of)
+        .any(|p| p.currency.as_str() != spend_model.currency)
+    {
+        return None;
+    }
+    let count = CountModel {
+        params: bgnbd::Params {
+            r: model.r,
+            alpha: model.alpha,
+            a: model.a,
+            b: model.b,
+        },
+        unit: model.time_unit,
+    };
+    count.params.check().ok()?;
+    let unit_days = match model.time_unit {
+        TimeUnit::Days => 1.0,
+        TimeUnit::Weeks => 7.0,
+    };
+    let rfm = crate::churn::rfm_of(&facts.purchase_days(as_of), day_of(as_of.at), unit_days)?;
+    rfm.check().ok()?;
+    let spend = facts.repeat_spend(as_of).map(|s| Spend {
+        x: f64::from(s.days),
+        mean: s.mean_minor,
+    });
+    let average = spend_model
+        .params()
+        .expected_average_value(spend.as_ref())
+        .ok()?;
+    let clv = residual_value(&count, &rfm, average, horizon, discount)?;
+    let purchases = bgnbd::expected_purchases(
+        &count.params,
+        &rfm,
+        f64::from(horizon.0) * month_in(model.time_unit),
+    )?;
+    Some(CustomerValue {
+        currency: spend_model.currency.clone(),
+        expected_average_value_minor: average,
+        expected_purchases: purchases,
+        clv_minor: clv,
+        horizon_months: horizon.0,
+        monthly_discount: discount.rate(),
+        model_version: model.model_version.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -396,6 +396,42 @@ pub struct ModelFitted {
     pub time_unit: TimeUnit,
     /// Calibration end used for T.
     pub calibration_end: Timestamp,
+    /// The Gamma-Gamma spend model fitted with the count model (`None`: none could be fitted,
+    /// or the fit was recorded before spend models existed). Always written, as `null` when
+    /// absent, so that the state that keeps fits has one encoding.
+    #[serde(default)]
+    pub spend: Option<SpendModel>,
+}
+
+/// Derived, inside [`ModelFitted`]: the Gamma-Gamma spend model (Fader, Hardie & Lee 2005,
+/// "RFM and CLV"; `touchledger_domain::gammagamma`), fitted on the mean value of the repeat
+/// purchase-days (the first purchase-day excluded) of the buyers who paid in `currency` only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpendModel {
+    /// ISO 4217 code of the values fitted.
+    pub currency: String,
+    /// Shape of a customer's values around their own mean.
+    pub p: f64,
+    /// Shape of the customers' means.
+    pub q: f64,
+    /// Scale of the customers' means, in the currency's minor units.
+    pub gamma: f64,
+    /// Maximised log-likelihood.
+    pub log_likelihood: f64,
+    /// Repeat buyers fitted.
+    pub customers: u64,
+}
+
+impl SpendModel {
+    /// The model's parameters.
+    pub fn params(&self) -> crate::gammagamma::Params {
+        crate::gammagamma::Params {
+            p: self.p,
+            q: self.q,
+            gamma: self.gamma,
+        }
+    }
 }
 
 /// Derived: a calibration/holdout evaluation of a churn model and of the warnings it raised

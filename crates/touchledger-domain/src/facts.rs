@@ -153,6 +153,17 @@ pub struct PurchaseFact {
     pub currency: Currency,
 }
 
+/// A buyer's repeat purchase-days as the spend model sees them ([`CustomerFacts::repeat_spend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RepeatSpend {
+    /// The one currency the buyer paid in.
+    pub currency: Currency,
+    /// Repeat purchase-days (the first purchase-day excluded).
+    pub days: u32,
+    /// Their mean value, in the currency's minor units.
+    pub mean_minor: f64,
+}
+
 /// A complaint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComplaintFact {
@@ -514,6 +525,37 @@ impl CustomerFacts {
         days
     }
 
+    /// What the spend model (Gamma-Gamma) sees of a buyer at `as_of`: the currency they paid in
+    /// and the mean value, in its minor units, of their repeat purchase-days (a day's purchases
+    /// summed; the first purchase-day is not a repeat, as in Fader, Hardie & Lee 2005).
+    /// `None` without a repeat purchase-day, for a buyer who paid in more than one currency
+    /// (values are never converted), or when that mean is not above zero.
+    pub fn repeat_spend(&self, as_of: AsOf) -> Option<RepeatSpend> {
+        let mut purchases = self.purchases_at(as_of);
+        let first = purchases.next()?;
+        let (currency, first_day) = (first.currency, day_of(first.stamp.occurred_at));
+        let (mut days, mut total, mut day) = (0u32, 0i128, first_day);
+        for p in purchases {
+            if p.currency != currency {
+                return None;
+            }
+            let d = day_of(p.stamp.occurred_at);
+            if d == first_day {
+                continue;
+            }
+            if d != day {
+                days += 1;
+                day = d;
+            }
+            total += i128::from(p.amount_minor);
+        }
+        (days > 0 && total > 0).then(|| RepeatSpend {
+            currency,
+            days,
+            mean_minor: total as f64 / f64::from(days),
+        })
+    }
+
     /// The stated reasons for leaving visible at `as_of` (callbacks and surveys), in business
     /// time order: (when, reason).
     pub fn stated_reasons(&self, as_of: AsOf) -> Vec<(Timestamp, LeavingReason)> {
@@ -741,5 +783,57 @@ mod tests {
         };
         assert_eq!(l.facts.apply(&e, 1, day(1), KindSet::ALL), Applied::Ignored);
         assert_eq!(l.facts, before);
+    }
+
+    #[test]
+    fn repeat_spend_is_the_mean_of_repeat_purchase_days() {
+        let at = AsOf::business(day(100));
+        let mut l = Log::default();
+        assert_eq!(l.facts.repeat_spend(at), None, "no purchase");
+        // First day (two orders) excluded; day 20 has two orders summed; day 30 one.
+        l.purchase("a", 10, 500)
+            .purchase("b", 10, 700)
+            .purchase("c", 20, 1_000)
+            .purchase("d", 20, 2_000)
+            .purchase("e", 30, 1_500);
+        assert_eq!(
+            l.facts.repeat_spend(at),
+            Some(RepeatSpend {
+                currency: Currency::new("USD"),
+                days: 2,
+                mean_minor: 2_250.0,
+            })
+        );
+        // Only what was visible then: at day 25 one repeat day.
+        assert_eq!(
+            l.facts
+                .repeat_spend(AsOf::business(day(25)))
+                .map(|s| (s.days, s.mean_minor)),
+            Some((2 - 1, 3_000.0))
+        );
+        // A one-time buyer has none, whatever they spent on their first day.
+        let mut one = Log::default();
+        one.purchase("a", 10, 500).purchase("b", 10, 700);
+        assert_eq!(one.facts.repeat_spend(at), None);
+        // A buyer who also paid in another currency is not comparable: none.
+        let mut mixed = Log::default();
+        mixed.purchase("a", 10, 500).purchase("b", 20, 700);
+        mixed.event(
+            "c",
+            day(30),
+            Payload::Purchase(crate::event::Purchase {
+                order_id: "c".into(),
+                amount_minor: 900,
+                currency: "EUR".into(),
+                item_count: 1,
+                channel: None,
+                category: String::new(),
+            }),
+        );
+        assert_eq!(mixed.facts.repeat_spend(at), None);
+        // Repeat days worth nothing have no spend to model.
+        let mut free = Log::default();
+        free.purchase("a", 10, 500).purchase("b", 20, 0);
+        assert_eq!(free.facts.repeat_spend(at), None);
     }
 }

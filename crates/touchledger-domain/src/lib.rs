@@ -26,7 +26,7 @@ pub use event::{
     Callback, CallbackOutcome, CallbackPurpose, Channel, ChurnLevel, ChurnRiskAssessed, Complaint,
     ComplaintCategory, EvaluatedThreshold, Event, EventKind, LEDGER_SOURCE, LeavingReason,
     MODEL_CUSTOMER, ModelEvaluated, ModelFitted, Payload, Purchase, Retraction, RiskReason,
-    SCHEMA_VERSION, Survey, TimeUnit,
+    SCHEMA_VERSION, SpendModel, Survey, TimeUnit,
 };
 pub use time::Timestamp;
 pub use validate::{RejectCode, Rejection, ValidationPolicy};

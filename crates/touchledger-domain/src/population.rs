@@ -1167,6 +1167,18 @@ impl Rules {
                 format!("{}: need a finite value > 0", l.decline_k),
             );
         }
+        if !(1..=1200).contains(&l.clv_horizon_months) {
+            return bad(
+                "loyalty.clv_horizon_months",
+                format!("{}: need 1 … 1200 months", l.clv_horizon_months),
+            );
+        }
+        if crate::clv::MonthlyDiscount::new(l.clv_monthly_discount).is_none() {
+            return bad(
+                "loyalty.clv_monthly_discount",
+                format!("{}: a monthly rate is 0 ≤ d < 1", l.clv_monthly_discount),
+            );
+        }
         if !(1..=1200).contains(&p.months) {
             return bad(
                 "population.months",
@@ -1228,7 +1240,8 @@ impl Rules {
     }
 
     /// One customer's three views from the projections' facts, the churn view with the model's
-    /// expectation ([`ChurnRules::evaluate_with_expectation`]): a customer's own read.
+    /// expectation ([`ChurnRules::evaluate_with_expectation`]) and the loyalty view with the
+    /// customer's expected value ([`LoyaltyRules::with_value`]): a customer's own read.
     pub fn customer_views(
         &self,
         satisfaction: &CustomerFacts,
@@ -1238,8 +1251,9 @@ impl Rules {
         as_of: AsOf,
     ) -> CustomerViews {
         CustomerViews {
+            satisfaction: self.satisfaction.evaluate(satisfaction, as_of),
+            loyalty: self.loyalty.with_value(loyalty, model, as_of),
             churn: self.churn.evaluate_with_expectation(churn, model, as_of),
-            ..self.customer(satisfaction, loyalty, churn, model, as_of)
         }
     }
 
@@ -1290,6 +1304,14 @@ mod tests {
             (
                 r#"{"loyalty": {"attitude_high_at": 1.5}}"#,
                 "loyalty.attitude_high_at",
+            ),
+            (
+                r#"{"loyalty": {"clv_horizon_months": 0}}"#,
+                "loyalty.clv_horizon_months",
+            ),
+            (
+                r#"{"loyalty": {"clv_monthly_discount": 1.0}}"#,
+                "loyalty.clv_monthly_discount",
             ),
             (r#"{"population": {"months": 0}}"#, "population.months"),
             (

@@ -587,14 +587,23 @@ fn model_fitted(policy: &ValidationPolicy, m: &ModelFitted) -> Check {
     finite_positive("model_fitted.alpha", m.alpha)?;
     finite_positive("model_fitted.a", m.a)?;
     finite_positive("model_fitted.b", m.b)?;
-    if !m.log_likelihood.is_finite() {
-        return fail(
-            RejectCode::ValueInvalid,
-            "model_fitted.log_likelihood",
-            "must be finite",
-        );
+    finite("model_fitted.log_likelihood", m.log_likelihood)?;
+    if let Some(s) = &m.spend {
+        currency("model_fitted.spend.currency", &s.currency)?;
+        finite_positive("model_fitted.spend.p", s.p)?;
+        finite_positive("model_fitted.spend.q", s.q)?;
+        finite_positive("model_fitted.spend.gamma", s.gamma)?;
+        finite("model_fitted.spend.log_likelihood", s.log_likelihood)?;
     }
     Ok(())
+}
+
+fn finite(field: &str, v: f64) -> Check {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        fail(RejectCode::ValueInvalid, field, "must be finite")
+    }
 }
 
 fn model_evaluated(policy: &ValidationPolicy, m: &ModelEvaluated) -> Check {

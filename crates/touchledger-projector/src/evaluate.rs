@@ -23,7 +23,7 @@ use touchledger_domain::{
 };
 
 use crate::ReadModels;
-use crate::model::{FitError, fitted_event, unit_days};
+use crate::model::{FitError, FitRow, fitted_event, unit_days};
 
 /// Why an evaluation could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -109,13 +109,17 @@ impl Prepared {
         let (t1, t2) = (AsOf::business(calibration_end), AsOf::business(holdout_end));
         let d1 = day_of(calibration_end);
         let u = unit_days(unit);
-        let mut buyers = Vec::new();
+        let (mut buyers, mut rows) = (Vec::new(), Vec::new());
         for r in models.customers() {
             let (_, facts) = r.map_err(FitError::from)?;
             let days = facts.purchase_days(t1);
             let Some(calibration) = touchledger_domain::churn::rfm_of(&days, d1, u) else {
                 continue;
             };
+            rows.push(FitRow {
+                rfm: calibration,
+                spend: facts.repeat_spend(t1).map(|s| (s.currency, s.mean_minor)),
+            });
             let later = facts.purchase_days(t2);
             let holdout = later.iter().filter(|d| **d > d1).count() as u32;
             buyers.push(PreparedBuyer {
@@ -126,8 +130,7 @@ impl Prepared {
                 calibration,
             });
         }
-        let stats: Vec<Rfm> = buyers.iter().map(|b| b.calibration).collect();
-        let (model, _) = fitted_event(&stats, calibration_end, unit)?;
+        let (model, _) = fitted_event(&rows, calibration_end, unit)?;
         let params = Params {
             r: model.r,
             alpha: model.alpha,

@@ -63,10 +63,11 @@ pub const LOYALTY: Spec = Spec {
     kinds: KindSet::of(&[EventKind::Purchase, EventKind::Survey]),
 };
 
-/// Churn warning: everything, including model fits and past assessments.
+/// Churn warning: everything, including model fits and past assessments (version 2: a kept
+/// fit carries its spend model).
 pub const CHURN: Spec = Spec {
     name: "churn",
-    version: 1,
+    version: 2,
     kinds: KindSet::ALL,
 };
 

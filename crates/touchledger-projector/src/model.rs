@@ -5,12 +5,21 @@
 //! `model_version = bgnbd-<as_of>-<unit>-<digest of the parameters>`, and the event id is
 //! derived from it. Fitting the same data twice appends nothing new (a duplicate), and a refit
 //! on new data is a new version: earlier assessments keep naming the version they used.
+//! * The Gamma-Gamma spend model is fitted with BG/NBD, on the same buyers, and recorded in the
+//!   same event: the buyers with a repeat purchase-day who paid in one currency, in the
+//!   currency most of them paid in (ties: the first code alphabetically); values are never
+//!   converted. A population without a usable spend fit (no repeat buyer, no interior maximum,
+//!   q ≤ 1) records the count model alone.
+
+use std::collections::BTreeMap;
 
 use touchledger_domain::bgnbd::{self, Rfm};
 use touchledger_domain::churn::rfm_of;
-use touchledger_domain::facts::{AsOf, day_of};
+use touchledger_domain::facts::{AsOf, Currency, CustomerFacts, day_of};
+use touchledger_domain::gammagamma::{self, Spend};
 use touchledger_domain::{
-    Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelFitted, Payload, SCHEMA_VERSION, TimeUnit, Timestamp,
+    Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelFitted, Payload, SCHEMA_VERSION, SpendModel,
+    TimeUnit, Timestamp,
 };
 
 use serde::{Deserialize, Serialize};
@@ -36,30 +45,48 @@ pub fn unit_days(unit: TimeUnit) -> f64 {
     }
 }
 
-/// Every buyer's BG/NBD statistics at `as_of` (business axis: what had happened by then), in
+/// What a fit sees of one buyer: the BG/NBD statistics and, for the spend model, the mean
+/// value of the repeat purchase-days when they were paid in one currency.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FitRow {
+    /// x, tₓ and T.
+    pub rfm: Rfm,
+    /// The currency and mean value (minor units) of the repeat purchase-days.
+    pub spend: Option<(Currency, f64)>,
+}
+
+impl FitRow {
+    /// The row of `facts` at `as_of` (business axis) in `unit`; `None` for a non-buyer.
+    pub fn of(facts: &CustomerFacts, as_of: Timestamp, unit: TimeUnit) -> Option<FitRow> {
+        let at = AsOf::business(as_of);
+        let rfm = rfm_of(&facts.purchase_days(at), day_of(as_of), unit_days(unit))?;
+        let spend = facts.repeat_spend(at).map(|s| (s.currency, s.mean_minor));
+        Some(FitRow { rfm, spend })
+    }
+}
+
+/// Every buyer's fit statistics at `as_of` (business axis: what had happened by then), in
 /// `unit`.
-pub fn population_rfm(
+pub fn population_rows(
     models: &ReadModels,
     as_of: Timestamp,
     unit: TimeUnit,
-) -> Result<Vec<Rfm>, ProjectorError> {
-    rfm_after(models, as_of, unit, None)
+) -> Result<Vec<FitRow>, ProjectorError> {
+    rows_after(models, as_of, unit, None)
         .map(|r| r.map(|(_, x)| x))
         .collect()
 }
 
-/// The BG/NBD statistics of the buyers after customer `after` at `as_of`, in customer order.
-fn rfm_after<'a>(
+/// The fit statistics of the buyers after customer `after` at `as_of`, in customer order.
+fn rows_after<'a>(
     models: &'a ReadModels,
     as_of: Timestamp,
     unit: TimeUnit,
     after: Option<&str>,
-) -> impl Iterator<Item = Result<(String, Rfm), ProjectorError>> + 'a {
-    let at = AsOf::business(as_of);
-    let today = day_of(as_of);
+) -> impl Iterator<Item = Result<(String, FitRow), ProjectorError>> + 'a {
     models.customers_after(after).filter_map(move |r| match r {
         Err(e) => Some(Err(e)),
-        Ok((id, f)) => rfm_of(&f.purchase_days(at), today, unit_days(unit)).map(|x| Ok((id, x))),
+        Ok((id, f)) => FitRow::of(&f, as_of, unit).map(|x| Ok((id, x))),
     })
 }
 
@@ -90,60 +117,114 @@ impl FitStatsRequest {
     }
 }
 
+/// A [`FitRow`] on the wire: x, tₓ, T and the repeat spend.
+type WireRow = (f64, f64, f64, Option<(Currency, f64)>);
+
 /// Answer `req` from this partition's projections: the encoded page of `(customer, (x, t_x,
-/// T))`.
+/// T, spend))`.
 pub fn fit_stats_page(
     models: &ReadModels,
     req: &FitStatsRequest,
 ) -> Result<Vec<u8>, ProjectorError> {
     crate::partial::encode_page(
-        rfm_after(models, req.as_of, req.unit, req.after.as_deref())
-            .map(|r| r.map(|(id, x)| (id, (x.x, x.t_x, x.t)))),
+        rows_after(models, req.as_of, req.unit, req.after.as_deref()).map(|r| {
+            r.map(|(id, x)| -> (String, WireRow) { (id, (x.rfm.x, x.rfm.t_x, x.rfm.t, x.spend)) })
+        }),
         req.max_bytes,
     )
 }
 
 /// A page of fit statistics and the customer to continue after.
-pub fn decode_fit_stats(bytes: &[u8]) -> Result<crate::partial::Page<Rfm>, String> {
-    let (rows, next) = crate::partial::decode_page::<(f64, f64, f64)>(bytes, "fit statistics")?;
+pub fn decode_fit_stats(bytes: &[u8]) -> Result<crate::partial::Page<FitRow>, String> {
+    let (rows, next) = crate::partial::decode_page::<WireRow>(bytes, "fit statistics")?;
     Ok((
         rows.into_iter()
-            .map(|(id, (x, t_x, t))| (id, Rfm { x, t_x, t }))
+            .map(|(id, (x, t_x, t, spend))| {
+                (
+                    id,
+                    FitRow {
+                        rfm: Rfm { x, t_x, t },
+                        spend,
+                    },
+                )
+            })
             .collect(),
         next,
     ))
 }
 
-/// Fit BG/NBD on the population at `as_of` and build the `ModelFitted` event to append.
+/// Fit the spend model on `rows`: the repeat buyers of the currency most of them paid in.
+/// `None` when no usable fit exists (no repeat buyer; no interior maximum; q ≤ 1, which has no
+/// mean).
+pub fn fit_spend(rows: &[FitRow]) -> Option<SpendModel> {
+    let mut by_currency: BTreeMap<Currency, usize> = BTreeMap::new();
+    for (c, _) in rows.iter().filter_map(|r| r.spend) {
+        *by_currency.entry(c).or_default() += 1;
+    }
+    // The most repeat buyers; on a tie the first code (the map iterates in code order and
+    // `max_by_key` keeps the last maximum, hence the reverse).
+    let currency = by_currency
+        .iter()
+        .rev()
+        .max_by_key(|(_, n)| **n)
+        .map(|(c, _)| *c)?;
+    let spends: Vec<Spend> = rows
+        .iter()
+        .filter_map(|r| match r.spend {
+            Some((c, mean)) if c == currency => Some(Spend { x: r.rfm.x, mean }),
+            _ => None,
+        })
+        .collect();
+    let fit = gammagamma::fit(&spends).ok()?;
+    fit.params.population_mean().ok()?;
+    Some(SpendModel {
+        currency: currency.as_str().to_owned(),
+        p: fit.params.p,
+        q: fit.params.q,
+        gamma: fit.params.gamma,
+        log_likelihood: fit.log_likelihood,
+        customers: fit.customers as u64,
+    })
+}
+
+/// Fit BG/NBD and the spend model on the population at `as_of` and build the `ModelFitted`
+/// event to append.
 pub fn fit_event(
     models: &ReadModels,
     as_of: Timestamp,
     unit: TimeUnit,
 ) -> Result<(ModelFitted, Event), FitError> {
-    let stats = population_rfm(models, as_of, unit)?;
-    fitted_event(&stats, as_of, unit)
+    let rows = population_rows(models, as_of, unit)?;
+    fitted_event(&rows, as_of, unit)
 }
 
-/// Fit BG/NBD on `stats` (every buyer at `as_of`, in customer order) and build the
-/// `ModelFitted` event to append.
+/// Fit BG/NBD and the spend model on `rows` (every buyer at `as_of`, in customer order) and
+/// build the `ModelFitted` event to append.
 pub fn fitted_event(
-    stats: &[Rfm],
+    rows: &[FitRow],
     as_of: Timestamp,
     unit: TimeUnit,
 ) -> Result<(ModelFitted, Event), FitError> {
-    let fit = bgnbd::fit(stats)?;
+    let stats: Vec<Rfm> = rows.iter().map(|r| r.rfm).collect();
+    let fit = bgnbd::fit(&stats)?;
+    let spend = fit_spend(rows);
     let p = fit.params;
-    let digest = blake3::hash(
-        format!(
-            "{:.9e} {:.9e} {:.9e} {:.9e} {}",
-            p.r,
-            p.alpha,
-            p.a,
-            p.b,
-            stats.len()
-        )
-        .as_bytes(),
+    let mut identity = format!(
+        "{:.9e} {:.9e} {:.9e} {:.9e} {}",
+        p.r,
+        p.alpha,
+        p.a,
+        p.b,
+        stats.len()
     );
+    // A fit without a spend model keeps the identity it had before spend models existed.
+    if let Some(s) = &spend {
+        identity.push_str(&format!(
+            " spend {} {:.9e} {:.9e} {:.9e} {}",
+            s.currency, s.p, s.q, s.gamma, s.customers
+        ));
+    }
+    let digest = blake3::hash(identity.as_bytes());
     let unit_name = match unit {
         TimeUnit::Days => "days",
         TimeUnit::Weeks => "weeks",
@@ -165,6 +246,7 @@ pub fn fitted_event(
         customers: stats.len() as u64,
         time_unit: unit,
         calibration_end: as_of,
+        spend,
     };
     let event = Event {
         event_id: format!("model-{model_version}"),

@@ -27,8 +27,9 @@ use touchledger_domain::population::{Contribution, PopulationBuilder, Population
 
 use crate::{Current, ProjectorError, ReadModels};
 
-/// Bump when [`PartialRequest`] or the page encoding changes.
-const VERSION: u8 = 1;
+/// Bump when [`PartialRequest`], a page's rows or the page encoding change (2: fit rows carry
+/// the repeat spend).
+const VERSION: u8 = 2;
 
 /// A decoded page: its rows (customer, value) and the customer to continue after (`None` on
 /// the last page).

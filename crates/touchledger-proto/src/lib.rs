@@ -403,6 +403,14 @@ fn payload_from(p: P) -> Result<d::Payload, Rejection> {
                 customers: m.customers,
                 time_unit,
                 calibration_end: from_pb_time("model_fitted.calibration_end", m.calibration_end)?,
+                spend: m.spend.map(|s| d::SpendModel {
+                    currency: s.currency,
+                    p: s.p,
+                    q: s.q,
+                    gamma: s.gamma,
+                    log_likelihood: s.log_likelihood,
+                    customers: s.customers,
+                }),
             })
         }
         P::ModelEvaluated(m) => {
@@ -572,6 +580,14 @@ fn payload_to(p: &d::Payload) -> P {
                 d::TimeUnit::Weeks => v1::TimeUnit::Weeks,
             } as i32,
             calibration_end: Some(to_pb_time(m.calibration_end)),
+            spend: m.spend.as_ref().map(|s| v1::SpendModel {
+                currency: s.currency.clone(),
+                p: s.p,
+                q: s.q,
+                gamma: s.gamma,
+                log_likelihood: s.log_likelihood,
+                customers: s.customers,
+            }),
         }),
         d::Payload::ModelEvaluated(m) => P::ModelEvaluated(v1::ModelEvaluated {
             model_version: m.model_version.clone(),

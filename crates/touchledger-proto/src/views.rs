@@ -112,6 +112,15 @@ pub fn loyalty(customer: &str, v: &LoyaltyView) -> v1::LoyaltyView {
             })
             .collect(),
         reasons: reasons(&v.reasons),
+        value: v.value.as_ref().map(|c| v1::CustomerValue {
+            currency: c.currency.clone(),
+            expected_average_value_minor: c.expected_average_value_minor,
+            expected_purchases: c.expected_purchases,
+            clv_minor: c.clv_minor,
+            horizon_months: c.horizon_months,
+            monthly_discount: c.monthly_discount,
+            model_version: c.model_version.clone(),
+        }),
     }
 }
 
