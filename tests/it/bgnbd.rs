@@ -235,11 +235,15 @@ fn clv_does_not_depend_on_the_unit_the_model_was_fitted_in() {
         })
         .collect();
     let in_weeks = CountModel {
-        params: bgnbd::fit(&weeks).expect("weeks").params,
+        params: touchledger_domain::count::CountParams::BgNbd(
+            bgnbd::fit(&weeks).expect("weeks").params,
+        ),
         unit: TimeUnit::Weeks,
     };
     let in_days = CountModel {
-        params: bgnbd::fit(&days).expect("days").params,
+        params: touchledger_domain::count::CountParams::BgNbd(
+            bgnbd::fit(&days).expect("days").params,
+        ),
         unit: TimeUnit::Days,
     };
     let spend = gammagamma::Params {

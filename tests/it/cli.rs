@@ -30,6 +30,21 @@ pub fn cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The value of a `name = value` line the CLI printed (e.g. a fitted parameter).
+pub fn printed(out: &str, name: &str) -> f64 {
+    out.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(name)?
+                .trim()
+                .strip_prefix('=')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {name} in {out}"))
+}
+
 #[test]
 fn acceptance_100k_with_duplicates_conflicts_and_invalid() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -471,6 +471,7 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         as_of: Some(touchledger_proto::to_pb_time(calibration_end)),
         unit: v1::TimeUnit::Weeks as i32,
         dry_run: false,
+        model: String::new(),
     };
     let m = client
         .request("crm.model.fit", fit_request.encode_to_vec().into())
@@ -482,6 +483,7 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
         &reference.reads,
         calibration_end,
         touchledger_domain::TimeUnit::Weeks,
+        touchledger_domain::count::CountKind::BgNbd,
     )
     .expect("reference fit");
     // (The CDNOW sample's published estimate, as tests/it/projector.rs checks it.)
@@ -556,6 +558,53 @@ async fn three_serve_processes_of_8_partitions_store_once_and_answer_reads_as_on
             "churn of {customer} with the model"
         );
     }
+
+    // The calibration/holdout evaluation across partitions (every partition's buyers with their
+    // holdouts and warnings, merged in customer order) is the single ledger's, figure for
+    // figure: over NATS, as `evaluate --remote` asks it, and over HTTP from another process.
+    let holdout_end: Timestamp = "1998-06-30T00:00:00Z".parse().expect("time");
+    let want = serde_json::to_value(
+        touchledger_projector::evaluate::evaluate(
+            &reference.reads,
+            calibration_end,
+            holdout_end,
+            touchledger_domain::TimeUnit::Weeks,
+        )
+        .expect("reference evaluation"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        want["evaluation"]["holdout_actual"], 1882,
+        "the CDNOW sample's"
+    );
+    let m = client
+        .request(
+            "crm.model.evaluate",
+            v1::EvaluateRequest {
+                calibration_end: Some(touchledger_proto::to_pb_time(calibration_end)),
+                holdout_end: Some(touchledger_proto::to_pb_time(holdout_end)),
+                unit: v1::TimeUnit::Weeks as i32,
+                record: false,
+            }
+            .encode_to_vec()
+            .into(),
+        )
+        .await
+        .expect("evaluate");
+    let reply = v1::EvaluateReply::decode(m.payload.as_ref()).expect("evaluate reply");
+    assert!(reply.error.is_none(), "{:?}", reply.error);
+    let got: serde_json::Value = serde_json::from_str(&reply.evaluation_json).expect("JSON");
+    assert_eq!(
+        got, want,
+        "the partitioned evaluation is the single ledger's"
+    );
+    let body = http_ok(
+        children[2].http_port(),
+        "/api/v1/models/evaluation?calibration_end=1997-09-30&holdout_end=1998-06-30",
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(got, want, "over HTTP too");
 
     http_reads_equal_the_single_ledger(&children, &reference, &customers, at).await;
 

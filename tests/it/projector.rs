@@ -532,15 +532,21 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     let (code, out, _) = cli(&["import", "cdnow", "--data", data, "--file", file]);
     assert_eq!(code, 0);
     assert!(out.contains("appended 0, duplicate 6919"), "{out}");
-    let (code, out, err) = cli(&[
-        "fit",
-        "--data",
-        data,
-        "--as-of",
-        "1997-09-30",
-        "--unit",
-        "weeks",
-    ]);
+    // `fit` at the paper's calibration end, in weeks, with `extra` flags.
+    let fit = |extra: &[&str]| {
+        let mut args = vec![
+            "fit",
+            "--data",
+            data,
+            "--as-of",
+            "1997-09-30",
+            "--unit",
+            "weeks",
+        ];
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
+    let (code, out, err) = fit(&[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("r     = 0.2426"), "{out}");
     // The fit is in the ledger, as a derived event.
@@ -681,17 +687,95 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
         "{clv12}"
     );
     // Refitting the same data is idempotent.
-    let (code, out, _) = cli(&[
-        "fit",
-        "--data",
-        data,
-        "--as-of",
-        "1997-09-30",
-        "--unit",
-        "weeks",
-    ]);
+    let (code, out, _) = fit(&[]);
     assert_eq!(code, 0);
     assert!(out.contains("already recorded"), "{out}");
+
+    // Pareto/NBD as the count model: `fit --model paretonbd` records the published fit
+    // (Fader, Hardie & Lee 2005: r = 0.553, α = 10.578, s = 0.606, β = 11.669; s and β kept
+    // as a and b) beside the BG/NBD one, and only rules that select it use it.
+    let (code, out, err) = fit(&["--model", "paretonbd"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Pareto/NBD fit on 2357 customers"), "{out}");
+    let pareto_version = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("model_version  = "))
+        .expect("version line")
+        .to_owned();
+    assert!(
+        pareto_version.starts_with("paretonbd-1997-09-30-weeks-"),
+        "{out}"
+    );
+    let param = |name: &str| crate::cli::printed(&out, name);
+    for (name, want) in [
+        ("r", 0.553),
+        ("alpha", 10.578),
+        ("s", 0.606),
+        ("beta", 11.669),
+    ] {
+        let got = param(name);
+        assert!((got / want - 1.0).abs() < 0.005, "{name} = {got} vs {want}");
+    }
+    // The default rules still read the BG/NBD fit; `churn.count_model` selects Pareto/NBD, whose
+    // P(alive) for customer 1 is its own (the closed form, from the published parameters to
+    // within their rounding), and whose alive rule speaks for one-time buyers too.
+    assert_eq!(
+        query_under(None)["churn"]["model_version"],
+        serde_json::json!(m.model_version)
+    );
+    let vp = query_under(Some((
+        "pareto.json",
+        r#"{"churn": {"count_model": "paretonbd"}}"#,
+    )));
+    assert_eq!(
+        vp["churn"]["model_version"],
+        serde_json::json!(pareto_version)
+    );
+    let published = touchledger_domain::paretonbd::Params {
+        r: 0.553,
+        alpha: 10.578,
+        s: 0.606,
+        beta: 11.669,
+    };
+    let alive = touchledger_domain::paretonbd::p_alive(
+        &published,
+        &touchledger_domain::bgnbd::Rfm {
+            x: 2.0,
+            t_x: 30.428_571,
+            t: 38.857_143,
+        },
+    );
+    let got = vp["churn"]["p_alive"].as_f64().expect("P(alive)");
+    assert!(
+        (got - alive).abs() < 0.01,
+        "Pareto/NBD P(alive) = {got} vs {alive}"
+    );
+    assert_ne!(
+        vp["churn"]["p_alive"], v["churn"]["p_alive"],
+        "BG/NBD's differs"
+    );
+    // The evaluation under those rules evaluates the warnings with Pareto/NBD, and says so.
+    let rules = std::path::Path::new(data).with_extension("pareto.json");
+    let (code, out, err) = cli(&[
+        "evaluate",
+        "--data",
+        data,
+        "--calibration-end",
+        "1997-09-30",
+        "--holdout-end",
+        "1998-06-30",
+        "--json",
+        "--rules",
+        rules.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let e: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        e["warning_model"]["model"], "paretonbd",
+        "{}",
+        e["warning_model"]
+    );
+    assert_eq!(e["model"]["model"], "bgnbd");
 }
 
 #[test]

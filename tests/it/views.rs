@@ -421,19 +421,7 @@ async fn on_demand_refit_and_evaluation_over_nats_are_recorded_and_used() {
     assert_eq!(code, 0, "{out}{err}");
     // The published values (FHL 2005): r = 0.2426, b = 2.4258; the optimiser stops within
     // 1e-4 of them.
-    let param = |name: &str| -> f64 {
-        out.lines()
-            .find_map(|l| {
-                l.trim()
-                    .strip_prefix(name)?
-                    .trim()
-                    .strip_prefix('=')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no {name} in {out}"))
-    };
+    let param = |name: &str| crate::cli::printed(&out, name);
     assert!((param("r") - 0.2426).abs() <= 1e-4, "{out}");
     assert!((param("b") - 2.4258).abs() <= 1e-4, "{out}");
     let position: u64 = out
@@ -455,6 +443,7 @@ async fn on_demand_refit_and_evaluation_over_nats_are_recorded_and_used() {
         as_of,
         unit: v1::TimeUnit::Weeks as i32,
         dry_run: true,
+        model: String::new(),
     };
     let reply = client
         .request("crm.model.fit", req.encode_to_vec().into())

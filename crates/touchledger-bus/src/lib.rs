@@ -50,7 +50,7 @@ pub use ownership::{
 pub use placement::{Group, Placement, place_leader, preferred_peer};
 pub use remote::run_remote_projectors;
 pub use replay::serve_replay;
-pub use router::{FitFailed, ReadError, Router, run_router};
+pub use router::{EvaluateFailed, FitFailed, ReadError, Router, run_router};
 pub use status::{ClusterStatus, GroupStatus, PartitionStatus, cluster_status};
 pub use views::{OwnedPartition, OwnedViews, ViewConfig, open_current, open_month_ends, run_views};
 

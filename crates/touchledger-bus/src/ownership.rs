@@ -461,7 +461,10 @@ pub async fn run_scheduled_refits(
         let now = clock();
         let refit =
             async {
-                let (m, event) = router.fit(now, unit).await.map_err(|e| e.to_string())?;
+                let (m, event) = router
+                    .fit(now, unit, router.rules.churn.count_model)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 router.record(&event).await.map(|_| m).map_err(|e| {
                     format!("{e} (not recorded everywhere; made again at the next tick)")
                 })

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio_util::sync::CancellationToken;
+use touchledger_domain::count::CountKind;
+use touchledger_domain::evaluation::Buyer;
 use touchledger_domain::facts::AsOf;
 use touchledger_domain::partition::partition_of;
 use touchledger_domain::population::{PopulationView, Rules};
@@ -27,8 +29,9 @@ use touchledger_projector::api::{AtRiskAnswer, AtRiskRequest};
 use touchledger_projector::current::{
     Current, PopulationPart, RankCounts, RankKeys, RankStats, Thresholds,
 };
-use touchledger_projector::model::FitRow;
+use touchledger_projector::evaluate::{BuyersRequest, ModelEvaluation};
 use touchledger_projector::model::FitStatsRequest;
+use touchledger_projector::model::{FitRow, fitted_event};
 use touchledger_projector::partial::{Merge, PartialPage, PartialRequest};
 use touchledger_projector::read::Ranks;
 use touchledger_proto::{v1, views};
@@ -40,6 +43,9 @@ pub(crate) const PARTIAL: &str = "partial";
 
 /// The model name of a partition's part of a model fit (its buyers' statistics).
 pub(crate) const FIT_STATS: &str = "fitstats";
+
+/// The model name of a partition's part of an evaluation (its buyers, holdouts and warnings).
+pub(crate) const BUYERS: &str = "evalbuyers";
 
 /// The model name of a customer's page without ranks (HTTP 360), asked of its partition.
 pub(crate) const PAGE: &str = "page";
@@ -900,12 +906,14 @@ impl Router {
         Ok(pages.into_iter().flatten().collect())
     }
 
-    /// Fit the churn model (BG/NBD) at `as_of` on every partition's buyers, in customer order:
-    /// the fit, and the `ModelFitted` event, that a single log of the same events gives.
+    /// Fit the churn model (`kind`, with the spend model) at `as_of` on every partition's
+    /// buyers, in customer order: the fit, and the `ModelFitted` event, that a single log of
+    /// the same events gives.
     pub async fn fit(
         &self,
         as_of: Timestamp,
         unit: TimeUnit,
+        kind: touchledger_domain::count::CountKind,
     ) -> Result<(ModelFitted, Event), FitFailed> {
         let parts = futures::future::try_join_all(
             (0..self.partitions).map(|p| self.fit_stats(p, as_of, unit)),
@@ -916,7 +924,7 @@ impl Router {
             let mut all: Vec<(String, FitRow)> = parts.into_iter().flatten().collect();
             all.sort_by(|a, b| a.0.cmp(&b.0));
             let rows: Vec<FitRow> = all.into_iter().map(|(_, x)| x).collect();
-            touchledger_projector::model::fitted_event(&rows, as_of, unit)
+            touchledger_projector::model::fitted_event(&rows, as_of, unit, kind)
         })
         .await
         .map_err(|e| FitFailed::Fit(format!("fit task: {e}")))?
@@ -1000,11 +1008,12 @@ impl Router {
             Ok(r) => r,
             Err(e) => return err("BAD_REQUEST", format!("undecodable FitRequest: {e}")),
         };
-        let (as_of, unit) = match crate::views::fit_params(&req, now) {
-            Ok(x) => x,
-            Err(e) => return err("BAD_REQUEST", e),
-        };
-        let (_, event) = match self.fit(as_of, unit).await {
+        let (as_of, unit, kind) =
+            match crate::views::fit_params(&req, now, self.rules.churn.count_model) {
+                Ok(x) => x,
+                Err(e) => return err("BAD_REQUEST", e),
+            };
+        let (_, event) = match self.fit(as_of, unit, kind).await {
             Ok(x) => x,
             Err(FitFailed::Read(e)) => return err(e.code(), e.to_string()),
             Err(FitFailed::Fit(e)) => return err("FIT_FAILED", e),
@@ -1028,6 +1037,155 @@ impl Router {
                 format!("{e} (the partitions that recorded the model keep it; retry the fit)"),
             ),
         }
+    }
+
+    /// One partition's buyers for an evaluation, page by page.
+    async fn evaluation_buyers(
+        &self,
+        partition: u32,
+        base: &BuyersRequest,
+    ) -> Result<Vec<(String, Buyer)>, ReadError> {
+        let make = |after| {
+            BuyersRequest {
+                after,
+                max_bytes: self.page_bytes,
+                ..base.clone()
+            }
+            .encode()
+        };
+        let pages = self
+            .pages(
+                partition,
+                BUYERS,
+                make,
+                touchledger_projector::evaluate::decode_buyers,
+            )
+            .await?;
+        Ok(pages.into_iter().flatten().collect())
+    }
+
+    /// `touchledger evaluate` across partitions: BG/NBD (and Pareto/NBD beside it) fitted at
+    /// `calibration_end` on every partition's buyers, as [`Router::fit`] does; then every
+    /// partition's buyers with their holdout and their warning under the fit the rules select;
+    /// merged in customer order, the evaluation a single log of the same events gives.
+    pub async fn evaluate(
+        &self,
+        calibration_end: Timestamp,
+        holdout_end: Timestamp,
+        unit: TimeUnit,
+    ) -> Result<ModelEvaluation, EvaluateFailed> {
+        if holdout_end <= calibration_end {
+            return Err(EvaluateFailed::Periods(format!(
+                "holdout_end ({holdout_end}) must be after calibration_end ({calibration_end})"
+            )));
+        }
+        let parts = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.fit_stats(p, calibration_end, unit)),
+        )
+        .await
+        .map_err(EvaluateFailed::Read)?;
+        let selected = self.rules.churn.count_model;
+        let (model, pareto) = tokio::task::spawn_blocking(move || {
+            let mut all: Vec<(String, FitRow)> = parts.into_iter().flatten().collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let rows: Vec<FitRow> = all.into_iter().map(|(_, x)| x).collect();
+            let fit = |kind| fitted_event(&rows, calibration_end, unit, kind).map(|(m, _)| m);
+            let model =
+                fit(CountKind::BgNbd).map_err(|e| EvaluateFailed::NoModel(e.to_string()))?;
+            let pareto = match fit(CountKind::ParetoNbd) {
+                Ok(m) => Some(m),
+                Err(e) if selected == CountKind::ParetoNbd => {
+                    return Err(EvaluateFailed::NoModel(e.to_string()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Pareto/NBD not fitted for the comparison");
+                    None
+                }
+            };
+            Ok((model, pareto))
+        })
+        .await
+        .map_err(|e| EvaluateFailed::Internal(format!("fit task: {e}")))??;
+        let warning_model = match (selected, &pareto) {
+            (CountKind::ParetoNbd, Some(p)) => p.clone(),
+            _ => model.clone(),
+        };
+        let base = BuyersRequest {
+            calibration_end,
+            holdout_end,
+            unit,
+            warning_model: warning_model.clone(),
+            after: None,
+            max_bytes: self.page_bytes,
+        };
+        let parts = futures::future::try_join_all(
+            (0..self.partitions).map(|p| self.evaluation_buyers(p, &base)),
+        )
+        .await
+        .map_err(EvaluateFailed::Read)?;
+        tokio::task::spawn_blocking(move || {
+            let mut all: Vec<(String, Buyer)> = parts.into_iter().flatten().collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let buyers: Vec<Buyer> = all.into_iter().map(|(_, b)| b).collect();
+            touchledger_projector::evaluate::assemble(
+                &model,
+                pareto.as_ref(),
+                &warning_model,
+                &buyers,
+                calibration_end,
+                holdout_end,
+            )
+        })
+        .await
+        .map_err(|e| EvaluateFailed::Internal(format!("evaluation task: {e}")))
+    }
+
+    /// Answer a ledger-wide `<prefix>.model.evaluate`: the evaluation across partitions,
+    /// recorded in every partition when asked (the reply's position is partition 0's).
+    async fn answer_evaluate(&self, payload: &[u8], now: Timestamp) -> v1::EvaluateReply {
+        let err = |code: &str, message: String| v1::EvaluateReply {
+            error: Some(v1::QueryError {
+                code: code.into(),
+                message,
+            }),
+            ..Default::default()
+        };
+        let req = match v1::EvaluateRequest::decode(payload) {
+            Ok(r) => r,
+            Err(e) => return err("BAD_REQUEST", format!("undecodable EvaluateRequest: {e}")),
+        };
+        let (t1, t2, unit) = match crate::views::evaluate_params(&req, now) {
+            Ok(x) => x,
+            Err(e) => return err("BAD_REQUEST", e),
+        };
+        let e = match self.evaluate(t1, t2, unit).await {
+            Ok(e) => e,
+            Err(EvaluateFailed::Periods(m)) => return err("BAD_REQUEST", m),
+            Err(EvaluateFailed::NoModel(m)) => {
+                return err("NO_MODEL", format!("no model at calibration_end {t1}: {m}"));
+            }
+            Err(EvaluateFailed::Read(e)) => return err(e.code(), e.to_string()),
+            Err(EvaluateFailed::Internal(m)) => return err("INTERNAL", m),
+        };
+        let (mut reply, event) = match crate::views::evaluation_reply(&e) {
+            Ok(x) => x,
+            Err(m) => return err("INTERNAL", m),
+        };
+        if req.record {
+            match self.record(&event).await {
+                Ok((positions, duplicate)) => {
+                    reply.position = positions.first().copied().unwrap_or_default();
+                    reply.duplicate = duplicate;
+                }
+                Err(e) => {
+                    return err(
+                        e.code(),
+                        format!("{e} (the partitions that recorded it keep it; retry)"),
+                    );
+                }
+            }
+        }
+        reply
     }
 
     /// Answer one ledger-wide query.
@@ -1109,9 +1267,26 @@ pub enum FitFailed {
     Fit(String),
 }
 
-/// Answer the ledger-wide `<prefix>.query.<model>` and `<prefix>.model.fit` of a partitioned
-/// ledger until `shutdown` (queue group `queue_group`), at most 8 reads at a time and one fit
-/// at a time; `clock` is the service clock of "now" reads and fits.
+/// Why an evaluation across partitions failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateFailed {
+    /// The periods are out of order.
+    #[error("{0}")]
+    Periods(String),
+    /// No model can be fitted at the calibration end.
+    #[error("{0}")]
+    NoModel(String),
+    /// A partition could not be read.
+    #[error(transparent)]
+    Read(ReadError),
+    /// A task failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Answer the ledger-wide `<prefix>.query.<model>`, `<prefix>.model.fit` and
+/// `<prefix>.model.evaluate` of a partitioned ledger until `shutdown` (queue group
+/// `queue_group`), at most 8 reads at a time and one fit or evaluation at a time; `clock` is the service clock of "now" reads and fits.
 pub async fn run_router(
     router: Router,
     queue_group: String,
@@ -1125,26 +1300,40 @@ pub async fn run_router(
         .map_err(|e| nats_err("router subscribe", e))?;
     let mut fits = router
         .client
-        .queue_subscribe(router.subjects.model_fit(), queue_group)
+        .queue_subscribe(router.subjects.model_fit(), queue_group.clone())
         .await
         .map_err(|e| nats_err("router fit subscribe", e))?;
+    let mut evaluations = router
+        .client
+        .queue_subscribe(router.subjects.model_evaluate(), queue_group)
+        .await
+        .map_err(|e| nats_err("router evaluate subscribe", e))?;
     let router = Arc::new(router);
     let fitting = {
         let (router, clock, shutdown) = (router.clone(), clock.clone(), shutdown.clone());
         tokio::spawn(async move {
-            while let Some((msg, reply, _)) = crate::next_query(&mut fits, &shutdown).await {
-                // A fit waits on every partition: shutdown does not wait for it (the asker
-                // gets no answer and retries).
+            // One fit or evaluation at a time; each waits on every partition: shutdown does
+            // not wait for it (the asker gets no answer and retries).
+            loop {
                 let answer = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    a = router.answer_fit(&msg.payload, clock()) => a,
+                    m = crate::next_query(&mut fits, &shutdown) => match m {
+                        None => break,
+                        Some((msg, reply, _)) => tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            a = router.answer_fit(&msg.payload, clock()) => (reply, a.encode_to_vec()),
+                        },
+                    },
+                    m = crate::next_query(&mut evaluations, &shutdown) => match m {
+                        None => break,
+                        Some((msg, reply, _)) => tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            a = router.answer_evaluate(&msg.payload, clock()) => (reply, a.encode_to_vec()),
+                        },
+                    },
                 };
-                if let Err(e) = router
-                    .client
-                    .publish(reply, answer.encode_to_vec().into())
-                    .await
-                {
-                    tracing::warn!(error = %e, "fit reply failed");
+                if let Err(e) = router.client.publish(answer.0, answer.1.into()).await {
+                    tracing::warn!(error = %e, "model request reply failed");
                 }
             }
         })

@@ -30,6 +30,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use touchledger_domain::count::CountKind;
 use touchledger_domain::facts::{AsOf, CustomerFacts};
 use touchledger_domain::population::Rules;
 use touchledger_domain::{
@@ -554,11 +555,13 @@ fn answer(
     }
 }
 
-/// The calibration end (`now` without `as_of`) and time unit (default weeks) a fit asks for.
+/// The calibration end (`now` without `as_of`), time unit (default weeks) and count model
+/// (default `default`, the rules' choice) a fit asks for.
 pub(crate) fn fit_params(
     req: &v1::FitRequest,
     now: Timestamp,
-) -> Result<(Timestamp, TimeUnit), String> {
+    default: CountKind,
+) -> Result<(Timestamp, TimeUnit, CountKind), String> {
     let as_of = match &req.as_of {
         None => now,
         Some(t) => touchledger_proto::from_pb_time("as_of", Some(*t)).map_err(|e| e.to_string())?,
@@ -568,7 +571,12 @@ pub(crate) fn fit_params(
         Ok(_) => TimeUnit::Weeks,
         Err(_) => return Err(format!("unknown time unit {}", req.unit)),
     };
-    Ok((as_of, unit))
+    let kind = match req.model.as_str() {
+        "" => default,
+        name => CountKind::of_name(name)
+            .ok_or_else(|| format!("unknown model {name:?} (bgnbd or paretonbd)"))?,
+    };
+    Ok((as_of, unit, kind))
 }
 
 /// Fit the churn model now (as of `req.as_of`, default `now`) and record it unless a dry run.
@@ -585,11 +593,11 @@ fn fit_now(
         }),
         ..Default::default()
     };
-    let (as_of, unit) = match fit_params(req, now) {
+    let (as_of, unit, kind) = match fit_params(req, now, reads.rules.churn.count_model) {
         Ok(x) => x,
         Err(e) => return err("BAD_REQUEST", e),
     };
-    let (m, event) = match touchledger_projector::model::fit_event(reads, as_of, unit) {
+    let (m, event) = match touchledger_projector::model::fit_event(reads, as_of, unit, kind) {
         Ok(x) => x,
         Err(e) => return err("FIT_FAILED", e.to_string()),
     };
@@ -639,26 +647,9 @@ fn evaluate_now(
         }),
         ..Default::default()
     };
-    let instant = |field: &str, t: Option<prost_types::Timestamp>| match t {
-        None => Err(format!("{field} is required")),
-        Some(t) => touchledger_proto::from_pb_time(field, Some(t)).map_err(|e| e.to_string()),
-    };
-    let periods = instant("calibration_end", req.calibration_end)
-        .and_then(|t1| Ok((t1, instant("holdout_end", req.holdout_end)?)));
-    let (t1, t2) = match periods {
+    let (t1, t2, unit) = match evaluate_params(req, now) {
         Ok(x) => x,
         Err(e) => return err("BAD_REQUEST", e),
-    };
-    if t2 > now {
-        return err(
-            "BAD_REQUEST",
-            format!("holdout_end ({t2}) has not passed yet (now {now}): nothing to compare with"),
-        );
-    }
-    let unit = match v1::TimeUnit::try_from(req.unit) {
-        Ok(v1::TimeUnit::Days) => TimeUnit::Days,
-        Ok(_) => TimeUnit::Weeks,
-        Err(_) => return err("BAD_REQUEST", format!("unknown time unit {}", req.unit)),
     };
     let e = match evaluate(reads, t1, t2, unit) {
         Ok(e) => e,
@@ -668,14 +659,9 @@ fn evaluate_now(
         }
         Err(e) => return err("INTERNAL", e.to_string()),
     };
-    let event = e.event();
-    let mut reply = v1::EvaluateReply {
-        evaluation_json: match serde_json::to_string(&e) {
-            Ok(j) => j,
-            Err(e) => return err("INTERNAL", e.to_string()),
-        },
-        event: Some(v1::Envelope::from(&event)),
-        ..Default::default()
+    let (mut reply, event) = match evaluation_reply(&e) {
+        Ok(x) => x,
+        Err(m) => return err("INTERNAL", m),
     };
     if req.record {
         match store.append_ledger_events(vec![AppendItem::new(event)]) {
@@ -699,6 +685,45 @@ fn evaluate_now(
         }
     }
     reply
+}
+
+/// The reply carrying evaluation `e` (its JSON and its `ModelEvaluated` event), and that
+/// event, to record when asked.
+pub(crate) fn evaluation_reply(
+    e: &touchledger_projector::evaluate::ModelEvaluation,
+) -> Result<(v1::EvaluateReply, Event), String> {
+    let event = e.event();
+    let reply = v1::EvaluateReply {
+        evaluation_json: serde_json::to_string(e).map_err(|e| e.to_string())?,
+        event: Some(v1::Envelope::from(&event)),
+        ..Default::default()
+    };
+    Ok((reply, event))
+}
+
+/// The periods (both required; the holdout end passed by `now`) and unit (default weeks) an
+/// evaluation asks for. T2 after T1 is the evaluation's own check.
+pub(crate) fn evaluate_params(
+    req: &v1::EvaluateRequest,
+    now: Timestamp,
+) -> Result<(Timestamp, Timestamp, TimeUnit), String> {
+    let instant = |field: &str, t: Option<prost_types::Timestamp>| match t {
+        None => Err(format!("{field} is required")),
+        Some(t) => touchledger_proto::from_pb_time(field, Some(t)).map_err(|e| e.to_string()),
+    };
+    let t1 = instant("calibration_end", req.calibration_end)?;
+    let t2 = instant("holdout_end", req.holdout_end)?;
+    if t2 > now {
+        return Err(format!(
+            "holdout_end ({t2}) has not passed yet (now {now}): nothing to compare with"
+        ));
+    }
+    let unit = match v1::TimeUnit::try_from(req.unit) {
+        Ok(v1::TimeUnit::Days) => TimeUnit::Days,
+        Ok(_) => TimeUnit::Weeks,
+        Err(_) => return Err(format!("unknown time unit {}", req.unit)),
+    };
+    Ok((t1, t2, unit))
 }
 
 /// Answer a `FitRequest`'s bytes.
@@ -899,10 +924,17 @@ fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::Fi
         Ok(e) => e,
         Err(r) => return err("BAD_REQUEST", format!("undecodable event: {r:?}")),
     };
-    if event.customer_id != MODEL_CUSTOMER || !matches!(event.payload, Payload::ModelFitted(_)) {
+    if event.customer_id != MODEL_CUSTOMER
+        || !matches!(
+            event.payload,
+            Payload::ModelFitted(_) | Payload::ModelEvaluated(_)
+        )
+    {
         return err(
             "BAD_REQUEST",
-            format!("only ModelFitted events of {MODEL_CUSTOMER:?} are recorded here"),
+            format!(
+                "only ModelFitted and ModelEvaluated events of {MODEL_CUSTOMER:?} are recorded here"
+            ),
         );
     }
     if let Err(e) = fence.check("recording a model fit") {
@@ -919,7 +951,7 @@ fn record_model(store: &SledStore, fence: &crate::Fence, bytes: &[u8]) -> v1::Fi
                 duplicate: true,
                 ..Default::default()
             },
-            other => err("INTERNAL", format!("ModelFitted not recorded: {other:?}")),
+            other => err("INTERNAL", format!("model event not recorded: {other:?}")),
         },
         Err(e) => err("INTERNAL", e.to_string()),
     }
@@ -1124,7 +1156,8 @@ async fn serve_queries(
                 crate::router::MONTH_END,
             ]
             .contains(&model.as_str());
-            if model == crate::router::PARTIAL || model == crate::router::FIT_STATS || json_read {
+            let stats_read = model == crate::router::FIT_STATS || model == crate::router::BUYERS;
+            if model == crate::router::PARTIAL || stats_read || json_read {
                 let max = client.server_info().max_payload / 2;
                 let mut folded_header = None;
                 let answer = if json_read {
@@ -1133,8 +1166,16 @@ async fn serve_queries(
                     })
                     .await
                     .unwrap_or_else(|e| Err(format!("read task: {e}")))
-                } else if model == crate::router::FIT_STATS {
-                    fit_stats_answer(&reads, &store, &mut churn_checkpoint, msg.payload, max).await
+                } else if stats_read {
+                    fit_stats_answer(
+                        &model,
+                        &reads,
+                        &store,
+                        &mut churn_checkpoint,
+                        msg.payload,
+                        max,
+                    )
+                    .await
                 } else {
                     let (reads, store) = (reads.clone(), store.clone());
                     let answer = tokio::task::spawn_blocking(move || {
@@ -1237,19 +1278,34 @@ fn folded_point(reads: &ReadModels, store: &SledStore) -> Result<crate::router::
     log_point(store, folded)
 }
 
-/// One page of this partition's buyers' statistics for a fit across partitions. The first page
-/// waits (up to [`FIT_STATS_WAIT`]) until the churn projection has folded the log up to its
-/// head as of the request: a fit sees everything committed, as on a single ledger.
+/// One page of this partition's buyers for a fit (`fitstats`: their statistics) or an
+/// evaluation (`evalbuyers`: their statistics, holdout and warning) across partitions. The
+/// first page waits (up to [`FIT_STATS_WAIT`]) until the churn projection has folded the log up
+/// to its head as of the request: a fit sees everything committed, as on a single ledger.
 async fn fit_stats_answer(
+    model: &str,
     reads: &Arc<ReadModels>,
     store: &SledStore,
     churn_checkpoint: &mut tokio::sync::watch::Receiver<u64>,
     payload: bytes::Bytes,
     max: usize,
 ) -> Result<Vec<u8>, String> {
-    let mut req = FitStatsRequest::decode(payload.as_ref())?;
-    req.max_bytes = req.max_bytes.clamp(1, max.max(1));
-    if req.after.is_none() {
+    enum Req {
+        Fit(FitStatsRequest),
+        Buyers(touchledger_projector::evaluate::BuyersRequest),
+    }
+    let (req, first) = if model == crate::router::BUYERS {
+        let mut r = touchledger_projector::evaluate::BuyersRequest::decode(payload.as_ref())?;
+        r.max_bytes = r.max_bytes.clamp(1, max.max(1));
+        let first = r.after.is_none();
+        (Req::Buyers(r), first)
+    } else {
+        let mut r = FitStatsRequest::decode(payload.as_ref())?;
+        r.max_bytes = r.max_bytes.clamp(1, max.max(1));
+        let first = r.after.is_none();
+        (Req::Fit(r), first)
+    };
+    if first {
         let target = store.head().position;
         let caught_up = matches!(
             tokio::time::timeout(FIT_STATS_WAIT, churn_checkpoint.wait_for(|c| *c >= target)).await,
@@ -1265,7 +1321,11 @@ async fn fit_stats_answer(
     }
     let reads = reads.clone();
     tokio::task::spawn_blocking(move || {
-        touchledger_projector::model::fit_stats_page(&reads, &req).map_err(|e| e.to_string())
+        match req {
+            Req::Fit(r) => touchledger_projector::model::fit_stats_page(&reads, &r),
+            Req::Buyers(r) => touchledger_projector::evaluate::buyers_page(&reads, &r),
+        }
+        .map_err(|e| e.to_string())
     })
     .await
     .unwrap_or_else(|e| Err(format!("fit statistics task: {e}")))
@@ -1500,7 +1560,12 @@ pub async fn run_views(
                 _ = refit.tick(), if cfg.refit_every.is_some() => {
                     let (reads, store, now, unit, fence) = (reads.clone(), store.clone(), (cfg.clock)(), cfg.refit_unit, cfg.fence.clone());
                     Box::new(move || {
-                        match touchledger_projector::model::fit_event(&reads, now, unit) {
+                        match touchledger_projector::model::fit_event(
+                            &reads,
+                            now,
+                            unit,
+                            reads.rules.churn.count_model,
+                        ) {
                             Ok((m, e)) => {
                                 fence.check("recording a model fit")?;
                                 store.append_ledger_events(vec![AppendItem::new(e)])?;

@@ -29,6 +29,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
+use touchledger_domain::count::CountKind;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -420,6 +421,10 @@ enum Command {
         /// Print the fit without recording it.
         #[arg(long)]
         dry_run: bool,
+        /// The count model (the spend model is fitted with either). Offline default `bgnbd`;
+        /// with `--remote` the one the ledger's rules select (`churn.count_model`).
+        #[arg(long, value_enum)]
+        model: Option<models::ModelArg>,
         /// Ask a running ledger over NATS (`<prefix>.model.fit`) instead of opening the data
         /// directory (which `serve` holds).
         #[arg(long)]
@@ -1214,19 +1219,29 @@ fn execute(cmd: Command, out: &mut dyn Write) -> anyhow::Result<i32> {
             nats,
             as_of,
             unit,
+            model,
             dry_run,
             ..
-        } => remote::fit(&nats, as_of, unit.into(), dry_run, out),
+        } => remote::fit(
+            &nats,
+            as_of,
+            unit.into(),
+            model.map(Into::into),
+            dry_run,
+            out,
+        ),
         Command::Fit {
             data,
             as_of,
             unit,
+            model,
             dry_run,
             ..
         } => models::fit(
             &open(&data)?,
             as_of.unwrap_or_else(Timestamp::now),
             unit.into(),
+            model.map_or(CountKind::BgNbd, Into::into),
             dry_run,
             out,
         ),

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+use touchledger_domain::count::CountKind;
 use touchledger_domain::facts::{AsOf, Axis};
 use touchledger_domain::population::{CustomerViews, PopulationView, Rules};
 use touchledger_domain::{Event, Payload, Purchase, TimeUnit, Timestamp};
@@ -213,7 +214,7 @@ fn print_customer(
         match &l.value {
             Some(c) => writeln!(
                 out,
-                "  CLV             {:.0} {} over {} months at {}%/month ({:.2} purchase-days × {:.0} expected)",
+                "  CLV             {:.0} {} (minor units) over {} months at {}%/month ({:.2} purchase-days × {:.0} expected)",
                 c.clv_minor,
                 c.currency,
                 c.horizon_months,
@@ -342,18 +343,20 @@ fn print_population(p: &PopulationView, out: &mut dyn Write) -> anyhow::Result<(
     Ok(())
 }
 
-/// `touchledger fit`: fit BG/NBD at `as_of` and append the `ModelFitted` event.
+/// `touchledger fit`: fit the count model `kind` (with the spend model) at `as_of` and append
+/// the `ModelFitted` event.
 pub fn fit(
     store: &SledStore,
     as_of: Timestamp,
     unit: TimeUnit,
+    kind: CountKind,
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     caught_up(store, None)?;
     let reads = ReadModels::open(store, Rules::default())?;
     let t = Instant::now();
-    let (m, event) = touchledger_projector::model::fit_event(&reads, as_of, unit)?;
+    let (m, event) = touchledger_projector::model::fit_event(&reads, as_of, unit, kind)?;
     writeln!(out, "fitted in {:.2} s", t.elapsed().as_secs_f64())?;
     print_fit(&m, out)?;
     if dry_run {
@@ -481,6 +484,10 @@ pub fn present_evaluation(
         e.model.time_unit
     )?;
     print_fit(&e.model, out)?;
+    if let Some(w) = &e.warning_model {
+        writeln!(out, "the warnings below use (churn.count_model):")?;
+        print_fit(w, out)?;
+    }
     writeln!(out, "\ncalibration repeat purchases   actual   predicted")?;
     for b in &v.frequency {
         writeln!(
@@ -702,15 +709,23 @@ pub fn tune(
 
 /// Print a fit.
 pub fn print_fit(m: &touchledger_domain::ModelFitted, out: &mut dyn Write) -> anyhow::Result<()> {
+    let kind = CountKind::of_name(&m.model).unwrap_or_default();
     writeln!(
         out,
-        "BG/NBD fit on {} customers, calibration end {}, unit {:?}",
-        m.customers, m.calibration_end, m.time_unit
+        "{} fit on {} customers, calibration end {}, unit {:?}",
+        kind.label(),
+        m.customers,
+        m.calibration_end,
+        m.time_unit
     )?;
+    let (a, b) = match kind {
+        CountKind::BgNbd => ("a    ", "b    "),
+        CountKind::ParetoNbd => ("s    ", "beta "),
+    };
     writeln!(out, "  r     = {:.4}", m.r)?;
     writeln!(out, "  alpha = {:.4}", m.alpha)?;
-    writeln!(out, "  a     = {:.4}", m.a)?;
-    writeln!(out, "  b     = {:.4}", m.b)?;
+    writeln!(out, "  {a} = {:.4}", m.a)?;
+    writeln!(out, "  {b} = {:.4}", m.b)?;
     writeln!(out, "  log-likelihood = {:.2}", m.log_likelihood)?;
     match &m.spend {
         Some(s) => {
@@ -883,6 +898,24 @@ pub fn as_of(at: Option<Timestamp>, axis: AxisArg) -> AsOf {
             AxisArg::Business => Axis::Business,
             AxisArg::Knowledge => Axis::Knowledge,
         },
+    }
+}
+
+/// The count model flag.
+#[derive(Copy, Clone, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum ModelArg {
+    /// BG/NBD (Fader, Hardie & Lee 2005).
+    Bgnbd,
+    /// Pareto/NBD (Schmittlein, Morrison & Colombo 1987).
+    Paretonbd,
+}
+
+impl From<ModelArg> for CountKind {
+    fn from(m: ModelArg) -> CountKind {
+        match m {
+            ModelArg::Bgnbd => CountKind::BgNbd,
+            ModelArg::Paretonbd => CountKind::ParetoNbd,
+        }
     }
 }
 

@@ -314,6 +314,7 @@ pub fn fit(
     nats: &NatsArgs,
     as_of: Option<touchledger_domain::Timestamp>,
     unit: touchledger_domain::TimeUnit,
+    model: Option<touchledger_domain::count::CountKind>,
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -328,6 +329,7 @@ pub fn fit(
                 touchledger_domain::TimeUnit::Weeks => v1::TimeUnit::Weeks,
             } as i32,
             dry_run,
+            model: model.map(|m| m.name().to_owned()).unwrap_or_default(),
         };
         let subject = format!("{}.model.fit", nats.prefix);
         let reply = tokio::time::timeout(

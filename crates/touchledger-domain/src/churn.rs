@@ -15,8 +15,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bgnbd::{self, Params, Rfm};
-use crate::event::{ChurnLevel, LeavingReason, ModelFitted, RiskReason, TimeUnit};
+use crate::bgnbd::{self, Rfm};
+use crate::count::{CountKind, CountParams};
+use crate::event::{ChurnLevel, LeavingReason, ModelFitted, RiskReason};
 use crate::facts::{AsOf, CustomerFacts, NANOS_PER_DAY, day_of, day_start};
 use crate::loyalty::Behaviour;
 use crate::satisfaction::{NpsCategory, SatisfactionRules, c_index};
@@ -89,6 +90,11 @@ pub struct ChurnRules {
     /// The churn view's expected purchases E[Y(t)] are over the next this many days. Default
     /// 365.
     pub expected_purchases_days: i64,
+    /// The count model behind ALIVE_PROB_LOW and the expectations: `bgnbd` (default) or
+    /// `paretonbd`. Reads use the latest fit of this model; `fit` and the scheduled refits fit
+    /// it. Under Pareto/NBD a one-time buyer's P(active) is their P(alive), which that model
+    /// (unlike BG/NBD) lets fall with silence, so `one_time_horizon_days` does not apply.
+    pub count_model: CountKind,
 }
 
 impl Default for ChurnRules {
@@ -115,6 +121,7 @@ impl Default for ChurnRules {
             dissatisfied_csat_at_most: 2,
             lost_after_days: 365,
             expected_purchases_days: 365,
+            count_model: CountKind::BgNbd,
         }
     }
 }
@@ -180,19 +187,8 @@ fn fired(
 }
 
 /// The model's parameters and unit length in days.
-fn model_params(m: &ModelFitted) -> Option<(Params, f64)> {
-    let p = Params {
-        r: m.r,
-        alpha: m.alpha,
-        a: m.a,
-        b: m.b,
-    };
-    p.check().ok()?;
-    let unit = match m.time_unit {
-        TimeUnit::Days => 1.0,
-        TimeUnit::Weeks => 7.0,
-    };
-    Some((p, unit))
+fn model_params(m: &ModelFitted) -> Option<(CountParams, f64)> {
+    CountParams::of(m)
 }
 
 /// BG/NBD statistics of purchase days `days` (ascending, non-empty) at day `today`, in units of
@@ -303,19 +299,27 @@ impl ChurnRules {
 
     /// P(active) at day `today`: P(alive) for repeat buyers, P(a purchase within the one-time
     /// horizon) for one-time buyers.
-    fn p_active(&self, p: &Params, unit: f64, days: &[i64], today: i64) -> Option<f64> {
+    fn p_active(&self, p: &CountParams, unit: f64, days: &[i64], today: i64) -> Option<f64> {
         let rfm = rfm_of(days, today, unit)?;
         rfm.check().ok()?;
-        Some(if rfm.x >= 1.0 {
-            bgnbd::p_alive(p, &rfm)
-        } else {
-            1.0 - bgnbd::p_no_purchase(p, &rfm, self.one_time_horizon_days as f64 / unit)
+        Some(match p {
+            CountParams::BgNbd(b) if rfm.x < 1.0 => {
+                1.0 - bgnbd::p_no_purchase(b, &rfm, self.one_time_horizon_days as f64 / unit)
+            }
+            _ => p.p_alive(&rfm),
         })
     }
 
     /// The first day in `[lo, hi]` at which P(active) fell below `threshold` (it only falls
     /// during a silence), found by bisection.
-    fn alive_onset(&self, p: &Params, unit: f64, days: &[i64], threshold: f64, hi: i64) -> i64 {
+    fn alive_onset(
+        &self,
+        p: &CountParams,
+        unit: f64,
+        days: &[i64],
+        threshold: f64,
+        hi: i64,
+    ) -> i64 {
         let mut lo = *days.last().unwrap_or(&hi);
         let mut hi = hi;
         while lo < hi {
@@ -349,9 +353,9 @@ impl ChurnRules {
             && let Some(rfm) = rfm_of(&facts.purchase_days(as_of), day_of(as_of.at), unit)
             && rfm.check().is_ok()
         {
-            view.p_alive = Some(bgnbd::p_alive(&p, &rfm));
+            view.p_alive = Some(p.p_alive(&rfm));
             view.expected_purchases =
-                bgnbd::expected_purchases(&p, &rfm, self.expected_purchases_days as f64 / unit);
+                p.expected_purchases(&rfm, self.expected_purchases_days as f64 / unit);
         }
         view
     }
@@ -377,7 +381,9 @@ impl ChurnRules {
             && let Some(v) = self.p_active(&p, unit, &days, today)
         {
             p_active = Some(v);
-            let what = if days.len() > 1 {
+            let what = if p.kind() == CountKind::ParetoNbd {
+                "Pareto/NBD P(alive)".to_owned()
+            } else if days.len() > 1 {
                 "P(alive)".to_owned()
             } else {
                 format!("P(purchase in {} d)", self.one_time_horizon_days)
@@ -824,10 +830,68 @@ mod tests {
             b: 2.4258,
             log_likelihood: -9582.4,
             customers: 2357,
-            time_unit: TimeUnit::Weeks,
+            time_unit: crate::event::TimeUnit::Weeks,
             calibration_end: day(0),
             spend: None,
         }
+    }
+
+    #[test]
+    fn a_pareto_nbd_fit_speaks_for_one_time_buyers_with_its_own_p_alive() {
+        // The published CDNOW Pareto/NBD (s and β recorded as a and b), in weeks.
+        let pareto = ModelFitted {
+            model: "paretonbd".into(),
+            model_version: "p1".into(),
+            r: 0.553,
+            alpha: 10.578,
+            a: 0.606,
+            b: 11.669,
+            log_likelihood: -9595.0,
+            ..paper_model()
+        };
+        let rules = ChurnRules {
+            count_model: CountKind::ParetoNbd,
+            ..ChurnRules::default()
+        };
+        let q = crate::paretonbd::Params {
+            r: 0.553,
+            alpha: 10.578,
+            s: 0.606,
+            beta: 11.669,
+        };
+        for (days, at) in [(vec![0], 140), (vec![0, 30, 70], 300)] {
+            let mut l = Log::default();
+            for (i, d) in days.iter().enumerate() {
+                l.purchase(&format!("p{i}"), *d, 1_000);
+            }
+            let v =
+                rules.evaluate_with_expectation(&l.facts, Some(&pareto), AsOf::business(day(at)));
+            let rfm = rfm_of(&days, at, 7.0).expect("buyer");
+            let alive = crate::paretonbd::p_alive(&q, &rfm);
+            assert_eq!(v.p_active, Some(alive), "{days:?}: P(active) is P(alive)");
+            assert_eq!(v.p_alive, Some(alive));
+            assert_eq!(
+                v.expected_purchases,
+                crate::paretonbd::expected_purchases(&q, &rfm, 365.0 / 7.0)
+            );
+            assert_eq!(v.model_version.as_deref(), Some("p1"));
+            if alive < rules.alive_watch_below {
+                assert!(
+                    v.reasons.iter().any(|r| r.code == codes::ALIVE_PROB_LOW
+                        && r.evidence.starts_with("Pareto/NBD P(alive) = ")),
+                    "{v:#?}"
+                );
+            }
+        }
+        // A fit of an unknown model applies no alive rule.
+        let other = ModelFitted {
+            model: "other".into(),
+            ..paper_model()
+        };
+        let mut l = Log::default();
+        l.purchase("p", 0, 1_000);
+        let v = rules.evaluate(&l.facts, Some(&other), AsOf::business(day(140)));
+        assert_eq!(v.p_active, None);
     }
 
     fn codes_of(v: &ChurnView) -> Vec<(&str, ChurnLevel)> {

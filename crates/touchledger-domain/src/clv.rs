@@ -17,7 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bgnbd::{self, Rfm};
+use crate::bgnbd::Rfm;
+use crate::count::CountParams;
 use crate::event::{ModelFitted, TimeUnit};
 use crate::facts::{AsOf, CustomerFacts, day_of};
 use crate::gammagamma::Spend;
@@ -59,11 +60,11 @@ pub fn month_in(unit: TimeUnit) -> f64 {
     }
 }
 
-/// A fitted BG/NBD model with the unit its statistics and rates are in.
+/// A fitted count model with the unit its statistics and rates are in.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CountModel {
     /// The parameters.
-    pub params: bgnbd::Params,
+    pub params: CountParams,
     /// The unit of t_x, T and the rates.
     pub unit: TimeUnit,
 }
@@ -81,7 +82,9 @@ pub fn residual_value(
     let month = month_in(model.unit);
     let (mut before, mut total) = (0.0, 0.0);
     for m in 1..=horizon.0 {
-        let by = bgnbd::expected_purchases(&model.params, customer, f64::from(m) * month)?;
+        let by = model
+            .params
+            .expected_purchases(customer, f64::from(m) * month)?;
         total += average_value * (by - before) / (1.0 + discount.0).powi(m as i32);
         before = by;
     }
@@ -125,19 +128,10 @@ pub fn customer_value(
     {
         return None;
     }
+    let (params, unit_days) = CountParams::of(model)?;
     let count = CountModel {
-        params: bgnbd::Params {
-            r: model.r,
-            alpha: model.alpha,
-            a: model.a,
-            b: model.b,
-        },
+        params,
         unit: model.time_unit,
-    };
-    count.params.check().ok()?;
-    let unit_days = match model.time_unit {
-        TimeUnit::Days => 1.0,
-        TimeUnit::Weeks => 7.0,
     };
     let rfm = crate::churn::rfm_of(&facts.purchase_days(as_of), day_of(as_of.at), unit_days)?;
     rfm.check().ok()?;
@@ -150,11 +144,9 @@ pub fn customer_value(
         .expected_average_value(spend.as_ref())
         .ok()?;
     let clv = residual_value(&count, &rfm, average, horizon, discount)?;
-    let purchases = bgnbd::expected_purchases(
-        &count.params,
-        &rfm,
-        f64::from(horizon.0) * month_in(model.time_unit),
-    )?;
+    let purchases = count
+        .params
+        .expected_purchases(&rfm, f64::from(horizon.0) * month_in(model.time_unit))?;
     Some(CustomerValue {
         currency: spend_model.currency.clone(),
         expected_average_value_minor: average,
@@ -170,13 +162,14 @@ pub fn customer_value(
 mod tests {
     use super::*;
 
+    const CDNOW: crate::bgnbd::Params = crate::bgnbd::Params {
+        r: 0.2426,
+        alpha: 4.4135,
+        a: 0.7929,
+        b: 2.4258,
+    };
     const CDNOW_WEEKS: CountModel = CountModel {
-        params: bgnbd::Params {
-            r: 0.2426,
-            alpha: 4.4135,
-            a: 0.7929,
-            b: 2.4258,
-        },
+        params: CountParams::BgNbd(CDNOW),
         unit: TimeUnit::Weeks,
     };
     const CUSTOMER: Rfm = Rfm {
@@ -190,8 +183,8 @@ mod tests {
         let none = MonthlyDiscount::new(0.0).expect("rate");
         let v = residual_value(&CDNOW_WEEKS, &CUSTOMER, 35.0, Months(9), none).expect("clv");
         // Nine months are 39.13 weeks: E[Y(39)] ≈ 1.226 in the paper's worked example.
-        let ey = bgnbd::expected_purchases(&CDNOW_WEEKS.params, &CUSTOMER, 9.0 * 365.25 / 84.0)
-            .expect("ey");
+        let ey =
+            crate::bgnbd::expected_purchases(&CDNOW, &CUSTOMER, 9.0 * 365.25 / 84.0).expect("ey");
         assert!((v - 35.0 * ey).abs() < 1e-9, "{v} vs {}", 35.0 * ey);
         assert!((ey - 1.23).abs() < 0.01, "{ey}");
     }
@@ -219,10 +212,10 @@ mod tests {
     fn the_same_model_in_days_gives_the_same_value() {
         // Rates per day are rates per week / 7: α scales by 7, shapes are unchanged.
         let days = CountModel {
-            params: bgnbd::Params {
-                alpha: CDNOW_WEEKS.params.alpha * 7.0,
-                ..CDNOW_WEEKS.params
-            },
+            params: CountParams::BgNbd(crate::bgnbd::Params {
+                alpha: CDNOW.alpha * 7.0,
+                ..CDNOW
+            }),
             unit: TimeUnit::Days,
         };
         let in_days = Rfm {

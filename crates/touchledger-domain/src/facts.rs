@@ -507,11 +507,12 @@ impl CustomerFacts {
         .min()
     }
 
-    /// The latest model fit visible at `as_of` (the one with the highest position).
-    pub fn latest_fit(&self, as_of: AsOf) -> Option<&FitFact> {
+    /// The latest fit of `model` (e.g. `bgnbd`) visible at `as_of` (the one with the highest
+    /// position).
+    pub fn latest_fit(&self, as_of: AsOf, model: &str) -> Option<&FitFact> {
         self.fits
             .iter()
-            .filter(|f| as_of.sees(&f.stamp))
+            .filter(|f| f.fit.model == model && as_of.sees(&f.stamp))
             .max_by_key(|f| f.stamp.position)
     }
 

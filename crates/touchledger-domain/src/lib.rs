@@ -8,6 +8,7 @@
 pub mod bgnbd;
 pub mod churn;
 pub mod clv;
+pub mod count;
 pub mod evaluation;
 pub mod event;
 pub mod facts;

@@ -37,7 +37,8 @@ pub struct Params {
 }
 
 impl Params {
-    fn usable(&self) -> bool {
+    /// Every parameter finite and > 0.
+    pub fn usable(&self) -> bool {
         [self.r, self.alpha, self.s, self.beta]
             .iter()
             .all(|v| v.is_finite() && *v > 0.0)

@@ -323,15 +323,6 @@ async fn model_evaluation(State(s): State<Arc<AppState>>, q: Params) -> Result<R
             "holdout_end ({t2}) has not passed yet (now {now}): nothing to compare with"
         )));
     }
-    let reads = match &s.backend {
-        Backend::Local { reads, .. } => reads.clone(),
-        Backend::Partitioned(_) => {
-            return Err(ApiError(
-                StatusCode::NOT_IMPLEMENTED,
-                "a partitioned ledger is not evaluated over HTTP yet: its buyers are spread over the partitions' processes".into(),
-            ));
-        }
-    };
     let Ok(one) = s.evaluating.clone().try_acquire_owned() else {
         return Ok((
             StatusCode::SERVICE_UNAVAILABLE,
@@ -339,6 +330,25 @@ async fn model_evaluation(State(s): State<Arc<AppState>>, q: Params) -> Result<R
             Json(json!({ "error": "another evaluation is running; retry when it is done" })),
         )
             .into_response());
+    };
+    let reads = match &s.backend {
+        Backend::Local { reads, .. } => reads.clone(),
+        Backend::Partitioned(p) => {
+            // Every partition's buyers, merged: the single ledger's evaluation.
+            use touchledger_bus::EvaluateFailed;
+            let e = p.router.evaluate(t1, t2, unit).await;
+            drop(one);
+            return match e {
+                Ok(e) => Ok(Json(e).into_response()),
+                Err(EvaluateFailed::Periods(m)) => Err(bad(m)),
+                Err(EvaluateFailed::NoModel(m)) => Err(ApiError(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("no model at calibration_end {t1}: {m}"),
+                )),
+                Err(EvaluateFailed::Read(e)) => Err(read_failed(e)),
+                Err(EvaluateFailed::Internal(m)) => Err(internal(m)),
+            };
+        }
     };
     blocking(move || match evaluate(&reads, t1, t2, unit) {
         Ok(e) => {

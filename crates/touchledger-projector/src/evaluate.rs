@@ -14,6 +14,7 @@
 use serde::{Deserialize, Serialize};
 use touchledger_domain::bgnbd::{Params, Rfm};
 use touchledger_domain::churn::ChurnRules;
+use touchledger_domain::count::CountKind;
 use touchledger_domain::evaluation::{self, Buyer, CountModelCheck, Evaluation, WarningEvaluation};
 use touchledger_domain::facts::{AsOf, CustomerFacts, day_of};
 use touchledger_domain::paretonbd;
@@ -22,8 +23,8 @@ use touchledger_domain::{
     ModelFitted, Payload, SCHEMA_VERSION, TimeUnit, Timestamp,
 };
 
-use crate::ReadModels;
 use crate::model::{FitError, FitRow, fitted_event, unit_days};
+use crate::{ProjectorError, ReadModels};
 
 /// Why an evaluation could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +47,13 @@ pub enum EvaluateError {
 /// An evaluation and the model it evaluated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelEvaluation {
-    /// The model fitted at the calibration end (not recorded: `evaluate` appends nothing).
+    /// The model fitted at the calibration end (not recorded: `evaluate` appends nothing): BG/NBD,
+    /// whose figures the fit plots and the holdout prediction are.
     pub model: ModelFitted,
+    /// The fit the warnings were evaluated with when it is not `model`: Pareto/NBD, when the
+    /// rules select it (`churn.count_model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning_model: Option<ModelFitted>,
     /// The calibration end.
     pub calibration_end: Timestamp,
     /// The holdout end.
@@ -76,6 +82,9 @@ pub fn evaluate(
 pub struct Prepared {
     model: ModelFitted,
     params: Params,
+    /// Pareto/NBD fitted on the same statistics: the comparison, and the warnings' model when
+    /// the rules select it (`None`: it could not be fitted, and BG/NBD is the warnings' model).
+    pareto: Option<ModelFitted>,
     unit_days: f64,
     calibration_end: Timestamp,
     holdout_end: Timestamp,
@@ -92,6 +101,44 @@ struct PreparedBuyer {
     calibration: Rfm,
 }
 
+impl PreparedBuyer {
+    /// The buyer with `facts` at the calibration end; `None` for a customer without a purchase
+    /// by then.
+    fn of(
+        facts: CustomerFacts,
+        calibration_end: Timestamp,
+        holdout_end: Timestamp,
+        unit: TimeUnit,
+    ) -> Option<PreparedBuyer> {
+        let d1 = day_of(calibration_end);
+        let days = facts.purchase_days(AsOf::business(calibration_end));
+        let calibration = touchledger_domain::churn::rfm_of(&days, d1, unit_days(unit))?;
+        let later = facts.purchase_days(AsOf::business(holdout_end));
+        let holdout = later.iter().filter(|d| **d > d1).count() as u32;
+        Some(PreparedBuyer {
+            facts,
+            days,
+            later,
+            holdout,
+            calibration,
+        })
+    }
+
+    /// The buyer with their warning at the calibration end under `rules` and `model`.
+    fn buyer(&self, rules: &ChurnRules, model: &ModelFitted, calibration_end: Timestamp) -> Buyer {
+        let view = rules.evaluate(&self.facts, Some(model), AsOf::business(calibration_end));
+        Buyer {
+            calibration: self.calibration,
+            first_day: self.days[0],
+            repeat_days: self.later.iter().skip(1).copied().collect(),
+            holdout: self.holdout,
+            level: view.level,
+            score: view.score,
+            days_since_last: day_of(calibration_end) - self.days[self.days.len() - 1],
+        }
+    }
+}
+
 impl Prepared {
     /// Read every customer's facts and fit BG/NBD at the calibration end.
     pub fn new(
@@ -106,31 +153,32 @@ impl Prepared {
                 holdout_end,
             });
         }
-        let (t1, t2) = (AsOf::business(calibration_end), AsOf::business(holdout_end));
-        let d1 = day_of(calibration_end);
+        let t1 = AsOf::business(calibration_end);
         let u = unit_days(unit);
         let (mut buyers, mut rows) = (Vec::new(), Vec::new());
         for r in models.customers() {
             let (_, facts) = r.map_err(FitError::from)?;
-            let days = facts.purchase_days(t1);
-            let Some(calibration) = touchledger_domain::churn::rfm_of(&days, d1, u) else {
+            let Some(b) = PreparedBuyer::of(facts, calibration_end, holdout_end, unit) else {
                 continue;
             };
             rows.push(FitRow {
-                rfm: calibration,
-                spend: facts.repeat_spend(t1).map(|s| (s.currency, s.mean_minor)),
+                rfm: b.calibration,
+                spend: b.facts.repeat_spend(t1).map(|s| (s.currency, s.mean_minor)),
             });
-            let later = facts.purchase_days(t2);
-            let holdout = later.iter().filter(|d| **d > d1).count() as u32;
-            buyers.push(PreparedBuyer {
-                facts,
-                days,
-                later,
-                holdout,
-                calibration,
-            });
+            buyers.push(b);
         }
-        let (model, _) = fitted_event(&rows, calibration_end, unit)?;
+        let (model, _) = fitted_event(&rows, calibration_end, unit, CountKind::BgNbd)?;
+        // Pareto/NBD beside it: for the comparison, and required when the warnings use it.
+        let pareto = match fitted_event(&rows, calibration_end, unit, CountKind::ParetoNbd) {
+            Ok((m, _)) => Some(m),
+            Err(e) if models.rules.churn.count_model == CountKind::ParetoNbd => {
+                return Err(e.into());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Pareto/NBD not fitted for the comparison");
+                None
+            }
+        };
         let params = Params {
             r: model.r,
             alpha: model.alpha,
@@ -140,6 +188,7 @@ impl Prepared {
         Ok(Prepared {
             model,
             params,
+            pareto,
             unit_days: u,
             calibration_end,
             holdout_end,
@@ -147,24 +196,21 @@ impl Prepared {
         })
     }
 
+    /// The fit the warnings of `rules` use: BG/NBD's, or Pareto/NBD's when the rules select it
+    /// and it was fitted.
+    fn warning_model(&self, rules: &ChurnRules) -> &ModelFitted {
+        match (rules.count_model, &self.pareto) {
+            (CountKind::ParetoNbd, Some(p)) => p,
+            _ => &self.model,
+        }
+    }
+
     /// The buyers with their warnings at the calibration end under `rules`.
     fn buyers(&self, rules: &ChurnRules) -> Vec<Buyer> {
-        let t1 = AsOf::business(self.calibration_end);
-        let d1 = day_of(self.calibration_end);
+        let model = self.warning_model(rules);
         self.buyers
             .iter()
-            .map(|b| {
-                let view = rules.evaluate(&b.facts, Some(&self.model), t1);
-                Buyer {
-                    calibration: b.calibration,
-                    first_day: b.days[0],
-                    repeat_days: b.later.iter().skip(1).copied().collect(),
-                    holdout: b.holdout,
-                    level: view.level,
-                    score: view.score,
-                    days_since_last: d1 - b.days[b.days.len() - 1],
-                }
-            })
+            .map(|b| b.buyer(rules, model, self.calibration_end))
             .collect()
     }
 
@@ -176,57 +222,176 @@ impl Prepared {
     /// here on the same calibration statistics) on the same holdout. A Pareto/NBD fit that
     /// fails (a degenerate likelihood) leaves BG/NBD alone in the comparison, logged.
     pub fn evaluate(&self, rules: &ChurnRules) -> ModelEvaluation {
-        let buyers = self.buyers(rules);
-        let mut evaluation = evaluation::evaluate(
-            &self.params,
-            self.unit_days,
-            &buyers,
-            day_of(self.calibration_end),
-            day_of(self.holdout_end),
-        );
-        let length = self.holdout_length();
-        let named = |pairs: [(&str, f64); 4]| {
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect::<Vec<_>>()
-        };
-        let p = &self.params;
-        // BG/NBD's holdout figures are the evaluation's own.
-        let bgnbd = CountModelCheck::from_conditional(
-            "BG/NBD",
-            named([("r", p.r), ("alpha", p.alpha), ("a", p.a), ("b", p.b)]),
-            self.model.log_likelihood,
-            evaluation.holdout_predicted,
-            &evaluation.conditional,
-        );
-        evaluation.count_models.push(bgnbd);
-        let stats: Vec<Rfm> = buyers.iter().map(|b| b.calibration).collect();
-        match paretonbd::fit(&stats) {
-            Ok(fit) => {
-                let q = fit.params;
-                evaluation.count_models.push(CountModelCheck::of(
-                    "Pareto/NBD",
-                    named([("r", q.r), ("alpha", q.alpha), ("s", q.s), ("beta", q.beta)]),
-                    fit.log_likelihood,
-                    &buyers,
-                    |c| paretonbd::expected_purchases(&q, c, length),
-                ));
-            }
-            Err(e) => tracing::warn!(error = %e, "Pareto/NBD not fitted for the comparison"),
-        }
-        ModelEvaluation {
-            evaluation,
-            model: self.model.clone(),
-            calibration_end: self.calibration_end,
-            holdout_end: self.holdout_end,
-        }
+        assemble(
+            &self.model,
+            self.pareto.as_ref(),
+            self.warning_model(rules),
+            &self.buyers(rules),
+            self.calibration_end,
+            self.holdout_end,
+        )
     }
 
     /// Only the warnings' figures under `rules` (no model-fit figures: what tuning compares).
     pub fn warnings(&self, rules: &ChurnRules) -> WarningEvaluation {
         evaluation::warnings(&self.params, &self.buyers(rules), self.holdout_length())
     }
+}
+
+/// An evaluation from its parts: the BG/NBD fit at the calibration end (the fit figures'
+/// model), Pareto/NBD's beside it when fitted, the fit the warnings used, and every buyer at the
+/// calibration end in customer order (an unpartitioned ledger's [`Prepared`], or the buyers of
+/// every partition merged by a router: the same figures either way).
+pub fn assemble(
+    model: &ModelFitted,
+    pareto: Option<&ModelFitted>,
+    warning_model: &ModelFitted,
+    buyers: &[Buyer],
+    calibration_end: Timestamp,
+    holdout_end: Timestamp,
+) -> ModelEvaluation {
+    let u = unit_days(model.time_unit);
+    let p = Params {
+        r: model.r,
+        alpha: model.alpha,
+        a: model.a,
+        b: model.b,
+    };
+    let mut evaluation =
+        evaluation::evaluate(&p, u, buyers, day_of(calibration_end), day_of(holdout_end));
+    let length = (day_of(holdout_end) - day_of(calibration_end)) as f64 / u;
+    let named = |pairs: [(&str, f64); 4]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect::<Vec<_>>()
+    };
+    // BG/NBD's holdout figures are the evaluation's own.
+    let bgnbd = CountModelCheck::from_conditional(
+        "BG/NBD",
+        named([("r", p.r), ("alpha", p.alpha), ("a", p.a), ("b", p.b)]),
+        model.log_likelihood,
+        evaluation.holdout_predicted,
+        &evaluation.conditional,
+    );
+    evaluation.count_models.push(bgnbd);
+    if let Some(m) = pareto {
+        let q = paretonbd::Params {
+            r: m.r,
+            alpha: m.alpha,
+            s: m.a,
+            beta: m.b,
+        };
+        evaluation.count_models.push(CountModelCheck::of(
+            "Pareto/NBD",
+            named([("r", q.r), ("alpha", q.alpha), ("s", q.s), ("beta", q.beta)]),
+            m.log_likelihood,
+            buyers,
+            |c| paretonbd::expected_purchases(&q, c, length),
+        ));
+    }
+    ModelEvaluation {
+        evaluation,
+        warning_model: (warning_model.model_version != model.model_version)
+            .then(|| warning_model.clone()),
+        model: model.clone(),
+        calibration_end,
+        holdout_end,
+    }
+}
+
+/// A reader's request for one partition's part of an evaluation across partitions: its
+/// buyers at the calibration end, each with their warning under the partition's rules and
+/// `warning_model` (fitted by the reader on every partition's buyers), a page at a time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BuyersRequest {
+    /// Calibration end T1.
+    pub calibration_end: Timestamp,
+    /// Holdout end T2.
+    pub holdout_end: Timestamp,
+    /// The model's unit.
+    pub unit: TimeUnit,
+    /// The fit the warnings use.
+    pub warning_model: ModelFitted,
+    /// Continue after this customer (`None`: from the first).
+    pub after: Option<String>,
+    /// The page's size limit in bytes.
+    pub max_bytes: usize,
+}
+
+impl BuyersRequest {
+    /// The request's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::partial::encode_request(self)
+    }
+
+    /// A request from its bytes.
+    pub fn decode(bytes: &[u8]) -> Result<BuyersRequest, String> {
+        crate::partial::decode_request(bytes, "evaluation buyers")
+    }
+}
+
+/// A [`Buyer`] on the wire: x, tₓ, T, first day, repeat days, holdout, level, score, days
+/// since the last purchase.
+type WireBuyer = (f64, f64, f64, i64, Vec<i64>, u32, ChurnLevel, f64, i64);
+
+/// Answer `req` from this partition's projections: the encoded page of its buyers.
+pub fn buyers_page(models: &ReadModels, req: &BuyersRequest) -> Result<Vec<u8>, ProjectorError> {
+    let rules = &models.rules.churn;
+    crate::partial::encode_page(
+        models
+            .customers_after(req.after.as_deref())
+            .filter_map(|r| match r {
+                Err(e) => Some(Err(e)),
+                Ok((id, facts)) => {
+                    PreparedBuyer::of(facts, req.calibration_end, req.holdout_end, req.unit).map(
+                        |b| {
+                            let b = b.buyer(rules, &req.warning_model, req.calibration_end);
+                            let c = b.calibration;
+                            let row: WireBuyer = (
+                                c.x,
+                                c.t_x,
+                                c.t,
+                                b.first_day,
+                                b.repeat_days,
+                                b.holdout,
+                                b.level,
+                                b.score,
+                                b.days_since_last,
+                            );
+                            Ok((id, row))
+                        },
+                    )
+                }
+            }),
+        req.max_bytes,
+    )
+}
+
+/// A page of buyers and the customer to continue after.
+pub fn decode_buyers(bytes: &[u8]) -> Result<crate::partial::Page<Buyer>, String> {
+    let (rows, next) = crate::partial::decode_page::<WireBuyer>(bytes, "evaluation buyers")?;
+    Ok((
+        rows.into_iter()
+            .map(
+                |(id, (x, t_x, t, first_day, repeat_days, holdout, level, score, since))| {
+                    (
+                        id,
+                        Buyer {
+                            calibration: Rfm { x, t_x, t },
+                            first_day,
+                            repeat_days,
+                            holdout,
+                            level,
+                            score,
+                            days_since_last: since,
+                        },
+                    )
+                },
+            )
+            .collect(),
+        next,
+    ))
 }
 
 /// The values [`tune`] tries for the churn thresholds that depend on a customer's purchases
@@ -360,7 +525,13 @@ impl ModelEvaluation {
         let v = &self.evaluation;
         let w = &v.warnings;
         let recorded = ModelEvaluated {
-            model_version: self.model.model_version.clone(),
+            // The model behind the warnings evaluated (BG/NBD unless the rules select another).
+            model_version: self
+                .warning_model
+                .as_ref()
+                .unwrap_or(&self.model)
+                .model_version
+                .clone(),
             calibration_end: self.calibration_end,
             holdout_end: self.holdout_end,
             customers: v.customers,

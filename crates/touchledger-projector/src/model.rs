@@ -15,8 +15,10 @@ use std::collections::BTreeMap;
 
 use touchledger_domain::bgnbd::{self, Rfm};
 use touchledger_domain::churn::rfm_of;
+use touchledger_domain::count::CountKind;
 use touchledger_domain::facts::{AsOf, Currency, CustomerFacts, day_of};
 use touchledger_domain::gammagamma::{self, Spend};
+use touchledger_domain::paretonbd;
 use touchledger_domain::{
     Event, LEDGER_SOURCE, MODEL_CUSTOMER, ModelFitted, Payload, SCHEMA_VERSION, SpendModel,
     TimeUnit, Timestamp,
@@ -187,28 +189,48 @@ pub fn fit_spend(rows: &[FitRow]) -> Option<SpendModel> {
     })
 }
 
-/// Fit BG/NBD and the spend model on the population at `as_of` and build the `ModelFitted`
-/// event to append.
+/// Fit `kind` (BG/NBD or Pareto/NBD) and the spend model on the population at `as_of` and
+/// build the `ModelFitted` event to append.
 pub fn fit_event(
     models: &ReadModels,
     as_of: Timestamp,
     unit: TimeUnit,
+    kind: CountKind,
 ) -> Result<(ModelFitted, Event), FitError> {
     let rows = population_rows(models, as_of, unit)?;
-    fitted_event(&rows, as_of, unit)
+    fitted_event(&rows, as_of, unit, kind)
 }
 
-/// Fit BG/NBD and the spend model on `rows` (every buyer at `as_of`, in customer order) and
-/// build the `ModelFitted` event to append.
+/// Fit `kind` and the spend model on `rows` (every buyer at `as_of`, in customer order) and
+/// build the `ModelFitted` event to append. A Pareto/NBD fit records s as `a` and β as `b`
+/// ([`touchledger_domain::count`]).
 pub fn fitted_event(
     rows: &[FitRow],
     as_of: Timestamp,
     unit: TimeUnit,
+    kind: CountKind,
 ) -> Result<(ModelFitted, Event), FitError> {
     let stats: Vec<Rfm> = rows.iter().map(|r| r.rfm).collect();
-    let fit = bgnbd::fit(&stats)?;
+    let (p, log_likelihood) = match kind {
+        CountKind::BgNbd => {
+            let fit = bgnbd::fit(&stats)?;
+            (fit.params, fit.log_likelihood)
+        }
+        CountKind::ParetoNbd => {
+            let fit = paretonbd::fit(&stats)?;
+            let q = fit.params;
+            (
+                bgnbd::Params {
+                    r: q.r,
+                    alpha: q.alpha,
+                    a: q.s,
+                    b: q.beta,
+                },
+                fit.log_likelihood,
+            )
+        }
+    };
     let spend = fit_spend(rows);
-    let p = fit.params;
     let mut identity = format!(
         "{:.9e} {:.9e} {:.9e} {:.9e} {}",
         p.r,
@@ -231,18 +253,19 @@ pub fn fitted_event(
     };
     let date = as_of.to_string();
     let model_version = format!(
-        "bgnbd-{}-{unit_name}-{}",
+        "{}-{}-{unit_name}-{}",
+        kind.name(),
         date.get(..10).unwrap_or(&date),
         &digest.to_hex()[..12]
     );
     let fitted = ModelFitted {
-        model: "bgnbd".into(),
+        model: kind.name().into(),
         model_version: model_version.clone(),
         r: p.r,
         alpha: p.alpha,
         a: p.a,
         b: p.b,
-        log_likelihood: fit.log_likelihood,
+        log_likelihood,
         customers: stats.len() as u64,
         time_unit: unit,
         calibration_end: as_of,

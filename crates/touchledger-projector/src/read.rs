@@ -54,10 +54,12 @@ impl ReadModels {
         Ok([c(&self.satisfaction)?, c(&self.loyalty)?, c(&self.churn)?])
     }
 
-    /// The churn model in force at `as_of`: the latest `ModelFitted` visible then.
+    /// The churn model in force at `as_of`: the latest `ModelFitted` of the rules' count model
+    /// (`churn.count_model`) visible then.
     pub fn model(&self, as_of: AsOf) -> Result<Option<ModelFitted>, ProjectorError> {
         let facts = load(&self.churn, CHURN.name, MODEL_CUSTOMER)?;
-        Ok(facts.latest_fit(as_of).map(|f| f.fit.clone()))
+        let model = self.rules.churn.count_model.name();
+        Ok(facts.latest_fit(as_of, model).map(|f| f.fit.clone()))
     }
 
     /// A customer's facts in one projection (`satisfaction`, `loyalty` or `churn`); `None`
