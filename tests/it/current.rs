@@ -52,6 +52,7 @@ const RECHECK_DAYS: i64 = 30;
 
 /// The live pieces, as `serve` holds them.
 struct Live {
+    rules: Rules,
     store: SledStore,
     projectors: Vec<Projector>,
     reads: ReadModels,
@@ -60,19 +61,23 @@ struct Live {
 }
 
 fn open(dir: &std::path::Path) -> Live {
+    open_with(dir, &Rules::default())
+}
+
+fn open_with(dir: &std::path::Path, rules: &Rules) -> Live {
     let store = fixed_clock_store(dir);
     let projectors: Vec<Projector> = open_all(&store)
         .expect("projectors")
         .into_iter()
         .map(|p| p.0)
         .collect();
-    let reads = ReadModels::open(&store, Rules::default()).expect("reads");
+    let reads = ReadModels::open(&store, rules.clone()).expect("reads");
     let churn = reads.checkpoints().expect("checkpoints")[2];
     let (current, catchup) = Current::open(
         store
             .projection(touchledger_projector::current::TREE)
             .expect("tree"),
-        Rules::default(),
+        rules.clone(),
         // No age cap: every re-evaluation must come from a fact change or a due time.
         Duration::from_secs(10 * 365 * 86_400),
         churn,
@@ -80,6 +85,7 @@ fn open(dir: &std::path::Path) -> Live {
     .expect("current");
     let due = store.due_index("current_test").expect("due");
     let live = Live {
+        rules: rules.clone(),
         store,
         projectors,
         reads,
@@ -185,7 +191,7 @@ fn reference_page(rows: &[(String, CurrentRow)], q: &AtRiskQuery) -> (u64, Vec<S
 
 fn check(live: &Live, now: Timestamp) -> Result<(), TestCaseError> {
     let at = AsOf::business(now);
-    let rules = Rules::default();
+    let rules = live.rules.clone();
     let model = live.reads.model(at).expect("model");
     let mut rows = Vec::new();
     for id in live.reads.customer_ids() {
@@ -215,6 +221,13 @@ fn check(live: &Live, now: Timestamp) -> Result<(), TestCaseError> {
         let v = rules.churn.evaluate(&facts, model.as_ref(), at);
         prop_assert_eq!(row.churn.level, v.level, "{} level at {}", id, now);
         prop_assert_eq!(row.churn.probable_cause, v.probable_cause, "{} cause", id);
+        prop_assert_eq!(
+            (row.churn.value_at_risk_minor, &row.churn.currency),
+            (v.value_at_risk_minor, &v.currency),
+            "{} value at risk at {}",
+            id,
+            now
+        );
         let codes = |r: &[touchledger_domain::RiskReason]| -> Vec<String> {
             r.iter().map(|x| x.code.clone()).collect()
         };
@@ -332,63 +345,130 @@ proptest! {
     /// evaluation after every step.
     #[test]
     fn current_views_equal_read_time_evaluation(steps in proptest::collection::vec(step(), 1..12)) {
-        let dir = tempfile::tempdir().expect("tmp");
-        let mut live = open(dir.path());
-        let mut now = day(250);
-        let mut sent: Vec<touchledger_domain::Event> = Vec::new();
-        let make = |specs: Vec<(u8, u8, u16, u8, usize)>, sent: &mut Vec<touchledger_domain::Event>| {
-            specs
-                .into_iter()
-                .map(|(k, c, d, v, t)| {
-                    let id = format!("e{}", sent.len());
-                    let target = if sent.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        sent[t % sent.len()].event_id.clone()
-                    };
-                    let e = touchpoint(&id, k, c, d, v, &target);
-                    sent.push(e.clone());
-                    e
-                })
-                .collect::<Vec<_>>()
-        };
-        for s in steps {
-            match s {
-                Step::Append(specs) => {
-                    let events = make(specs, &mut sent);
-                    let ids = live.append_and_fold(events);
-                    for id in &ids {
-                        live.refresh(id, now);
-                    }
-                    let cp = live.reads.checkpoints().expect("cp")[2];
-                    live.current.commit(cp).expect("commit");
-                }
-                Step::Advance(hours) => {
-                    now = Timestamp::from_unix_nanos(now.unix_nanos() + i64::from(hours) * 3_600_000_000_000);
-                }
-                Step::Restart => {
-                    drop(live);
-                    live = open(dir.path());
-                }
-                Step::Crash(specs) => {
-                    let events = make(specs, &mut sent);
-                    live.append_and_fold(events);
-                    for p in &live.projectors {
-                        p.tree().flush().expect("flush");
-                    }
-                    drop(live);
-                    live = open(dir.path());
-                }
-            }
-            live.sweep(now);
-            check(&live, now)?;
-        }
-        // The projection checkpoint the rows reflect.
-        prop_assert_eq!(
-            live.current.checkpoint(),
-            live.reads.checkpoints().expect("cp")[2]
-        );
+        run_steps(&Rules::default(), None, steps)?;
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
+
+    /// The same with a fitted model (BG/NBD with a spend model) and the value at risk by CLV,
+    /// which changes every day a customer is silent: the daily due times keep the
+    /// materialised views equal to read-time evaluation.
+    #[test]
+    fn current_views_with_value_at_risk_by_clv_equal_read_time_evaluation(
+        steps in proptest::collection::vec(step(), 1..12)
+    ) {
+        let mut rules = Rules::default();
+        rules.churn.value_at_risk = touchledger_domain::churn::ValueAtRisk::Clv;
+        let fit = touchledger_domain::ModelFitted {
+            model: "bgnbd".into(),
+            model_version: "bgnbd-test".into(),
+            r: 0.2426,
+            alpha: 4.4135,
+            a: 0.7929,
+            b: 2.4258,
+            log_likelihood: -9582.4,
+            customers: 2357,
+            time_unit: touchledger_domain::TimeUnit::Weeks,
+            calibration_end: day(0),
+            spend: Some(touchledger_domain::SpendModel {
+                currency: "EUR".into(),
+                p: 6.25,
+                q: 3.74,
+                gamma: 1544.0,
+                log_likelihood: -8412.4,
+                customers: 946,
+            }),
+        };
+        run_steps(&rules, Some(fit), steps)?;
+    }
+}
+
+/// Run `steps` on a ledger evaluated under `rules` (with `model` recorded first), checking
+/// after every step that the materialisation equals read-time evaluation.
+fn run_steps(
+    rules: &Rules,
+    model: Option<touchledger_domain::ModelFitted>,
+    steps: Vec<Step>,
+) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut live = open_with(dir.path(), rules);
+    if let Some(m) = model {
+        let event = touchledger_domain::Event {
+            event_id: format!("model-{}", m.model_version),
+            customer_id: touchledger_domain::MODEL_CUSTOMER.into(),
+            occurred_at: m.calibration_end,
+            source: touchledger_domain::LEDGER_SOURCE.into(),
+            schema_version: touchledger_domain::SCHEMA_VERSION,
+            correlation_id: None,
+            causation_id: None,
+            payload: touchledger_domain::Payload::ModelFitted(m),
+        };
+        live.store
+            .append_ledger_events(vec![AppendItem::new(event)])
+            .expect("model");
+        catch_up(&live.store, &mut live.projectors, 13).expect("fold");
+        let cp = live.reads.checkpoints().expect("cp")[2];
+        live.current.commit(cp).expect("commit");
+    }
+    let mut now = day(250);
+    let mut sent: Vec<touchledger_domain::Event> = Vec::new();
+    let make = |specs: Vec<(u8, u8, u16, u8, usize)>, sent: &mut Vec<touchledger_domain::Event>| {
+        specs
+            .into_iter()
+            .map(|(k, c, d, v, t)| {
+                let id = format!("e{}", sent.len());
+                let target = if sent.is_empty() {
+                    "none".to_owned()
+                } else {
+                    sent[t % sent.len()].event_id.clone()
+                };
+                let e = touchpoint(&id, k, c, d, v, &target);
+                sent.push(e.clone());
+                e
+            })
+            .collect::<Vec<_>>()
+    };
+    for s in steps {
+        match s {
+            Step::Append(specs) => {
+                let events = make(specs, &mut sent);
+                let ids = live.append_and_fold(events);
+                for id in &ids {
+                    live.refresh(id, now);
+                }
+                let cp = live.reads.checkpoints().expect("cp")[2];
+                live.current.commit(cp).expect("commit");
+            }
+            Step::Advance(hours) => {
+                now = Timestamp::from_unix_nanos(
+                    now.unix_nanos() + i64::from(hours) * 3_600_000_000_000,
+                );
+            }
+            Step::Restart => {
+                drop(live);
+                live = open_with(dir.path(), rules);
+            }
+            Step::Crash(specs) => {
+                let events = make(specs, &mut sent);
+                live.append_and_fold(events);
+                for p in &live.projectors {
+                    p.tree().flush().expect("flush");
+                }
+                drop(live);
+                live = open_with(dir.path(), rules);
+            }
+        }
+        live.sweep(now);
+        check(&live, now)?;
+    }
+    // The projection checkpoint the rows reflect.
+    prop_assert_eq!(
+        live.current.checkpoint(),
+        live.reads.checkpoints().expect("cp")[2]
+    );
+    Ok(())
 }
 
 /// Month-end snapshots: a passed month end is a full pass the first time and a lookup after,

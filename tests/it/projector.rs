@@ -666,7 +666,7 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     // undiscounted over 12.
     let v9 = query_under(Some((
         "clv.json",
-        r#"{"loyalty": {"clv_horizon_months": 9, "clv_monthly_discount": 0.0}}"#,
+        r#"{"churn": {"clv_horizon_months": 9, "clv_monthly_discount": 0.0}}"#,
     )));
     let ey9 = v9["loyalty"]["value"]["expected_purchases"]
         .as_f64()
@@ -690,6 +690,45 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     let (code, out, _) = fit(&[]);
     assert_eq!(code, 0);
     assert!(out.contains("already recorded"), "{out}");
+
+    // The value at risk by CLV (`churn.value_at_risk: clv`): customer 1 at 1998-06-30 is at
+    // watch; their value at risk is then their CLV (as the loyalty view states it, rounded to
+    // cents), not their trailing 365 days' revenue (the default).
+    let at = |rules: Option<(&str, &str)>| {
+        let path;
+        let mut args = vec![
+            "query",
+            "--data",
+            data,
+            "--customer",
+            "cdnow-1",
+            "--as-of",
+            "1998-06-30",
+            "--json",
+        ];
+        if let Some((name, rules)) = rules {
+            path = std::path::Path::new(data).with_extension(name);
+            std::fs::write(&path, rules).expect("rules");
+            args.extend(["--rules", path.to_str().expect("utf8")]);
+        }
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("json")
+    };
+    let by_revenue = at(None);
+    let by_clv = at(Some(("var.json", r#"{"churn": {"value_at_risk": "clv"}}"#)));
+    assert_eq!(by_clv["churn"]["level"], "watch", "{}", by_clv["churn"]);
+    let clv = by_clv["loyalty"]["value"]["clv_minor"]
+        .as_f64()
+        .expect("CLV");
+    assert_eq!(
+        by_clv["churn"]["value_at_risk_minor"],
+        serde_json::json!(clv.round() as i64)
+    );
+    assert_eq!(by_clv["churn"]["currency"], "USD");
+    // By revenue: the purchase-days of the trailing 365 days ($14.96 on 1997-08-02 and $26.48 on
+    // 1997-12-12).
+    assert_eq!(by_revenue["churn"]["value_at_risk_minor"], 1496 + 2648);
 
     // Pareto/NBD as the count model: `fit --model paretonbd` records the published fit
     // (Fader, Hardie & Lee 2005: r = 0.553, α = 10.578, s = 0.606, β = 11.669; s and β kept

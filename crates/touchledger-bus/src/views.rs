@@ -467,7 +467,9 @@ fn view_messages(
             let model = reads.model(as_of).map_err(projector_err)?;
             views::loyalty(
                 customer,
-                &rules.loyalty.with_value(&f, model.as_ref(), as_of),
+                &rules
+                    .loyalty
+                    .with_value(&f, model.as_ref(), as_of, &rules.churn),
             )
             .encode_to_vec()
         }

@@ -95,6 +95,30 @@ pub struct ChurnRules {
     /// it. Under Pareto/NBD a one-time buyer's P(active) is their P(alive), which that model
     /// (unlike BG/NBD) lets fall with silence, so `one_time_horizon_days` does not apply.
     pub count_model: CountKind,
+    /// What a customer at watch or worse puts at risk: `revenue` (default), their value in
+    /// the trailing 365 days; or `clv`, their customer lifetime value.
+    pub value_at_risk: ValueAtRisk,
+    /// Customer lifetime value (the loyalty view's `value`, and the value at risk under
+    /// `clv`): the horizon, months (1 … 1200). Default 12.
+    pub clv_horizon_months: u32,
+    /// Customer lifetime value: the discount rate per month, 0 ≤ d < 1. Default 0.01 (≈ 12.7 %
+    /// a year), as in `lifetimes` and PyMC-Marketing.
+    pub clv_monthly_discount: f64,
+}
+
+/// What a customer at watch or worse puts at risk ([`ChurnRules::value_at_risk`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueAtRisk {
+    /// Their value in the trailing 365 days, in their main currency: what they have been
+    /// spending.
+    #[default]
+    Revenue,
+    /// Their customer lifetime value (the discounted residual value the models expect, in the
+    /// spend model's currency): what their leaving would cost. None without a spend model, or
+    /// for a customer who paid in another currency. It falls day by day while they are silent,
+    /// so such customers are due for a re-evaluation every day.
+    Clv,
 }
 
 impl Default for ChurnRules {
@@ -122,6 +146,9 @@ impl Default for ChurnRules {
             lost_after_days: 365,
             expected_purchases_days: 365,
             count_model: CountKind::BgNbd,
+            value_at_risk: ValueAtRisk::Revenue,
+            clv_horizon_months: 12,
+            clv_monthly_discount: 0.01,
         }
     }
 }
@@ -204,11 +231,40 @@ pub fn rfm_of(days: &[i64], today: i64, unit: f64) -> Option<Rfm> {
 }
 
 impl ChurnRules {
+    /// The customer's lifetime value at `as_of` under `model` over `clv_horizon_months`,
+    /// discounted by `clv_monthly_discount` ([`crate::clv::customer_value`]).
+    pub fn clv(
+        &self,
+        facts: &CustomerFacts,
+        model: &ModelFitted,
+        as_of: AsOf,
+    ) -> Option<crate::clv::CustomerValue> {
+        crate::clv::customer_value(
+            facts,
+            model,
+            as_of,
+            crate::clv::Months(self.clv_horizon_months),
+            crate::clv::MonthlyDiscount::new(self.clv_monthly_discount)?,
+        )
+    }
+
     /// The rules' ranges, and each pair of thresholds in the order of its levels.
     pub fn check(&self) -> Result<(), crate::population::RulesError> {
         let bad = |field: &'static str, detail: String| {
             Err(crate::population::RulesError::Value { field, detail })
         };
+        if !(1..=1200).contains(&self.clv_horizon_months) {
+            return bad(
+                "churn.clv_horizon_months",
+                format!("{}: need 1 … 1200 months", self.clv_horizon_months),
+            );
+        }
+        if crate::clv::MonthlyDiscount::new(self.clv_monthly_discount).is_none() {
+            return bad(
+                "churn.clv_monthly_discount",
+                format!("{}: a monthly rate is 0 ≤ d < 1", self.clv_monthly_discount),
+            );
+        }
         let unit = |v: f64| (0.0..=1.0).contains(&v);
         if !unit(self.alive_watch_below) || !unit(self.alive_warning_below) {
             return bad(
@@ -643,6 +699,13 @@ impl ChurnRules {
             }
         };
         let days = facts.purchase_days(as_of);
+        if self.value_at_risk == ValueAtRisk::Clv
+            && !days.is_empty()
+            && model.is_some_and(|m| m.spend.is_some())
+        {
+            // A CLV changes with every day of T: the value at risk is re-evaluated daily.
+            consider(day_start(today + 1));
+        }
         if let (Some(&first), Some(&last)) = (days.first(), days.last()) {
             consider(day_start(last + self.lost_after_days));
             if days.len() > 1 {
@@ -781,15 +844,23 @@ impl ChurnRules {
             .map_or(floor, |p| (1.0 - p).max(floor))
             .clamp(0.0, 1.0);
 
-        let currency = behaviour.main_currency().unwrap_or_default().to_owned();
-        let value_at_risk_minor = if level == ChurnLevel::None {
-            0
-        } else {
-            behaviour
+        let mut currency = behaviour.main_currency().unwrap_or_default().to_owned();
+        let value_at_risk_minor = match (level, self.value_at_risk) {
+            (ChurnLevel::None, _) => 0,
+            (_, ValueAtRisk::Revenue) => behaviour
                 .monetary_window
                 .get(&currency)
                 .copied()
-                .unwrap_or(0)
+                .unwrap_or(0),
+            (_, ValueAtRisk::Clv) => match model.and_then(|m| self.clv(facts, m, as_of)) {
+                Some(v) => {
+                    currency = v.currency;
+                    // Rounded to whole minor units; saturating (a CLV is bounded by the spend
+                    // model's values, far below i64's range).
+                    v.clv_minor.round() as i64
+                }
+                None => 0,
+            },
         };
         let expected_next_purchase = behaviour
             .last
@@ -834,6 +905,45 @@ mod tests {
             calibration_end: day(0),
             spend: None,
         }
+    }
+
+    #[test]
+    fn a_value_at_risk_by_clv_is_the_clv_and_is_due_daily() {
+        let model = ModelFitted {
+            spend: Some(crate::event::SpendModel {
+                currency: "USD".into(),
+                p: 6.25,
+                q: 3.74,
+                gamma: 1544.0,
+                log_likelihood: -8412.4,
+                customers: 946,
+            }),
+            ..paper_model()
+        };
+        let mut l = Log::default();
+        l.purchase("a", 0, 2_000)
+            .purchase("b", 30, 3_000)
+            .purchase("c", 70, 1_500);
+        let at = AsOf::business(day(400));
+        let by_clv = ChurnRules {
+            value_at_risk: ValueAtRisk::Clv,
+            ..ChurnRules::default()
+        };
+        let v = by_clv.evaluate(&l.facts, Some(&model), at);
+        assert_ne!(v.level, ChurnLevel::None, "{v:#?}");
+        let clv = by_clv.clv(&l.facts, &model, at).expect("a CLV");
+        assert_eq!(v.value_at_risk_minor, clv.clv_minor.round() as i64);
+        assert!(v.value_at_risk_minor > 0);
+        // By revenue (the default) the trailing 365 days: only day 70's purchase.
+        let by_revenue = ChurnRules::default().evaluate(&l.facts, Some(&model), at);
+        assert_eq!(by_revenue.value_at_risk_minor, 1_500);
+        // A CLV changes daily: due tomorrow; by revenue nothing is due before the cap.
+        let tomorrow = crate::facts::day_start(401);
+        assert_eq!(by_clv.next_due(&l.facts, Some(&model), at, 30), tomorrow);
+        assert!(ChurnRules::default().next_due(&l.facts, Some(&model), at, 30) > tomorrow);
+        // Without a spend model there is no CLV and nothing at risk by it.
+        let v = by_clv.evaluate(&l.facts, Some(&paper_model()), at);
+        assert_eq!(v.value_at_risk_minor, 0);
     }
 
     #[test]

@@ -37,11 +37,6 @@ pub struct LoyaltyRules {
     pub decline_k: f64,
     /// Lifecycle: a one-time buyer silent this many days is in "decline". Default 180.
     pub decline_one_time_days: i64,
-    /// Customer lifetime value: the horizon, months (1 … 1200). Default 12.
-    pub clv_horizon_months: u32,
-    /// Customer lifetime value: the discount rate per month, 0 ≤ d < 1. Default 0.01 (≈ 12.7 %
-    /// a year), as in `lifetimes` and PyMC-Marketing.
-    pub clv_monthly_discount: f64,
 }
 
 impl Default for LoyaltyRules {
@@ -54,8 +49,6 @@ impl Default for LoyaltyRules {
             stable_min_repeat: 3,
             decline_k: 1.5,
             decline_one_time_days: 180,
-            clv_horizon_months: 12,
-            clv_monthly_discount: 0.01,
         }
     }
 }
@@ -420,25 +413,18 @@ impl LoyaltyRules {
     }
 
     /// [`LoyaltyRules::evaluate`] with the customer's expected value under `model`
-    /// ([`crate::clv::customer_value`], over `clv_horizon_months` discounted by
-    /// `clv_monthly_discount`): a customer's own read. Population passes leave it out: no
-    /// population figure uses it, and it costs a series per month of the horizon.
+    /// ([`crate::clv::customer_value`] over the churn rules' CLV horizon and discount,
+    /// [`crate::churn::ChurnRules::clv`]): a customer's own read. Population passes leave it
+    /// out: no population figure uses it, and it costs a series per month of the horizon.
     pub fn with_value(
         &self,
         facts: &CustomerFacts,
         model: Option<&crate::event::ModelFitted>,
         as_of: AsOf,
+        clv: &crate::churn::ChurnRules,
     ) -> LoyaltyView {
         let mut view = self.evaluate(facts, as_of);
-        view.value = model.and_then(|m| {
-            crate::clv::customer_value(
-                facts,
-                m,
-                as_of,
-                crate::clv::Months(self.clv_horizon_months),
-                crate::clv::MonthlyDiscount::new(self.clv_monthly_discount)?,
-            )
-        });
+        view.value = model.and_then(|m| clv.clv(facts, m, as_of));
         view
     }
 }

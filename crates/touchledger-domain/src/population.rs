@@ -1167,18 +1167,6 @@ impl Rules {
                 format!("{}: need a finite value > 0", l.decline_k),
             );
         }
-        if !(1..=1200).contains(&l.clv_horizon_months) {
-            return bad(
-                "loyalty.clv_horizon_months",
-                format!("{}: need 1 … 1200 months", l.clv_horizon_months),
-            );
-        }
-        if crate::clv::MonthlyDiscount::new(l.clv_monthly_discount).is_none() {
-            return bad(
-                "loyalty.clv_monthly_discount",
-                format!("{}: a monthly rate is 0 ≤ d < 1", l.clv_monthly_discount),
-            );
-        }
         if !(1..=1200).contains(&p.months) {
             return bad(
                 "population.months",
@@ -1252,7 +1240,7 @@ impl Rules {
     ) -> CustomerViews {
         CustomerViews {
             satisfaction: self.satisfaction.evaluate(satisfaction, as_of),
-            loyalty: self.loyalty.with_value(loyalty, model, as_of),
+            loyalty: self.loyalty.with_value(loyalty, model, as_of, &self.churn),
             churn: self.churn.evaluate_with_expectation(churn, model, as_of),
         }
     }
@@ -1306,12 +1294,12 @@ mod tests {
                 "loyalty.attitude_high_at",
             ),
             (
-                r#"{"loyalty": {"clv_horizon_months": 0}}"#,
-                "loyalty.clv_horizon_months",
+                r#"{"churn": {"clv_horizon_months": 0}}"#,
+                "churn.clv_horizon_months",
             ),
             (
-                r#"{"loyalty": {"clv_monthly_discount": 1.0}}"#,
-                "loyalty.clv_monthly_discount",
+                r#"{"churn": {"clv_monthly_discount": 1.0}}"#,
+                "churn.clv_monthly_discount",
             ),
             (r#"{"population": {"months": 0}}"#, "population.months"),
             (
