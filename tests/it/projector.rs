@@ -795,19 +795,24 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     );
     // The evaluation under those rules evaluates the warnings with Pareto/NBD, and says so.
     let rules = std::path::Path::new(data).with_extension("pareto.json");
-    let (code, out, err) = cli(&[
-        "evaluate",
-        "--data",
-        data,
-        "--calibration-end",
-        "1997-09-30",
-        "--holdout-end",
-        "1998-06-30",
-        "--json",
-        "--rules",
-        rules.to_str().expect("utf8"),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    let pareto_rules = rules.to_str().expect("utf8");
+    // `evaluate` over FHL's periods with `extra` flags.
+    let evaluate = |extra: &[&str]| {
+        let mut args = vec![
+            "evaluate",
+            "--data",
+            data,
+            "--calibration-end",
+            "1997-09-30",
+            "--holdout-end",
+            "1998-06-30",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    let out = evaluate(&["--json", "--rules", pareto_rules]);
     let e: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(
         e["warning_model"]["model"], "paretonbd",
@@ -815,6 +820,20 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
         e["warning_model"]
     );
     assert_eq!(e["model"]["model"], "bgnbd");
+    // Recorded under either rules, the two evaluations of the same holdout are two records
+    // (each names the model behind its warnings), and recording one again is a duplicate.
+    let record = |rules: Option<&str>| {
+        let mut extra = vec!["--record"];
+        extra.extend(rules.iter().flat_map(|r| ["--rules", *r]));
+        evaluate(&extra)
+    };
+    assert!(record(None).contains("recorded as ModelEvaluated at position"));
+    let out = record(Some(pareto_rules));
+    assert!(
+        out.contains("recorded as ModelEvaluated at position"),
+        "{out}"
+    );
+    assert!(record(Some(pareto_rules)).contains("already recorded at position"));
 }
 
 #[test]

@@ -813,7 +813,8 @@ impl ModelRequest {
 
 /// Serve `what` (`<prefix>.model.fit` or `<prefix>.model.evaluate`) until `shutdown`: each
 /// request waits until the churn projection has folded the log up to the head as of the
-/// request, then runs on a blocking thread, one at a time (they are rare and CPU-bound).
+/// request, then runs on a blocking thread, one fit and one evaluation at a time (they are rare
+/// and CPU-bound).
 async fn serve_model_requests(
     what: ModelRequest,
     client: async_nats::Client,
@@ -852,11 +853,15 @@ async fn serve_model_requests(
             continue;
         }
         let (reads, store, clock) = (reads.clone(), store.clone(), cfg.clock.clone());
-        let answer = tokio::task::spawn_blocking(move || {
+        let work = tokio::task::spawn_blocking(move || {
             what.answer(&reads, &store, msg.payload.as_ref(), clock())
-        })
-        .await
-        .map_err(|e| nats_err("model request task", e))?;
+        });
+        // A shutdown does not wait for a long evaluation (the asker gets no answer and
+        // retries; the blocking thread ends with the process).
+        let answer = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = work => a.map_err(|e| nats_err("model request task", e))?,
+        };
         if let Err(e) = client.publish(reply_subject, answer.into()).await {
             tracing::warn!(error = %e, "model request reply failed");
         }

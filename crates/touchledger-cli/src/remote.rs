@@ -392,12 +392,7 @@ pub fn evaluate(
         )
         .await
         .map_err(|_| anyhow::anyhow!("no reply on {subject} within 300 s"))?
-        .with_context(|| {
-            format!(
-                "request on {subject} (a partitioned ledger's router does not evaluate: its \
-                 buyers are spread over the partitions' processes)"
-            )
-        })?;
+        .with_context(|| format!("request on {subject}"))?;
         anyhow::Ok(v1::EvaluateReply::decode(reply.payload.as_ref())?)
     })?;
     if let Some(e) = reply.error {

@@ -176,11 +176,11 @@ pub struct ChurnView {
     pub currency: String,
     /// P(alive) (or P(purchase in the horizon) for one-time buyers) from the model.
     pub p_active: Option<f64>,
-    /// BG/NBD P(alive) itself (1 for a one-time buyer: the model has seen no sign of them
-    /// dropping out), when a model applies; in a customer's own view only
+    /// The count model's P(alive) itself (under BG/NBD 1 for a one-time buyer: the model has
+    /// seen no sign of them dropping out), when a model applies; in a customer's own view only
     /// ([`ChurnRules::evaluate_with_expectation`]).
     pub p_alive: Option<f64>,
-    /// BG/NBD E[Y(t) | x, tₓ, T]: the purchase-days expected in the next
+    /// The count model's E[Y(t) | x, tₓ, T]: the purchase-days expected in the next
     /// `expected_purchases_days`, when a model applies; in a customer's own view only.
     pub expected_purchases: Option<f64>,
     /// The horizon of `expected_purchases`, days.

@@ -1,5 +1,6 @@
 //! Customer lifetime value: the discounted value a customer is expected to bring over a horizon
-//! from now, from a count model (BG/NBD: how many purchases) and the Gamma-Gamma spend model
+//! from now, from a count model (BG/NBD or Pareto/NBD: how many purchases) and the Gamma-Gamma
+//! spend model
 //! (what each is worth) — Fader, Hardie & Lee (2005), "RFM and CLV", with the monthly
 //! discounting of the `lifetimes` and PyMC-Marketing CLV functions:
 //!
@@ -98,7 +99,7 @@ pub struct CustomerValue {
     pub currency: String,
     /// Gamma-Gamma's expected value of one purchase-day, minor units.
     pub expected_average_value_minor: f64,
-    /// BG/NBD's expected purchase-days over the horizon.
+    /// The count model's expected purchase-days over the horizon.
     pub expected_purchases: f64,
     /// Discounted expected residual value over the horizon, minor units.
     pub clv_minor: f64,
@@ -110,8 +111,8 @@ pub struct CustomerValue {
     pub model_version: String,
 }
 
-/// The expected value of the buyer with `facts` at `as_of` under `model` (BG/NBD with its
-/// Gamma-Gamma spend model) over `horizon`, discounted monthly. `None` without a spend model,
+/// The expected value of the buyer with `facts` at `as_of` under `model` (its count model with
+/// its Gamma-Gamma spend model) over `horizon`, discounted monthly. `None` without a spend model,
 /// for a non-buyer, for a buyer who paid in any currency other than the spend model's (values
 /// are never converted), or where an expectation is undefined.
 pub fn customer_value(

@@ -554,11 +554,20 @@ impl ModelEvaluation {
             auc_model: w.auc.model,
         };
         let end = self.holdout_end.to_string();
+        // Identified by what it says: the same evaluation recorded again is a duplicate; another
+        // one of the same model and holdout end (other rules, another count model behind the
+        // warnings) is a record of its own, not a conflict.
+        let digest = blake3::hash(
+            serde_json::to_string(&recorded)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         Event {
             event_id: format!(
-                "evaluation-{}-{}",
-                self.model.model_version,
-                end.get(..10).unwrap_or(&end)
+                "evaluation-{}-{}-{}",
+                recorded.model_version,
+                end.get(..10).unwrap_or(&end),
+                &digest.to_hex()[..12]
             ),
             customer_id: MODEL_CUSTOMER.into(),
             occurred_at: self.holdout_end,
