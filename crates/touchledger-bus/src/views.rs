@@ -792,9 +792,24 @@ impl ModelRequest {
     }
 
     fn not_ready(self, target: u64) -> Vec<u8> {
+        self.error(
+            "NOT_READY",
+            format!("the projections have not reached position {target} yet; retry"),
+        )
+    }
+
+    fn shutting_down(self) -> Vec<u8> {
+        self.error(
+            "UNAVAILABLE",
+            "the ledger process is shutting down; retry (another process, or this one restarted)"
+                .into(),
+        )
+    }
+
+    fn error(self, code: &str, message: String) -> Vec<u8> {
         let error = Some(v1::QueryError {
-            code: "NOT_READY".into(),
-            message: format!("the projections have not reached position {target} yet; retry"),
+            code: code.into(),
+            message,
         });
         match self {
             ModelRequest::Fit => v1::FitReply {
@@ -856,10 +871,16 @@ async fn serve_model_requests(
         let work = tokio::task::spawn_blocking(move || {
             what.answer(&reads, &store, msg.payload.as_ref(), clock())
         });
-        // A shutdown does not wait for a long evaluation (the asker gets no answer and
-        // retries; the blocking thread ends with the process).
+        // A shutdown does not wait for a long evaluation: the asker is told to retry (the
+        // queue group delivered the request here, so nothing else would answer it), and the
+        // blocking thread ends with the process.
         let answer = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => {
+                let _ = client
+                    .publish(reply_subject, what.shutting_down().into())
+                    .await;
+                break;
+            }
             a = work => a.map_err(|e| nats_err("model request task", e))?,
         };
         if let Err(e) = client.publish(reply_subject, answer.into()).await {

@@ -700,10 +700,14 @@ impl ChurnRules {
         };
         let days = facts.purchase_days(as_of);
         if self.value_at_risk == ValueAtRisk::Clv
+            && let Some(spend) = model.and_then(|m| m.spend.as_ref())
             && !days.is_empty()
-            && model.is_some_and(|m| m.spend.is_some())
+            && facts
+                .purchases_at(as_of)
+                .all(|p| p.currency.as_str() == spend.currency)
         {
-            // A CLV changes with every day of T: the value at risk is re-evaluated daily.
+            // A CLV changes with every day of T: the value at risk is re-evaluated daily (a
+            // buyer who paid in another currency has none, and nothing to re-evaluate).
             consider(day_start(today + 1));
         }
         if let (Some(&first), Some(&last)) = (days.first(), days.last()) {
@@ -855,9 +859,10 @@ impl ChurnRules {
             (_, ValueAtRisk::Clv) => match model.and_then(|m| self.clv(facts, m, as_of)) {
                 Some(v) => {
                     currency = v.currency;
-                    // Rounded to whole minor units; saturating (a CLV is bounded by the spend
-                    // model's values, far below i64's range).
-                    v.clv_minor.round() as i64
+                    // Rounded to whole minor units, never below 0 (a sum of non-negative
+                    // terms; rounding error must not make a value at risk negative, which
+                    // validation refuses); `as` saturates far above any CLV.
+                    v.clv_minor.max(0.0).round() as i64
                 }
                 None => 0,
             },

@@ -519,8 +519,9 @@ pub fn tune(
 impl ModelEvaluation {
     /// The `ModelEvaluated` event that records this evaluation: the model version, the periods
     /// and the summary figures (not the per-bin and weekly series, which `evaluate` recomputes).
-    /// Its id is derived from the model version and the holdout end, so recording the same
-    /// evaluation twice is a duplicate; `occurred_at` is the holdout end.
+    /// Its id is derived from the model version behind the warnings, the holdout end and a
+    /// digest of the recorded figures, so recording the same evaluation twice is a duplicate
+    /// and one under other rules is a record of its own; `occurred_at` is the holdout end.
     pub fn event(&self) -> Event {
         let v = &self.evaluation;
         let w = &v.warnings;
