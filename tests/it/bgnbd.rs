@@ -639,6 +639,19 @@ fn tuning_on_the_cdnow_sample_ranks_rule_sets_and_writes_rules_evaluate_reproduc
     let (code, out, err) = run(&["--rules", &contradictory]);
     assert_ne!(code, 0);
     assert!(err.contains("churn.alive_warning_below"), "{out}{err}");
+    // Under Pareto/NBD the one-time horizon does not apply: it is not tried.
+    let pareto = write("pareto.json", r#"{"churn": {"count_model": "paretonbd"}}"#);
+    let (code, out, err) = run(&["--tune", "--json", "--rules", &pareto]);
+    assert_eq!(code, 0, "{out}{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let tried = t["tried"].as_array().expect("tried");
+    assert_eq!(tried.len(), 5 * 5 * 4, "{}", tried.len());
+    assert!(
+        tried
+            .iter()
+            .all(|x| x["rules"]["one_time_horizon_days"] == 365
+                && x["rules"]["count_model"] == "paretonbd")
+    );
 }
 
 /// `GET /api/v1/models/evaluation` on the CDNOW sample answers exactly what `touchledger

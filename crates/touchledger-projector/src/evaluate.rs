@@ -472,11 +472,17 @@ pub fn tune(
         warnings: prepared.warnings(&r),
         rules: r,
     };
+    // Under Pareto/NBD a one-time buyer's P(active) is their P(alive): the horizon does not
+    // apply, and trying it would only repeat rule sets.
+    let horizons = match rules.count_model {
+        CountKind::ParetoNbd => std::slice::from_ref(&rules.one_time_horizon_days),
+        CountKind::BgNbd => grid.one_time_horizon_days.as_slice(),
+    };
     let mut tried = Vec::new();
     for &(alive_watch_below, alive_warning_below) in &grid.alive {
         for &(overdue_watch_k, overdue_warning_k) in &grid.overdue {
             for &lost_after_days in &grid.lost_after_days {
-                for &one_time_horizon_days in &grid.one_time_horizon_days {
+                for &one_time_horizon_days in horizons {
                     let r = ChurnRules {
                         alive_watch_below,
                         alive_warning_below,

@@ -655,6 +655,89 @@ impl TryFrom<v1::Rejection> for Rejection {
 mod tests {
     use super::*;
 
+    /// `ModelFitted` as it was before the spend model (fields 1–10), declared here as the
+    /// schema of the events already recorded.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct ModelFittedBeforeSpend {
+        #[prost(string, tag = "1")]
+        model: String,
+        #[prost(string, tag = "2")]
+        model_version: String,
+        #[prost(double, tag = "3")]
+        r: f64,
+        #[prost(double, tag = "4")]
+        alpha: f64,
+        #[prost(double, tag = "5")]
+        a: f64,
+        #[prost(double, tag = "6")]
+        b: f64,
+        #[prost(double, tag = "7")]
+        log_likelihood: f64,
+        #[prost(uint64, tag = "8")]
+        customers: u64,
+        #[prost(enumeration = "v1::TimeUnit", tag = "9")]
+        time_unit: i32,
+        #[prost(message, optional, tag = "10")]
+        calibration_end: Option<prost_types::Timestamp>,
+    }
+
+    #[test]
+    fn a_fit_without_a_spend_model_has_the_bytes_of_the_schema_before_it() {
+        use prost::Message;
+        let fit = d::ModelFitted {
+            model: "bgnbd".into(),
+            model_version: "bgnbd-1997-09-30-weeks-9867290ccb83".into(),
+            r: 0.2426,
+            alpha: 4.4136,
+            a: 0.7929,
+            b: 2.4258,
+            log_likelihood: -9582.43,
+            customers: 2357,
+            time_unit: d::TimeUnit::Weeks,
+            calibration_end: "1997-09-30T00:00:00Z".parse().expect("time"),
+            spend: None,
+        };
+        let e = d::Event {
+            payload: d::Payload::ModelFitted(fit.clone()),
+            customer_id: d::MODEL_CUSTOMER.into(),
+            ..purchase()
+        };
+        let v1::envelope::Payload::ModelFitted(now) =
+            v1::Envelope::from(&e).payload.expect("payload")
+        else {
+            panic!("not a fit")
+        };
+        let before = ModelFittedBeforeSpend {
+            model: fit.model.clone(),
+            model_version: fit.model_version.clone(),
+            r: fit.r,
+            alpha: fit.alpha,
+            a: fit.a,
+            b: fit.b,
+            log_likelihood: fit.log_likelihood,
+            customers: fit.customers,
+            time_unit: v1::TimeUnit::Weeks as i32,
+            calibration_end: Some(to_pb_time(fit.calibration_end)),
+        };
+        // Old events keep their bytes (and so their hashes), and decode to "no spend model".
+        assert_eq!(now.encode_to_vec(), before.encode_to_vec());
+        let decoded = v1::ModelFitted::decode(before.encode_to_vec().as_slice()).expect("old");
+        assert_eq!(decoded.spend, None);
+        // With one, the bytes are the old ones followed by field 11.
+        let mut with = now.clone();
+        with.spend = Some(v1::SpendModel {
+            currency: "USD".into(),
+            p: 6.25,
+            q: 3.74,
+            gamma: 1544.0,
+            log_likelihood: -8412.4,
+            customers: 946,
+        });
+        let bytes = with.encode_to_vec();
+        assert!(bytes.starts_with(&before.encode_to_vec()));
+        assert_eq!(bytes[before.encode_to_vec().len()], (11 << 3) | 2);
+    }
+
     fn purchase() -> d::Event {
         d::Event {
             event_id: "e1".into(),
