@@ -597,8 +597,8 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     );
     assert_eq!(fits[0].event.source, "ledger");
     drop(store);
-    // Customer 1 at 1997-09-30, under a rules file (`name`, with `rules`) when given.
-    let query_under = |rules: Option<(&str, &str)>| -> serde_json::Value {
+    // Customer 1 at `as_of`, under a rules file (`name`, with `rules`) when given.
+    let query_at = |as_of: &str, rules: Option<(&str, &str)>| -> serde_json::Value {
         let mut args = vec![
             "query",
             "--data",
@@ -606,7 +606,7 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
             "--customer",
             "cdnow-1",
             "--as-of",
-            "1997-09-30",
+            as_of,
             "--json",
         ];
         let path;
@@ -619,6 +619,7 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
         assert_eq!(code, 0, "{err}");
         serde_json::from_str(&out).expect("json")
     };
+    let query_under = |rules: Option<(&str, &str)>| query_at("1997-09-30", rules);
     // Queries use it: customer 1 of the sample (x = 2, t_x = 30.43, T = 38.86).
     let v = query_under(None);
     assert_eq!(
@@ -694,27 +695,7 @@ fn cdnow_sample_import_and_fit_reproduce_the_paper() {
     // The value at risk by CLV (`churn.value_at_risk: clv`): customer 1 at 1998-06-30 is at
     // watch; their value at risk is then their CLV (as the loyalty view states it, rounded to
     // cents), not their trailing 365 days' revenue (the default).
-    let at = |rules: Option<(&str, &str)>| {
-        let path;
-        let mut args = vec![
-            "query",
-            "--data",
-            data,
-            "--customer",
-            "cdnow-1",
-            "--as-of",
-            "1998-06-30",
-            "--json",
-        ];
-        if let Some((name, rules)) = rules {
-            path = std::path::Path::new(data).with_extension(name);
-            std::fs::write(&path, rules).expect("rules");
-            args.extend(["--rules", path.to_str().expect("utf8")]);
-        }
-        let (code, out, err) = cli(&args);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).expect("json")
-    };
+    let at = |rules: Option<(&str, &str)>| query_at("1998-06-30", rules);
     let by_revenue = at(None);
     let by_clv = at(Some(("var.json", r#"{"churn": {"value_at_risk": "clv"}}"#)));
     assert_eq!(by_clv["churn"]["level"], "watch", "{}", by_clv["churn"]);
